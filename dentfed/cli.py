@@ -1,0 +1,137 @@
+"""`dentfed` command line. User mistakes print one `error:` line per problem and exit 1;
+no traceback unless DENTFED_DEBUG=1."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+
+from shared.errors import DentfedError  # noqa: E402
+
+log = logging.getLogger("dentfed")
+
+
+def _cmd_data_check(args: argparse.Namespace) -> int:
+    from shared.config import load_config
+    from shared.data.manifest import read_manifest, summarize
+    from shared.report import render_table
+
+    cfg = load_config(args.config)
+    m = read_manifest(args.manifest, cfg.task, default_modality=cfg.data.modality,
+                      check_images=not args.skip_images)
+    overview, counts = summarize(m)
+    print(render_table(overview))
+    print()
+    print(render_table(counts))
+    print(f"\nok: {len(m)} images" + ("" if args.skip_images else ", all decoded"))
+    return 0
+
+
+def _cmd_data_synth(args: argparse.Namespace) -> int:
+    from shared.data import synth
+
+    gen = synth.generate_anomalies if args.task == "anomalies" else synth.generate_implants
+    t0 = time.perf_counter()
+    path = gen(Path(args.out), n=args.n, seed=args.seed, image_size=args.image_size)
+    print(f"wrote {args.n} synthetic {args.task} images and {path} "
+          f"in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def _cmd_data_import(args: argparse.Namespace) -> int:
+    from shared.data.importer import import_folder
+
+    df = import_folder(args.root, args.out, args.patient_regex, args.label_column, args.site,
+                       args.modality)
+    extra = f", {df['patient_id'].nunique()} patients" if "patient_id" in df else \
+        " (no --patient-regex: every image will count as its own patient)"
+    print(f"wrote {args.out}: {len(df)} images, {df[args.label_column].nunique()} classes{extra}")
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from shared.config import load_config
+    from shared.experiment import run_training
+    from shared.report import render_table
+
+    cfg = load_config(args.config)
+    if args.epochs:
+        cfg.train.epochs = args.epochs
+    out = Path(args.out or f"runs/train-{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+    res = run_training(cfg, args.manifest, out, cv=args.cv, seed=args.seed)
+    title = f"{args.cv}-fold patient-grouped CV (mean ± sd)" if args.cv else "test split"
+    print(f"\n{title}, {res['seconds']:.0f} s of training\n")
+    print(render_table(res["table"]))
+    print(f"\n{res['headline']}: {res['final'][res['headline']]:.4f}")
+    print(f"run folder: {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dentfed", description="Federated training for dental "
+                                "images: data tools, pooled training and federation.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="manifests and demo data").add_subparsers(
+        dest="data_command", required=True)
+    c = data.add_parser("check", help="validate a manifest and print a summary")
+    c.add_argument("manifest")
+    c.add_argument("--config", required=True, help="YAML config declaring the task's labels")
+    c.add_argument("--skip-images", action="store_true", help="don't decode every image")
+    c.set_defaults(func=_cmd_data_check)
+
+    s = data.add_parser("synth", help="write a synthetic demo dataset with a manifest")
+    s.add_argument("--out", required=True)
+    s.add_argument("--task", choices=["anomalies", "implants"], required=True)
+    s.add_argument("--n", type=int, default=600)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--image-size", type=int, default=128)
+    s.set_defaults(func=_cmd_data_synth)
+
+    i = data.add_parser("import-folder", help="ImageFolder tree (one folder per class) -> "
+                        "manifest; train/val/test top folders fill a split column")
+    i.add_argument("root")
+    i.add_argument("--out", required=True, help="manifest CSV to write")
+    i.add_argument("--patient-regex", help="regex on the file name; group 1 is the patient id")
+    i.add_argument("--label-column", default="label")
+    i.add_argument("--site")
+    i.add_argument("--modality", choices=["photo", "radiograph"])
+    i.set_defaults(func=_cmd_data_import)
+
+    t = sub.add_parser("train", help="pooled (centralised) training with a patient-grouped split")
+    t.add_argument("--config", required=True)
+    t.add_argument("--manifest", help="overrides data.manifest")
+    t.add_argument("--out", help="run folder (default runs/train-<config>-<time>)")
+    t.add_argument("--cv", type=int, help="patient-grouped K-fold cross-validation")
+    t.add_argument("--seed", type=int)
+    t.add_argument("--epochs", type=int, help="overrides train.epochs")
+    t.set_defaults(func=_cmd_train)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(message)s", stream=sys.stderr)
+    try:
+        return args.func(args)
+    except DentfedError as err:
+        if os.environ.get("DENTFED_DEBUG"):
+            raise
+        for line in str(err).splitlines():
+            print(f"error: {line}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""The one config schema: YAML files are validated into these pydantic models.
+
+Unknown keys and wrong types are errors with the key path in the message, so a typo in a
+clinic's config fails loudly instead of silently falling back to a default.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from shared.errors import ConfigError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TaskConfig(_Strict):
+    """What is predicted. Multi-label: one 0/1/blank column per label. Multi-class: one column."""
+
+    type: Literal["multilabel", "multiclass"]
+    labels: list[str] = Field(min_length=1)
+    label_column: str | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> TaskConfig:
+        if len(set(self.labels)) != len(self.labels):
+            raise ValueError("task.labels has duplicates")
+        if self.type == "multiclass":
+            if self.label_column is None:
+                raise ValueError("task.label_column is required for a multiclass task")
+            if len(self.labels) < 2:
+                raise ValueError("a multiclass task needs at least 2 classes in task.labels")
+        elif self.label_column is not None:
+            raise ValueError("task.label_column is only for multiclass tasks (multilabel uses "
+                             "one column per label)")
+        return self
+
+
+class SynthConfig(_Strict):
+    """How to generate the synthetic demo set when `data.manifest` does not exist yet."""
+
+    task: Literal["anomalies", "implants"]
+    n: int = Field(default=600, ge=1)
+    seed: int = 0
+    image_size: int = Field(default=128, ge=32)
+
+
+class DataConfig(_Strict):
+    manifest: str | None = None
+    image_size: int = Field(default=224, ge=16)
+    modality: Literal["photo", "radiograph"] = "photo"
+    val_fraction: float = Field(default=0.15, gt=0, lt=0.5)
+    test_fraction: float = Field(default=0.2, gt=0, lt=0.5)
+    batch_size: int = Field(default=32, ge=1)
+    num_workers: int = Field(default=0, ge=0)
+    augment: bool = True
+    cache: bool = True
+    synth: SynthConfig | None = None
+
+
+class VitConfig(_Strict):
+    size: Literal["tiny", "small", "base"] = "tiny"
+    patch_size: int = Field(default=16, ge=2)
+    depth: int | None = Field(default=None, ge=1)
+
+
+class ModelConfig(_Strict):
+    name: str = "resnet18"
+    pretrained: str | None = None
+    pretrained_prefix: str | None = None
+    pretrained_sha256: str | None = None
+    freeze: int = Field(default=0, ge=0)
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+    vit: VitConfig = VitConfig()
+
+
+class TrainConfig(_Strict):
+    epochs: int = Field(default=10, ge=1)
+    lr: float = Field(default=1e-3, gt=0)
+    weight_decay: float = Field(default=1e-4, ge=0)
+    amsgrad: bool = False
+    loss: Literal["bce", "weighted_bce", "focal", "dice", "ce"] = "bce"
+    focal_gamma: float = Field(default=2.0, ge=0)
+    focal_alpha: float | None = Field(default=None, ge=0, le=1)
+    label_smoothing: float = Field(default=0.0, ge=0, lt=1)
+    patience: int | None = Field(default=5, ge=1)
+    max_steps_per_epoch: int | None = Field(default=None, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = 0
+    progress: bool = True
+
+
+class Config(_Strict):
+    task: TaskConfig
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> Config:
+        if self.task.type == "multiclass" and self.train.loss != "ce":
+            raise ValueError(f"train.loss '{self.train.loss}' is for multilabel tasks; "
+                             "a multiclass task uses 'ce'")
+        if self.task.type == "multilabel" and self.train.loss == "ce":
+            raise ValueError("train.loss 'ce' is for multiclass tasks; a multilabel task uses "
+                             "bce, weighted_bce, focal or dice")
+        return self
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"{source}: {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def config_from_dict(raw: dict, source: str = "config") -> Config:
+    """Validate a plain dict (e.g. parsed YAML) into a Config, with readable errors."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level, "
+                          f"got {type(raw).__name__}")
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source)) from None
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a YAML config file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}".splitlines()[0]) from None
+    return config_from_dict(raw or {}, source=str(path))
+
+
+def dump_config(cfg: Config) -> str:
+    """The resolved config as YAML (defaults filled in), for run folders."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

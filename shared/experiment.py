@@ -1,0 +1,170 @@
+"""Pooled (centralised) training: `dentfed train`. Also the building block of the local-only and
+pooled baselines, so it only composes the shared data layer, factory, loop and metrics."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from shared.config import Config, dump_config
+from shared.data.dataset import make_loader
+from shared.data.manifest import Manifest, read_manifest
+from shared.data.splits import Split, kfold_patients, split_patients
+from shared.errors import ConfigError, DentfedError
+from shared.losses import make_loss
+from shared.metrics import headline, tune_thresholds
+from shared.models import build_model, resolve_device, trainable_state_keys
+from shared.report import (
+    metrics_table,
+    plot_learning_curves,
+    render_table,
+    write_json,
+    write_text_atomic,
+)
+from shared.training import evaluate, fit, predict, seed_everything
+
+log = logging.getLogger(__name__)
+
+
+def resolve_manifest(cfg: Config, manifest: str | Path | None) -> Path:
+    """The manifest from the command line, else the config; generates the synthetic demo set
+    when the config declares one (`data.synth`) and it does not exist yet."""
+    path = manifest or cfg.data.manifest
+    if path is None:
+        raise ConfigError("no manifest: pass --manifest or set data.manifest in the config")
+    path = Path(path)
+    if not path.exists() and manifest is None and cfg.data.synth is not None:
+        from shared.data import synth
+
+        s = cfg.data.synth
+        log.warning("demo manifest %s not found: generating the synthetic %s set (n=%d)",
+                    path, s.task, s.n)
+        gen = synth.generate_anomalies if s.task == "anomalies" else synth.generate_implants
+        made = gen(path.parent, n=s.n, seed=s.seed, image_size=s.image_size)
+        if made.resolve() != path.resolve():
+            raise ConfigError(f"data.manifest must be <folder>/manifest.csv for a synth set; "
+                              f"generated {made}")
+    return path
+
+
+def load_task_manifest(cfg: Config, manifest: str | Path | None) -> Manifest:
+    return read_manifest(resolve_manifest(cfg, manifest), cfg.task,
+                         default_modality=cfg.data.modality)
+
+
+@dataclass
+class FoldResult:
+    test: dict[str, float]
+    thresholds: list[float] | None
+    history: list[dict[str, float]]
+    best_epoch: int
+    model: torch.nn.Module
+    seconds: float
+    sizes: dict[str, int]
+
+
+def train_fold(cfg: Config, m: Manifest, split: Split, seed: int) -> FoldResult:
+    """Train on split['train'], early-stop on split['val'], tune thresholds on val, test."""
+    t0 = time.perf_counter()
+    seed_everything(seed)
+    device = resolve_device(cfg.train.device)
+    train_m, val_m, test_m = (m.subset(split[s]) for s in ("train", "val", "test"))
+    model = build_model(cfg.model, len(cfg.task.labels), cfg.data.image_size)
+    loss_fn = make_loss(cfg.task, cfg.train, train_m.targets)
+    train_dl = make_loader(train_m, cfg.data, train=True, seed=seed)
+    val_dl = make_loader(val_m, cfg.data, train=False)
+    test_dl = make_loader(test_m, cfg.data, train=False)
+
+    def show(row: dict[str, float]) -> None:
+        key = f"val_{headline(cfg.task.type)}"
+        log.info("epoch %d  train_loss %.4f  val_loss %.4f  %s %.4f", row["epoch"],
+                 row["train_loss"], row["val_loss"], key, row.get(key, float("nan")))
+
+    res = fit(model, train_dl, val_dl, loss_fn, cfg.task, cfg.train, device, on_epoch=show)
+    thresholds = None
+    if cfg.task.type == "multilabel":
+        probs, targets, _ = predict(model, val_dl, None, device, cfg.task.type)
+        thresholds = tune_thresholds(probs, targets)
+    test = evaluate(model, test_dl, loss_fn, cfg.task, device, thresholds)
+    sizes = {s: len(split[s]) for s in ("train", "val", "test")}
+    return FoldResult(test, thresholds, res.history, res.best_epoch, model.cpu(),
+                      time.perf_counter() - t0, sizes)
+
+
+def save_checkpoint(path: Path, model: torch.nn.Module, cfg: Config,
+                    thresholds: list[float] | None) -> None:
+    """Weights plus what is needed to use them: config, label names, tuned thresholds."""
+    torch.save({
+        "state_dict": model.state_dict(),
+        "config": cfg.model_dump(mode="json"),
+        "labels": cfg.task.labels,
+        "thresholds": thresholds,
+        "trainable_keys": trainable_state_keys(model),
+    }, path)
+
+
+def run_training(cfg: Config, manifest: str | Path | None, out_dir: str | Path,
+                 cv: int | None = None, seed: int | None = None) -> dict:
+    """Run `dentfed train`; writes the run folder atomically and returns metrics.json's content."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise DentfedError(f"output folder {out_dir} exists and is not empty; choose another --out")
+    seed = cfg.train.seed if seed is None else seed
+    m = load_task_manifest(cfg, manifest)
+    if cv is not None and cv < 2:
+        raise ConfigError("--cv needs at least 2 folds")
+    splits = (kfold_patients(m, cv, cfg.data.val_fraction, seed) if cv
+              else [split_patients(m, cfg.data.val_fraction, cfg.data.test_fraction, seed)])
+    folds: list[FoldResult] = []
+    for f, split in enumerate(splits):
+        if cv:
+            log.info("fold %d/%d", f + 1, cv)
+        folds.append(train_fold(cfg, m, split, seed + f))
+
+    keys = list(folds[0].test)
+    stack = {k: np.array([fr.test[k] for fr in folds], dtype=float) for k in keys}
+    final = {k: (float(np.nanmean(v)) if not np.all(np.isnan(v)) else float("nan"))
+             for k, v in stack.items()}
+    final_sd = ({k: (float(np.nanstd(v, ddof=1)) if np.sum(~np.isnan(v)) > 1 else float("nan"))
+                 for k, v in stack.items()} if cv else None)
+    result = {
+        "task": cfg.task.type,
+        "headline": headline(cfg.task.type),
+        "final": final,
+        **({"final_sd": final_sd, "folds": [fr.test for fr in folds]} if cv else {}),
+        "history": folds[0].history if not cv else [fr.history for fr in folds],
+        "best_epoch": [fr.best_epoch for fr in folds] if cv else folds[0].best_epoch,
+        "thresholds": folds[-1].thresholds,
+        "split_sizes": [fr.sizes for fr in folds] if cv else folds[0].sizes,
+        "seconds": sum(fr.seconds for fr in folds),
+        "seed": seed,
+    }
+    table = metrics_table(cfg.task, final, final_sd)
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.partial-"))
+    try:
+        write_text_atomic(tmp / "config.yaml", dump_config(cfg))
+        write_json(tmp / "metrics.json", result)
+        save_checkpoint(tmp / "model.pt", folds[-1].model, cfg, folds[-1].thresholds)
+        plot_learning_curves([fr.history for fr in folds], headline(cfg.task.type),
+                             tmp / "learning_curve.png")
+        title = f"{len(folds)}-fold patient-grouped CV, mean ± sd" if cv else "test split"
+        write_text_atomic(tmp / "report.md", f"# dentfed train\n\n{title}\n\n"
+                          f"{render_table(table)}\n\nheadline {result['headline']}: "
+                          f"{final[result['headline']]:.4f}\n")
+        if out_dir.exists():
+            out_dir.rmdir()
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    result["table"] = table
+    return result

@@ -1,0 +1,132 @@
+"""Task metrics from scikit-learn, as a flat {name: float} dict (NaN = undefined).
+
+Multi-label: per label `f1/<label>`, `precision/<label>`, `recall/<label>`, `auc/<label>`,
+`ap/<label>` at threshold 0.5, the same with `_tuned` at per-label thresholds tuned on
+validation, and `macro_*` means over the labels where the metric is defined. Unknown (NaN)
+targets are masked. A label with no known positive in the split is undefined (NaN), not 0.
+Multi-class: accuracy, balanced accuracy, macro-F1, one-vs-rest ROC-AUC, per-class
+sensitivity, specificity and accuracy.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+from sklearn.metrics import (
+    accuracy_score,
+    average_precision_score,
+    balanced_accuracy_score,
+    confusion_matrix,
+    f1_score,
+    precision_recall_curve,
+    precision_score,
+    recall_score,
+    roc_auc_score,
+)
+
+NAN = float("nan")
+
+
+def _nanmean(values: list[float]) -> float:
+    vals = [v for v in values if not math.isnan(v)]
+    return float(np.mean(vals)) if vals else NAN
+
+
+def tune_thresholds(probs: np.ndarray, targets: np.ndarray) -> list[float]:
+    """Per-label threshold that maximises F1 on (validation) data; 0.5 where undefined."""
+    out = []
+    for j in range(probs.shape[1]):
+        known = ~np.isnan(targets[:, j])
+        y, p = targets[known, j], probs[known, j]
+        if y.sum() == 0 or y.sum() == len(y):
+            out.append(0.5)
+            continue
+        prec, rec, thr = precision_recall_curve(y, p)
+        f1 = 2 * prec[:-1] * rec[:-1] / np.maximum(prec[:-1] + rec[:-1], 1e-12)
+        out.append(float(thr[int(np.argmax(f1))]))
+    return out
+
+
+def _binary_metrics(y: np.ndarray, p: np.ndarray, thr: float) -> dict[str, float]:
+    pred = (p >= thr).astype(int)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return {
+            "f1": float(f1_score(y, pred, zero_division=0)),
+            "precision": float(precision_score(y, pred, zero_division=0)),
+            "recall": float(recall_score(y, pred, zero_division=0)),
+        }
+
+
+def multilabel_metrics(probs: np.ndarray, targets: np.ndarray, labels: list[str],
+                       thresholds: list[float] | None = None) -> dict[str, float]:
+    """Per-label and macro metrics; targets may hold NaN for unknown labels."""
+    out: dict[str, float] = {}
+    per: dict[str, list[float]] = {}
+    for j, name in enumerate(labels):
+        known = ~np.isnan(targets[:, j])
+        y, p = targets[known, j].astype(int), probs[known, j]
+        has_pos, has_neg = y.sum() > 0, (y == 0).sum() > 0
+        vals: dict[str, float] = {}
+        if has_pos:
+            vals.update(_binary_metrics(y, p, 0.5))
+            vals["ap"] = float(average_precision_score(y, p))
+            if thresholds is not None:
+                tuned = _binary_metrics(y, p, thresholds[j])
+                vals.update({f"{k}_tuned": v for k, v in tuned.items()})
+        vals["auc"] = float(roc_auc_score(y, p)) if has_pos and has_neg else NAN
+        for key in ("f1", "precision", "recall", "ap", "auc"):
+            vals.setdefault(key, NAN)
+        if thresholds is not None:
+            for key in ("f1_tuned", "precision_tuned", "recall_tuned"):
+                vals.setdefault(key, NAN)
+        for key, v in vals.items():
+            out[f"{key}/{name}"] = v
+            per.setdefault(key, []).append(v)
+    for key, vs in per.items():
+        out[f"macro_{key}"] = _nanmean(vs)
+    return out
+
+
+def multiclass_metrics(probs: np.ndarray, targets: np.ndarray,
+                       classes: list[str]) -> dict[str, float]:
+    """Accuracy, balanced accuracy, macro-F1, OvR ROC-AUC and per-class sens/spec/accuracy."""
+    pred = probs.argmax(axis=1)
+    k = len(classes)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = {
+            "accuracy": float(accuracy_score(targets, pred)),
+            "balanced_accuracy": float(balanced_accuracy_score(targets, pred)),
+            "macro_f1": float(f1_score(targets, pred, labels=range(k), average="macro",
+                                       zero_division=0)),
+        }
+    cm = confusion_matrix(targets, pred, labels=list(range(k)))
+    n = cm.sum()
+    aucs = []
+    for c, name in enumerate(classes):
+        tp = cm[c, c]
+        fn = cm[c].sum() - tp
+        fp = cm[:, c].sum() - tp
+        tn = n - tp - fn - fp
+        out[f"sensitivity/{name}"] = float(tp / (tp + fn)) if tp + fn else NAN
+        out[f"specificity/{name}"] = float(tn / (tn + fp)) if tn + fp else NAN
+        out[f"accuracy/{name}"] = float((tp + tn) / n) if n else NAN
+        y = (targets == c).astype(int)
+        auc = float(roc_auc_score(y, probs[:, c])) if 0 < y.sum() < len(y) else NAN
+        out[f"auc/{name}"] = auc
+        aucs.append(auc)
+    out["macro_auc"] = _nanmean(aucs)
+    return out
+
+
+def headline(task_type: str) -> str:
+    """The metric a run is summarised (and models are compared) by."""
+    return "macro_auc" if task_type == "multilabel" else "balanced_accuracy"
+
+
+def to_jsonable(metrics: dict[str, float]) -> dict[str, float | None]:
+    """NaN (undefined) becomes null in JSON."""
+    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}

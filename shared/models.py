@@ -1,0 +1,219 @@
+"""The one model factory: ResNet-18, a CPU-sized ViT, or any torchvision classifier by name.
+
+Pretrained weights only ever come from a local file (no hub download). `freeze: k` freezes the
+first k stages; frozen parameters have requires_grad=False and their BatchNorm layers stay in
+eval mode, so neither weights nor running statistics change, and `trainable_state_keys` names
+exactly what a clinic would send.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+from torchvision.models.vision_transformer import VisionTransformer
+
+from shared.config import ModelConfig
+from shared.errors import ConfigError, WeightsError
+
+VIT_SIZES = {  # hidden_dim, depth, heads, mlp_dim (DeiT-style tiny/small, ViT-B)
+    "tiny": (192, 12, 3, 768),
+    "small": (384, 12, 6, 1536),
+    "base": (768, 12, 12, 3072),
+}
+FROZEN_ATTR = "_dentfed_frozen_prefixes"
+
+
+def _vit(cfg: ModelConfig, image_size: int, num_outputs: int) -> VisionTransformer:
+    hidden, depth, heads, mlp = VIT_SIZES[cfg.vit.size]
+    if image_size % cfg.vit.patch_size:
+        raise ConfigError(f"data.image_size {image_size} is not a multiple of "
+                          f"model.vit.patch_size {cfg.vit.patch_size}")
+    return VisionTransformer(image_size=image_size, patch_size=cfg.vit.patch_size,
+                             num_layers=cfg.vit.depth or depth, num_heads=heads,
+                             hidden_dim=hidden, mlp_dim=mlp, dropout=cfg.dropout,
+                             num_classes=num_outputs)
+
+
+def _replace_head(model: nn.Module, num_outputs: int, dropout: float) -> None:
+    """Swap the last nn.Linear of a torchvision classifier for one with num_outputs."""
+    name, last = None, None
+    for n, mod in model.named_modules():
+        if isinstance(mod, nn.Linear):
+            name, last = n, mod
+    if last is None:
+        raise ConfigError(f"{type(model).__name__} has no linear classifier head to replace")
+    head: nn.Module = nn.Linear(last.in_features, num_outputs)
+    if dropout > 0:
+        head = nn.Sequential(nn.Dropout(dropout), head)
+    parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+    setattr(parent, name.rsplit(".", 1)[-1], head)
+
+
+def stages(model: nn.Module) -> list[list[str]]:
+    """Module-name prefixes of each freezable stage, in input-to-output order."""
+    if isinstance(model, torchvision.models.ResNet):
+        return [["conv1", "bn1"], ["layer1"], ["layer2"], ["layer3"], ["layer4"]]
+    if isinstance(model, VisionTransformer):
+        blocks = [[f"encoder.layers.{n}"] for n, _ in model.encoder.layers.named_children()]
+        return [["conv_proj", "class_token", "encoder.pos_embedding"], *blocks]
+    features = getattr(model, "features", None)
+    if isinstance(features, nn.Sequential):
+        return [[f"features.{n}"] for n, _ in features.named_children()]
+    return []
+
+
+def _under(name: str, prefixes: list[str]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def freeze_stages(model: nn.Module, k: int) -> list[str]:
+    """Freeze the first k stages; returns the frozen prefixes (also stored on the model)."""
+    st = stages(model)
+    if k > len(st):
+        raise ConfigError(f"model.freeze is {k} but {type(model).__name__} has {len(st)} "
+                          "freezable stages")
+    prefixes = [p for stage in st[:k] for p in stage]
+    for name, p in model.named_parameters():
+        if _under(name, prefixes):
+            p.requires_grad_(False)
+    setattr(model, FROZEN_ATTR, tuple(prefixes))
+    return prefixes
+
+
+def frozen_prefixes(model: nn.Module) -> tuple[str, ...]:
+    return getattr(model, FROZEN_ATTR, ())
+
+
+def set_train_mode(model: nn.Module) -> None:
+    """model.train(), but frozen stages stay in eval so their BatchNorm statistics don't move."""
+    model.train()
+    prefixes = list(frozen_prefixes(model))
+    if prefixes:
+        for name, mod in model.named_modules():
+            if _under(name, prefixes):
+                mod.eval()
+
+
+def trainable_state_keys(model: nn.Module) -> list[str]:
+    """State-dict keys that training can change: trainable parameters, plus buffers (e.g.
+    BatchNorm statistics) of modules outside the frozen stages. This is what a clinic sends."""
+    prefixes = list(frozen_prefixes(model))
+    params = dict(model.named_parameters())
+    keys = []
+    for key in model.state_dict():
+        if key in params:
+            if params[key].requires_grad:
+                keys.append(key)
+        elif not _under(key, prefixes):
+            keys.append(key)
+    return keys
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_pretrained(model: nn.Module, path: str | Path, prefix: str | None = None,
+                    sha256: str | None = None, head_prefixes: tuple[str, ...] = ()) -> list[str]:
+    """Load a torchvision-layout state dict from a local file into `model`.
+
+    `prefix` (e.g. "features.") is prepended to the file's keys, for a file that holds one
+    sub-module. Keys of the head (replaced for the task) may be absent or mis-shaped and are
+    skipped; any other missing, unexpected or mis-shaped key is an error. Returns loaded keys.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"pretrained weights file not found: {path}")
+    if sha256:
+        actual = sha256_of(path)
+        if not actual.startswith(sha256.lower()):
+            raise WeightsError(f"{path}: sha256 {actual} does not match the expected {sha256}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise WeightsError(f"{path}: not a readable PyTorch state dict ({type(err).__name__})"
+                           ) from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"],
+                                                                          dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise WeightsError(f"{path}: expected a state dict of tensors")
+    state = {f"{prefix or ''}{k}": v for k, v in state.items()}
+    own = model.state_dict()
+    scope = [prefix.rstrip(".")] if prefix else None
+
+    def is_head(k: str) -> bool:
+        return _under(k, list(head_prefixes))
+
+    unexpected = [k for k in state if k not in own and not is_head(k)]
+    wrong = [f"{k} {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+             for k in state if k in own and state[k].shape != own[k].shape and not is_head(k)]
+    expected = [k for k in own if not is_head(k) and (scope is None or _under(k, scope))]
+    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
+    if unexpected or wrong or missing:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing key(s), e.g. {', '.join(missing[:3])}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected key(s), e.g. {', '.join(unexpected[:3])}")
+        if wrong:
+            parts.append(f"{len(wrong)} mis-shaped key(s), e.g. {'; '.join(wrong[:3])}")
+        hint = "" if prefix else " (a file for one sub-module needs model.pretrained_prefix)"
+        raise WeightsError(f"{path} does not fit {type(model).__name__}: "
+                           + "; ".join(parts) + hint)
+    loadable = {k: v for k, v in state.items() if k in own and v.shape == own[k].shape}
+    model.load_state_dict(loadable, strict=False)
+    return sorted(loadable)
+
+
+def _head_prefixes(model: nn.Module) -> tuple[str, ...]:
+    last = None
+    for n, mod in model.named_modules():
+        if isinstance(mod, nn.Linear):
+            last = n
+    if isinstance(model, VisionTransformer):
+        return ("heads",)
+    return (last,) if last else ()
+
+
+def build_model(cfg: ModelConfig, num_outputs: int, image_size: int = 224) -> nn.Module:
+    """Build the task model: architecture, local pretrained weights, new head, frozen stages."""
+    name = cfg.name.lower()
+    if name == "vit":
+        model: nn.Module = _vit(cfg, image_size, 1000 if cfg.pretrained else num_outputs)
+    else:
+        try:
+            model = torchvision.models.get_model(name, weights=None)
+        except ValueError:
+            raise ConfigError(f"model.name '{cfg.name}' is not 'vit' or a torchvision "
+                              "classification model (e.g. resnet18, mobilenet_v2, "
+                              "efficientnet_b0, convnext_tiny)") from None
+    if cfg.pretrained:
+        load_pretrained(model, cfg.pretrained, cfg.pretrained_prefix, cfg.pretrained_sha256,
+                        head_prefixes=_head_prefixes(model))
+    if isinstance(model, VisionTransformer):
+        if model.heads.head.out_features != num_outputs or cfg.dropout:
+            model.heads = nn.Sequential(nn.Dropout(cfg.dropout) if cfg.dropout else nn.Identity(),
+                                        nn.Linear(model.hidden_dim, num_outputs))
+    else:
+        _replace_head(model, num_outputs, cfg.dropout)
+    if cfg.freeze:
+        freeze_stages(model, cfg.freeze)
+    return model
+
+
+def resolve_device(choice: str = "auto") -> torch.device:
+    """CUDA when available (or forced), else CPU; a forced 'cuda' without a GPU is an error."""
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device is 'cuda' but no CUDA device is available")
+    if choice == "cpu":
+        return torch.device("cpu")
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

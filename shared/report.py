@@ -1,0 +1,96 @@
+"""Run-folder artefacts shared by pooled and federated runs: metrics tables, JSON, plots."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from shared.config import TaskConfig  # noqa: E402
+from shared.metrics import to_jsonable  # noqa: E402
+
+ML_COLUMNS = ("auc", "ap", "f1", "precision", "recall", "f1_tuned")
+MC_COLUMNS = ("sensitivity", "specificity", "accuracy", "auc")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write then rename, so a crash never leaves a half-written file behind."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, obj: object) -> None:
+    def clean(o):
+        if isinstance(o, dict):
+            return to_jsonable({k: clean(v) for k, v in o.items()})
+        if isinstance(o, list):
+            return [clean(v) for v in o]
+        if isinstance(o, float) and math.isnan(o):
+            return None
+        if isinstance(o, np.generic):
+            return o.item()
+        return o
+
+    write_text_atomic(path, json.dumps(clean(obj), indent=2, allow_nan=False))
+
+
+def metrics_table(task: TaskConfig, mean: dict[str, float],
+                  sd: dict[str, float] | None = None) -> pd.DataFrame:
+    """Per-label (or per-class) rows plus a macro row; 'mean +- sd' strings when sd is given."""
+    cols = ML_COLUMNS if task.type == "multilabel" else MC_COLUMNS
+
+    def cell(key: str) -> str:
+        v = mean.get(key, float("nan"))
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            return "undef"
+        if sd is not None and key in sd and not math.isnan(sd[key]):
+            return f"{v:.3f} ± {sd[key]:.3f}"
+        return f"{v:.3f}"
+
+    rows = {name: {c: cell(f"{c}/{name}") for c in cols} for name in task.labels}
+    rows["macro"] = {c: cell(f"macro_{c}") for c in cols}
+    df = pd.DataFrame.from_dict(rows, orient="index")
+    if task.type == "multiclass":
+        extra = {k: cell(k) for k in ("accuracy", "balanced_accuracy", "macro_f1")}
+        df.loc["overall"] = [extra["accuracy"], "", extra["balanced_accuracy"] + " (bal. acc)",
+                             extra["macro_f1"] + " (macro-F1)"]
+    df.index.name = "label" if task.type == "multilabel" else "class"
+    return df
+
+
+def render_table(df: pd.DataFrame) -> str:
+    return df.to_markdown()
+
+
+def plot_learning_curves(histories: list[list[dict[str, float]]], headline: str,
+                         path: Path) -> None:
+    """Train/val loss and the validation headline metric per epoch (one line per fold)."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for f, hist in enumerate(histories):
+        ep = [h["epoch"] for h in hist]
+        tag = f" fold {f + 1}" if len(histories) > 1 else ""
+        axes[0].plot(ep, [h["train_loss"] for h in hist], "-", label=f"train{tag}")
+        axes[0].plot(ep, [h["val_loss"] for h in hist], "--", label=f"val{tag}")
+        axes[1].plot(ep, [h.get(f"val_{headline}", float("nan")) for h in hist], "-o",
+                     ms=3, label=f"val{tag}")
+    axes[0].set(xlabel="epoch", ylabel="loss", title="Loss")
+    axes[1].set(xlabel="epoch", ylabel=headline, title=f"Validation {headline}")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
