@@ -133,6 +133,8 @@ def load_pretrained(model: nn.Module, path: str | Path, prefix: str | None = Non
     if not path.is_file():
         raise WeightsError(f"pretrained weights file not found: {path}")
     if sha256:
+        if len(sha256) < 8:
+            raise WeightsError("model.pretrained_sha256 needs at least 8 hex digits")
         actual = sha256_of(path)
         if not actual.startswith(sha256.lower()):
             raise WeightsError(f"{path}: sha256 {actual} does not match the expected {sha256}")

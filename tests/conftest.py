@@ -1,0 +1,66 @@
+"""Shared fixtures: small real image datasets written to tmp_path, and the ../shared location."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from shared.config import config_from_dict
+
+REPO = Path(__file__).resolve().parents[1]
+torch.set_num_threads(2)
+
+
+def shared_dir() -> Path | None:
+    """../shared (or $DENTFED_SHARED) when present; tests that need it skip otherwise."""
+    p = Path(os.environ.get("DENTFED_SHARED", REPO.parent / "shared"))
+    return p if (p / "data").is_dir() else None
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    p = shared_dir()
+    if p is None:
+        pytest.skip("../shared (DENTFED_SHARED) not present: real-data test skipped")
+    return p
+
+
+def write_tiny_multilabel(root: Path, n: int = 48, size: int = 32, seed: int = 0) -> Path:
+    """Two learnable labels: 'bright' (a bright square) and 'stripe' (a vertical stripe); two
+    images per patient; a few blanks in 'stripe'."""
+    rng = np.random.default_rng(seed)
+    (root / "img").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        pid = f"P{i // 2:03d}"
+        bright, stripe = int(rng.random() < 0.5), int(rng.random() < 0.5)
+        arr = rng.integers(0, 60, (size, size, 3)).astype(np.uint8)
+        if bright:
+            arr[4:16, 4:16] = 230
+        if stripe:
+            arr[:, size - 8:size - 4, 1] = 255
+        Image.fromarray(arr).save(root / "img" / f"{i}.png")
+        rows.append({"path": f"img/{i}.png", "patient_id": pid, "site": f"s{i % 2}",
+                     "bright": bright, "stripe": "" if i % 11 == 5 else stripe})
+    pd.DataFrame(rows).to_csv(root / "manifest.csv", index=False)
+    return root / "manifest.csv"
+
+
+def tiny_config(**train):
+    return config_from_dict({
+        "task": {"type": "multilabel", "labels": ["bright", "stripe"]},
+        "data": {"image_size": 32, "batch_size": 16, "augment": False},
+        "model": {"name": "resnet18"},
+        "train": {"epochs": 3, "lr": 0.001, "loss": "bce", "progress": False, **train},
+    })
+
+
+@pytest.fixture
+def tiny_manifest(tmp_path: Path) -> Path:
+    return write_tiny_multilabel(tmp_path / "tiny")
