@@ -1,0 +1,112 @@
+"""Tests for the synthetic demo-data generator (shared.data.synth)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from PIL import Image
+
+from shared.data.synth import (
+    ANOMALY_LABELS,
+    IMPLANT_SYSTEMS,
+    generate_anomalies,
+    generate_implants,
+)
+
+ANOM_COLS = ["path", "patient_id", "site", "modality", *ANOMALY_LABELS]
+IMPL_COLS = ["path", "patient_id", "site", "modality", "implant_system"]
+
+
+def _read(manifest: Path) -> pd.DataFrame:
+    return pd.read_csv(manifest, dtype=str, keep_default_na=False)
+
+
+@pytest.fixture(scope="module")
+def anomalies(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return generate_anomalies(tmp_path_factory.mktemp("anom"), n=40, seed=3, image_size=64)
+
+
+@pytest.fixture(scope="module")
+def implants(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return generate_implants(tmp_path_factory.mktemp("impl"), n=40, seed=3, image_size=64)
+
+
+@pytest.mark.parametrize(("which", "cols", "mode", "modality"), [
+    ("anomalies", ANOM_COLS, "RGB", "photo"),
+    ("implants", IMPL_COLS, "L", "radiograph"),
+])
+def test_manifest_and_images(request: pytest.FixtureRequest, which: str, cols: list[str],
+                             mode: str, modality: str) -> None:
+    manifest: Path = request.getfixturevalue(which)
+    assert manifest.name == "manifest.csv" and manifest.is_file()
+    df = _read(manifest)
+    assert len(df) == 40
+    assert list(df.columns) == cols
+    assert set(df["modality"]) == {modality}
+    assert df["path"].is_unique
+    assert df["patient_id"].str.fullmatch(r"P\d{4}").all()
+    assert df["site"].str.fullmatch(r"site_\d+").all()
+    for rel in df["path"]:
+        assert not Path(rel).is_absolute() and rel.startswith("images/")
+        with Image.open(manifest.parent / rel) as im:
+            assert im.size == (64, 64)
+            assert im.mode == mode
+    # all images of a patient come from one site; patients have several images
+    assert (df.groupby("patient_id")["site"].nunique() == 1).all()
+    assert df.groupby("patient_id").size().max() > 1
+    # no temporary files left next to the manifest
+    assert not [p for p in manifest.parent.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_anomaly_label_cells(anomalies: Path) -> None:
+    df = _read(anomalies)
+    for lab in ANOMALY_LABELS:
+        assert set(df[lab]) <= {"0", "1", ""}, lab
+    # known labels are a per-patient property
+    for _, g in df.groupby("patient_id"):
+        for lab in ANOMALY_LABELS:
+            assert len(set(g[lab]) - {""}) <= 1, lab
+
+
+def test_implant_classes(tmp_path: Path) -> None:
+    df = _read(generate_implants(tmp_path, n=60, seed=1, image_size=48))
+    assert set(df["implant_system"]) == set(IMPLANT_SYSTEMS)
+
+
+def test_every_label_has_positives_and_negatives(tmp_path: Path) -> None:
+    df = _read(generate_anomalies(tmp_path, n=200, seed=0, image_size=48))
+    assert len(df) == 200
+    for lab in ANOMALY_LABELS:
+        vals = set(df[lab])
+        assert {"0", "1"} <= vals, f"{lab}: {vals}"
+    blanks = sum(int((df[lab] == "").sum()) for lab in ANOMALY_LABELS)
+    assert 0 < blanks < 0.1 * df.shape[0] * len(ANOMALY_LABELS)
+
+
+@pytest.mark.parametrize("gen", [generate_anomalies, generate_implants])
+def test_deterministic_for_a_seed(tmp_path: Path, gen) -> None:
+    a = gen(tmp_path / "a", n=12, seed=7, image_size=48)
+    b = gen(tmp_path / "b", n=12, seed=7, image_size=48)
+    c = gen(tmp_path / "c", n=12, seed=8, image_size=48)
+    assert a.read_bytes() == b.read_bytes()
+    rel = _read(a)["path"].iloc[0]
+    assert (a.parent / rel).read_bytes() == (b.parent / rel).read_bytes()
+    assert (a.parent / rel).read_bytes() != (c.parent / rel).read_bytes()
+    da, dc = _read(a), _read(c)
+    assert not da.equals(dc)
+
+
+def test_no_labels_blank_when_unknown_fraction_zero(tmp_path: Path) -> None:
+    df = _read(generate_anomalies(tmp_path, n=10, image_size=32, unknown_fraction=0.0))
+    assert not (df[list(ANOMALY_LABELS)] == "").any().any()
+
+
+@pytest.mark.parametrize("gen", [generate_anomalies, generate_implants])
+def test_bad_arguments(tmp_path: Path, gen) -> None:
+    with pytest.raises(ValueError, match="n must be at least 1"):
+        gen(tmp_path, n=0)
+    with pytest.raises(ValueError, match="image_size"):
+        gen(tmp_path, n=5, image_size=16)
+    assert not (tmp_path / "manifest.csv").exists()
