@@ -73,6 +73,60 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _apply_overrides(cfg, args: argparse.Namespace) -> None:
+    """Command-line values that override the YAML (validated by the schema)."""
+    for attr, section, key in (("clinics", "split", "clinics"), ("scheme", "split", "scheme"),
+                               ("alpha", "split", "alpha"), ("by", "split", "by"),
+                               ("test_fraction", "split", "test_fraction"),
+                               ("split_seed", "split", "seed"),
+                               ("strategy", "federation", "strategy"),
+                               ("rounds", "federation", "rounds"),
+                               ("local_epochs", "federation", "local_epochs")):
+        value = getattr(args, attr, None)
+        if value is not None:
+            setattr(getattr(cfg, section), key, value)
+
+
+def _cmd_data_split(args: argparse.Namespace) -> int:
+    from shared.config import load_config
+    from simulations.simulate import prepare_split
+
+    cfg = load_config(args.config)
+    _apply_overrides(cfg, args)
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise DentfedError(f"output folder {out} exists and is not empty")
+    prepare_split(cfg, args.manifest, out)
+    print((out / "summary.md").read_text())
+    print(f"wrote {cfg.split.clinics} clinic manifests, server_test.csv and "
+          f"label_distribution.png to {out}")
+    return 0
+
+
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    from shared.config import load_config
+    from simulations.simulate import simulate
+
+    cfg = load_config(args.config)
+    _apply_overrides(cfg, args)
+    out = Path(args.out or f"runs/sim-{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+    data = simulate(cfg, args.manifest, out, echo=args.verbose)
+    print((out / "report.md").read_text())
+    print(f"{data['headline']} over rounds: " + " -> ".join(
+        f"{row['server'].get(data['headline'], float('nan')):.3f}" for row in data["history"]))
+    print(f"wall time {data['wall_seconds']:.0f} s; run folder: {out}")
+    return 0
+
+
+def _split_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--clinics", type=int)
+    p.add_argument("--scheme", choices=["site", "iid", "dirichlet", "quantity", "pathological"])
+    p.add_argument("--alpha", type=float, help="Dirichlet concentration (smaller = more skew)")
+    p.add_argument("--by", help="stratification column for label skew (e.g. category)")
+    p.add_argument("--test-fraction", type=float)
+    p.add_argument("--split-seed", type=int)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dentfed", description="Federated training for dental "
                                 "images: data tools, pooled training and federation.")
@@ -105,6 +159,24 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--modality", choices=["photo", "radiograph"])
     i.set_defaults(func=_cmd_data_import)
 
+    sp = data.add_parser("split", help="split a manifest into virtual clinics (by patient)")
+    sp.add_argument("manifest")
+    sp.add_argument("--config", required=True)
+    sp.add_argument("--out", required=True)
+    _split_args(sp)
+    sp.set_defaults(func=_cmd_data_split)
+
+    sim = sub.add_parser("simulate", help="federated simulation: N virtual clinics on Flower's "
+                         "simulation runtime, central evaluation every round")
+    sim.add_argument("--config", required=True)
+    sim.add_argument("--manifest", help="overrides data.manifest")
+    sim.add_argument("--out", help="run folder (default runs/sim-<config>-<time>)")
+    sim.add_argument("--strategy")
+    sim.add_argument("--rounds", type=int)
+    sim.add_argument("--local-epochs", type=int)
+    _split_args(sim)
+    sim.set_defaults(func=_cmd_simulate)
+
     t = sub.add_parser("train", help="pooled (centralised) training with a patient-grouped split")
     t.add_argument("--config", required=True)
     t.add_argument("--manifest", help="overrides data.manifest")
@@ -118,8 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(message)s", stream=sys.stderr)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    if args.verbose:
+        for name in ("dentfed", "shared", "server", "client", "simulations"):
+            logging.getLogger(name).setLevel(logging.DEBUG)
     try:
         return args.func(args)
     except DentfedError as err:

@@ -95,11 +95,66 @@ class TrainConfig(_Strict):
     progress: bool = True
 
 
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedavgm",
+              "fedtrimmedavg", "fedmedian", "krum", "multikrum")
+
+
+class FederationConfig(_Strict):
+    """Rounds and aggregation (server side) plus what each clinic does per round."""
+
+    strategy: Literal["fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedavgm",
+                      "fedtrimmedavg", "fedmedian", "krum", "multikrum"] = "fedavg"
+    rounds: int = Field(default=3, ge=1)
+    local_epochs: int = Field(default=1, ge=1)
+    local_steps: int | None = Field(default=None, ge=1)
+    fraction_train: float = Field(default=1.0, gt=0, le=1)
+    fraction_evaluate: float = Field(default=1.0, ge=0, le=1)
+    min_train_clinics: int = Field(default=2, ge=1)
+    min_evaluate_clinics: int = Field(default=2, ge=0)
+    min_available_clinics: int = Field(default=2, ge=1)
+    lr_decay: float = Field(default=1.0, gt=0, le=1)
+    proximal_mu: float = Field(default=0.01, ge=0)
+    server_lr: float = Field(default=0.01, gt=0)
+    server_momentum: float = Field(default=0.9, ge=0, lt=1)
+    beta_1: float = Field(default=0.9, ge=0, lt=1)
+    beta_2: float = Field(default=0.99, ge=0, lt=1)
+    tau: float = Field(default=1e-3, gt=0)
+    trim_beta: float = Field(default=0.2, ge=0, lt=0.5)
+    num_malicious_clinics: int = Field(default=0, ge=0)
+    multikrum_keep: int | None = Field(default=None, ge=1)
+    round_timeout: float = Field(default=3600, gt=0)
+    test_manifest: str | None = None
+
+
+class SplitConfig(_Strict):
+    """How `dentfed simulate` / `dentfed data split` make virtual clinics from one dataset."""
+
+    clinics: int = Field(default=4, ge=1)
+    scheme: Literal["site", "iid", "dirichlet", "quantity", "pathological"] = "iid"
+    alpha: float = Field(default=0.5, gt=0)
+    by: str | None = None
+    classes_per_clinic: int = Field(default=2, ge=1)
+    test_fraction: float = Field(default=0.2, gt=0, lt=0.5)
+    seed: int = 0
+
+
+class SimulationConfig(_Strict):
+    """Flower simulation engine resources: each virtual clinic gets client_cpus/client_gpus;
+    max_concurrent bounds how many train at once (memory)."""
+
+    client_cpus: float = Field(default=1, gt=0)
+    client_gpus: float = Field(default=0.0, ge=0)
+    max_concurrent: int = Field(default=2, ge=1)
+
+
 class Config(_Strict):
     task: TaskConfig
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
+    federation: FederationConfig = FederationConfig()
+    split: SplitConfig = SplitConfig()
+    simulation: SimulationConfig = SimulationConfig()
 
     @model_validator(mode="after")
     def _check(self) -> Config:
@@ -109,7 +164,23 @@ class Config(_Strict):
         if self.task.type == "multilabel" and self.train.loss == "ce":
             raise ValueError("train.loss 'ce' is for multiclass tasks; a multilabel task uses "
                              "bce, weighted_bce, focal or dice")
+        f = self.federation
+        if f.min_train_clinics > f.min_available_clinics:
+            raise ValueError("federation.min_train_clinics cannot exceed "
+                             "federation.min_available_clinics")
+        if f.strategy in ("krum", "multikrum") and f.min_train_clinics < 2 * \
+                f.num_malicious_clinics + 3:
+            raise ValueError("krum needs federation.min_train_clinics >= "
+                             "2 * num_malicious_clinics + 3")
         return self
+
+
+def config_from_yaml(text: str, source: str = "config") -> Config:
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{source}: not valid YAML: {err}".splitlines()[0]) from None
+    return config_from_dict(raw or {}, source=source)
 
 
 def _format_validation_error(err: ValidationError, source: str) -> str:
@@ -139,11 +210,7 @@ def load_config(path: str | Path) -> Config:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}".splitlines()[0]) from None
-    return config_from_dict(raw or {}, source=str(path))
+    return config_from_yaml(path.read_text(), source=str(path))
 
 
 def dump_config(cfg: Config) -> str:

@@ -50,6 +50,7 @@ def metrics_table(task: TaskConfig, mean: dict[str, float],
                   sd: dict[str, float] | None = None) -> pd.DataFrame:
     """Per-label (or per-class) rows plus a macro row; 'mean +- sd' strings when sd is given."""
     cols = ML_COLUMNS if task.type == "multilabel" else MC_COLUMNS
+    cols = tuple(c for c in cols if c != "f1_tuned" or "macro_f1_tuned" in mean)
 
     def cell(key: str) -> str:
         v = mean.get(key, float("nan"))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 from sklearn.model_selection import GroupShuffleSplit, StratifiedGroupKFold
 
@@ -11,7 +13,7 @@ from shared.errors import ManifestError
 Split = dict[str, np.ndarray]
 
 
-def _strata(m: Manifest, idx: np.ndarray) -> np.ndarray:
+def strata(m: Manifest, idx: np.ndarray) -> np.ndarray:
     """A class per row for stratification: the class (multiclass), or the rarest positive label
     of the row (multilabel; -1 for none) so rare labels reach every split."""
     if m.task.type == "multiclass":
@@ -25,7 +27,7 @@ def _strata(m: Manifest, idx: np.ndarray) -> np.ndarray:
     return out
 
 
-def _hold_out(m: Manifest, idx: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray,
+def hold_out(m: Manifest, idx: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray,
                                                                                   np.ndarray]:
     """Split idx into (rest, held) with about `fraction` of the patients held, grouped."""
     groups = m.patient_ids[idx]
@@ -34,9 +36,11 @@ def _hold_out(m: Manifest, idx: np.ndarray, fraction: float, seed: int) -> tuple
         raise ManifestError(f"{m.source}: only {n_groups} patient(s); need at least 2 to split")
     k = max(2, round(1 / fraction))
     if n_groups >= k:
-        y = _strata(m, idx)
+        y = strata(m, idx)
         skf = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
-        rest, held = next(skf.split(np.zeros(len(idx)), y, groups))
+        with warnings.catch_warnings():  # rare strata: best effort, grouping still exact
+            warnings.simplefilter("ignore", UserWarning)
+            rest, held = next(skf.split(np.zeros(len(idx)), y, groups))
     else:
         gss = GroupShuffleSplit(n_splits=1, test_size=fraction, random_state=seed)
         rest, held = next(gss.split(np.zeros(len(idx)), groups=groups))
@@ -52,10 +56,10 @@ def split_patients(m: Manifest, val_fraction: float, test_fraction: float, seed:
         if len(parts["train"]) == 0:
             raise ManifestError(f"{m.source}: the split column has no 'train' rows")
         if len(parts["val"]) == 0:
-            parts["train"], parts["val"] = _hold_out(m, parts["train"], val_fraction, seed)
+            parts["train"], parts["val"] = hold_out(m, parts["train"], val_fraction, seed)
         return parts
-    rest, test = _hold_out(m, all_idx, test_fraction, seed)
-    train, val = _hold_out(m, rest, val_fraction / (1 - test_fraction), seed + 1)
+    rest, test = hold_out(m, all_idx, test_fraction, seed)
+    train, val = hold_out(m, rest, val_fraction / (1 - test_fraction), seed + 1)
     return {"train": train, "val": val, "test": test}
 
 
@@ -68,7 +72,10 @@ def kfold_patients(m: Manifest, k: int, val_fraction: float, seed: int) -> list[
     all_idx = np.arange(len(m))
     skf = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
     folds = []
-    for f, (rest, test) in enumerate(skf.split(all_idx, _strata(m, all_idx), groups)):
-        train, val = _hold_out(m, all_idx[rest], val_fraction, seed + 1 + f)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        fold_idx = list(skf.split(all_idx, strata(m, all_idx), groups))
+    for f, (rest, test) in enumerate(fold_idx):
+        train, val = hold_out(m, all_idx[rest], val_fraction, seed + 1 + f)
         folds.append({"train": train, "val": val, "test": all_idx[test]})
     return folds

@@ -1,0 +1,147 @@
+"""The clinic's Flower ClientApp: trains on local data with the shared loop and replies with
+only the exchanged arrays (trainable state), the example count and scalar metrics.
+
+Where the data is: `node_config["manifest"]` on a real SuperNode (the clinic's own manifest
+with a train/val `split` column, or none and a patient-grouped val split is made), or
+`partition-id` plus the run's `split-dir` in simulation. Everything about the task, model and
+optimiser comes from the server's config record; only the device is decided locally.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from shared.config import Config
+from shared.data.dataset import make_loader
+from shared.data.manifest import Manifest, read_manifest
+from shared.data.splits import hold_out
+from shared.fedio import (
+    EXAMPLES_KEY,
+    build_global_model,
+    config_from_record,
+    load_model_arrays,
+    model_arrays,
+    round_lr,
+)
+from shared.losses import make_loss
+from shared.metrics import headline
+from shared.models import resolve_device
+from shared.training import evaluate, make_optimizer, seed_everything, train_one_epoch
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+app = ClientApp()
+
+
+@dataclass
+class Clinic:
+    """A clinic's data and model, built once per process and reused across rounds (the image
+    cache makes rounds after the first much faster)."""
+
+    cfg: Config
+    train: Manifest
+    val: Manifest
+    model: torch.nn.Module
+    device: torch.device
+    train_loader: torch.utils.data.DataLoader
+    val_loader: torch.utils.data.DataLoader
+    loss_fn: torch.nn.Module
+
+
+_CLINICS: dict[tuple[str, str], Clinic] = {}
+
+
+def clinic_manifest_path(context: Context) -> Path:
+    node = context.node_config
+    if "manifest" in node:
+        return Path(str(node["manifest"]))
+    if "partition-id" in node:
+        split_dir = str(context.run_config.get("split-dir", ""))
+        if not split_dir:
+            raise RuntimeError("simulation run without split-dir in the run config")
+        return Path(split_dir) / f"clinic_{int(node['partition-id'])}" / "manifest.csv"
+    raise RuntimeError("node config has neither 'manifest' nor 'partition-id'")
+
+
+def get_clinic(context: Context, cfg: Config) -> Clinic:
+    path = clinic_manifest_path(context)
+    key = (str(path), cfg.model_dump_json())
+    if key in _CLINICS:
+        return _CLINICS[key]
+    m = read_manifest(path, cfg.task, default_modality=cfg.data.modality)
+    seed = cfg.train.seed
+    if m.splits is not None and (m.splits == "val").any():
+        train, val = m.subset((m.splits == "train").nonzero()[0]), \
+            m.subset((m.splits == "val").nonzero()[0])
+    else:
+        rest, held = hold_out(m, np.arange(len(m)), cfg.data.val_fraction, seed)
+        train, val = m.subset(rest), m.subset(held)
+    device = resolve_device(cfg.train.device)
+    model = build_global_model(cfg).to(device)
+    clinic = Clinic(cfg, train, val, model, device,
+                    make_loader(train, cfg.data, train=True, seed=seed),
+                    make_loader(val, cfg.data, train=False),
+                    make_loss(cfg.task, cfg.train, train.targets).to(device))
+    _CLINICS.clear()  # one clinic per process; drop a previous run's cache
+    _CLINICS[key] = clinic
+    return clinic
+
+
+def _reply_config(msg: Message) -> tuple[Config, int]:
+    cr = msg.content["config"]
+    return config_from_record(cr), int(cr.get("server-round", 1))
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    cfg, server_round = _reply_config(msg)
+    clinic = get_clinic(context, cfg)
+    seed_everything(cfg.train.seed + 1000 * server_round)
+    load_model_arrays(clinic.model, msg.content["arrays"])
+    clinic.model.to(clinic.device)
+    mu = float(msg.content["config"].get("proximal-mu", 0.0))
+    opt = make_optimizer(clinic.model, cfg.train, lr=round_lr(cfg, server_round))
+    t0 = time.perf_counter()
+    fed = cfg.federation
+    steps_left = fed.local_steps
+    losses, seen = [], 0.0
+    for _ in range(fed.local_epochs if steps_left is None else 10**6):
+        stats = train_one_epoch(clinic.model, clinic.train_loader, clinic.loss_fn, opt,
+                                clinic.device, max_steps=steps_left, proximal_mu=mu)
+        losses.append(stats["loss"] * stats["examples"])
+        seen += stats["examples"]
+        if steps_left is not None:
+            steps_left -= int(stats["steps"])
+            if steps_left <= 0:
+                break
+    metrics = MetricRecord({
+        "train_loss": sum(losses) / max(seen, 1),
+        "train_seconds": time.perf_counter() - t0,
+        "examples_seen": seen,
+        EXAMPLES_KEY: len(clinic.train),
+    })
+    content = RecordDict({"arrays": model_arrays(clinic.model), "metrics": metrics})
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate_local(msg: Message, context: Context) -> Message:
+    cfg, _ = _reply_config(msg)
+    clinic = get_clinic(context, cfg)
+    load_model_arrays(clinic.model, msg.content["arrays"])
+    res = evaluate(clinic.model, clinic.val_loader, clinic.loss_fn, cfg.task, clinic.device)
+    key = headline(cfg.task.type)
+    value = res.get(key, float("nan"))
+    metrics = MetricRecord({
+        "val_loss": res["loss"],
+        f"val_{key}": -1.0 if value != value else value,  # -1: undefined on this clinic's val
+        EXAMPLES_KEY: len(clinic.val),
+    })
+    return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)

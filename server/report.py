@@ -1,0 +1,146 @@
+"""The coordinator's run folder: config, metrics.json, best/final models, plots, report.md."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+
+from server.federation import FederationResult  # noqa: E402
+from shared.config import dump_config  # noqa: E402
+from shared.fedio import build_global_model  # noqa: E402
+from shared.models import trainable_state_keys  # noqa: E402
+from shared.report import metrics_table, render_table, write_json, write_text_atomic  # noqa: E402
+
+
+def _history(res: FederationResult) -> list[dict]:
+    rows = []
+    for rnd in sorted(res.evaluator.history):
+        rec = res.recorder.rounds.get(rnd)
+        row = {"round": rnd, "server": res.evaluator.history[rnd]}
+        if rec is not None:
+            row.update({
+                "clinics_sampled": rec.sampled,
+                "clinics_replied": len(rec.train),
+                "clinics_failed": rec.train_failed,
+                "clinics_rejected": {str(k): v for k, v in sorted(rec.rejected.items())},
+                "clinics_train": {"aggregated": res.train_aggregated.get(rnd, {}),
+                                  "per_clinic": {str(k): v for k, v in sorted(rec.train.items())}},
+                "clinics_evaluate": {"aggregated": res.evaluate_aggregated.get(rnd, {}),
+                                     "per_clinic": {str(k): v for k, v in
+                                                    sorted(rec.evaluate.items())}},
+                "bytes_sent": rec.bytes_sent,
+                "bytes_received": rec.bytes_received,
+                "round_seconds": rec.seconds,
+            })
+        rows.append(row)
+    return rows
+
+
+def summary(res: FederationResult) -> dict:
+    """metrics.json content: `final` as in `dentfed train`, plus the per-round history."""
+    ev = res.evaluator
+    last = max(ev.history)
+    up = [r.bytes_received / len(r.train) for r in res.recorder.rounds.values() if r.train]
+    return {
+        "task": res.cfg.task.type,
+        "headline": ev.key,
+        "strategy": res.cfg.federation.strategy,
+        "rounds": res.cfg.federation.rounds,
+        "clinics": res.recorder.n_clinics,
+        "final": ev.history[last],
+        "best_round": ev.best_round,
+        "best": ev.history.get(ev.best_round, {}),
+        "history": _history(res),
+        "seconds": res.seconds,
+        "test_images": ev.n_test,
+        "full_model_bytes": res.full_model_bytes,
+        "upload_bytes_per_clinic_round": float(np.mean(up)) if up else 0.0,
+    }
+
+
+def _plot(res: FederationResult, path: Path) -> None:
+    ev = res.evaluator
+    rounds = sorted(ev.history)
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    axes[0].plot(rounds, [ev.history[r].get(ev.key, np.nan) for r in rounds], "-o")
+    axes[0].set(title=f"Central test {ev.key}", xlabel="round")
+    axes[1].plot(rounds, [ev.history[r]["loss"] for r in rounds], "-o", label="central test")
+    for idx in range(res.recorder.n_clinics):
+        rs = [r for r in sorted(res.recorder.rounds) if idx in res.recorder.rounds[r].train]
+        axes[1].plot(rs, [res.recorder.rounds[r].train[idx]["train_loss"] for r in rs], "--",
+                     alpha=0.7, label=f"clinic {idx} train")
+        es = [r for r in sorted(res.recorder.rounds) if idx in res.recorder.rounds[r].evaluate]
+        axes[2].plot(es, [res.recorder.rounds[r].evaluate[idx].get(f"val_{ev.key}", np.nan)
+                          for r in es], "-o", ms=3, label=f"clinic {idx}")
+    axes[1].set(title="Loss", xlabel="round")
+    axes[2].set(title=f"Clinic validation {ev.key}", xlabel="round")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _checkpoint(res: FederationResult, state: dict, path: Path) -> None:
+    model = build_global_model(res.cfg)
+    model.load_state_dict(state)
+    torch.save({"state_dict": state, "config": res.cfg.model_dump(mode="json"),
+                "labels": res.cfg.task.labels, "thresholds": None,
+                "trainable_keys": trainable_state_keys(model)}, path)
+
+
+def rounds_table(res: FederationResult) -> pd.DataFrame:
+    rows = {}
+    for row in _history(res):
+        r = row["round"]
+        used = row.get("clinics_replied", 0) - len(row.get("clinics_rejected", {}))
+        rows[r] = {f"central {res.evaluator.key}": row["server"].get(res.evaluator.key),
+                   "central loss": row["server"]["loss"],
+                   "clinics used/sampled": f"{used}/{row['clinics_sampled']}" if r else "-",
+                   "train loss (agg)": row.get("clinics_train", {}).get("aggregated", {})
+                   .get("train_loss"),
+                   "MB up (all clinics)": (row.get("bytes_received", 0) / 1e6) if r else None}
+    df = pd.DataFrame.from_dict(rows, orient="index")
+    df.index.name = "round"
+    return df.round(4)
+
+
+def write_run_folder(res: FederationResult, out: Path) -> dict:
+    """Write everything into a temporary folder, then rename it: never a half-written run."""
+    out = Path(out)
+    data = summary(res)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
+    try:
+        write_text_atomic(tmp / "config.yaml", dump_config(res.cfg))
+        write_json(tmp / "metrics.json", data)
+        _checkpoint(res, res.evaluator.final_state, tmp / "model_final.pt")
+        _checkpoint(res, res.evaluator.best_state or res.evaluator.final_state,
+                    tmp / "model_best.pt")
+        _plot(res, tmp / "rounds.png")
+        table = metrics_table(res.cfg.task, data["final"])
+        text = (f"# dentfed federated run\n\nstrategy {data['strategy']}, {data['rounds']} rounds,"
+                f" {data['clinics']} clinics, {data['seconds']:.0f} s\n\n"
+                f"## Per round\n\n{render_table(rounds_table(res))}\n\n"
+                f"## Final global model on the server test set ({data['test_images']} images)\n\n"
+                f"{render_table(table)}\n\nbest round: {data['best_round']}\n\n![rounds]"
+                "(rounds.png)\n")
+        write_text_atomic(tmp / "report.md", text)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return data

@@ -1,0 +1,47 @@
+"""Strategy from the config: Flower's own implementations, configured by one schema."""
+
+from __future__ import annotations
+
+from flwr.serverapp.strategy import (
+    FedAdagrad,
+    FedAdam,
+    FedAvg,
+    FedAvgM,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    FedYogi,
+    Krum,
+    MultiKrum,
+    Strategy,
+)
+
+from shared.config import FederationConfig
+
+
+def make_strategy(f: FederationConfig) -> Strategy:
+    """The configured Flower strategy; node minimums are the config's clinic minimums."""
+    common = dict(
+        fraction_train=f.fraction_train,
+        fraction_evaluate=f.fraction_evaluate,
+        min_train_nodes=f.min_train_clinics,
+        min_evaluate_nodes=f.min_evaluate_clinics if f.fraction_evaluate > 0 else 0,
+        min_available_nodes=f.min_available_clinics,
+    )
+    fedopt = dict(eta=f.server_lr, tau=f.tau)
+    builders = {
+        "fedavg": lambda: FedAvg(**common),
+        "fedprox": lambda: FedProx(**common, proximal_mu=f.proximal_mu),
+        "fedadam": lambda: FedAdam(**common, **fedopt, beta_1=f.beta_1, beta_2=f.beta_2),
+        "fedyogi": lambda: FedYogi(**common, **fedopt, beta_1=f.beta_1, beta_2=f.beta_2),
+        "fedadagrad": lambda: FedAdagrad(**common, **fedopt),
+        "fedavgm": lambda: FedAvgM(**common, server_learning_rate=1.0,
+                                   server_momentum=f.server_momentum),
+        "fedtrimmedavg": lambda: FedTrimmedAvg(**common, beta=f.trim_beta),
+        "fedmedian": lambda: FedMedian(**common),
+        "krum": lambda: Krum(**common, num_malicious_nodes=f.num_malicious_clinics),
+        "multikrum": lambda: MultiKrum(**common, num_malicious_nodes=f.num_malicious_clinics,
+                                       num_nodes_to_select=f.multikrum_keep
+                                       or max(1, f.min_train_clinics - f.num_malicious_clinics)),
+    }
+    return builders[f.strategy]()

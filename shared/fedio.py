@@ -1,0 +1,89 @@
+"""What crosses the wire between clinic and server, in one place both sides import.
+
+Only the state that training changes is exchanged (`exchanged_keys`): trainable parameters and
+the buffers of trainable stages. Frozen stages are rebuilt identically on both sides from the
+same local weights file (checked by sha256) or the same seed, so they never leave a clinic.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord
+from torch import nn
+
+from shared.config import Config, config_from_yaml, dump_config
+from shared.models import build_model, trainable_state_keys
+
+CONFIG_KEY = "dentfed-config"
+EXAMPLES_KEY = "num-examples"
+
+
+def exchanged_keys(model: nn.Module) -> list[str]:
+    """Trainable state minus BatchNorm step counters (ints that averaging would turn to floats
+    and that nothing uses with a fixed momentum)."""
+    return [k for k in trainable_state_keys(model) if not k.endswith("num_batches_tracked")]
+
+
+def model_arrays(model: nn.Module) -> ArrayRecord:
+    state = model.state_dict()
+    return ArrayRecord({k: state[k].detach().cpu() for k in exchanged_keys(model)})
+
+
+def expected_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    state = model.state_dict()
+    return {k: tuple(state[k].shape) for k in exchanged_keys(model)}
+
+
+def check_arrays(arrays: ArrayRecord, shapes: dict[str, tuple[int, ...]]) -> str | None:
+    """None when `arrays` has exactly the expected names and shapes and only finite values;
+    otherwise a one-line reason (no values, no paths)."""
+    names = set(arrays.keys())
+    if names != set(shapes):
+        missing, extra = sorted(set(shapes) - names), sorted(names - set(shapes))
+        return f"array names differ (missing {missing[:3]}, unexpected {extra[:3]})"
+    for k, arr in arrays.items():
+        if tuple(arr.shape) != shapes[k]:
+            return f"array {k} has shape {tuple(arr.shape)}, expected {shapes[k]}"
+        if not np.all(np.isfinite(arr.numpy())):
+            return f"array {k} has NaN or Inf values"
+    return None
+
+
+def load_model_arrays(model: nn.Module, arrays: ArrayRecord) -> None:
+    """Copy exchanged arrays into the model; refuses wrong names, shapes or non-finite values."""
+    problem = check_arrays(arrays, expected_shapes(model))
+    if problem:
+        raise ValueError(problem)
+    state = {k: torch.from_numpy(np.ascontiguousarray(a.numpy())) for k, a in arrays.items()}
+    own = model.state_dict()
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=False)
+
+
+def arrays_nbytes(arrays: ArrayRecord) -> int:
+    return int(sum(a.numpy().nbytes for a in arrays.values()))
+
+
+def full_model_nbytes(model: nn.Module) -> int:
+    """Size of every parameter and buffer in fp32: what sending the whole model would cost."""
+    return int(sum(t.numel() * 4 for t in model.state_dict().values()))
+
+
+def config_record(cfg: Config) -> ConfigRecord:
+    """The dentfed config travels server -> clinic as YAML text: one schema, one source."""
+    return ConfigRecord({CONFIG_KEY: dump_config(cfg)})
+
+
+def config_from_record(record: ConfigRecord) -> Config:
+    return config_from_yaml(str(record[CONFIG_KEY]), source="server config")
+
+
+def round_lr(cfg: Config, server_round: int) -> float:
+    """Learning-rate schedule across rounds: lr * lr_decay^(round - 1)."""
+    return cfg.train.lr * cfg.federation.lr_decay ** max(server_round - 1, 0)
+
+
+def build_global_model(cfg: Config) -> nn.Module:
+    """The task model, seeded so every party builds identical frozen stages."""
+    torch.manual_seed(cfg.train.seed)
+    return build_model(cfg.model, len(cfg.task.labels), cfg.data.image_size)

@@ -1,0 +1,131 @@
+"""Run the repo's Flower app on Flower's simulation runtime, the non-deprecated way.
+
+`flwr run` needs a SuperLink. Flower's managed `:local:` one listens on fixed ports, detaches,
+and outlives the run; here we start `flower-superlink --simulation` ourselves on free loopback
+ports in its own process group with a private FLWR_HOME, submit the run with `flwr run`, and
+stop the whole group afterwards, so nothing is left running and parallel runs don't collide.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from shared.errors import DentfedError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_port(port: int, proc: subprocess.Popen, timeout: float, log: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise DentfedError(f"flower-superlink exited with code {proc.returncode}; see {log}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise DentfedError(f"flower-superlink did not open port {port} within {timeout:.0f} s")
+
+
+def _bin(name: str) -> str:
+    return str(Path(sys.executable).parent / name)
+
+
+def stop_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    """SIGTERM the process group, then SIGKILL what is left after `grace` seconds."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=grace)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=5)
+
+
+@contextlib.contextmanager
+def simulation_superlink(work: Path) -> Iterator[tuple[int, dict[str, str]]]:
+    """A private SuperLink in simulation mode; yields (port, env for flwr)."""
+    home = work / "flwr-home"
+    home.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0",
+           "FLWR_DISABLE_UPDATE_CHECK": "1",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    port = _free_port()  # flwr >= 1.42 serves runtime, control and fleet APIs on one port
+    log = work / "superlink.log"
+    cmd = [_bin("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
+           "--host", "127.0.0.1", "--port", str(port)]
+    with log.open("w") as fh:
+        proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        _wait_port(port, proc, 60, log)
+        yield port, env
+    finally:
+        stop_group(proc)
+
+
+def _toml_value(v: object) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def run_flower_simulation(run_config: dict[str, object], num_clinics: int, client_cpus: float,
+                          client_gpus: float, max_concurrent: int, work: Path,
+                          timeout: float = 3600, app_dir: Path = REPO,
+                          echo: bool = True) -> Path:
+    """`flwr run` the app in `app_dir` with `num_clinics` virtual SuperNodes; at most
+    `max_concurrent` ClientApps train at once (Ray gets max_concurrent * client_cpus CPUs).
+    Returns the path of the captured Flower log."""
+    work.mkdir(parents=True, exist_ok=True)
+    ray_cpus = max(1, int(round(max_concurrent * client_cpus)))
+    flwr_log = work / "flower.log"
+    with simulation_superlink(work) as (control, env):
+        Path(env["FLWR_HOME"], "config.toml").write_text(
+            '[superlink]\ndefault = "dentfed-sim"\n\n[superlink.dentfed-sim]\n'
+            f'address = "127.0.0.1:{control}"\ninsecure = true\n'
+            f"options.num-supernodes = {num_clinics}\n"
+            f"options.backend.client-resources.num-cpus = {int(max(1, client_cpus))}\n"
+            f"options.backend.client-resources.num-gpus = {float(client_gpus)}\n"
+            f"options.backend.init-args.num-cpus = {ray_cpus}\n")
+        overrides = " ".join(f"{k}={_toml_value(v)}" for k, v in run_config.items())
+        cmd = [_bin("flwr"), "run", str(app_dir), "dentfed-sim", "--stream",
+               "--run-config", overrides]
+        with flwr_log.open("w") as fh:
+            proc = subprocess.Popen(cmd, env=env, cwd=app_dir, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, text=True,
+                                    start_new_session=True)
+            deadline = time.monotonic() + timeout
+            try:
+                assert proc.stdout is not None
+                for line in proc.stdout:
+                    fh.write(line)
+                    fh.flush()
+                    if echo:
+                        sys.stderr.write(line)
+                    if time.monotonic() > deadline:
+                        raise DentfedError(f"simulation exceeded {timeout:.0f} s; see {flwr_log}")
+                proc.wait()
+            finally:
+                if proc.poll() is None:
+                    stop_group(proc)
+        if proc.returncode != 0:
+            raise DentfedError(f"flwr run failed with code {proc.returncode}; see {flwr_log}")
+    return flwr_log
