@@ -3,7 +3,10 @@
 `flwr run` needs a SuperLink. Flower's managed `:local:` one listens on fixed ports, detaches,
 and outlives the run; here we start `flower-superlink --simulation` ourselves on free loopback
 ports in its own process group with a private FLWR_HOME, submit the run with `flwr run`, and
-stop the whole group afterwards, so nothing is left running and parallel runs don't collide.
+stop everything afterwards, so nothing is left running and parallel runs don't collide.
+SuperExec and the Ray workers start their own sessions, so a process-group kill is not enough:
+every process we start carries a unique DENTFED_SIM_TAG in its environment, and the sweep at
+the end kills whatever still has it.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -57,12 +61,42 @@ def stop_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
         proc.wait(timeout=5)
 
 
+def _tagged_pids(tag: str) -> list[int]:
+    needle = f"DENTFED_SIM_TAG={tag}".encode()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        with contextlib.suppress(OSError):
+            if needle in (entry / "environ").read_bytes().split(b"\0"):
+                pids.append(int(entry.name))
+    return pids
+
+
+def kill_tagged(tag: str, grace: float = 5.0) -> None:
+    """SIGTERM, then SIGKILL, every process whose environment carries our tag (Linux)."""
+    if not Path("/proc").is_dir():
+        return
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        pids = _tagged_pids(tag)
+        if not pids:
+            return
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and _tagged_pids(tag):
+            time.sleep(0.2)
+
+
 @contextlib.contextmanager
 def simulation_superlink(work: Path) -> Iterator[tuple[int, dict[str, str]]]:
     """A private SuperLink in simulation mode; yields (port, env for flwr)."""
     home = work / "flwr-home"
     home.mkdir(parents=True, exist_ok=True)
+    tag = uuid.uuid4().hex
     env = {**os.environ, "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0",
+           "DENTFED_SIM_TAG": tag,
            "FLWR_DISABLE_UPDATE_CHECK": "1",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     port = _free_port()  # flwr >= 1.42 serves runtime, control and fleet APIs on one port
@@ -77,6 +111,7 @@ def simulation_superlink(work: Path) -> Iterator[tuple[int, dict[str, str]]]:
         yield port, env
     finally:
         stop_group(proc)
+        kill_tagged(tag)
 
 
 def _toml_value(v: object) -> str:

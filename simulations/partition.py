@@ -77,11 +77,11 @@ def _assign(scheme: str, n: int, patients: np.ndarray, strata: np.ndarray, sites
             share = rng.dirichlet(np.full(n, alpha))
             counts = np.floor(share * p).astype(int)
             counts[np.argmax(share)] += p - counts.sum()
-            if counts.min() >= 2:
+            if counts.min() >= 3:
                 break
         else:
             raise ConfigError(f"quantity skew with alpha={alpha} keeps leaving a clinic with "
-                              "fewer than 2 patients; raise split.alpha")
+                              "fewer than 3 patients (train, val, test); raise split.alpha")
         order = rng.permutation(p)
         return np.repeat(np.arange(n), counts)[np.argsort(order)]
     classes = np.unique(strata)
@@ -108,10 +108,11 @@ def _assign(scheme: str, n: int, patients: np.ndarray, strata: np.ndarray, sites
                 cuts = (np.cumsum(share) * len(idx)).astype(int)[:-1]
                 for clinic, part in enumerate(np.split(idx, cuts)):
                     out[part] = clinic
-            if np.bincount(out, minlength=n).min() >= 2:
+            if np.bincount(out, minlength=n).min() >= 3:
                 return out
         raise ConfigError(f"dirichlet split with alpha={alpha} keeps leaving a clinic with "
-                          "fewer than 2 patients; raise split.alpha or use fewer clinics")
+                          "fewer than 3 patients (train, val, test); raise split.alpha or use "
+                          "fewer clinics")
     raise ConfigError(f"unknown split scheme {scheme}")
 
 

@@ -35,13 +35,13 @@ def hold_out(m: Manifest, idx: np.ndarray, fraction: float, seed: int) -> tuple[
     if n_groups < 2:
         raise ManifestError(f"{m.source}: only {n_groups} patient(s); need at least 2 to split")
     k = max(2, round(1 / fraction))
-    if n_groups >= k:
-        y = strata(m, idx)
+    y = strata(m, idx)
+    if n_groups >= k and np.bincount(np.unique(y, return_inverse=True)[1]).max() >= k:
         skf = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
         with warnings.catch_warnings():  # rare strata: best effort, grouping still exact
             warnings.simplefilter("ignore", UserWarning)
             rest, held = next(skf.split(np.zeros(len(idx)), y, groups))
-    else:
+    else:  # too few patients per stratum to stratify: grouped random split
         gss = GroupShuffleSplit(n_splits=1, test_size=fraction, random_state=seed)
         rest, held = next(gss.split(np.zeros(len(idx)), groups=groups))
     return idx[rest], idx[held]

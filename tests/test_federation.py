@@ -1,0 +1,193 @@
+"""Federation: the clinic's messages, aggregation, update validation and a real Flower
+simulation through `dentfed simulate`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+
+from client.app import app as client_app
+from server.federation import RecordingGrid, RoundRecorder
+from server.strategy import make_strategy
+from shared.config import config_from_dict
+from shared.fedio import (
+    build_global_model,
+    config_record,
+    exchanged_keys,
+    expected_shapes,
+    model_arrays,
+)
+from tests.conftest import tiny_config
+
+
+@pytest.fixture(autouse=True)
+def _task_identity():
+    """Messages are stamped with the process's run/node identity, which a Flower runtime
+    sets; here the test process plays that role."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield
+
+def _fed_config(**fed):
+    cfg = tiny_config().model_dump(mode="json")
+    cfg["model"]["freeze"] = 3
+    cfg["federation"] = {"local_epochs": 1, **fed}
+    return config_from_dict(cfg)
+
+
+def _train_message(cfg, arrays: ArrayRecord, **extra) -> Message:
+    conf = config_record(cfg)
+    conf["server-round"] = 1
+    for k, v in extra.items():
+        conf[k] = v
+    return Message(RecordDict({"arrays": arrays, "config": conf}), dst_node_id=1,
+                   message_type="train")
+
+
+def _context(manifest) -> Context:
+    return Context(run_id=1, node_id=1, node_config={"manifest": str(manifest)},
+                   state=RecordDict(), run_config={})
+
+
+def test_clinic_sends_only_trainable_arrays_and_scalars(tiny_manifest):
+    cfg = _fed_config()
+    model = build_global_model(cfg)
+    reply = client_app(_train_message(cfg, model_arrays(model)), _context(tiny_manifest))
+    assert not reply.has_error(), reply.error
+    (arrays,) = reply.content.array_records.values()
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen, "freeze: 3 should freeze parameters"
+    assert set(arrays.keys()) == set(exchanged_keys(model))
+    assert not frozen & set(arrays.keys())
+    shapes = expected_shapes(model)
+    assert all(tuple(a.shape) == shapes[k] for k, a in arrays.items())
+    assert all(a.numpy().dtype == np.float32 for a in arrays.values())
+    assert not reply.content.config_records  # nothing but arrays and metrics goes back
+    (metrics,) = reply.content.metric_records.values()
+    assert set(metrics) == {"train_loss", "train_seconds", "examples_seen", "num-examples"}
+    assert all(isinstance(v, int | float) for v in metrics.values())
+    # the update moved the trainable weights
+    before = model_arrays(model)
+    assert any(not np.allclose(before[k].numpy(), arrays[k].numpy()) for k in arrays.keys())
+
+
+def test_fedprox_term_changes_the_client_update(tiny_manifest):
+    cfg = _fed_config()
+    start = model_arrays(build_global_model(cfg))
+    ctx = _context(tiny_manifest)
+
+    def drift(mu: float) -> float:
+        extra = {"proximal-mu": mu} if mu else {}
+        reply = client_app(_train_message(cfg, start, **extra), ctx)
+        (arrays,) = reply.content.array_records.values()
+        return sum(float(np.sum((arrays[k].numpy() - start[k].numpy()) ** 2))
+                   for k in arrays.keys() if "running" not in k)
+
+    plain, prox = drift(0.0), drift(50.0)
+    assert prox < 0.9 * plain, (prox, plain)
+
+
+def _reply(node: int, arrays: dict[str, np.ndarray], n: int) -> Message:
+    req = Message(RecordDict({"config": ConfigRecord({"server-round": 1})}), dst_node_id=node,
+                  message_type="train")
+    req.metadata.__dict__["_message_id"] = f"m{node}"  # replies need an id to point to
+    rep = Message(RecordDict({"arrays": ArrayRecord({k: torch.from_numpy(v) for k, v in arrays.items()}),
+                              "metrics": MetricRecord({"num-examples": n, "train_loss": 1.0})}),
+                  reply_to=req)
+    rep.metadata.__dict__["_src_node_id"] = node
+    return rep
+
+
+def test_fedavg_weights_by_examples():
+    cfg = _fed_config()
+    a = {"w": np.zeros((2, 2), np.float32)}
+    b = {"w": np.ones((2, 2), np.float32) * 4}
+    arrays, _ = make_strategy(cfg.federation).aggregate_train(1, [_reply(1, a, 1),
+                                                                  _reply(2, b, 3)])
+    assert np.allclose(arrays["w"].numpy(), 3.0)  # (1*0 + 3*4) / 4
+
+
+class _FakeGrid:
+    def __init__(self, replies):
+        self.replies = replies
+
+    def send_and_receive(self, messages, *, timeout=None):
+        return self.replies
+
+
+def test_bad_updates_are_rejected_before_aggregation():
+    shapes = {"w": (2, 2)}
+    good = _reply(1, {"w": np.ones((2, 2), np.float32)}, 5)
+    nan = _reply(2, {"w": np.full((2, 2), np.nan, np.float32)}, 5)
+    wrong = _reply(3, {"w": np.ones((3, 2), np.float32)}, 5)
+    extra = _reply(4, {"w": np.ones((2, 2), np.float32), "x": np.ones(1, np.float32)}, 5)
+    rec = RoundRecorder()
+    grid = RecordingGrid(_FakeGrid([good, nan, wrong, extra]), rec, shapes)
+    sent = [Message(RecordDict({"arrays": ArrayRecord({"w": torch.zeros(2, 2)}),
+                                "config": ConfigRecord({"server-round": 1})}),
+                    dst_node_id=n, message_type="train") for n in (1, 2, 3, 4)]
+    kept = grid.send_and_receive(sent)
+    assert [m.metadata.src_node_id for m in kept] == [1]
+    reasons = rec.rounds[1].rejected
+    assert set(reasons) == {1, 2, 3}  # anonymous clinic indices, not node ids
+    assert "NaN" in reasons[1] and "shape" in reasons[2] and "names" in reasons[3]
+    arrays, _ = make_strategy(_fed_config().federation).aggregate_train(1, kept)
+    assert np.isfinite(arrays["w"].numpy()).all()
+
+
+def _flower_pids() -> set[int]:
+    out = subprocess.run(["pgrep", "-f", "flower-superlink|flower-superexec|flwr-simulation"],
+                         capture_output=True, text=True)
+    return {int(p) for p in out.stdout.split()}
+
+
+def test_real_flower_simulation_two_clinics_two_rounds(tmp_path):
+    from tests.conftest import write_tiny_multilabel
+
+    manifest = write_tiny_multilabel(tmp_path / "data", n=64)
+    cfg = _fed_config(rounds=2).model_dump(mode="json")
+    cfg["split"] = {"clinics": 2, "scheme": "iid", "test_fraction": 0.25}
+    cfg["simulation"] = {"client_cpus": 1, "max_concurrent": 2}
+    (tmp_path / "fed.yaml").write_text(yaml.safe_dump(cfg))
+    before = _flower_pids()
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "dentfed.cli", "simulate", "--config",
+                        str(tmp_path / "fed.yaml"), "--manifest", str(manifest), "--out",
+                        str(out)], capture_output=True, text=True, timeout=540)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "macro_auc over rounds" in r.stdout
+    data = json.loads((out / "metrics.json").read_text())
+    assert [h["round"] for h in data["history"]] == [0, 1, 2]
+    assert data["clinics"] == 2 and "macro_auc" in data["final"]
+    model = build_global_model(config_from_dict(cfg))
+    trainable_bytes = sum(int(np.prod(s)) * 4 for s in expected_shapes(model).values())
+    for h in data["history"][1:]:
+        assert h["clinics_replied"] == 2 and not h["clinics_rejected"]
+        assert set(h["clinics_train"]["per_clinic"]) == {"0", "1"}
+        assert h["bytes_received"] == 2 * trainable_bytes  # frozen stages never sent
+    assert data["upload_bytes_per_clinic_round"] < data["full_model_bytes"]
+    for name in ("config.yaml", "model_best.pt", "model_final.pt", "rounds.png", "report.md",
+                 "flower.log", "split/server_test.csv", "split/clinic_1/manifest.csv"):
+        assert (out / name).is_file(), name
+    ckpt = torch.load(out / "model_final.pt", weights_only=False)
+    assert ckpt["labels"] == ["bright", "stripe"]
+    assert _flower_pids() <= before, "Flower processes left running"
+
+
+def test_config_error_is_one_clear_line(tmp_path, tiny_manifest):
+    cfg = tiny_config().model_dump(mode="json")
+    cfg["federation"] = {"strategy": "fedmagic"}
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(cfg))
+    r = subprocess.run([sys.executable, "-m", "dentfed.cli", "simulate", "--config",
+                        str(tmp_path / "bad.yaml"), "--manifest", str(tiny_manifest)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "federation.strategy: Input should be 'fedavg'" in r.stderr
