@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from shared.config import Config
@@ -35,6 +35,9 @@ from shared.losses import make_loss
 from shared.metrics import headline
 from shared.models import resolve_device
 from shared.training import evaluate, make_optimizer, seed_everything, train_one_epoch
+from shared.upload import encode_update
+
+RESIDUAL_KEY = "dentfed-upload-residual"
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 app = ClientApp()
@@ -104,7 +107,8 @@ def train(msg: Message, context: Context) -> Message:
     cfg, server_round = _reply_config(msg)
     clinic = get_clinic(context, cfg)
     seed_everything(cfg.train.seed + 1000 * server_round)
-    load_model_arrays(clinic.model, msg.content["arrays"])
+    global_arrays = msg.content["arrays"]
+    load_model_arrays(clinic.model, global_arrays)
     clinic.model.to(clinic.device)
     mu = float(msg.content["config"].get("proximal-mu", 0.0))
     opt = make_optimizer(clinic.model, cfg.train, lr=round_lr(cfg, server_round))
@@ -127,8 +131,14 @@ def train(msg: Message, context: Context) -> Message:
         "examples_seen": seen,
         EXAMPLES_KEY: len(clinic.train),
     })
-    content = RecordDict({"arrays": model_arrays(clinic.model), "metrics": metrics})
-    return Message(content=content, reply_to=msg)
+    residual = (context.state[RESIDUAL_KEY] if RESIDUAL_KEY in context.state.array_records
+                else None)
+    records, carry = encode_update(model_arrays(clinic.model), global_arrays, fed.upload,
+                                   {k: a.numpy() for k, a in residual.items()} if residual
+                                   else None)
+    if carry is not None:  # error feedback: what int8 rounding dropped goes out next round
+        context.state[RESIDUAL_KEY] = ArrayRecord({k: Array(v) for k, v in carry.items()})
+    return Message(content=RecordDict({**records, "metrics": metrics}), reply_to=msg)
 
 
 @app.evaluate()

@@ -35,6 +35,7 @@ from shared.losses import make_loss
 from shared.metrics import headline
 from shared.models import resolve_device
 from shared.training import evaluate
+from shared.upload import SCALES_KEY, decode_update
 
 log = logging.getLogger("dentfed.server")
 
@@ -119,12 +120,11 @@ class RecordingGrid:
         if not sent or not sent[0].metadata.message_type.startswith("train"):
             return replies
         rnd = int(sent[0].content["config"].get("server-round", 0))
+        sent_arrays = {m.metadata.dst_node_id: m.content["arrays"] for m in sent}
         kept = []
         for r in replies:
             if not r.has_error():
-                arrays = list(r.content.array_records.values())
-                problem = (check_arrays(arrays[0], self._shapes) if len(arrays) == 1
-                           else f"{len(arrays)} array records, expected 1")
+                problem = self._decode(r, sent_arrays.get(r.metadata.src_node_id))
                 if problem:
                     idx = self._recorder.clinic(r.metadata.src_node_id)
                     self._recorder.rounds[rnd].rejected[idx] = problem
@@ -133,6 +133,24 @@ class RecordingGrid:
                     continue
             kept.append(r)
         return kept
+
+
+    def _decode(self, reply: Message, sent: ArrayRecord | None) -> str | None:
+        """Turn a (possibly quantised) update into fp32 weights in place for the strategy;
+        a one-line reason when it is malformed."""
+        records = dict(reply.content.array_records)
+        if "arrays" not in records or sent is None or set(records) - {"arrays", SCALES_KEY}:
+            return f"array records {sorted(records)}, expected 'arrays'"
+        try:
+            decoded = decode_update(records, sent)
+        except (ValueError, KeyError) as e:
+            return str(e)
+        problem = check_arrays(decoded, self._shapes)
+        if problem is None:
+            if SCALES_KEY in records:
+                del reply.content[SCALES_KEY]
+            reply.content["arrays"] = decoded
+        return problem
 
 
 class CentralEvaluator:

@@ -64,6 +64,8 @@ def summary(res: FederationResult) -> dict:
         "test_images": ev.n_test,
         "full_model_bytes": res.full_model_bytes,
         "upload_bytes_per_clinic_round": float(np.mean(up)) if up else 0.0,
+        "upload_ratio": (float(np.mean(up)) / res.full_model_bytes) if up else 0.0,
+        "upload_encoding": res.cfg.federation.upload,
     }
 
 

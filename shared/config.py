@@ -113,6 +113,8 @@ class FederationConfig(_Strict):
     min_evaluate_clinics: int = Field(default=2, ge=0)
     min_available_clinics: int = Field(default=2, ge=1)
     lr_decay: float = Field(default=1.0, gt=0, le=1)
+    # Upload encoding of clinic updates: fp32 (exact), fp16, or int8 deltas with error feedback.
+    upload: Literal["fp32", "fp16", "int8"] = "fp32"
     proximal_mu: float = Field(default=0.01, ge=0)
     server_lr: float = Field(default=0.01, gt=0)
     server_momentum: float = Field(default=0.9, ge=0, lt=1)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -35,6 +36,7 @@ def _task_identity():
 
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
     yield
+
 
 def _fed_config(**fed):
     cfg = tiny_config().model_dump(mode="json")
@@ -76,7 +78,7 @@ def test_clinic_sends_only_trainable_arrays_and_scalars(tiny_manifest):
     assert all(isinstance(v, int | float) for v in metrics.values())
     # the update moved the trainable weights
     before = model_arrays(model)
-    assert any(not np.allclose(before[k].numpy(), arrays[k].numpy()) for k in arrays.keys())
+    assert any(not np.allclose(before[k].numpy(), arrays[k].numpy()) for k in arrays)
 
 
 def test_fedprox_term_changes_the_client_update(tiny_manifest):
@@ -89,7 +91,7 @@ def test_fedprox_term_changes_the_client_update(tiny_manifest):
         reply = client_app(_train_message(cfg, start, **extra), ctx)
         (arrays,) = reply.content.array_records.values()
         return sum(float(np.sum((arrays[k].numpy() - start[k].numpy()) ** 2))
-                   for k in arrays.keys() if "running" not in k)
+                   for k in arrays if "running" not in k)
 
     plain, prox = drift(0.0), drift(50.0)
     assert prox < 0.9 * plain, (prox, plain)
@@ -99,7 +101,8 @@ def _reply(node: int, arrays: dict[str, np.ndarray], n: int) -> Message:
     req = Message(RecordDict({"config": ConfigRecord({"server-round": 1})}), dst_node_id=node,
                   message_type="train")
     req.metadata.__dict__["_message_id"] = f"m{node}"  # replies need an id to point to
-    rep = Message(RecordDict({"arrays": ArrayRecord({k: torch.from_numpy(v) for k, v in arrays.items()}),
+    tensors = {k: torch.from_numpy(v) for k, v in arrays.items()}
+    rep = Message(RecordDict({"arrays": ArrayRecord(tensors),
                               "metrics": MetricRecord({"num-examples": n, "train_loss": 1.0})}),
                   reply_to=req)
     rep.metadata.__dict__["_src_node_id"] = node
@@ -143,21 +146,30 @@ def test_bad_updates_are_rejected_before_aggregation():
     assert np.isfinite(arrays["w"].numpy()).all()
 
 
-def _flower_pids() -> set[int]:
-    out = subprocess.run(["pgrep", "-f", "flower-superlink|flower-superexec|flwr-simulation"],
-                         capture_output=True, text=True)
-    return {int(p) for p in out.stdout.split()}
+def _pids_with_flwr_home_under(root) -> set[int]:
+    """Processes of this run: every Flower/Ray process it starts inherits FLWR_HOME, which
+    points inside the test's own tmp folder (so parallel runs elsewhere don't count)."""
+    needle = f"FLWR_HOME={root}".encode()
+    pids = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                env = (entry / "environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if any(v.startswith(needle) for v in env):
+                pids.add(int(entry.name))
+    return pids
 
 
 def test_real_flower_simulation_two_clinics_two_rounds(tmp_path):
     from tests.conftest import write_tiny_multilabel
 
     manifest = write_tiny_multilabel(tmp_path / "data", n=64)
-    cfg = _fed_config(rounds=2).model_dump(mode="json")
+    cfg = _fed_config(rounds=2, upload="int8").model_dump(mode="json")
     cfg["split"] = {"clinics": 2, "scheme": "iid", "test_fraction": 0.25}
     cfg["simulation"] = {"client_cpus": 1, "max_concurrent": 2}
     (tmp_path / "fed.yaml").write_text(yaml.safe_dump(cfg))
-    before = _flower_pids()
     out = tmp_path / "run"
     r = subprocess.run([sys.executable, "-m", "dentfed.cli", "simulate", "--config",
                         str(tmp_path / "fed.yaml"), "--manifest", str(manifest), "--out",
@@ -168,18 +180,19 @@ def test_real_flower_simulation_two_clinics_two_rounds(tmp_path):
     assert [h["round"] for h in data["history"]] == [0, 1, 2]
     assert data["clinics"] == 2 and "macro_auc" in data["final"]
     model = build_global_model(config_from_dict(cfg))
-    trainable_bytes = sum(int(np.prod(s)) * 4 for s in expected_shapes(model).values())
+    shapes = expected_shapes(model)
+    int8_bytes = sum(int(np.prod(s)) for s in shapes.values()) + 4 * len(shapes)  # + scales
     for h in data["history"][1:]:
         assert h["clinics_replied"] == 2 and not h["clinics_rejected"]
         assert set(h["clinics_train"]["per_clinic"]) == {"0", "1"}
-        assert h["bytes_received"] == 2 * trainable_bytes  # frozen stages never sent
+        assert h["bytes_received"] == 2 * int8_bytes  # int8 deltas; frozen stages never sent
     assert data["upload_bytes_per_clinic_round"] < data["full_model_bytes"]
     for name in ("config.yaml", "model_best.pt", "model_final.pt", "rounds.png", "report.md",
                  "flower.log", "split/server_test.csv", "split/clinic_1/manifest.csv"):
         assert (out / name).is_file(), name
     ckpt = torch.load(out / "model_final.pt", weights_only=False)
     assert ckpt["labels"] == ["bright", "stripe"]
-    assert _flower_pids() <= before, "Flower processes left running"
+    assert not _pids_with_flwr_home_under(tmp_path), "Flower processes left running"
 
 
 def test_config_error_is_one_clear_line(tmp_path, tiny_manifest):

@@ -97,6 +97,12 @@ def test_frozen_parameters_and_bn_stats_do_not_change():
     assert not any(k.startswith(("conv1", "bn1", "layer1", "layer2", "layer3")) for k in keys)
 
 
+def test_freeze_4_is_the_ofc_studys_first_7_children_of_resnet18():
+    m = build_model(_cfg(name="resnet18", freeze=4), 10)
+    first7 = {id(p) for child in list(m.children())[:7] for p in child.parameters()}
+    assert {id(p) for p in m.parameters() if not p.requires_grad} == first7
+
+
 def test_vit_sizes_patch_and_freeze():
     m = build_model(_cfg(name="vit", vit={"size": "tiny", "patch_size": 8, "depth": 2},
                          freeze=2), 3, image_size=32)

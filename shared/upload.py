@@ -1,0 +1,86 @@
+"""How a clinic's update is encoded for the upload, and how the server decodes it.
+
+`fp32` sends the trainable state as it is. `fp16` halves it. `int8` sends the *change* from the
+global model this round, per tensor as int8 with one fp32 scale (max |delta| / 127), and keeps
+the rounding error at the clinic (error feedback: it is added to the next round's change, so
+what the rounding dropped is sent later instead of lost). The residual lives in the clinic's
+Flower `context.state`, never on the server.
+
+On the wire a quantised update is the usual "arrays" ArrayRecord (int8 or fp16 arrays under
+the parameter names) plus, for int8, an ArrayRecord "upload-scales" with one fp32 array of
+scales in sorted-name order. The server decodes back to fp32 weights before the strategy sees them,
+so every strategy works unchanged.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from flwr.app import Array, ArrayRecord
+
+SCALES_KEY = "upload-scales"
+ENCODINGS = ("fp32", "fp16", "int8")
+
+
+def _np(arrays: ArrayRecord | dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    if isinstance(arrays, ArrayRecord):
+        return {k: a.numpy() for k, a in arrays.items()}
+    return dict(arrays)
+
+
+def encode_update(local: ArrayRecord, global_: ArrayRecord, encoding: str,
+                  residual: dict[str, np.ndarray] | None = None
+                  ) -> tuple[dict[str, ArrayRecord], dict[str, np.ndarray] | None]:
+    """Array records to send and the new residual (int8 only; None otherwise)."""
+    if encoding == "fp32":
+        return {"arrays": local}, None
+    new = _np(local)
+    if encoding == "fp16":
+        return {"arrays": ArrayRecord({k: Array(v.astype(np.float16)) for k, v in new.items()})
+                }, None
+    if encoding != "int8":
+        raise ValueError(f"unknown upload encoding {encoding!r}; expected one of {ENCODINGS}")
+    old = _np(global_)
+    residual = residual or {}
+    q, scales, carry = {}, [], {}
+    for k in sorted(new):  # scales travel in sorted-name order, whatever the record order
+        v = new[k]
+        delta = v.astype(np.float32) - old[k].astype(np.float32)
+        r = residual.get(k)
+        if r is not None and r.shape == delta.shape:
+            delta = delta + r
+        peak = float(np.abs(delta).max()) if delta.size else 0.0
+        scale = peak / 127.0 if peak > 0 else 1.0
+        qk = np.clip(np.rint(delta / scale), -127, 127).astype(np.int8)
+        carry[k] = (delta - qk.astype(np.float32) * np.float32(scale)).astype(np.float32)
+        q[k] = Array(qk)
+        scales.append(scale)
+    records = {"arrays": ArrayRecord(q),
+               SCALES_KEY: ArrayRecord({"scales": Array(np.asarray(scales, np.float32))})}
+    return records, carry
+
+
+def decode_update(records: dict[str, ArrayRecord], global_: ArrayRecord) -> ArrayRecord:
+    """fp32 weights from what a clinic sent (any encoding above); raises ValueError on a
+    malformed update (unknown dtype, scale count or non-finite scales)."""
+    arrays = records["arrays"]
+    got = _np(arrays)
+    dtypes = {v.dtype for v in got.values()}
+    if SCALES_KEY not in records:
+        if dtypes <= {np.dtype(np.float32)}:
+            return arrays
+        if dtypes <= {np.dtype(np.float16)}:
+            return ArrayRecord({k: Array(v.astype(np.float32)) for k, v in got.items()})
+        raise ValueError(f"update arrays have dtypes {sorted(map(str, dtypes))}; expected "
+                         "float32 or float16 (or int8 with scales)")
+    if dtypes != {np.dtype(np.int8)}:
+        raise ValueError("an update with scales must be int8")
+    scales = records[SCALES_KEY]["scales"].numpy() if "scales" in records[SCALES_KEY] else None
+    if scales is None or scales.shape != (len(got),) or not np.all(np.isfinite(scales)):
+        raise ValueError("int8 update: scales missing, of the wrong count or not finite")
+    old = _np(global_)
+    if set(old) != set(got):
+        raise ValueError("int8 update: array names differ from the global model's")
+    scale = dict(zip(sorted(got), scales.tolist(), strict=True))
+    return ArrayRecord({k: Array((old[k].astype(np.float32) + v.astype(np.float32)
+                                  * np.float32(scale[k])).astype(np.float32))
+                        for k, v in got.items()})

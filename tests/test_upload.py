@@ -1,0 +1,122 @@
+"""Quantised uploads: fp16 / int8-with-error-feedback encoding, the clinic side and the
+server's decoding before aggregation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+
+from client.app import RESIDUAL_KEY
+from client.app import app as client_app
+from server.federation import RecordingGrid, RoundRecorder
+from server.strategy import make_strategy
+from shared.fedio import arrays_nbytes, build_global_model, expected_shapes, model_arrays
+from shared.upload import SCALES_KEY, decode_update, encode_update
+from tests.test_federation import (  # noqa: F401  (fixture)
+    _context,
+    _FakeGrid,
+    _fed_config,
+    _task_identity,
+    _train_message,
+)
+
+
+def _rec(**arrays: np.ndarray) -> ArrayRecord:
+    return ArrayRecord({k: Array(v) for k, v in arrays.items()})
+
+
+def test_fp16_and_int8_round_trip_within_one_step():
+    rng = np.random.default_rng(0)
+    old = _rec(w=rng.normal(size=(64, 32)).astype(np.float32), b=np.zeros(5, np.float32))
+    new_np = {"w": old["w"].numpy() + rng.normal(0, 0.01, (64, 32)).astype(np.float32),
+              "b": np.linspace(-1, 1, 5).astype(np.float32)}
+    new = _rec(**new_np)
+    fp32, _ = encode_update(new, old, "fp32")
+    assert fp32["arrays"] is new
+    half, _ = encode_update(new, old, "fp16")
+    assert half["arrays"]["w"].numpy().dtype == np.float16
+    back = decode_update(half, old)
+    assert back["w"].numpy().dtype == np.float32
+    assert np.allclose(back["w"].numpy(), new_np["w"], atol=1e-2)
+    q, residual = encode_update(new, old, "int8")
+    assert {a.numpy().dtype for a in q["arrays"].values()} == {np.dtype(np.int8)}
+    assert arrays_nbytes(q["arrays"]) * 4 == arrays_nbytes(new)
+    back = decode_update(q, old)
+    for k in ("w", "b"):
+        step = np.abs(new_np[k] - old[k].numpy()).max() / 127
+        err = back[k].numpy() - new_np[k]
+        assert np.abs(err).max() <= step / 2 + 1e-7
+        assert np.allclose(residual[k], -err, atol=1e-6)  # the residual is what was dropped
+
+
+def test_error_feedback_sends_what_rounding_dropped():
+    """A tiny change next to a large one rounds to zero every round on its own; with the
+    residual carried over it gets through, and the running sum stays within one step."""
+    old = _rec(w=np.zeros(2, np.float32))
+    step_true = np.array([1.0, 0.003], np.float32)  # 0.003 < half a step (1/254)
+    residual, sent_total = None, np.zeros(2, np.float32)
+    for _ in range(50):
+        q, residual = encode_update(_rec(w=step_true), old, "int8", residual)
+        sent_total += decode_update(q, old)["w"].numpy()
+    no_ef, _ = encode_update(_rec(w=step_true), old, "int8")
+    assert decode_update(no_ef, old)["w"].numpy()[1] == 0  # without feedback: always lost
+    assert abs(sent_total[1] - 50 * 0.003) <= 1 / 127  # with feedback: delivered
+
+
+def test_malformed_quantised_updates_are_refused():
+    old = _rec(w=np.zeros(3, np.float32))
+    q, _ = encode_update(_rec(w=np.ones(3, np.float32)), old, "int8")
+    bad_scales = {"arrays": q["arrays"], SCALES_KEY: _rec(scales=np.ones(2, np.float32))}
+    with pytest.raises(ValueError, match="scales"):
+        decode_update(bad_scales, old)
+    nan_scales = {"arrays": q["arrays"], SCALES_KEY: _rec(scales=np.full(1, np.nan, np.float32))}
+    with pytest.raises(ValueError, match="scales"):
+        decode_update(nan_scales, old)
+    with pytest.raises(ValueError, match="dtypes"):
+        decode_update({"arrays": _rec(w=np.ones(3, np.int32))}, old)
+
+
+def test_clinic_int8_upload_keeps_residual_and_server_decodes(tiny_manifest):
+    cfg = _fed_config(upload="int8")
+    model = build_global_model(cfg)
+    start = model_arrays(model)
+    ctx = _context(tiny_manifest)
+    reply = client_app(_train_message(cfg, start), ctx)
+    assert not reply.has_error(), reply.error
+    records = reply.content.array_records
+    assert set(records) == {"arrays", SCALES_KEY}
+    assert arrays_nbytes(records["arrays"]) * 4 == arrays_nbytes(start)
+    assert RESIDUAL_KEY in ctx.state.array_records  # error feedback stays at the clinic
+    assert set(ctx.state[RESIDUAL_KEY].keys()) == set(start.keys())
+
+    # the server decodes before the strategy: fp32 weights of the right names and shapes
+    reply.metadata.__dict__["_src_node_id"] = 1
+    sent = _train_message(cfg, start)
+    sent.metadata.__dict__["_message_id"] = "m1"
+    grid = RecordingGrid(_FakeGrid([reply]), RoundRecorder(), expected_shapes(model))
+    (kept,) = grid.send_and_receive([sent])
+    assert set(kept.content.array_records) == {"arrays"}
+    decoded = kept.content["arrays"]
+    assert all(decoded[k].numpy().dtype == np.float32 for k in decoded)
+    moved = [k for k in decoded
+             if not np.allclose(decoded[k].numpy(), start[k].numpy())]
+    assert moved, "decoded update equals the global model"
+    arrays, _ = make_strategy(cfg.federation).aggregate_train(1, [kept])
+    for k in decoded:
+        assert np.allclose(arrays[k].numpy(), decoded[k].numpy(), atol=1e-6)
+
+
+def test_server_rejects_int8_update_with_bad_scales():
+    start = ArrayRecord({"w": torch.zeros(2, 2)})
+    q, _ = encode_update(ArrayRecord({"w": torch.ones(2, 2)}), start, "int8")
+    req = Message(RecordDict({"arrays": start, "config": ConfigRecord({"server-round": 1})}),
+                  dst_node_id=7, message_type="train")
+    req.metadata.__dict__["_message_id"] = "m7"
+    rep = Message(RecordDict({"arrays": q["arrays"],
+                              SCALES_KEY: _rec(scales=np.ones(3, np.float32))}), reply_to=req)
+    rep.metadata.__dict__["_src_node_id"] = 7
+    rec = RoundRecorder()
+    kept = RecordingGrid(_FakeGrid([rep]), rec, {"w": (2, 2)}).send_and_receive([req])
+    assert list(kept) == [] and "scales" in rec.rounds[1].rejected[0]
