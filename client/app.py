@@ -9,8 +9,11 @@ optimiser comes from the server's config record; only the device is decided loca
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +44,28 @@ RESIDUAL_KEY = "dentfed-upload-residual"
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 app = ClientApp()
+log = logging.getLogger("dentfed.client")
+
+
+class ClinicError(RuntimeError):
+    """What the server is told when a clinic's handler fails: the exception type only."""
+
+
+def private_errors(handler: Callable[[Message, Context], Message]
+                   ) -> Callable[[Message, Context], Message]:
+    """Flower forwards an exception's text to the server, and texts name files (paths hold
+    patient ids) or values. The full error is logged here, at the clinic; the server only
+    learns which kind of failure happened."""
+
+    @functools.wraps(handler)
+    def wrapped(msg: Message, context: Context) -> Message:
+        try:
+            return handler(msg, context)
+        except Exception as e:
+            log.exception("clinic %s handler failed", handler.__name__)
+            raise ClinicError(f"{handler.__name__} failed at the clinic "
+                              f"({type(e).__name__}); details are in the clinic's log") from None
+    return wrapped
 
 
 @dataclass
@@ -103,6 +128,7 @@ def _reply_config(msg: Message) -> tuple[Config, int]:
 
 
 @app.train()
+@private_errors
 def train(msg: Message, context: Context) -> Message:
     cfg, server_round = _reply_config(msg)
     clinic = get_clinic(context, cfg)
@@ -142,6 +168,7 @@ def train(msg: Message, context: Context) -> Message:
 
 
 @app.evaluate()
+@private_errors
 def evaluate_local(msg: Message, context: Context) -> Message:
     cfg, _ = _reply_config(msg)
     clinic = get_clinic(context, cfg)

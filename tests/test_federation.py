@@ -204,3 +204,20 @@ def test_config_error_is_one_clear_line(tmp_path, tiny_manifest):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert "federation.strategy: Input should be 'fedavg'" in r.stderr
+
+
+def test_clinic_errors_reach_the_server_without_paths_or_ids(tmp_path, tiny_manifest):
+    import pandas as pd
+
+    from client.app import ClinicError
+
+    rows = pd.read_csv(tiny_manifest)
+    rows.loc[0, "path"] = str(tmp_path / "P0042_Jane_Doe.png")  # missing: names a patient
+    bad = tmp_path / "manifest.csv"
+    rows.to_csv(bad, index=False)
+    cfg = _fed_config()
+    with pytest.raises(ClinicError) as err:
+        client_app(_train_message(cfg, model_arrays(build_global_model(cfg))), _context(bad))
+    text = str(err.value)
+    assert "ManifestError" in text
+    assert "P0042" not in text and str(tmp_path) not in text and "Jane" not in text
