@@ -107,14 +107,46 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     from shared.config import load_config
     from simulations.simulate import simulate
 
+    if not args.compare and (args.strategies is not None or args.seeds is not None):
+        raise DentfedError("--strategies and --seeds only apply with --compare")
+    if args.compare and args.strategy is not None:
+        raise DentfedError("--strategy runs one federation; with --compare use --strategies")
     cfg = load_config(args.config)
     _apply_overrides(cfg, args)
+    if args.compare:
+        return _simulate_compare(cfg, args)
     out = Path(args.out or f"runs/sim-{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
     data = simulate(cfg, args.manifest, out, echo=args.verbose)
     print((out / "report.md").read_text())
     print(f"{data['headline']} over rounds: " + " -> ".join(
         f"{row['server'].get(data['headline'], float('nan')):.3f}" for row in data["history"]))
     print(f"wall time {data['wall_seconds']:.0f} s; run folder: {out}")
+    return 0
+
+
+def _simulate_compare(cfg, args: argparse.Namespace) -> int:
+    """`dentfed simulate --compare`: pooled, local-only and federated models on one split."""
+    import shlex
+
+    from simulations.compare import (
+        DEFAULT_STRATEGIES,
+        parse_seeds,
+        parse_strategies,
+        run_compare,
+        table_markdown,
+    )
+
+    strategies = parse_strategies(args.strategies or ",".join(DEFAULT_STRATEGIES))
+    seeds = parse_seeds(args.seeds or "0")
+    out = Path(args.out or f"runs/compare-{Path(args.config).stem}-"
+               f"{time.strftime('%Y%m%d-%H%M%S')}")
+    res = run_compare(cfg, args.manifest, out, strategies, seeds,
+                      command="dentfed " + shlex.join(args.argv), echo=args.verbose)
+    cells = "mean ± sd over seeds " + ",".join(map(str, seeds)) if len(seeds) > 1 else \
+        f"seed {seeds[0]}"
+    print(f"\n{res['metric']} on each clinic's test set and the pooled test set ({cells})\n")
+    print(table_markdown(res["table"]))
+    print(f"\nwall time {res['seconds']:.0f} s; compare.md, compare.csv, compare.json in {out}")
     return 0
 
 
@@ -174,6 +206,12 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--strategy")
     sim.add_argument("--rounds", type=int)
     sim.add_argument("--local-epochs", type=int)
+    sim.add_argument("--compare", action="store_true", help="baseline comparison on one split: "
+                     "pooled, local-only per clinic and each of --strategies, per seed")
+    sim.add_argument("--strategies", help="with --compare: comma list (default "
+                     "fedavg,fedprox,fedadam)")
+    sim.add_argument("--seeds", help="with --compare: comma list of train.seed values "
+                     "(default 0)")
     _split_args(sim)
     sim.set_defaults(func=_cmd_simulate)
 
@@ -190,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded in run reports
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     if args.verbose:
         for name in ("dentfed", "shared", "server", "client", "simulations"):

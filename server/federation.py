@@ -52,6 +52,7 @@ class RoundRecord:
     bytes_sent: int = 0
     bytes_received: int = 0
     seconds: float = 0.0
+    evaluate_seconds: float = 0.0
 
 
 class RoundRecorder:
@@ -77,6 +78,8 @@ class RoundRecorder:
         if kind.startswith("train"):
             rec.sampled = len(sent)
             rec.seconds += seconds
+        else:
+            rec.evaluate_seconds += seconds
         for m in sent:
             rec.bytes_sent += sum(arrays_nbytes(a) for a in m.content.array_records.values())
         for r in replies:
@@ -169,8 +172,16 @@ class CentralEvaluator:
         self.history: dict[int, dict[str, float]] = {}
         self.best_round, self.best_value, self.best_state = -1, -math.inf, None
         self.final_state: dict[str, torch.Tensor] | None = None
+        self.seconds: dict[int, float] = {}
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        t0 = time.perf_counter()
+        try:
+            return self._evaluate(server_round, arrays)
+        finally:
+            self.seconds[server_round] = time.perf_counter() - t0
+
+    def _evaluate(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
         load_model_arrays(self.model, arrays)
         res = evaluate(self.model, self.loader, self.loss_fn, self.cfg.task, self.device)
         self.history[server_round] = res

@@ -40,7 +40,9 @@ def _history(res: FederationResult) -> list[dict]:
                 "bytes_sent": rec.bytes_sent,
                 "bytes_received": rec.bytes_received,
                 "round_seconds": rec.seconds,
+                "clinic_evaluate_seconds": rec.evaluate_seconds,
             })
+        row["central_eval_seconds"] = res.evaluator.seconds.get(rnd, 0.0)
         rows.append(row)
     return rows
 
@@ -61,6 +63,15 @@ def summary(res: FederationResult) -> dict:
         "best": ev.history.get(ev.best_round, {}),
         "history": _history(res),
         "seconds": res.seconds,
+        "time_breakdown": {  # where the strategy's seconds went (simulate adds start-up)
+            "clinic_train_phase": sum(r.seconds for r in res.recorder.rounds.values()),
+            "clinic_evaluate_phase": sum(r.evaluate_seconds
+                                         for r in res.recorder.rounds.values()),
+            "central_evaluation": sum(res.evaluator.seconds.values()),
+            "clinic_train_compute": sum(c.get("train_seconds", 0.0)
+                                        for r in res.recorder.rounds.values()
+                                        for c in r.train.values()),
+        },
         "test_images": ev.n_test,
         "full_model_bytes": res.full_model_bytes,
         "upload_bytes_per_clinic_round": float(np.mean(up)) if up else 0.0,

@@ -72,7 +72,8 @@ def metrics_table(task: TaskConfig, mean: dict[str, float],
 
 
 def render_table(df: pd.DataFrame) -> str:
-    return df.to_markdown()
+    """Markdown; text cells stay as written ("1.000" must not become "1")."""
+    return df.to_markdown(disable_numparse=True)
 
 
 def plot_learning_curves(histories: list[list[dict[str, float]]], headline: str,
