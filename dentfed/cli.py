@@ -96,8 +96,7 @@ def _cmd_data_split(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
         raise DentfedError(f"output folder {out} exists and is not empty")
-    prepare_split(cfg, args.manifest, out)
-    print((out / "summary.md").read_text())
+    prepare_split(cfg, args.manifest, out)  # logs the summary table
     print(f"wrote {cfg.split.clinics} clinic manifests, server_test.csv and "
           f"label_distribution.png to {out}")
     return 0

@@ -16,7 +16,7 @@ from shared.config import config_from_dict
 from shared.data.manifest import read_manifest
 from shared.data.splits import kfold_patients, split_patients
 from shared.errors import ManifestError
-from tests.conftest import write_tiny_multilabel
+from tests.conftest import tiny_config, write_tiny_multilabel
 
 TASK = config_from_dict({"task": {"type": "multilabel", "labels": ["bright", "stripe"]}}).task
 
@@ -140,3 +140,29 @@ def test_splits_keep_patients_together(tiny_manifest):
     assert sorted(tests) == list(range(len(m)))
     for f in folds:
         assert not set(m.patient_ids[f["test"]]) & set(m.patient_ids[f["train"]])
+
+
+def test_import_folder_keeps_or_drops_the_folder_split(tmp_path):
+    from PIL import Image
+
+    from shared.data.importer import import_folder
+
+    def tree(root, files):
+        for rel in files:
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            Image.new("L", (8, 8), 128).save(root / rel)
+
+    clean = tmp_path / "clean"
+    tree(clean, ["train/a/p1_0.png", "train/b/p2_0.png", "test/a/p3_0.png", "test/b/p3_1.png"])
+    df = import_folder(clean, tmp_path / "clean.csv", patient_regex=r"^(p\d+)_")
+    assert dict(zip(df.patient_id, df.split, strict=True)) == {"p1": "train", "p2": "train",
+                                                                "p3": "test"}
+    leaky = tmp_path / "leaky"  # patient p1 on both sides, like tooth_crops_treatment
+    tree(leaky, ["train/a/p1_0.png", "train/b/p2_0.png", "test/a/p1_1.png", "test/b/p2_1.png"])
+    df = import_folder(leaky, tmp_path / "leaky.csv", patient_regex=r"^(p\d+)_")
+    assert "split" not in df and set(df.folder_split) == {"train", "test"}
+    cfg = tiny_config().model_dump(mode="json")
+    cfg["task"] = {"type": "multiclass", "labels": ["a", "b"], "label_column": "label"}
+    cfg["train"]["loss"] = "ce"
+    m = read_manifest(tmp_path / "leaky.csv", config_from_dict(cfg).task)
+    assert m.splits is None and len(m) == 4

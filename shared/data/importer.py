@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 
@@ -12,6 +13,9 @@ from shared.report import write_text_atomic
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".dcm", ".dicom"}
 SPLIT_DIRS = {"train", "val", "test"}
+
+
+log = logging.getLogger("dentfed.data")
 
 
 def _class_images(folder: Path) -> list[tuple[str, Path]]:
@@ -71,6 +75,13 @@ def import_folder(root: str | Path, out: str | Path, patient_regex: str | None =
     if problems:
         raise ManifestError(problems)
     df = pd.DataFrame.from_records(records)
+    if "split" in df and "patient_id" in df:
+        crossing = (df.groupby("patient_id")["split"].nunique() > 1).sum()
+        if crossing:  # the folder split leaks patients: keep it for reference, don't use it
+            log.warning("the folder's train/val/test split puts %d patient(s) in more than one "
+                        "split; writing it as `folder_split` (not used) so dentfed splits by "
+                        "patient", crossing)
+            df = df.rename(columns={"split": "folder_split"})
     write_text_atomic(out, df.to_csv(index=False))
     return df
 

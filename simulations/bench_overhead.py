@@ -1,0 +1,109 @@
+"""Where the time and bytes of a federated simulation go, measured side by side in one run.
+
+Runs the config's federated simulation once per upload encoding (same split, same seed) and
+pooled training on the union of the clinics' train rows for the same number of sample-epochs
+(rounds x local_epochs, no early stopping), then prints:
+
+  1. simulation wall time / summed clinic training compute (goal <= 1.15)
+  2. simulation wall time / pooled training wall time       (goal <= 1.15)
+  3. upload bytes per clinic per round / full fp32 model    (goal <= 0.25)
+
+plus the breakdown of the simulation's wall time (start-up, clinic train phase, clinic evaluate
+phase, central evaluation) and the final central metric per encoding, so a cheaper encoding
+that costs accuracy shows it. Absolute times drift on a noisy machine; the ratios are what to
+compare.
+
+    .venv/bin/python -m simulations.bench_overhead --config configs/demo-photos.yaml \
+        --uploads fp32,int8 --out runs/bench
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from shared.config import load_config
+from shared.experiment import load_task_manifest, train_fold
+from simulations.compare import _variant, budget_config
+from simulations.simulate import prepare_split, simulate
+
+log = logging.getLogger("dentfed.bench")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", default="configs/demo-photos.yaml")
+    ap.add_argument("--manifest", default=None)
+    ap.add_argument("--uploads", default="fp32,int8", help="comma list of upload encodings")
+    ap.add_argument("--rounds", type=int, default=None)
+    ap.add_argument("--local-epochs", type=int, default=None)
+    ap.add_argument("--out", type=Path,
+                    default=Path(f"runs/bench-{time.strftime('%Y%m%d-%H%M%S')}"))
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+
+    cfg = load_config(args.config)
+    fed = {k: v for k, v in {"rounds": args.rounds, "local_epochs": args.local_epochs}.items()
+           if v is not None}
+    if fed:
+        cfg = _variant(cfg, federation=fed)
+    m = load_task_manifest(cfg, args.manifest)
+    args.out.mkdir(parents=True, exist_ok=False)
+    split = prepare_split(cfg, m.source, args.out / "split")
+    key = f"{cfg.task.type}"
+    rows, sims = [], {}
+    for enc in args.uploads.split(","):
+        run = args.out / f"sim-{enc}"
+        log.info("federated simulation, upload %s", enc)
+        sims[enc] = simulate(_variant(cfg, federation={"upload": enc}), m.source, run,
+                             echo=False)
+    log.info("pooled training, same sample-epochs")
+    pooled_parts = {s: np.concatenate([p[s] for p in split.clinics])
+                    for s in ("train", "val", "test")}
+    bcfg = _variant(budget_config(cfg, cfg.train.seed), train={"patience": None,
+                                                               "progress": False})
+    t0 = time.perf_counter()
+    fold = train_fold(bcfg, m, pooled_parts, cfg.train.seed)
+    pooled_wall = time.perf_counter() - t0
+
+    headline = next(iter(sims.values()))["headline"]
+    for enc, d in sims.items():
+        tb = d["time_breakdown"]
+        wall = d["wall_seconds"]
+        rows.append({
+            "upload": enc,
+            "sim wall s": wall,
+            "start-up s": wall - d["seconds"],
+            "clinic train phase s": tb["clinic_train_phase"],
+            "clinic evaluate phase s": tb["clinic_evaluate_phase"],
+            "central eval s": tb["central_evaluation"],
+            "summed clinic compute s": tb["clinic_train_compute"],
+            "wall / clinic compute": wall / tb["clinic_train_compute"],
+            "wall / pooled": wall / pooled_wall,
+            "upload / full model": d["upload_ratio"],
+            f"final {headline}": d["final"].get(headline, float("nan")),
+        })
+    table = pd.DataFrame(rows).set_index("upload").T
+    pooled_metric = fold.test.get(headline, float("nan"))
+    text = (f"config {args.config}: {split.n} clinics, {cfg.federation.rounds} rounds x "
+            f"{cfg.federation.local_epochs} local epochs, task {key}\n"
+            f"pooled training (same sample-epochs): {pooled_wall:.1f} s, test {headline} "
+            f"{pooled_metric:.3f} (same test rows as the server's)\n\n"
+            + table.to_markdown(floatfmt=".3f") + "\n\ngoals: wall / clinic compute <= 1.15, "
+            "wall / pooled <= 1.15, upload / full model <= 0.25\n")
+    print(text)
+    (args.out / "bench.md").write_text(text)
+    (args.out / "bench.json").write_text(json.dumps({"rows": rows, "pooled_seconds": pooled_wall,
+                                                     "pooled_test": fold.test}, indent=2,
+                                                    default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
