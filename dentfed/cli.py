@@ -120,6 +120,9 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     print(f"{data['headline']} over rounds: " + " -> ".join(
         f"{row['server'].get(data['headline'], float('nan')):.3f}" for row in data["history"]))
     print(f"wall time {data['wall_seconds']:.0f} s; run folder: {out}")
+    if data.get("stopped"):
+        print(f"error: the run stopped early: {data['stopped']}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -21,6 +21,7 @@ from server.strategy import make_strategy
 from shared.config import Config
 from shared.data.dataset import make_loader
 from shared.data.manifest import read_manifest
+from shared.errors import DentfedError
 from shared.fedio import (
     arrays_nbytes,
     build_global_model,
@@ -156,6 +157,10 @@ class RecordingGrid:
         return problem
 
 
+class Diverged(DentfedError):
+    """The aggregated global model has non-finite values: the run stops, the report stays."""
+
+
 class CentralEvaluator:
     """The strategy's evaluate_fn: the global model on the server-held test manifest, before
     round 1 and after every round; keeps the full metric set and the best model."""
@@ -182,6 +187,11 @@ class CentralEvaluator:
             self.seconds[server_round] = time.perf_counter() - t0
 
     def _evaluate(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        problem = check_arrays(arrays, expected_shapes(self.model))
+        if problem and "NaN" in problem:
+            raise Diverged(f"round {server_round}: the aggregated global model is not finite "
+                           f"({problem}); the strategy diverged: lower federation.server_lr "
+                           "or use another strategy")
         load_model_arrays(self.model, arrays)
         res = evaluate(self.model, self.loader, self.loss_fn, self.cfg.task, self.device)
         self.history[server_round] = res
@@ -207,6 +217,7 @@ class FederationResult:
     seconds: float
     full_model_bytes: int
     exchanged_bytes: int
+    stopped: str | None = None
 
 
 def run_federation(grid: Grid, cfg: Config, test_manifest: str | Path) -> FederationResult:
@@ -217,21 +228,26 @@ def run_federation(grid: Grid, cfg: Config, test_manifest: str | Path) -> Federa
     recorder = RoundRecorder()
     strategy = make_strategy(cfg.federation)
     t0 = time.perf_counter()
-    result = strategy.start(
-        grid=RecordingGrid(grid, recorder, expected_shapes(model)),
-        initial_arrays=initial,
-        num_rounds=cfg.federation.rounds,
-        timeout=cfg.federation.round_timeout,
-        train_config=config_record(cfg),
-        evaluate_config=config_record(cfg),
-        evaluate_fn=evaluator,
-    )
+    stopped = None
+    try:
+        result = strategy.start(
+            grid=RecordingGrid(grid, recorder, expected_shapes(model)),
+            initial_arrays=initial,
+            num_rounds=cfg.federation.rounds,
+            timeout=cfg.federation.round_timeout,
+            train_config=config_record(cfg),
+            evaluate_config=config_record(cfg),
+            evaluate_fn=evaluator,
+        )
+        train_agg, eval_agg = result.train_metrics_clientapp, result.evaluate_metrics_clientapp
+    except Diverged as e:  # keep what the finite rounds produced
+        log.error("%s", e)
+        stopped, train_agg, eval_agg = str(e), {}, {}
 
     def plain(d: dict) -> dict[int, dict[str, float]]:
         return {int(r): {k: float(v) for k, v in mr.items() if isinstance(v, int | float)}
                 for r, mr in d.items()}
 
-    return FederationResult(cfg, evaluator, recorder, plain(result.train_metrics_clientapp),
-                            plain(result.evaluate_metrics_clientapp),
+    return FederationResult(cfg, evaluator, recorder, plain(train_agg), plain(eval_agg),
                             time.perf_counter() - t0, full_model_nbytes(model),
-                            arrays_nbytes(initial))
+                            arrays_nbytes(initial), stopped)

@@ -77,6 +77,7 @@ def summary(res: FederationResult) -> dict:
         "upload_bytes_per_clinic_round": float(np.mean(up)) if up else 0.0,
         "upload_ratio": (float(np.mean(up)) / res.full_model_bytes) if up else 0.0,
         "upload_encoding": res.cfg.federation.upload,
+        "stopped": res.stopped,
     }
 
 
@@ -149,6 +150,8 @@ def write_run_folder(res: FederationResult, out: Path) -> dict:
                 f"## Final global model on the server test set ({data['test_images']} images)\n\n"
                 f"{render_table(table)}\n\nbest round: {data['best_round']}\n\n![rounds]"
                 "(rounds.png)\n")
+        if res.stopped:
+            text = text.replace("\n\n", f"\n\n**Stopped early:** {res.stopped}\n\n", 1)
         write_text_atomic(tmp / "report.md", text)
         if out.exists():
             shutil.rmtree(out)

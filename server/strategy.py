@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
+from flwr.app import Array, ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import (
     FedAdagrad,
     FedAdam,
@@ -17,6 +20,34 @@ from flwr.serverapp.strategy import (
 )
 
 from shared.config import FederationConfig
+
+BN_STATS = ("running_mean", "running_var")
+SERVER_OPTIMIZERS = ("fedadam", "fedyogi", "fedadagrad", "fedavgm")
+
+
+def average_bn_statistics(strategy: FedAvg) -> FedAvg:
+    """Server optimisers (FedAdam, FedYogi, FedAdagrad, FedAvgM) step every array along the
+    averaged update, BatchNorm running statistics too, and a step can push a running variance
+    below zero (NaN outputs from then on). Statistics are not gradients: this sets them to the
+    example-weighted average of the clinics' values, as FedAvg would, after the optimiser step.
+    Flower's FedOpt re-reads the arrays it sends each round, so its state stays consistent."""
+    step = strategy.aggregate_train
+
+    def aggregate_train(server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        arrays, metrics = step(server_round, replies)
+        if arrays is None:
+            return arrays, metrics
+        stats = [k for k in arrays if k.endswith(BN_STATS)]
+        if stats:
+            mean, _ = FedAvg.aggregate_train(strategy, server_round, replies)
+            for k in stats:
+                arrays[k] = Array(mean[k].numpy())
+        return arrays, metrics
+
+    strategy.aggregate_train = aggregate_train  # type: ignore[method-assign]
+    return strategy
 
 
 def make_strategy(f: FederationConfig) -> Strategy:
@@ -44,4 +75,7 @@ def make_strategy(f: FederationConfig) -> Strategy:
                                        num_nodes_to_select=f.multikrum_keep
                                        or max(1, f.min_train_clinics - f.num_malicious_clinics)),
     }
-    return builders[f.strategy]()
+    strategy = builders[f.strategy]()
+    if f.strategy in SERVER_OPTIMIZERS:
+        strategy = average_bn_statistics(strategy)
+    return strategy

@@ -37,6 +37,7 @@ def simulate(cfg: Config, manifest: str | Path | None, out: Path, echo: bool = T
         raise DentfedError(f"output folder {out} exists and is not empty; choose another --out")
     work = out.parent / f".{out.name}.work-{time.strftime('%H%M%S')}"
     work.mkdir(parents=True)
+    failed_log = out.parent / f"{out.name}.failed-flower.log"
     try:
         prepare_split(cfg, manifest, work / "split")
         (work / "config.yaml").write_text(dump_config(cfg))
@@ -51,12 +52,19 @@ def simulate(cfg: Config, manifest: str | Path | None, out: Path, echo: bool = T
             timeout=cfg.federation.round_timeout * (cfg.federation.rounds + 1), echo=echo)
         wall = time.perf_counter() - t0
         if not (out / "metrics.json").is_file():
-            raise DentfedError(f"the ServerApp did not write a run folder; see {flwr_log}")
+            shutil.copyfile(flwr_log, failed_log)
+            raise DentfedError(f"the ServerApp did not write a run folder; see {failed_log}")
         shutil.move(str(work / "split"), out / "split")
         shutil.move(str(flwr_log), out / "flower.log")
         data = json.loads((out / "metrics.json").read_text())
         data["wall_seconds"] = wall  # Flower start-up included; `seconds` is the strategy's
         write_json(out / "metrics.json", data)
         return data
+    except DentfedError as e:
+        if "flower.log" in str(e) and (work / "flower" / "flower.log").is_file():
+            shutil.copyfile(work / "flower" / "flower.log", failed_log)  # outlives the work dir
+            raise DentfedError(str(e).replace(str(work / "flower" / "flower.log"),
+                                              str(failed_log))) from None
+        raise
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -221,3 +221,33 @@ def test_clinic_errors_reach_the_server_without_paths_or_ids(tmp_path, tiny_mani
     text = str(err.value)
     assert "ManifestError" in text
     assert "P0042" not in text and str(tmp_path) not in text and "Jane" not in text
+
+
+def test_server_optimisers_average_bn_statistics_instead_of_stepping_them():
+    """FedAdam steps weights by about server_lr; a running variance of 1e-4 would go negative.
+    The statistics must come out as the example-weighted mean of the clinics' values."""
+    cfg = _fed_config(strategy="fedadam", server_lr=0.1)
+    strategy = make_strategy(cfg.federation)
+    start = {"w": np.zeros(3, np.float32), "bn.running_var": np.full(3, 1e-4, np.float32)}
+    strategy.current_arrays = start  # what FedOpt's configure_train records each round
+    a = {"w": np.full(3, -1.0, np.float32), "bn.running_var": np.full(3, 2e-4, np.float32)}
+    b = {"w": np.full(3, -1.0, np.float32), "bn.running_var": np.full(3, 5e-5, np.float32)}
+    arrays, _ = strategy.aggregate_train(1, [_reply(1, a, 1), _reply(2, b, 3)])
+    assert np.allclose(arrays["bn.running_var"].numpy(), (2e-4 + 3 * 5e-5) / 4)
+    w = arrays["w"].numpy()
+    assert np.all(w < 0) and not np.allclose(w, -1.0)  # the weights did take an Adam step
+
+
+def test_central_evaluation_stops_a_diverged_run_clearly(tiny_manifest):
+    from server.federation import CentralEvaluator, Diverged
+
+    cfg = _fed_config()
+    model = build_global_model(cfg)
+    ev = CentralEvaluator(cfg, tiny_manifest, model)
+    ev(0, model_arrays(model))
+    bad = model_arrays(model)
+    key = next(iter(bad.keys()))
+    bad[key] = ArrayRecord({key: torch.full(tuple(bad[key].shape), float("nan"))})[key]
+    with pytest.raises(Diverged, match="round 1: the aggregated global model is not finite"):
+        ev(1, bad)
+    assert ev.final_state is not None and list(ev.history) == [0]  # last finite model kept
