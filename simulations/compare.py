@@ -319,7 +319,10 @@ def run_compare(cfg: Config, manifest: str | Path | None, out: str | Path,
             out.rmdir()
         tmp.rename(out)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if rows:  # hours of finished runs are worth keeping; the folder name says partial
+            log.error("compare did not finish; finished runs are kept in %s", tmp)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     return {**result, "table": table, "long": long, "out": str(out)}
 
