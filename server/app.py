@@ -26,8 +26,20 @@ log = logging.getLogger("dentfed.server")
 app = ServerApp()
 
 
+def _log_to_console() -> None:
+    """Our server logger's lines (central metric per round, rejected updates) in Flower's
+    stream, so `flwr run --stream` and `dentfed simulate` show them."""
+    root = logging.getLogger("dentfed")
+    if not root.handlers:
+        h = logging.StreamHandler()
+        h.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+        root.addHandler(h)
+        root.setLevel(logging.INFO)
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    _log_to_console()
     rc = context.run_config
     cfg = load_config(str(rc["config"]))
     test = str(rc.get("test-manifest", "")) or cfg.federation.test_manifest

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -25,6 +26,8 @@ from pathlib import Path
 from shared.errors import DentfedError
 
 REPO = Path(__file__).resolve().parents[1]
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+PROGRESS = re.compile(r"\[ROUND \d+/\d+\]|dentfed\.server|ERROR|Traceback")
 
 
 def _free_port() -> int:
@@ -155,6 +158,8 @@ def run_flower_simulation(run_config: dict[str, object], num_clinics: int, clien
                     fh.flush()
                     if echo:
                         sys.stderr.write(line)
+                    elif PROGRESS.search(line):  # quiet mode: rounds and problems only
+                        sys.stderr.write(ANSI.sub("", line).replace("INFO :", "").strip() + "\n")
                     if time.monotonic() > deadline:
                         raise DentfedError(f"simulation exceeded {timeout:.0f} s; see {flwr_log}")
                 proc.wait()
