@@ -138,14 +138,14 @@ def run_flower_simulation(run_config: dict[str, object], num_clinics: int, clien
     with simulation_superlink(work) as (control, env):
         Path(env["FLWR_HOME"], "config.toml").write_text(
             '[superlink]\ndefault = "dentfed-sim"\n\n[superlink.dentfed-sim]\n'
-            f'address = "127.0.0.1:{control}"\ninsecure = true\n'
-            f"options.num-supernodes = {num_clinics}\n"
-            f"options.backend.client-resources.num-cpus = {int(max(1, client_cpus))}\n"
-            f"options.backend.client-resources.num-gpus = {float(client_gpus)}\n"
-            f"options.backend.init-args.num-cpus = {ray_cpus}\n")
+            f'address = "127.0.0.1:{control}"\ninsecure = true\n')
+        federation = (f"num-supernodes={num_clinics} "
+                      f"client-resources-num-cpus={int(max(1, client_cpus))} "
+                      f"client-resources-num-gpus={float(client_gpus)} "
+                      f"init-args-num-cpus={ray_cpus}")
         overrides = " ".join(f"{k}={_toml_value(v)}" for k, v in run_config.items())
         cmd = [_bin("flwr"), "run", str(app_dir), "dentfed-sim", "--stream",
-               "--run-config", overrides]
+               "--federation-config", federation, "--run-config", overrides]
         with flwr_log.open("w") as fh:
             proc = subprocess.Popen(cmd, env=env, cwd=app_dir, stdout=subprocess.PIPE,
                                     stderr=subprocess.STDOUT, text=True,
