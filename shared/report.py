@@ -72,8 +72,9 @@ def metrics_table(task: TaskConfig, mean: dict[str, float],
 
 
 def render_table(df: pd.DataFrame) -> str:
-    """Markdown; text cells stay as written ("1.000" must not become "1")."""
-    return df.to_markdown(disable_numparse=True)
+    """Markdown; text cells stay as written ("1.000" must not become "1") and integer columns
+    stay integers beside float ones (object dtype stops the row-wise upcast to float)."""
+    return df.astype(object).to_markdown(disable_numparse=True)
 
 
 def plot_learning_curves(histories: list[list[dict[str, float]]], headline: str,
