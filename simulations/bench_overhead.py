@@ -56,7 +56,6 @@ def main(argv: list[str] | None = None) -> int:
     m = load_task_manifest(cfg, args.manifest)
     args.out.mkdir(parents=True, exist_ok=False)
     split = prepare_split(cfg, m.source, args.out / "split")
-    key = f"{cfg.task.type}"
     rows, sims = [], {}
     for enc in args.uploads.split(","):
         run = args.out / f"sim-{enc}"
@@ -92,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     table = pd.DataFrame(rows).set_index("upload").T
     pooled_metric = fold.test.get(headline, float("nan"))
     text = (f"config {args.config}: {split.n} clinics, {cfg.federation.rounds} rounds x "
-            f"{cfg.federation.local_epochs} local epochs, task {key}\n"
+            f"{cfg.federation.local_epochs} local epochs, task {cfg.task.type}\n"
             f"pooled training (same sample-epochs): {pooled_wall:.1f} s, test {headline} "
             f"{pooled_metric:.3f} (same test rows as the server's)\n\n"
             + table.to_markdown(floatfmt=".3f") + "\n\ngoals: wall / clinic compute <= 1.15, "

@@ -24,8 +24,7 @@ from simulations.compare import (
     parse_strategies,
     table_markdown,
 )
-from tests.conftest import write_tiny_multilabel
-from tests.test_federation import _fed_config
+from tests.test_federation import _fed_config, two_clinic_simulation
 
 
 def _long(rows: list[tuple[str, int, str, float]]) -> pd.DataFrame:
@@ -104,14 +103,10 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 
 
 def test_real_compare_run_two_clinics(tmp_path):
-    manifest = write_tiny_multilabel(tmp_path / "data", n=64)
-    cfg = _fed_config(rounds=1, local_epochs=1).model_dump(mode="json")
-    cfg["split"] = {"clinics": 2, "scheme": "iid", "test_fraction": 0.25}
-    cfg["simulation"] = {"client_cpus": 1, "max_concurrent": 2}
-    (tmp_path / "fed.yaml").write_text(yaml.safe_dump(cfg))
+    cfg_path, manifest = two_clinic_simulation(tmp_path, rounds=1, local_epochs=1)
     out = tmp_path / "cmp"
     r = subprocess.run([sys.executable, "-m", "dentfed.cli", "simulate", "--config",
-                        str(tmp_path / "fed.yaml"), "--manifest", str(manifest), "--out",
+                        str(cfg_path), "--manifest", str(manifest), "--out",
                         str(out), "--compare", "--strategies", "fedavg", "--seeds", "0"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]

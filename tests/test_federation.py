@@ -45,6 +45,19 @@ def _fed_config(**fed):
     return config_from_dict(cfg)
 
 
+def two_clinic_simulation(tmp_path: Path, **fed) -> tuple[Path, Path]:
+    """A tiny manifest and a YAML config for a real 2-clinic simulation: (config, manifest)."""
+    from tests.conftest import write_tiny_multilabel
+
+    manifest = write_tiny_multilabel(tmp_path / "data", n=64)
+    cfg = _fed_config(**fed).model_dump(mode="json")
+    cfg["split"] = {"clinics": 2, "scheme": "iid", "test_fraction": 0.25}
+    cfg["simulation"] = {"client_cpus": 1, "max_concurrent": 2}
+    path = tmp_path / "fed.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path, manifest
+
+
 def _train_message(cfg, arrays: ArrayRecord, **extra) -> Message:
     conf = config_record(cfg)
     conf["server-round"] = 1
@@ -163,16 +176,11 @@ def _pids_with_flwr_home_under(root) -> set[int]:
 
 
 def test_real_flower_simulation_two_clinics_two_rounds(tmp_path):
-    from tests.conftest import write_tiny_multilabel
-
-    manifest = write_tiny_multilabel(tmp_path / "data", n=64)
-    cfg = _fed_config(rounds=2, upload="int8").model_dump(mode="json")
-    cfg["split"] = {"clinics": 2, "scheme": "iid", "test_fraction": 0.25}
-    cfg["simulation"] = {"client_cpus": 1, "max_concurrent": 2}
-    (tmp_path / "fed.yaml").write_text(yaml.safe_dump(cfg))
+    cfg_path, manifest = two_clinic_simulation(tmp_path, rounds=2, upload="int8")
+    cfg = yaml.safe_load(cfg_path.read_text())
     out = tmp_path / "run"
     r = subprocess.run([sys.executable, "-m", "dentfed.cli", "simulate", "--config",
-                        str(tmp_path / "fed.yaml"), "--manifest", str(manifest), "--out",
+                        str(cfg_path), "--manifest", str(manifest), "--out",
                         str(out)], capture_output=True, text=True, timeout=540)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "macro_auc over rounds" in r.stdout
