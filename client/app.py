@@ -132,7 +132,12 @@ def _reply_config(msg: Message) -> tuple[Config, int]:
 def train(msg: Message, context: Context) -> Message:
     cfg, server_round = _reply_config(msg)
     clinic = get_clinic(context, cfg)
+    # Seeds depend on the round only, not on how many rounds this process has already run:
+    # a SuperNode starts a fresh ClientApp process per message, a simulation reuses one, and a
+    # resumed federation must see the same batches as an uninterrupted one.
     seed_everything(cfg.train.seed + 1000 * server_round)
+    if clinic.train_loader.generator is not None:
+        clinic.train_loader.generator.manual_seed(cfg.train.seed + 1000 * server_round)
     global_arrays = msg.content["arrays"]
     load_model_arrays(clinic.model, global_arrays)
     clinic.model.to(clinic.device)

@@ -2,8 +2,9 @@
 
 Run config keys (pyproject `[tool.flwr.app.config]`, overridable with `--run-config`):
 `config` (dentfed YAML), `run-dir` (where the run folder goes; default runs/fed-<time>),
-`test-manifest` (server-held test set; default federation.test_manifest in the YAML) and,
-in simulation, `split-dir` (read by the clinics).
+`test-manifest` (server-held test set; default federation.test_manifest in the YAML),
+`resume` (true: continue the run in `run-dir` after its last checkpointed round, with the
+run folder's own config.yaml) and, in simulation, `split-dir` (read by the clinics).
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from server.checkpoint import CHECKPOINT
 from server.federation import run_federation
 from server.report import write_run_folder
-from shared.config import load_config
+from shared.config import dump_config, load_config
 from shared.errors import ConfigError
+from shared.report import write_text_atomic
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 log = logging.getLogger("dentfed.server")
@@ -41,13 +44,25 @@ def _log_to_console() -> None:
 def main(grid: Grid, context: Context) -> None:
     _log_to_console()
     rc = context.run_config
-    cfg = load_config(str(rc["config"]))
+    resume = str(rc.get("resume", "false")).lower() in ("true", "1", "yes")
+    out = Path(str(rc.get("run-dir", "")) or f"runs/fed-{time.strftime('%Y%m%d-%H%M%S')}")
+    if resume:
+        if not (out / "config.yaml").is_file():
+            raise ConfigError(f"resume: {out} has no config.yaml; pass the run folder as "
+                              "run-dir")
+        cfg = load_config(out / "config.yaml")
+    else:
+        cfg = load_config(str(rc["config"]))
+        if (out / CHECKPOINT).exists():
+            raise ConfigError(f"{out} already holds a checkpointed run: resume it "
+                              "(run config resume=true) or choose another run-dir")
+        out.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out / "config.yaml", dump_config(cfg))
     test = str(rc.get("test-manifest", "")) or cfg.federation.test_manifest
     if not test:
         raise ConfigError("no server test set: set federation.test_manifest or the run config "
                           "'test-manifest'")
-    out = Path(str(rc.get("run-dir", "")) or f"runs/fed-{time.strftime('%Y%m%d-%H%M%S')}")
-    res = run_federation(grid, cfg, test)
+    res = run_federation(grid, cfg, test, run_dir=out, resume=resume)
     data = write_run_folder(res, out)
     log.info("run folder %s: final %s %.4f", out, data["headline"],
              data["final"].get(data["headline"], float("nan")))

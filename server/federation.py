@@ -6,19 +6,28 @@ Clinics appear in reports only as anonymous indices (order of first contact), ne
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 
+from server.checkpoint import (
+    load_checkpoint,
+    restore_rng_state,
+    restore_strategy_state,
+    rng_state,
+    save_checkpoint,
+    strategy_state,
+)
 from server.strategy import make_strategy
-from shared.config import Config
+from shared.config import Config, dump_config
 from shared.data.dataset import make_loader
 from shared.data.manifest import read_manifest
 from shared.errors import DentfedError
@@ -54,6 +63,8 @@ class RoundRecord:
     bytes_received: int = 0
     seconds: float = 0.0
     evaluate_seconds: float = 0.0
+    attempts: int = 0
+    skipped: str | None = None  # why the round left the global model unchanged
 
 
 class RoundRecorder:
@@ -78,6 +89,7 @@ class RoundRecorder:
             self.clinic(node)
         if kind.startswith("train"):
             rec.sampled = len(sent)
+            rec.attempts += 1
             rec.seconds += seconds
         else:
             rec.evaluate_seconds += seconds
@@ -100,20 +112,68 @@ class RoundRecorder:
     def n_clinics(self) -> int:
         return len(self._index)
 
+    def state(self) -> str:
+        """JSON for the checkpoint (node ids stay in the coordinator's own file)."""
+        return json.dumps({"index": [[n, i] for n, i in self._index.items()],
+                           "rounds": [asdict(r) for r in self.rounds.values()]})
+
+    def load_state(self, text: str) -> None:
+        data = json.loads(text)
+        self._index = {int(n): int(i) for n, i in data["index"]}
+        self.rounds = {}
+        for r in data["rounds"]:
+            for key in ("train", "evaluate", "rejected"):
+                r[key] = {int(k): v for k, v in r[key].items()}
+            self.rounds[int(r["round"])] = RoundRecord(**r)
+
+
+class NodeWaitTimeout(DentfedError):
+    """Too few clinics connected for longer than federation.node_wait_timeout."""
+
 
 class RecordingGrid:
     """A Grid that hands every message exchange to a RoundRecorder and drops clinic updates
     whose arrays are not exactly the expected names and shapes with finite values, before the
-    strategy aggregates them; otherwise Flower's own Grid."""
+    strategy aggregates them; otherwise Flower's own Grid.
+
+    It also bounds Flower's wait for clinics: the strategies' node sampling polls
+    `get_node_ids()` once a second, for ever, until `min_available_nodes` are connected. Here
+    the poll raises NodeWaitTimeout once fewer than `required` nodes have been connected for
+    `wait_timeout` seconds in a row."""
 
     def __init__(self, grid: Grid, recorder: RoundRecorder,
-                 shapes: dict[str, tuple[int, ...]]):
+                 shapes: dict[str, tuple[int, ...]], required: int = 1,
+                 wait_timeout: float = math.inf):
         self._grid = grid
         self._recorder = recorder
         self._shapes = shapes
+        self._required = required
+        self._wait_timeout = wait_timeout
+        self._short_since: float | None = None
+        self._last_note = 0.0
 
     def __getattr__(self, name: str):
         return getattr(self._grid, name)
+
+    def get_node_ids(self) -> Iterable[int]:
+        ids = list(self._grid.get_node_ids())
+        now = time.monotonic()
+        if len(ids) >= self._required:
+            self._short_since = None
+            return ids
+        if self._short_since is None:
+            self._short_since = now
+        waited = now - self._short_since
+        if waited > self._wait_timeout:
+            raise NodeWaitTimeout(
+                f"only {len(ids)} clinic(s) connected, {self._required} needed "
+                f"(federation.min_available_clinics / min_train_clinics); gave up after "
+                f"{self._wait_timeout:.0f} s (federation.node_wait_timeout)")
+        if now - self._last_note > 30:
+            self._last_note = now
+            log.info("waiting for clinics: %d connected, %d needed (%.0f s of %.0f s)",
+                     len(ids), self._required, waited, self._wait_timeout)
+        return ids
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None
                          ) -> Iterable[Message]:
@@ -206,6 +266,18 @@ class CentralEvaluator:
                 or "/" not in k) and not math.isnan(v)}
         return MetricRecord(keep)
 
+    def state(self) -> dict:
+        return {"history": json.dumps({str(k): v for k, v in self.history.items()}),
+                "seconds": json.dumps({str(k): v for k, v in self.seconds.items()}),
+                "best_round": self.best_round, "best_value": self.best_value,
+                "best_state": self.best_state, "final_state": self.final_state}
+
+    def load_state(self, state: dict) -> None:
+        self.history = {int(k): v for k, v in json.loads(state["history"]).items()}
+        self.seconds = {int(k): v for k, v in json.loads(state["seconds"]).items()}
+        self.best_round, self.best_value = state["best_round"], state["best_value"]
+        self.best_state, self.final_state = state["best_state"], state["final_state"]
+
 
 @dataclass
 class FederationResult:
@@ -220,34 +292,114 @@ class FederationResult:
     stopped: str | None = None
 
 
-def run_federation(grid: Grid, cfg: Config, test_manifest: str | Path) -> FederationResult:
-    """Run cfg.federation.rounds rounds of the configured strategy on `grid`."""
+def _plain(mr: MetricRecord | None) -> dict[str, float]:
+    return {k: float(v) for k, v in (mr or {}).items() if isinstance(v, int | float)}
+
+
+def _ok(replies: list[Message]) -> int:
+    return sum(not r.has_error() for r in replies)
+
+
+def run_federation(grid: Grid, cfg: Config, test_manifest: str | Path,
+                   run_dir: Path | None = None, resume: bool = False) -> FederationResult:
+    """Run cfg.federation.rounds rounds of the configured strategy on `grid`.
+
+    The loop is Flower's `Strategy.start` (configure/aggregate train and evaluate, then the
+    central evaluation) plus what a real federation needs: a checkpoint in `run_dir` after
+    every completed round, `resume` from it, a bounded wait for clinics, and rounds whose
+    replies fall below `min_train_clinics` retried (`round_retries`) and then skipped with the
+    global model unchanged, instead of aggregating too few clinics."""
+    fed = cfg.federation
     model = build_global_model(cfg)
-    initial = model_arrays(model)
+    arrays = model_arrays(model)
     evaluator = CentralEvaluator(cfg, test_manifest, model)
     recorder = RoundRecorder()
-    strategy = make_strategy(cfg.federation)
+    strategy = make_strategy(fed)
+    train_agg: dict[int, dict[str, float]] = {}
+    eval_agg: dict[int, dict[str, float]] = {}
+    seconds_before, start = 0.0, 1
+    if resume:
+        if run_dir is None:
+            raise DentfedError("resume needs the run folder")
+        ck = load_checkpoint(run_dir)
+        if ck["config"] != dump_config(cfg):
+            raise DentfedError(f"cannot resume {run_dir}: its config.yaml differs from the "
+                               "checkpoint's; resume with the run's own config")
+        arrays = ArrayRecord({k: Array(t.numpy()) for k, t in ck["arrays"].items()})
+        restore_strategy_state(strategy, ck["strategy"])
+        recorder.load_state(ck["recorder"])
+        evaluator.load_state(ck["evaluator"])
+        train_agg = {int(k): v for k, v in json.loads(ck["train_aggregated"]).items()}
+        eval_agg = {int(k): v for k, v in json.loads(ck["evaluate_aggregated"]).items()}
+        restore_rng_state(ck["rng"])
+        seconds_before, start = float(ck["seconds"]), int(ck["round"]) + 1
+        log.info("resuming %s after round %d of %d", run_dir, start - 1, fed.rounds)
+    required = max(fed.min_available_clinics, fed.min_train_clinics)
+    wgrid = RecordingGrid(grid, recorder, expected_shapes(model), required,
+                          fed.node_wait_timeout)
+    train_cfg, eval_cfg = config_record(cfg), config_record(cfg)
     t0 = time.perf_counter()
     stopped = None
     try:
-        result = strategy.start(
-            grid=RecordingGrid(grid, recorder, expected_shapes(model)),
-            initial_arrays=initial,
-            num_rounds=cfg.federation.rounds,
-            timeout=cfg.federation.round_timeout,
-            train_config=config_record(cfg),
-            evaluate_config=config_record(cfg),
-            evaluate_fn=evaluator,
-        )
-        train_agg, eval_agg = result.train_metrics_clientapp, result.evaluate_metrics_clientapp
-    except Diverged as e:  # keep what the finite rounds produced
+        if start == 1:
+            evaluator(0, arrays)
+        for rnd in range(start, fed.rounds + 1):
+            log.info("[ROUND %d/%d]", rnd, fed.rounds)
+            arrays = _train_round(strategy, wgrid, recorder, cfg, rnd, arrays,
+                                  ConfigRecord(dict(train_cfg)), train_agg)
+            replies = list(wgrid.send_and_receive(
+                strategy.configure_evaluate(rnd, arrays, ConfigRecord(dict(eval_cfg)), wgrid),
+                timeout=fed.round_timeout))
+            if replies:
+                agg = strategy.aggregate_evaluate(rnd, replies)
+                if agg is not None:
+                    eval_agg[rnd] = _plain(agg)
+            evaluator(rnd, arrays)
+            if run_dir is not None:
+                save_checkpoint(run_dir, {
+                    "round": rnd, "config": dump_config(cfg),
+                    "arrays": {k: torch.from_numpy(a.numpy().copy())
+                               for k, a in arrays.items()},
+                    "strategy": strategy_state(strategy), "recorder": recorder.state(),
+                    "evaluator": evaluator.state(),
+                    "train_aggregated": json.dumps(train_agg),
+                    "evaluate_aggregated": json.dumps(eval_agg),
+                    "rng": rng_state(), "seconds": seconds_before + time.perf_counter() - t0})
+    except (Diverged, NodeWaitTimeout) as e:  # keep what the completed rounds produced
         log.error("%s", e)
-        stopped, train_agg, eval_agg = str(e), {}, {}
+        stopped = str(e)
+    if not evaluator.history:
+        raise DentfedError(stopped or "no round completed")
+    return FederationResult(cfg, evaluator, recorder, train_agg, eval_agg,
+                            seconds_before + time.perf_counter() - t0, full_model_nbytes(model),
+                            arrays_nbytes(arrays), stopped)
 
-    def plain(d: dict) -> dict[int, dict[str, float]]:
-        return {int(r): {k: float(v) for k, v in mr.items() if isinstance(v, int | float)}
-                for r, mr in d.items()}
 
-    return FederationResult(cfg, evaluator, recorder, plain(train_agg), plain(eval_agg),
-                            time.perf_counter() - t0, full_model_nbytes(model),
-                            arrays_nbytes(initial), stopped)
+def _train_round(strategy, grid: RecordingGrid, recorder: RoundRecorder, cfg: Config,
+                 rnd: int, arrays: ArrayRecord, train_cfg: ConfigRecord,
+                 train_agg: dict[int, dict[str, float]]) -> ArrayRecord:
+    """One training round; returns the new global arrays (unchanged when the round is
+    skipped). Replies below min_train_clinics are never aggregated."""
+    fed = cfg.federation
+    for attempt in range(fed.round_retries + 1):
+        replies = list(grid.send_and_receive(
+            strategy.configure_train(rnd, arrays, ConfigRecord(dict(train_cfg)), grid),
+            timeout=fed.round_timeout))
+        rec = recorder.rounds.get(rnd)
+        got = _ok(replies)
+        if got >= fed.min_train_clinics:
+            new, metrics = strategy.aggregate_train(rnd, replies)
+            if metrics is not None:
+                train_agg[rnd] = _plain(metrics)
+            if rec is not None and rec.sampled > got:
+                log.warning("round %d: %d of %d sampled clinics used (others failed, timed "
+                            "out or were rejected)", rnd, got, rec.sampled)
+            return new if new is not None else arrays
+        more = attempt < fed.round_retries
+        log.warning("round %d: only %d usable update(s), %d needed (min_train_clinics); %s",
+                    rnd, got, fed.min_train_clinics,
+                    "retrying the round" if more else "round skipped, global model unchanged")
+    if rec is None:
+        rec = recorder.rounds.setdefault(rnd, RoundRecord(rnd))
+    rec.skipped = f"{got} usable update(s), {fed.min_train_clinics} needed"
+    return arrays

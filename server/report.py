@@ -31,6 +31,9 @@ def _history(res: FederationResult) -> list[dict]:
                 "clinics_sampled": rec.sampled,
                 "clinics_replied": len(rec.train),
                 "clinics_failed": rec.train_failed,
+                "clinics_no_reply": rec.sampled - len(rec.train) - rec.train_failed,
+                "skipped": rec.skipped,
+                "attempts": rec.attempts,
                 "clinics_rejected": {str(k): v for k, v in sorted(rec.rejected.items())},
                 "clinics_train": {"aggregated": res.train_aggregated.get(rnd, {}),
                                   "per_clinic": {str(k): v for k, v in sorted(rec.train.items())}},
@@ -119,9 +122,16 @@ def rounds_table(res: FederationResult) -> pd.DataFrame:
     for row in _history(res):
         r = row["round"]
         used = row.get("clinics_replied", 0) - len(row.get("clinics_rejected", {}))
+        rec = res.recorder.rounds.get(r)
+        note = "" if rec is None else ("skipped: " + rec.skipped if rec.skipped else
+                                       f"{rec.sampled - used} fewer clinic(s)"
+                                       if used < rec.sampled else "")
+        if rec is not None and rec.attempts > 1:
+            note = f"{note}; {rec.attempts} attempts".lstrip("; ")
         rows[r] = {f"central {res.evaluator.key}": row["server"].get(res.evaluator.key),
                    "central loss": row["server"]["loss"],
                    "clinics used/sampled": f"{used}/{row['clinics_sampled']}" if r else "-",
+                   "note": note,
                    "train loss (agg)": row.get("clinics_train", {}).get("aggregated", {})
                    .get("train_loss"),
                    "MB up (all clinics)": (row.get("bytes_received", 0) / 1e6) if r else None}
@@ -134,8 +144,8 @@ def write_run_folder(res: FederationResult, out: Path) -> dict:
     """Write everything into a temporary folder, then rename it: never a half-written run."""
     out = Path(out)
     data = summary(res)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out, prefix=".partial-"))
     try:
         write_text_atomic(tmp / "config.yaml", dump_config(res.cfg))
         write_json(tmp / "metrics.json", data)
@@ -153,10 +163,11 @@ def write_run_folder(res: FederationResult, out: Path) -> dict:
         if res.stopped:
             text = text.replace("\n\n", f"\n\n**Stopped early:** {res.stopped}\n\n", 1)
         write_text_atomic(tmp / "report.md", text)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
+        # One rename per file into the run folder, metrics.json last: the folder also holds
+        # the checkpoint (and, from `dentfed simulate`, the split), which must survive.
+        for name in sorted(p.name for p in tmp.iterdir() if p.name != "metrics.json"):
+            (tmp / name).replace(out / name)
+        (tmp / "metrics.json").replace(out / "metrics.json")
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return data

@@ -124,7 +124,15 @@ class FederationConfig(_Strict):
     trim_beta: float = Field(default=0.2, ge=0, lt=0.5)
     num_malicious_clinics: int = Field(default=0, ge=0)
     multikrum_keep: int | None = Field(default=None, ge=1)
+    # Seconds the server waits for one round's replies; clinics that have not answered by
+    # then count as failed for that round.
     round_timeout: float = Field(default=3600, gt=0)
+    # Seconds the server waits for enough clinics to be connected before it gives up (Flower
+    # alone would wait for ever).
+    node_wait_timeout: float = Field(default=600, gt=0)
+    # A round with fewer usable updates than min_train_clinics is run again this many times,
+    # then skipped (global model unchanged).
+    round_retries: int = Field(default=0, ge=0)
     test_manifest: str | None = None
 
 
