@@ -110,12 +110,22 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         raise DentfedError("--strategies and --seeds only apply with --compare")
     if args.compare and args.strategy is not None:
         raise DentfedError("--strategy runs one federation; with --compare use --strategies")
-    cfg = load_config(args.config)
-    _apply_overrides(cfg, args)
-    if args.compare:
-        return _simulate_compare(cfg, args)
-    out = Path(args.out or f"runs/sim-{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
-    data = simulate(cfg, args.manifest, out, echo=args.verbose)
+    if args.resume:
+        if args.config or args.compare or args.out:
+            raise DentfedError("--resume RUN_DIR continues that run with its own config.yaml; "
+                               "leave out --config, --out and --compare")
+        out = Path(args.resume)
+        data = simulate(None, None, out, echo=args.verbose, resume=True)
+    else:
+        if not args.config:
+            raise DentfedError("--config is required (or --resume RUN_DIR)")
+        cfg = load_config(args.config)
+        _apply_overrides(cfg, args)
+        if args.compare:
+            return _simulate_compare(cfg, args)
+        out = Path(args.out or
+                   f"runs/sim-{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+        data = simulate(cfg, args.manifest, out, echo=args.verbose)
     print((out / "report.md").read_text())
     print(f"{data['headline']} over rounds: " + " -> ".join(
         f"{row['server'].get(data['headline'], float('nan')):.3f}" for row in data["history"]))
@@ -202,9 +212,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     sim = sub.add_parser("simulate", help="federated simulation: N virtual clinics on Flower's "
                          "simulation runtime, central evaluation every round")
-    sim.add_argument("--config", required=True)
+    sim.add_argument("--config")
     sim.add_argument("--manifest", help="overrides data.manifest")
     sim.add_argument("--out", help="run folder (default runs/sim-<config>-<time>)")
+    sim.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted simulation "
+                     "after its last checkpointed round")
     sim.add_argument("--strategy")
     sim.add_argument("--rounds", type=int)
     sim.add_argument("--local-epochs", type=int)

@@ -97,7 +97,9 @@ def simulation_superlink(work: Path) -> Iterator[tuple[int, dict[str, str]]]:
     """A private SuperLink in simulation mode; yields (port, env for flwr)."""
     home = work / "flwr-home"
     home.mkdir(parents=True, exist_ok=True)
-    tag = uuid.uuid4().hex
+    # An inherited tag lets a supervisor (a test that crashes the run on purpose) find and
+    # kill everything this run starts.
+    tag = os.environ.get("DENTFED_SIM_TAG") or uuid.uuid4().hex
     env = {**os.environ, "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0",
            "DENTFED_SIM_TAG": tag,
            "FLWR_DISABLE_UPDATE_CHECK": "1",

@@ -1,0 +1,162 @@
+"""Checkpoint/resume and bad clinics, with real Flower simulations (SuperLink, SuperExec, Ray)
+on 127.0.0.1: crash the whole server side after round 2 and resume; a clinic that sends NaN."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from server.checkpoint import CHECKPOINT, load_checkpoint
+from server.federation import NodeWaitTimeout, RecordingGrid, RoundRecorder
+from shared.config import load_config
+from shared.errors import DentfedError
+from simulations.engine import REPO, kill_tagged
+from simulations.simulate import simulate
+from tests.test_federation import _pids_with_flwr_home_under, two_clinic_simulation
+
+FAST = dict(local_steps=2, fraction_evaluate=0.0, min_evaluate_clinics=0)
+
+
+def _final_state(run: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run / "model_final.pt", weights_only=False)["state_dict"]
+
+
+def _wait_for_round(run: Path, rnd: int, proc: subprocess.Popen, timeout: float) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "the run ended before it could be interrupted"
+        if (run / CHECKPOINT).is_file():
+            done = int(load_checkpoint(run)["round"])  # written atomically: never half a file
+            if done >= rnd:
+                return done
+        time.sleep(0.2)
+    raise AssertionError(f"no checkpoint of round {rnd} within {timeout} s")
+
+
+def test_crash_after_round_two_and_resume_equals_uninterrupted_run(tmp_path):
+    # FedAdam: the resumed run only matches if the server optimiser's moments were restored.
+    cfg_path, manifest = two_clinic_simulation(tmp_path, rounds=3, strategy="fedadam",
+                                               server_lr=0.01, **FAST)
+    cfg = load_config(cfg_path)
+    straight = simulate(cfg, manifest, tmp_path / "straight", echo=False)
+    assert [h["round"] for h in straight["history"]] == [0, 1, 2, 3]
+
+    run, tag = tmp_path / "crashed", uuid.uuid4().hex
+    proc = subprocess.Popen([sys.executable, "-m", "dentfed.cli", "simulate", "--config",
+                             str(cfg_path), "--manifest", str(manifest), "--out", str(run)],
+                            env={**os.environ, "DENTFED_SIM_TAG": tag},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        done = _wait_for_round(run, 2, proc, timeout=400)
+    finally:  # the crash: SIGKILL the CLI, SuperLink, SuperExec, ServerApp and Ray at once
+        kill_tagged(tag, grace=0.0)
+        proc.wait(timeout=30)
+    assert done == 2 and not (run / "metrics.json").exists(), "crashed too late"
+    for stray in tmp_path.glob(".crashed.work-*"):  # what the killed CLI could not clean up
+        shutil.rmtree(stray)
+
+    resumed = simulate(None, None, run, echo=False, resume=True)
+    assert [h["round"] for h in resumed["history"]] == [0, 1, 2, 3]
+    assert resumed["history"][1]["clinics_replied"] == 2  # rounds 1-2 from the checkpoint
+    a, b = _final_state(tmp_path / "straight"), _final_state(run)
+    assert a.keys() == b.keys()
+    diff = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+    assert diff == 0.0, f"resumed model differs from the uninterrupted one by {diff}"
+    assert resumed["final"] == straight["final"]
+    assert (run / "flower-resumed.log").is_file() and (run / "split").is_dir()
+    assert not _pids_with_flwr_home_under(tmp_path), "Flower processes left running"
+
+    with pytest.raises(DentfedError, match="not empty"):  # no accidental overwrite
+        simulate(cfg, manifest, run, echo=False)
+
+
+NAN_APP = '''
+"""The product ClientApp, except that the clinic with partition-id 1 sends NaN weights."""
+import numpy as np
+from flwr.app import Array, ArrayRecord
+from flwr.clientapp import ClientApp
+
+from client.app import evaluate_local, train as real_train
+
+app = ClientApp()
+
+
+@app.train()
+def train(msg, context):
+    reply = real_train(msg, context)
+    if int(context.node_config["partition-id"]) == 1:
+        arrays = reply.content["arrays"]
+        reply.content["arrays"] = ArrayRecord(
+            {k: Array(np.full(a.shape, np.nan, dtype=np.float32)) for k, a in arrays.items()})
+    return reply
+
+
+app.evaluate()(evaluate_local)
+'''
+
+
+def test_clinic_sending_nan_is_rejected_and_the_run_completes(tmp_path):
+    app_dir = tmp_path / "nan_app"
+    app_dir.mkdir()
+    (app_dir / "nan_app.py").write_text(NAN_APP)
+    shutil.copy(REPO / "LICENSE", app_dir / "LICENSE")
+    pyproject = (REPO / "pyproject.toml").read_text()
+    assert 'clientapp = "client.app:app"' in pyproject
+    (app_dir / "pyproject.toml").write_text(
+        pyproject.replace('clientapp = "client.app:app"', 'clientapp = "nan_app:app"'))
+    cfg_path, manifest = two_clinic_simulation(tmp_path, rounds=2, min_train_clinics=1, **FAST)
+    run = tmp_path / "run"
+    data = simulate(load_config(cfg_path), manifest, run, echo=False, app_dir=app_dir)
+    assert data["stopped"] is None
+    for h in data["history"][1:]:
+        assert h["clinics_replied"] == 2
+        (why,) = h["clinics_rejected"].values()  # exactly one clinic rejected per round
+        assert "NaN or Inf" in why
+    state = _final_state(run)
+    assert all(torch.isfinite(v.float()).all() for v in state.values())
+    log = (run / "flower.log").read_text()
+    assert "update from clinic" in log and "rejected" in log
+    assert str(manifest.parent) not in log  # the log names clinics by index only
+    report = (run / "report.md").read_text()
+    assert "1/2" in report  # one of two clinics used per round
+
+
+class _Grid:
+    """A Grid with `n` connected nodes and nothing else."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def get_node_ids(self):
+        return list(range(1, self.n + 1))
+
+
+def test_waiting_for_clinics_is_bounded():
+    grid = RecordingGrid(_Grid(1), RoundRecorder(), {}, required=2, wait_timeout=0.3)
+    assert grid.get_node_ids() == [1]  # still within the wait
+    time.sleep(0.4)
+    with pytest.raises(NodeWaitTimeout, match="only 1 clinic.*2 needed.*node_wait_timeout"):
+        grid.get_node_ids()
+    enough = RecordingGrid(_Grid(3), RoundRecorder(), {}, required=2, wait_timeout=0.0)
+    assert enough.get_node_ids() == [1, 2, 3]
+
+
+def test_resume_refuses_a_folder_without_checkpoint(tmp_path):
+    (tmp_path / "run").mkdir()
+    with pytest.raises(DentfedError, match="cannot resume"):
+        simulate(None, None, tmp_path / "run", resume=True)
+    (tmp_path / "run" / "split").mkdir()
+    (tmp_path / "run" / CHECKPOINT).write_bytes(b"not a checkpoint")
+    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump({}))
+    with pytest.raises(DentfedError, match="not a readable dentfed checkpoint"):
+        load_checkpoint(tmp_path / "run")
