@@ -237,6 +237,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int)
     t.add_argument("--epochs", type=int, help="overrides train.epochs")
     t.set_defaults(func=_cmd_train)
+
+    from dentfed.deploy_cli import add_parsers
+
+    add_parsers(sub)
     return p
 
 

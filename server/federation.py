@@ -95,14 +95,17 @@ class RoundRecorder:
             rec.evaluate_seconds += seconds
         for m in sent:
             rec.bytes_sent += sum(arrays_nbytes(a) for a in m.content.array_records.values())
+        sent_to = {m.metadata.dst_node_id for m in sent}
         for r in replies:
-            idx = self.clinic(r.metadata.src_node_id)
             if r.has_error():
                 if kind.startswith("train"):
                     rec.train_failed += 1
                 else:
                     rec.evaluate_failed += 1
                 continue
+            if r.metadata.src_node_id not in sent_to:
+                continue  # not an answer to this exchange
+            idx = self.clinic(r.metadata.src_node_id)
             rec.bytes_received += sum(arrays_nbytes(a) for a in r.content.array_records.values())
             metrics = {k: float(v) for mr in r.content.metric_records.values()
                        for k, v in mr.items() if isinstance(v, int | float)}

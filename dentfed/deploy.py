@@ -1,0 +1,122 @@
+"""`dentfed coordinator ...` and `dentfed clinic ...`: the plain Flower deployment commands
+(flower-superlink, flwr supernode register, flower-supernode, flwr run) with dentfed's
+defaults filled in, so nobody types certificate flags by hand. Every command prints the Flower
+command line it runs; the same lines typed by hand work the same (docs/deploy.md).
+
+Defaults that matter: TLS always (there is no --insecure here), SuperNode authentication in
+allow-list mode, telemetry and update checks off, SuperLink state in a SQLite file so that
+registered clinics survive a coordinator restart.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+from shared.errors import DentfedError
+
+REPO = Path(__file__).resolve().parents[1]
+CONNECTION = "dentfed"
+QUIET = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
+
+
+def flower_bin(name: str) -> str:
+    """A Flower executable from this environment (they sit beside the interpreter)."""
+    path = Path(sys.executable).parent / name
+    return str(path) if path.exists() else name
+
+
+def flower_env(home: Path | None = None) -> dict[str, str]:
+    env = {**os.environ, **QUIET,
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    if home is not None:
+        env["FLWR_HOME"] = str(home)
+    return env
+
+
+def _need(path: Path, what: str) -> Path:
+    if not path.is_file():
+        raise DentfedError(f"{what} not found: {path}")
+    return path.resolve()
+
+
+def superlink_command(certs: Path, address: str = "0.0.0.0:9092",
+                      database: Path | None = None) -> list[str]:
+    """flower-superlink with TLS from `certs` (ca.crt, server.crt, server.key) and allow-list
+    SuperNode authentication."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise DentfedError(f"--address must be HOST:PORT, got {address!r}")
+    cmd = [flower_bin("flower-superlink"),
+           "--ssl-ca-certfile", str(_need(certs / "ca.crt", "CA certificate")),
+           "--ssl-certfile", str(_need(certs / "server.crt", "server certificate")),
+           "--ssl-keyfile", str(_need(certs / "server.key", "server key")),
+           "--enable-supernode-auth", "--host", host.strip("[]"), "--port", port]
+    if database is not None:
+        cmd += ["--database", str(database)]
+    return cmd
+
+
+def write_connection(home: Path, address: str, ca_cert: Path) -> Path:
+    """The flwr CLI's connection to the coordinator's SuperLink ([superlink.dentfed] in
+    FLWR_HOME/config.toml), so `flwr supernode register` and `flwr run` use TLS."""
+    home.mkdir(parents=True, exist_ok=True)
+    path = home / "config.toml"
+    ca = _need(ca_cert, "CA certificate")
+    text = (f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+            f'address = "{address}"\nroot-certificates = "{ca}"\n')
+    tmp = path.with_name("config.toml.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+    return path
+
+
+def register_command(public_key: Path) -> list[str]:
+    return [flower_bin("flwr"), "supernode", "register",
+            str(_need(public_key, "clinic public key")), CONNECTION]
+
+
+def run_command(config: Path, run_dir: Path, test_manifest: Path | None = None,
+                resume: bool = False, app_dir: Path = REPO, stream: bool = True) -> list[str]:
+    """`flwr run` of the dentfed app against the coordinator's SuperLink. Paths are made
+    absolute: the ServerApp runs in another working directory."""
+    conf = {"config": str(Path(config).resolve()), "run-dir": str(Path(run_dir).resolve()),
+            "resume": "true" if resume else "false"}
+    if test_manifest is not None:
+        conf["test-manifest"] = str(_need(Path(test_manifest), "test manifest"))
+    overrides = " ".join(f"{k}={v}" if v in ("true", "false") else f'{k}="{v}"'
+                         for k, v in conf.items())
+    return [flower_bin("flwr"), "run", str(app_dir), CONNECTION, "--run-config", overrides,
+            *(["--stream"] if stream else [])]
+
+
+def supernode_command(superlink: str, ca_cert: Path, private_key: Path, manifest: Path,
+                      port: int = 9094, max_retries: int | None = None) -> list[str]:
+    """flower-supernode for one clinic: TLS against `ca_cert`, authenticated with the
+    clinic's private key, its data named only in its own node config."""
+    cmd = [flower_bin("flower-supernode"), "--superlink", superlink,
+           "--root-certificates", str(_need(ca_cert, "CA certificate")),
+           "--auth-supernode-private-key", str(_need(private_key, "clinic private key")),
+           "--node-config", f'manifest="{_need(manifest, "manifest")}"',
+           "--port", str(port)]
+    if max_retries is not None:
+        cmd += ["--max-retries", str(max_retries)]
+    return cmd
+
+
+def show(cmd: list[str]) -> None:
+    print("$ " + shlex.join(cmd), file=sys.stderr, flush=True)
+
+
+def run_foreground(cmd: list[str], env: dict[str, str]) -> int:
+    """Run a long-lived Flower process in the foreground; Ctrl-C stops it cleanly."""
+    show(cmd)
+    proc = subprocess.Popen(cmd, env=env)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        proc.terminate()
+        return proc.wait()

@@ -1,0 +1,147 @@
+"""The `dentfed coordinator` and `dentfed clinic` command groups (see dentfed/deploy.py)."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+from pathlib import Path
+
+from dentfed import deploy
+from shared.errors import DentfedError
+
+DEFAULT_HOME = Path.home() / ".dentfed" / "coordinator"
+
+
+def _home(args: argparse.Namespace) -> Path:
+    return Path(args.home).expanduser().resolve()
+
+
+def _certs(args: argparse.Namespace) -> int:
+    from dentfed.pki import make_certificates
+
+    c = make_certificates(args.out, args.clinics, hosts=args.host, days=args.days,
+                          overwrite=args.force)
+    print(f"wrote {c.ca_cert.parent}: ca.crt (give to every clinic), server.crt/server.key "
+          f"(SuperLink only), {len(c.clinic_keys)} clinic key pair(s) clinic_K + clinic_K.pub "
+          "(private key to that clinic only; register the .pub)")
+    print("throw-away CA: for tests and first set-ups; use your organisation's CA in production")
+    return 0
+
+
+def _start(args: argparse.Namespace) -> int:
+    certs = Path(args.certs)
+    home = _home(args)
+    home.mkdir(parents=True, exist_ok=True)
+    host, _, port = args.address.rpartition(":")
+    dial = f"{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}"
+    deploy.write_connection(home, dial, certs / "ca.crt")
+    db = Path(args.state).expanduser().resolve() if args.state else home / "superlink.db"
+    cmd = deploy.superlink_command(certs, args.address, db)
+    print(f"flwr CLI connection '{deploy.CONNECTION}' -> {dial} written to {home}/config.toml "
+          f"(use FLWR_HOME={home} with plain flwr commands)")
+    return deploy.run_foreground(cmd, deploy.flower_env(home))
+
+
+def _register(args: argparse.Namespace) -> int:
+    home = _home(args)
+    if not (home / "config.toml").is_file():
+        raise DentfedError(f"no SuperLink connection in {home}; run `dentfed coordinator "
+                           "start` first (or pass --home)")
+    rc = 0
+    for key in args.public_key:
+        cmd = deploy.register_command(Path(key))
+        deploy.show(cmd)
+        rc = max(rc, subprocess.run(cmd, env=deploy.flower_env(home)).returncode)
+    return rc
+
+
+def _run(args: argparse.Namespace) -> int:
+    home = _home(args)
+    if not args.resume and not args.config:
+        raise DentfedError("--config is required (or --resume to continue --run-dir)")
+    config = Path(args.run_dir) / "config.yaml" if args.resume else Path(args.config)
+    if not config.is_file():
+        raise DentfedError(f"config not found: {config}")
+    cmd = deploy.run_command(config, Path(args.run_dir),
+                             Path(args.test_manifest) if args.test_manifest else None,
+                             resume=args.resume)
+    deploy.show(cmd)
+    return subprocess.run(cmd, env=deploy.flower_env(home), cwd=deploy.REPO).returncode
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    from dentfed.pki import make_clinic_key
+
+    key = make_clinic_key(args.out)
+    print(f"wrote {key} (private: stays here) and {key}.pub (send to the coordinator)")
+    return 0
+
+
+def _clinic_start(args: argparse.Namespace) -> int:
+    manifest = Path(args.manifest)
+    if args.config:  # the same check as `dentfed data check`, before anything connects
+        from shared.config import load_config
+        from shared.data.manifest import read_manifest
+
+        cfg = load_config(args.config)
+        m = read_manifest(manifest, cfg.task, default_modality=cfg.data.modality)
+        print(f"manifest ok: {len(m)} images")
+    cmd = deploy.supernode_command(args.superlink, Path(args.ca), Path(args.key), manifest,
+                                   port=args.port, max_retries=args.max_retries)
+    return deploy.run_foreground(cmd, deploy.flower_env())
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    co = sub.add_parser("coordinator", help="run a federation over TLS with authenticated "
+                        "clinics (wraps flower-superlink / flwr)").add_subparsers(
+        dest="coordinator_command", required=True)
+    home_help = f"flwr CLI home for this coordinator (default {DEFAULT_HOME})"
+
+    c = co.add_parser("certs", help="throw-away CA, server certificate and clinic key pairs")
+    c.add_argument("--out", required=True)
+    c.add_argument("--clinics", type=int, default=2)
+    c.add_argument("--host", action="append", help="name or IP clinics dial (repeatable; "
+                   "default localhost, 127.0.0.1, ::1)")
+    c.add_argument("--days", type=int, default=365)
+    c.add_argument("--force", action="store_true", help="replace an existing set")
+    c.set_defaults(func=_certs)
+
+    s = co.add_parser("start", help="start the SuperLink (TLS, SuperNode allow-list)")
+    s.add_argument("--certs", required=True, help="folder with ca.crt, server.crt, server.key")
+    s.add_argument("--address", default="0.0.0.0:9092", help="HOST:PORT to listen on")
+    s.add_argument("--state", help="SuperLink database file (default HOME/superlink.db)")
+    s.add_argument("--home", default=str(DEFAULT_HOME), help=home_help)
+    s.set_defaults(func=_start)
+
+    r = co.add_parser("register", help="allow clinics' public keys (flwr supernode register)")
+    r.add_argument("public_key", nargs="+")
+    r.add_argument("--home", default=str(DEFAULT_HOME), help=home_help)
+    r.set_defaults(func=_register)
+
+    u = co.add_parser("run", help="start a federated run (flwr run) on the SuperLink")
+    u.add_argument("--config", help="dentfed YAML (not with --resume)")
+    u.add_argument("--run-dir", required=True, help="run folder on the coordinator")
+    u.add_argument("--test-manifest", help="server-held test set (default: "
+                   "federation.test_manifest)")
+    u.add_argument("--resume", action="store_true", help="continue --run-dir after its last "
+                   "checkpointed round")
+    u.add_argument("--home", default=str(DEFAULT_HOME), help=home_help)
+    u.set_defaults(func=_run)
+
+    cl = sub.add_parser("clinic", help="join a federation (wraps flower-supernode)"
+                        ).add_subparsers(dest="clinic_command", required=True)
+    k = cl.add_parser("keygen", help="this clinic's SuperNode key pair")
+    k.add_argument("--out", required=True, help="private key path; public key gets .pub")
+    k.set_defaults(func=_keygen)
+
+    st = cl.add_parser("start", help="start this clinic's SuperNode")
+    st.add_argument("--superlink", required=True, help="coordinator HOST:PORT")
+    st.add_argument("--ca", required=True, help="the coordinator's ca.crt")
+    st.add_argument("--key", required=True, help="this clinic's private key")
+    st.add_argument("--manifest", required=True, help="this clinic's manifest CSV")
+    st.add_argument("--config", help="the federation's YAML: check the manifest against its "
+                    "task before connecting")
+    st.add_argument("--port", type=int, default=9094, help="local port for the SuperNode's "
+                    "own ClientApp API")
+    st.add_argument("--max-retries", type=int, help="give up after N failed connection tries")
+    st.set_defaults(func=_clinic_start)

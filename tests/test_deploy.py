@@ -1,0 +1,216 @@
+"""Deployment with real processes on 127.0.0.1: a SuperLink with TLS and SuperNode
+authentication started by `dentfed coordinator start`, clinics registered with `dentfed
+coordinator register` and started with `dentfed clinic start`, runs with `dentfed coordinator
+run`. Every process gets a unique environment tag and is killed by it afterwards."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dentfed import deploy
+from dentfed.pki import make_certificates
+from server.checkpoint import CHECKPOINT, load_checkpoint
+from simulations.engine import kill_tagged
+from tests.conftest import write_tiny_multilabel
+from tests.test_federation import _fed_config
+
+DENTFED = [sys.executable, "-m", "dentfed.cli"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Federation:
+    """A coordinator and clinics on this machine, as separate process trees."""
+
+    def __init__(self, root: Path, clinics: int):
+        self.root = root
+        self.certs = make_certificates(root / "certs", clinics=clinics + 1)  # +1 unregistered
+        self.home = root / "coordinator-home"
+        self.port = _free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.tags: dict[str, str] = {}
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.logs: dict[str, Path] = {}
+        self.manifests = [write_tiny_multilabel(root / f"clinic_{k}", n=32, seed=k)
+                          for k in range(clinics + 1)]
+        self.test_manifest = write_tiny_multilabel(root / "server_test", n=24, seed=99)
+
+    def start(self, name: str, cmd: list[str]) -> subprocess.Popen:
+        tag = self.tags.setdefault(name, uuid.uuid4().hex)
+        self.logs[name] = self.root / f"{name}.log"
+        env = {**deploy.flower_env(), "DENTFED_SIM_TAG": tag, "OMP_NUM_THREADS": "1"}
+        with self.logs[name].open("w") as fh:
+            self.procs[name] = subprocess.Popen(cmd, env=env, stdout=fh,
+                                                stderr=subprocess.STDOUT,
+                                                start_new_session=True)
+        return self.procs[name]
+
+    def log(self, name: str) -> str:
+        return self.logs[name].read_text(errors="replace")
+
+    def kill(self, name: str) -> None:
+        kill_tagged(self.tags[name], grace=0.0)
+        self.procs[name].wait(timeout=30)
+
+    def close(self) -> None:
+        for tag in self.tags.values():
+            kill_tagged(tag, grace=2.0)
+
+    def start_coordinator(self) -> None:
+        self.start("superlink", DENTFED + ["coordinator", "start", "--certs",
+                                           str(self.root / "certs"), "--address", self.address,
+                                           "--home", str(self.home)])
+        deadline = time.monotonic() + 90
+        while "Uvicorn running on https://" not in self.log("superlink"):
+            assert self.procs["superlink"].poll() is None, self.log("superlink")[-2000:]
+            assert time.monotonic() < deadline, "SuperLink did not start"
+            time.sleep(0.3)
+
+    def register(self, k: int) -> None:
+        r = subprocess.run(DENTFED + ["coordinator", "register",
+                                      str(self.certs.clinic_keys[k]) + ".pub",
+                                      "--home", str(self.home)],
+                           capture_output=True, text=True, timeout=120, env=deploy.flower_env())
+        assert r.returncode == 0 and "registered successfully" in r.stdout, r.stdout + r.stderr
+
+    def start_clinic(self, k: int) -> subprocess.Popen:
+        return self.start(f"clinic{k}", DENTFED + [
+            "clinic", "start", "--superlink", self.address,
+            "--ca", str(self.certs.ca_cert), "--key", str(self.certs.clinic_keys[k]),
+            "--manifest", str(self.manifests[k]), "--port", str(_free_port()),
+            "--max-retries", "3"])
+
+    def online(self) -> int:
+        r = subprocess.run([deploy.flower_bin("flwr"), "supernode", "list", deploy.CONNECTION,
+                            "--format", "json"], capture_output=True, text=True, timeout=120,
+                           env=deploy.flower_env(self.home))
+        assert r.returncode == 0, r.stdout + r.stderr
+        return sum(n.get("status") == "online" for n in json.loads(r.stdout)["nodes"])
+
+    def wait_online(self, n: int, timeout: float = 90) -> None:
+        deadline = time.monotonic() + timeout
+        while self.online() < n:
+            assert time.monotonic() < deadline, f"fewer than {n} clinics came online"
+            time.sleep(1)
+
+    def config(self, **fed) -> Path:
+        cfg = _fed_config(local_steps=2, fraction_evaluate=0.0, min_evaluate_clinics=0,
+                          **fed).model_dump(mode="json")
+        path = self.root / "fed.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        return path
+
+    def run(self, config: Path, run_dir: Path) -> subprocess.Popen:
+        return self.start("run", DENTFED + ["coordinator", "run", "--config", str(config),
+                                            "--run-dir", str(run_dir), "--test-manifest",
+                                            str(self.test_manifest), "--home", str(self.home)])
+
+
+@pytest.fixture
+def federation(tmp_path):
+    feds: list[Federation] = []
+
+    def make(clinics: int) -> Federation:
+        feds.append(Federation(tmp_path, clinics))
+        return feds[-1]
+
+    yield make
+    for f in feds:
+        f.close()
+
+
+def _wait(proc: subprocess.Popen, timeout: float, what: str) -> int:
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"{what} did not finish within {timeout} s") from None
+
+
+def test_tls_and_supernode_auth_two_clinics_two_rounds(federation, tmp_path):
+    fed = federation(2)
+    fed.start_coordinator()
+    fed.register(0)
+    fed.register(1)
+    fed.start_clinic(0)
+    fed.start_clinic(1)
+
+    fed.wait_online(2)
+    run_dir = tmp_path / "run"
+    proc = fed.run(fed.config(rounds=2), run_dir)
+
+    # While the run goes on: a clinic whose key was never registered is refused...
+    stranger = fed.start_clinic(2)
+    # ... a plain-text client gets nowhere ...
+    plain = fed.start("plaintext", [deploy.flower_bin("flower-supernode"), "--insecure",
+                                    "--superlink", fed.address, "--max-retries", "2",
+                                    "--max-wait-time", "10", "--port", str(_free_port()),
+                                    "--node-config", f'manifest="{fed.manifests[2]}"'])
+    with socket.create_connection(("127.0.0.1", fed.port), timeout=10) as s:
+        s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert not s.recv(100).startswith(b"HTTP/1.1 200")
+    # ... and the server's certificate verifies against our CA, for the name clinics dial.
+    ctx = ssl.create_default_context(cafile=str(fed.certs.ca_cert))
+    with socket.create_connection(("127.0.0.1", fed.port), timeout=10) as raw, \
+            ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+        assert tls.version() in ("TLSv1.2", "TLSv1.3")
+    assert _wait(stranger, 120, "unregistered SuperNode") != 0
+    assert "Failed to activate SuperNode" in fed.log("clinic2")
+    assert _wait(plain, 120, "plain-text SuperNode") != 0
+    assert fed.online() == 2
+
+    assert _wait(proc, 400, "the federated run") == 0, fed.log("run")[-3000:]
+    data = json.loads((run_dir / "metrics.json").read_text())
+    assert [h["round"] for h in data["history"]] == [0, 1, 2]
+    assert all(h["clinics_replied"] == 2 for h in data["history"][1:])
+    assert data["clinics"] == 2
+    for name in ("config.yaml", "model_final.pt", "report.md", "rounds.png", CHECKPOINT):
+        assert (run_dir / name).is_file(), name
+    for k in range(3):  # no clinic's data location reaches the coordinator's files or log
+        where = str(fed.manifests[k].parent)
+        assert where not in fed.log("run") and where not in fed.log("superlink")
+        assert where not in (run_dir / "metrics.json").read_text()
+
+
+def test_killing_one_of_three_clinics_mid_round_does_not_stop_the_run(federation, tmp_path):
+    fed = federation(3)
+    fed.start_coordinator()
+    for k in range(3):
+        fed.register(k)
+        fed.start_clinic(k)
+    fed.wait_online(3)
+    run_dir = tmp_path / "run"
+    proc = fed.run(fed.config(rounds=3, round_timeout=60, min_available_clinics=2,
+                              min_train_clinics=2), run_dir)
+    deadline = time.monotonic() + 300
+    while not ((run_dir / CHECKPOINT).is_file() and load_checkpoint(run_dir)["round"] >= 1):
+        assert proc.poll() is None, fed.log("run")[-3000:]
+        assert time.monotonic() < deadline, "round 1 did not finish"
+        time.sleep(0.2)
+    fed.kill("clinic2")  # round 2 has just been sent out
+    assert _wait(proc, 400, "the federated run") == 0, fed.log("run")[-3000:]
+    data = json.loads((run_dir / "metrics.json").read_text())
+    hist = {h["round"]: h for h in data["history"]}
+    assert sorted(hist) == [0, 1, 2, 3]
+    assert hist[1]["clinics_replied"] == 3
+    assert hist[2]["clinics_sampled"] == 3 and hist[2]["clinics_replied"] == 2
+    assert all(hist[r]["skipped"] is None for r in (1, 2, 3))
+    assert hist[3]["clinics_replied"] == 2
+    assert data["clinics"] == 3
+    report = (run_dir / "report.md").read_text()
+    assert "2/3" in report and "fewer clinic" in report
+    assert os.path.getsize(run_dir / "model_final.pt") > 0
