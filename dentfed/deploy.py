@@ -4,8 +4,8 @@ defaults filled in, so nobody types certificate flags by hand. Every command pri
 command line it runs; the same lines typed by hand work the same (docs/deploy.md).
 
 Defaults that matter: TLS always (there is no --insecure here), SuperNode authentication in
-allow-list mode, telemetry and update checks off, SuperLink state in a SQLite file so that
-registered clinics survive a coordinator restart.
+allow-list mode, telemetry and update checks off, no runtime installation of app dependencies,
+SuperLink state in a SQLite file so that registered clinics survive a coordinator restart.
 """
 
 from __future__ import annotations
@@ -54,7 +54,10 @@ def superlink_command(certs: Path, address: str = "0.0.0.0:9092",
            "--ssl-ca-certfile", str(_need(certs / "ca.crt", "CA certificate")),
            "--ssl-certfile", str(_need(certs / "server.crt", "server certificate")),
            "--ssl-keyfile", str(_need(certs / "server.key", "server key")),
-           "--enable-supernode-auth", "--host", host.strip("[]"), "--port", port]
+           "--enable-supernode-auth", "--host", host.strip("[]"), "--port", port,
+           # The ServerApp runs in this installed, pinned environment; no `uv sync` of a
+           # submitted app's dependencies from the network on the coordinator.
+           "--disable-runtime-dependency-installation"]
     if database is not None:
         cmd += ["--database", str(database)]
     return cmd
