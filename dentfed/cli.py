@@ -185,6 +185,14 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from dentfed.serve import serve
+
+    serve(args.model, host=args.host, port=args.port, max_mb=args.max_mb,
+          keep_uploads=Path(args.keep_uploads) if args.keep_uploads else None)
+    return 0
+
+
 def _split_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clinics", type=int)
     p.add_argument("--scheme", choices=["site", "iid", "dirichlet", "quantity", "pathological"])
@@ -277,6 +285,15 @@ def build_parser() -> argparse.ArgumentParser:
                     help="auto: bf16 autocast when the CPU has native bf16 and the first "
                     "batch's decisions equal fp32's")
     pr.set_defaults(func=_cmd_predict)
+
+    sv = sub.add_parser("serve", help="upload page and JSON API for one saved model")
+    sv.add_argument("--model", required=True, help="run folder or checkpoint file")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--max-mb", type=float, default=10, help="largest upload (default 10 MB)")
+    sv.add_argument("--keep-uploads", help="save each upload here under a random name "
+                    "(default: nothing is stored)")
+    sv.set_defaults(func=_cmd_serve)
     return p
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -268,6 +269,20 @@ def predict_paths(loaded: LoadedModel, paths: list[Path], *, batch_size: int = 3
         dec[good] = decide(probs[good], task_type, thr)
     used = "bf16" if (use_bf16 and precision != "fp32") else "fp32"
     return Predictions(probs, dec, errors, used, check)
+
+
+def preprocess(images: list[Image.Image], image_size: int, modality: str) -> torch.Tensor:
+    """Decoded images -> the normalised batch the model saw in training (no augmentation)."""
+    resize, normalise = resize_transform(image_size), tensor_transform(modality, train=False)
+    return torch.stack([normalise(resize(img)) for img in images])
+
+
+def predict_batch(loaded: LoadedModel, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Probabilities and decisions for an already normalised batch (fp32)."""
+    with torch.inference_mode():
+        p = _forward(loaded.model, x.contiguous(memory_format=torch.channels_last),
+                     loaded.task_type, False).cpu().numpy()
+    return p, decide(p, loaded.task_type, loaded.decision_thresholds())
 
 
 def predictions_table(names: list[str], labels: list[str], pred: Predictions) -> pd.DataFrame:
