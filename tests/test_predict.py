@@ -206,3 +206,16 @@ def test_federated_run_folder_has_a_card_with_per_clinic_counts(tmp_path: Path, 
     assert data["model"]["checkpoint"] == "model_final.pt"
     assert data["model"]["thresholds"] == [0.5, 0.5]
     assert "0.5" in data["model"]["threshold_source"]
+
+
+def test_bench_inference_runs_and_compares_with_the_plain_loop(tmp_path: Path, capsys,
+                                                               monkeypatch):
+    from simulations.bench_inference import main as bench
+
+    monkeypatch.setenv("DENTFED_SHARED", str(tmp_path / "absent"))  # synthetic images
+    assert bench(["--n", "6", "--image-size", "32", "--batch-size", "4", "--workers", "0",
+                  "--repeats", "1", "--threads", "1", "--shared", str(tmp_path / "no")]) == 0
+    out = capsys.readouterr().out
+    assert "6 images (synthetic)" in out
+    rows = [line for line in out.splitlines() if line.startswith(("plain", "dentfed"))]
+    assert len(rows) == 3 and rows[1].split()[-2] == "100.0%"  # fp32 decisions agree
