@@ -2,8 +2,9 @@
 
 Works with both kinds of run folder: `dentfed train` (`model.pt`) and federated runs
 (`model_final.pt`, `model_best.pt`). Decoding and resizing run in DataLoader workers; the model
-runs under `torch.inference_mode` with channels_last tensors, optionally with bf16 autocast,
-which is only kept when its decisions equal fp32's on the first batch.
+runs under `torch.inference_mode` with channels_last tensors, optionally with bf16 autocast
+(`auto`: only for a model whose bf16 scores stay close to fp32's, with borderline images
+recomputed in fp32 so decisions do not change).
 
 Unreadable images do not stop a run: they are reported per image (reason only; the caller
 already knows which file it was) and counted.
@@ -203,8 +204,8 @@ class Predictions:
     probs: np.ndarray  # [N, L]; NaN rows for unreadable images
     decisions: np.ndarray  # [N, L] 0/1; -1 rows for unreadable images
     errors: list[str]  # "" = ok, else the reason
-    precision: str  # "fp32" or "bf16" (what was actually used)
-    bf16_check: dict | None = None  # first-batch comparison when precision was "auto"
+    precision: str  # what was actually used: fp32, bf16, or "bf16 + fp32 re-check" (auto)
+    bf16_check: dict | None = None  # auto: the first-batch comparison and re-check count
 
     @property
     def n_failed(self) -> int:
@@ -225,10 +226,26 @@ def make_predict_loader(paths: list[Path], image_size: int, modality: str, batch
                       persistent_workers=False, prefetch_factor=4 if workers else None)
 
 
+AUTO_MAX_DIFF = 0.05  # auto: a model whose bf16 scores move more than this stays in fp32
+
+
+def borderline(probs: np.ndarray, task_type: str, thresholds: list[float],
+               margin: float) -> np.ndarray:
+    """Rows whose decision could flip if every score moved by up to `margin`."""
+    if task_type == "multilabel":
+        return (np.abs(probs - np.asarray(thresholds)[None, :]) < margin).any(axis=1)
+    top2 = np.sort(probs, axis=1)[:, -2:] if probs.shape[1] > 1 else probs
+    return (top2[:, -1] - top2[:, 0]) < 2 * margin
+
+
 def predict_paths(loaded: LoadedModel, paths: list[Path], *, batch_size: int = 32,
                   workers: int = 1, precision: str = "fp32") -> Predictions:
-    """Probabilities and decisions for every path. `precision`: fp32, bf16, or auto (bf16 if
-    the CPU supports it and the first batch's decisions equal fp32's, else fp32)."""
+    """Probabilities and decisions for every path.
+
+    `precision`: fp32; bf16 (autocast everywhere); or auto: on a CPU with native bf16, the
+    first batch runs in both; if bf16 moves no score by more than AUTO_MAX_DIFF, later batches
+    run in bf16 and every image with a score within 4x the observed difference (at least 0.01)
+    of a decision boundary is recomputed in fp32, so decisions stay those of fp32."""
     if precision not in ("fp32", "bf16", "auto"):
         raise DentfedError(f"precision must be fp32, bf16 or auto, not {precision}")
     model, task_type = loaded.model, loaded.task_type
@@ -240,7 +257,8 @@ def predict_paths(loaded: LoadedModel, paths: list[Path], *, batch_size: int = 3
     probs = np.full((n, nl), np.nan, dtype=np.float32)
     errors = [""] * n
     use_bf16 = precision == "bf16"
-    check = None
+    margin = None  # auto with bf16 in use: re-check scores this close to a boundary in fp32
+    check: dict | None = None
     if precision == "auto" and not bf16_supported():
         check = {"used": False, "reason": "no native bf16 on this CPU"}
     loader = make_predict_loader(paths, loaded.cfg.data.image_size, loaded.cfg.data.modality,
@@ -248,17 +266,24 @@ def predict_paths(loaded: LoadedModel, paths: list[Path], *, batch_size: int = 3
     with torch.inference_mode():
         for x, idx, errs in loader:
             x = x.to(device).contiguous(memory_format=torch.channels_last)
-            p = _forward(model, x, task_type, use_bf16).cpu().numpy()
             ok = np.array([not e for e in errs])
+            p = _forward(model, x, task_type, use_bf16).cpu().numpy()
             if precision == "auto" and check is None and ok.any():
                 pb = _forward(model, x, task_type, True).cpu().numpy()
-                same = bool((decide(p[ok], task_type, thr) == decide(pb[ok], task_type, thr))
-                            .all())
-                check = {"used": same, "images_compared": int(ok.sum()),
-                         "max_abs_prob_diff": float(np.abs(p[ok] - pb[ok]).max()),
-                         "reason": "decisions equal fp32 on the first batch" if same
-                         else "decisions differ from fp32 on the first batch"}
-                use_bf16 = same
+                diff = float(np.abs(p[ok] - pb[ok]).max())
+                use_bf16 = diff <= AUTO_MAX_DIFF
+                margin = max(4 * diff, 0.01) if use_bf16 else None
+                check = {"used": use_bf16, "images_compared": int(ok.sum()),
+                         "max_abs_prob_diff": diff, "recheck_margin": margin,
+                         "rechecked_in_fp32": 0,
+                         "reason": f"bf16 moved scores by at most {diff:.4f} on the first batch"
+                         + ("" if use_bf16 else f" (> {AUTO_MAX_DIFF}: fp32 kept)")}
+            elif margin is not None:
+                near = borderline(p, task_type, thr, margin) & ok
+                if near.any():
+                    p[near] = _forward(model, x[torch.from_numpy(near)], task_type,
+                                       False).cpu().numpy()
+                    check["rechecked_in_fp32"] += int(near.sum())
             ii = idx.numpy()
             probs[ii[ok]] = p[ok]
             for i, e in zip(ii, errs, strict=True):
@@ -267,7 +292,8 @@ def predict_paths(loaded: LoadedModel, paths: list[Path], *, batch_size: int = 3
     good = np.array([not e for e in errors], dtype=bool)
     if good.any():
         dec[good] = decide(probs[good], task_type, thr)
-    used = "bf16" if (use_bf16 and precision != "fp32") else "fp32"
+    used = "bf16" if precision == "bf16" else ("bf16 + fp32 re-check" if margin is not None
+                                               else "fp32")
     return Predictions(probs, dec, errors, used, check)
 
 

@@ -4,7 +4,9 @@ Both read the same JPEG files from disk and run the same model. The plain loop d
 main process with classic torchvision transforms and runs fp32 batches under `torch.no_grad`.
 dentfed's path (`shared.inference.predict_paths`) decodes in DataLoader workers, runs under
 `torch.inference_mode` with channels_last, fp32 and optionally bf16 autocast. Prints images/s and
-whether decisions (threshold 0.5 or argmax) equal the plain fp32 loop's.
+whether decisions (the model's thresholds, or argmax) equal the plain loop's and dentfed's fp32
+ones. The plain loop resizes with PIL, dentfed with torchvision.transforms.v2 on tensors (as in
+training), so their probabilities differ slightly even in fp32.
 
     .venv/bin/python -m simulations.bench_inference --n 256      # ResNet-18, 224 px
     .venv/bin/python -m simulations.bench_inference --model runs/ufba-mnv2  # a trained model
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import tempfile
 import time
 from pathlib import Path
@@ -58,10 +61,19 @@ def plain_loop(model: torch.nn.Module, paths: list[Path], size: int, batch: int,
     return np.concatenate(out)
 
 
+def _cpu_seconds() -> float:
+    """CPU time of this process and its reaped children (the DataLoader's decode workers)."""
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(
+        resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def _timed(fn):
-    t0 = time.perf_counter()
+    """(result, wall seconds, CPU seconds). On a machine shared with other jobs the wall time
+    depends on the neighbours; CPU seconds per image much less so."""
+    c0, t0 = _cpu_seconds(), time.perf_counter()
     res = fn()
-    return res, time.perf_counter() - t0
+    return res, time.perf_counter() - t0, _cpu_seconds() - c0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,34 +111,50 @@ def main(argv: list[str] | None = None) -> int:
               f"{bf16_supported()}")
         warm = paths[:args.batch_size]
         plain_loop(loaded.model, warm, size, args.batch_size, task)
-        for precision in ("fp32", "bf16"):
+        for precision in ("fp32", "bf16", "auto"):
             predict_paths(loaded, warm, batch_size=args.batch_size, workers=0,
                           precision=precision)
         # interleaved repeats, best time of each: a neighbour's burst hits all pipelines alike
         times: dict[str, float] = {}
+        cpu: dict[str, float] = {}
         outputs: dict[str, np.ndarray] = {}
         for _ in range(args.repeats):
-            ref, t = _timed(lambda: plain_loop(loaded.model, paths, size, args.batch_size, task))
+            ref, t, c = _timed(lambda: plain_loop(loaded.model, paths, size, args.batch_size,
+                                                  task))
             times["plain"], outputs["plain"] = min(times.get("plain", t), t), ref
-            for precision in ("fp32", "bf16"):
-                pred, t = _timed(lambda p=precision: predict_paths(
+            cpu["plain"] = min(cpu.get("plain", c), c)
+            for precision in ("fp32", "bf16", "auto"):
+                pred, t, c = _timed(lambda p=precision: predict_paths(
                     loaded, paths, batch_size=args.batch_size, workers=args.workers,
                     precision=p))
                 times[precision] = min(times.get(precision, t), t)
+                cpu[precision] = min(cpu.get(precision, c), c)
                 outputs[precision] = pred.probs
-    ref = outputs["plain"]
-    ref_dec = decide(ref, task, thr)
-    rows = [("plain torchvision loop (fp32)", times["plain"], 1.0, 0.0)]
-    for precision in ("fp32", "bf16"):
-        agree = float((decide(outputs[precision], task, thr) == ref_dec).all(axis=1).mean())
-        rows.append((f"dentfed predict ({precision}, channels_last, inference_mode)",
-                     times[precision], agree, float(np.abs(outputs[precision] - ref).max())))
-    print(f"\n{'pipeline':58s} {'images/s':>9s} {'decisions = plain fp32':>23s} "
-          f"{'max |dp|':>9s}")
-    for name, t, agree, diff in rows:
-        print(f"{name:58s} {len(paths) / t:9.1f} {agree:22.1%} {diff:9.4f}")
+                if precision == "auto":
+                    auto_used = pred.precision
+    dec = {k: decide(v, task, thr) for k, v in outputs.items()}
+
+    def agree(a: str, b: str) -> str:
+        """Share of images whose decisions on every label are equal, and max |prob diff|."""
+        same = float((dec[a] == dec[b]).all(axis=1).mean())
+        return f"{same:7.1%} ({np.abs(outputs[a] - outputs[b]).max():.4f})"
+
+    names = {"plain": "plain torchvision loop (fp32)",
+             "fp32": "dentfed predict (fp32, channels_last, inference_mode)",
+             "bf16": "dentfed predict (bf16 autocast, channels_last)",
+             "auto": "dentfed predict (auto: bf16, borderline in fp32)"}
+    print(f"\n{'pipeline':55s} {'images/s':>9s} {'img/CPU-s':>9s}  {'same as plain (max |dp|)':25s}"
+          f" {'same as dentfed fp32':20s}")
+    for key, name in names.items():
+        print(f"{name:55s} {len(paths) / times[key]:9.1f} {len(paths) / cpu[key]:9.1f}  "
+              f"{agree(key, 'plain'):25s} {agree(key, 'fp32'):20s}")
+    cores = os.cpu_count() or 1
+    print(f"auto used: {auto_used}")
+    print(f"\nimages/s: wall clock; img/CPU-s: images per CPU-second of this process and its "
+          f"workers (x{cores} = what {cores} otherwise idle cores could do at best)")
     t_plain = times["plain"]
-    print(f"\nspeed-up fp32 {t_plain / rows[1][1]:.2f}x, bf16 {t_plain / rows[2][1]:.2f}x "
+    print(f"speed-up fp32 {t_plain / times['fp32']:.2f}x, bf16 {t_plain / times['bf16']:.2f}x, "
+          f"auto {t_plain / times['auto']:.2f}x "
           f"(same machine, same run, best of {args.repeats} interleaved repeats; load average "
           f"now {os.getloadavg()[0]:.1f})")
     return 0

@@ -218,4 +218,21 @@ def test_bench_inference_runs_and_compares_with_the_plain_loop(tmp_path: Path, c
     out = capsys.readouterr().out
     assert "6 images (synthetic)" in out
     rows = [line for line in out.splitlines() if line.startswith(("plain", "dentfed"))]
-    assert len(rows) == 3 and rows[1].split()[-2] == "100.0%"  # fp32 decisions agree
+    assert len(rows) == 4 and rows[1].split()[-2] == "100.0%"  # dentfed fp32 = itself
+    assert rows[2].count("%") == 2 and "auto used: " in out
+
+
+def test_auto_precision_keeps_fp32_decisions(tiny_run: Path):
+    """auto may use bf16 only where it cannot change a decision: borderline scores are
+    recomputed in fp32 (on a CPU without native bf16 it is plain fp32)."""
+    loaded = load_model(tiny_run)
+    paths = sorted((tiny_run.parent / "data" / "img").glob("*.png"))
+    fp32 = predict_paths(loaded, paths, batch_size=8, workers=0, precision="fp32")
+    auto = predict_paths(loaded, paths, batch_size=8, workers=0, precision="auto")
+    assert (auto.decisions == fp32.decisions).all()
+    assert auto.bf16_check is not None and auto.precision in ("fp32", "bf16 + fp32 re-check")
+    if auto.bf16_check["used"]:
+        margin = auto.bf16_check["recheck_margin"]
+        assert np.abs(auto.probs - fp32.probs).max() <= margin
+    bf16 = predict_paths(loaded, paths, batch_size=8, workers=0, precision="bf16")
+    assert bf16.precision == "bf16" and np.abs(bf16.probs - fp32.probs).max() < 0.1
