@@ -131,7 +131,10 @@ def main(argv: list[str] | None = None) -> int:
                 cpu[precision] = min(cpu.get(precision, c), c)
                 outputs[precision] = pred.probs
                 if precision == "auto":
-                    auto_used = pred.precision
+                    auto_used = pred.precision + (
+                        f", {pred.bf16_check['rechecked_in_fp32']} of {len(paths)} images "
+                        "re-checked in fp32" if pred.bf16_check and pred.bf16_check["used"]
+                        else "")
     dec = {k: decide(v, task, thr) for k, v in outputs.items()}
 
     def agree(a: str, b: str) -> str:
