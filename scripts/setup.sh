@@ -9,3 +9,15 @@ fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet -e '.[dev]'
 echo "dentfed installed in $(pwd)/.venv"
+# Headless Chromium + chromedriver for the upload-page browser test (tests/test_serve.py).
+# Optional: without them (no root, no apt) that one test skips with a reason.
+if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+            chromium chromium-driver >/dev/null; } \
+            || echo "note: could not install chromium/chromium-driver; the browser test will skip"
+    else
+        echo "note: chromium/chromium-driver missing; the browser test will skip (apt-get install" \
+             "chromium chromium-driver as root to run it)"
+    fi
+fi

@@ -17,6 +17,7 @@ import torch  # noqa: E402
 from server.federation import FederationResult  # noqa: E402
 from shared.config import dump_config  # noqa: E402
 from shared.fedio import build_global_model  # noqa: E402
+from shared.model_card import build_card, write_card  # noqa: E402
 from shared.models import trainable_state_keys  # noqa: E402
 from shared.report import metrics_table, render_table, write_json, write_text_atomic  # noqa: E402
 
@@ -140,6 +141,20 @@ def rounds_table(res: FederationResult) -> pd.DataFrame:
     return df.round(4)
 
 
+def clinic_counts(res: FederationResult) -> dict:
+    """Images per anonymous clinic index, as the clinics reported them (`num-examples`, the
+    latest round each replied): the only data summary the coordinator has."""
+    per: dict[str, dict[str, int]] = {}
+    for rnd in sorted(res.recorder.rounds):
+        rec = res.recorder.rounds[rnd]
+        for kind, replies in (("train_images", rec.train), ("validation_images", rec.evaluate)):
+            for idx, m in replies.items():
+                if "num-examples" in m:
+                    per.setdefault(str(idx), {})[kind] = int(m["num-examples"])
+    return {"clinics": res.recorder.n_clinics, "per_clinic": dict(sorted(per.items())),
+            "server_test_images": res.evaluator.n_test}
+
+
 def write_run_folder(res: FederationResult, out: Path) -> dict:
     """Write everything into a temporary folder, then rename it: never a half-written run."""
     out = Path(out)
@@ -152,6 +167,12 @@ def write_run_folder(res: FederationResult, out: Path) -> dict:
         _checkpoint(res, res.evaluator.final_state, tmp / "model_final.pt")
         _checkpoint(res, res.evaluator.best_state or res.evaluator.final_state,
                     tmp / "model_best.pt")
+        write_card(tmp, build_card(
+            res.cfg, kind="federated", checkpoint="model_final.pt", thresholds=None,
+            data=clinic_counts(res), metrics=data,
+            evaluated_on=f"server test set ({data['test_images']} images), final round",
+            extra={"best_checkpoint": {"file": "model_best.pt",
+                                       "round": data["best_round"]}}))
         _plot(res, tmp / "rounds.png")
         table = metrics_table(res.cfg.task, data["final"])
         text = (f"# dentfed federated run\n\nstrategy {data['strategy']}, {data['rounds']} rounds,"

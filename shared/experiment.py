@@ -20,6 +20,7 @@ from shared.data.splits import Split, kfold_patients, split_patients
 from shared.errors import ConfigError, DentfedError
 from shared.losses import make_loss
 from shared.metrics import headline, tune_thresholds
+from shared.model_card import build_card, label_counts, write_card
 from shared.models import build_model, resolve_device, trainable_state_keys
 from shared.report import (
     metrics_table,
@@ -110,6 +111,19 @@ def save_checkpoint(path: Path, model: torch.nn.Module, cfg: Config,
     }, path)
 
 
+def data_summary(m: Manifest, split: Split, cv: int | None) -> dict:
+    """Counts only (no ids, no paths) for the model card: the saved model's split."""
+    parts = {s: {"images": len(split[s]), "patients": int(len(set(m.patient_ids[split[s]])))}
+             for s in ("train", "val", "test")}
+    out = {"images": len(m), "patients": int(len(set(m.patient_ids))), "splits": parts,
+           "train_label_counts": label_counts(m.task.type, m.task.labels,
+                                              m.targets[split["train"]])}
+    if cv:
+        out["cv_folds"] = cv
+        out["note"] = "splits and label counts are those of the last fold (the saved model)"
+    return out
+
+
 def run_training(cfg: Config, manifest: str | Path | None, out_dir: str | Path,
                  cv: int | None = None, seed: int | None = None) -> dict:
     """Run `dentfed train`; writes the run folder atomically and returns metrics.json's content."""
@@ -154,6 +168,11 @@ def run_training(cfg: Config, manifest: str | Path | None, out_dir: str | Path,
         write_text_atomic(tmp / "config.yaml", dump_config(cfg))
         write_json(tmp / "metrics.json", result)
         save_checkpoint(tmp / "model.pt", folds[-1].model, cfg, folds[-1].thresholds)
+        write_card(tmp, build_card(
+            cfg, kind="pooled", checkpoint="model.pt", thresholds=folds[-1].thresholds,
+            data=data_summary(m, splits[-1], cv), metrics=result,
+            evaluated_on=(f"mean over {cv} patient-grouped CV folds" if cv
+                          else "held-out patient-grouped test split")))
         plot_learning_curves([fr.history for fr in folds], headline(cfg.task.type),
                              tmp / "learning_curve.png")
         title = f"{len(folds)}-fold patient-grouped CV, mean ± sd" if cv else "test split"

@@ -186,8 +186,13 @@ def _head_prefixes(model: nn.Module) -> tuple[str, ...]:
     return (last,) if last else ()
 
 
-def build_model(cfg: ModelConfig, num_outputs: int, image_size: int = 224) -> nn.Module:
-    """Build the task model: architecture, local pretrained weights, new head, frozen stages."""
+def build_model(cfg: ModelConfig, num_outputs: int, image_size: int = 224,
+                load_weights: bool = True) -> nn.Module:
+    """Build the task model: architecture, local pretrained weights, new head, frozen stages.
+
+    `load_weights=False` builds the identical layout (a pretrained ViT gets the same replaced
+    head) without reading `cfg.pretrained`: for loading a saved checkpoint on a machine that
+    lacks the original weights file."""
     name = cfg.name.lower()
     if name == "vit":
         model: nn.Module = _vit(cfg, image_size, 1000 if cfg.pretrained else num_outputs)
@@ -198,7 +203,7 @@ def build_model(cfg: ModelConfig, num_outputs: int, image_size: int = 224) -> nn
             raise ConfigError(f"model.name '{cfg.name}' is not 'vit' or a torchvision "
                               "classification model (e.g. resnet18, mobilenet_v2, "
                               "efficientnet_b0, convnext_tiny)") from None
-    if cfg.pretrained:
+    if cfg.pretrained and load_weights:
         load_pretrained(model, cfg.pretrained, cfg.pretrained_prefix, cfg.pretrained_sha256,
                         head_prefixes=_head_prefixes(model))
     if isinstance(model, VisionTransformer):

@@ -196,7 +196,8 @@ def test_real_flower_simulation_two_clinics_two_rounds(tmp_path):
         assert h["bytes_received"] == 2 * int8_bytes  # int8 deltas; frozen stages never sent
     assert data["upload_bytes_per_clinic_round"] < data["full_model_bytes"]
     for name in ("config.yaml", "model_best.pt", "model_final.pt", "rounds.png", "report.md",
-                 "flower.log", "split/server_test.csv", "split/clinic_1/manifest.csv"):
+                 "flower.log", "split/server_test.csv", "split/clinic_1/manifest.csv",
+                 "model_card.json", "model_card.md"):
         assert (out / name).is_file(), name
     ckpt = torch.load(out / "model_final.pt", weights_only=False)
     assert ckpt["labels"] == ["bright", "stripe"]

@@ -62,7 +62,9 @@ def test_train_cli_writes_run_folder(tiny_manifest, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "2-fold patient-grouped CV" in r.stdout and "±" in r.stdout
     assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "learning_curve.png",
-                                                      "metrics.json", "model.pt", "report.md"]
+                                                      "metrics.json", "model.pt",
+                                                      "model_card.json", "model_card.md",
+                                                      "report.md"]
     metrics = json.loads((out / "metrics.json").read_text())
     assert 0 <= metrics["final"]["macro_auc"] <= 1
     assert set(metrics["final_sd"]) == set(metrics["final"])

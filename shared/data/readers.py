@@ -8,7 +8,9 @@ this function.
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -40,12 +42,13 @@ def _to_uint8(arr: np.ndarray) -> np.ndarray:
     return np.round((arr - lo) / (hi - lo) * 255.0).astype(np.uint8)
 
 
-def dicom_to_array(path: Path) -> np.ndarray:
-    """Pixels of a single-frame DICOM as uint8, HxW (grayscale) or HxWx3 (colour)."""
+def dicom_to_array(path: Path | BinaryIO) -> np.ndarray:
+    """Pixels of a single-frame DICOM (a file or an open binary stream) as uint8, HxW
+    (grayscale) or HxWx3 (colour)."""
     import pydicom
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
-    ds = pydicom.dcmread(str(path))
+    ds = pydicom.dcmread(str(path) if isinstance(path, Path) else path)
     if "PixelData" not in ds:
         raise ValueError("DICOM file has no pixel data")
     arr = ds.pixel_array
@@ -95,3 +98,23 @@ def read_image(path: str | Path) -> Image.Image:
     except Exception as err:  # pydicom raises a variety of types on broken files
         raise ManifestError(f"{path}: unreadable or corrupt image ({type(err).__name__}: "
                             f"{str(err).splitlines()[0] if str(err) else ''})") from None
+
+
+def decode_image_bytes(data: bytes) -> Image.Image:
+    """Decode an in-memory image (an upload; nothing is written to disk) like `read_image`:
+    DICOM when the 'DICM' magic is at byte 128, else anything Pillow reads.
+
+    Raises ManifestError with the reason (no file name: the caller knows what it sent)."""
+    try:
+        if len(data) > 132 and data[128:132] == b"DICM":
+            img = Image.fromarray(dicom_to_array(io.BytesIO(data)))
+        else:
+            with Image.open(io.BytesIO(data)) as im:
+                im.load()
+                img = im.copy()
+        if img.mode in ("I;16", "I"):
+            img = Image.fromarray(_to_uint8(np.asarray(img)))
+        return img.convert("RGB")
+    except Exception as err:  # Pillow and pydicom raise many types on broken input
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ManifestError(f"unreadable or corrupt image ({reason})") from None

@@ -1,0 +1,155 @@
+"""`dentfed predict`: predictions for images with a saved model, as CSV and JSON, and optional
+saliency overlays with one HTML contact sheet."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from shared.config import TaskConfig
+from shared.errors import DentfedError
+from shared.inference import (
+    Inputs,
+    LoadedModel,
+    PredictDataset,
+    Predictions,
+    check_modality,
+    check_task,
+    collect_inputs,
+    load_model,
+    predict_paths,
+    predictions_table,
+)
+from shared.model_card import build_card, card_markdown
+from shared.report import write_json, write_text_atomic
+from shared.saliency import (
+    SheetRow,
+    compute_maps,
+    denormalise,
+    display_image,
+    methods_for,
+    overlay,
+    write_sheet,
+)
+
+log = logging.getLogger("dentfed")
+
+
+def model_card_text(loaded: LoadedModel) -> str:
+    """The run's model card; for run folders made before cards existed, one rebuilt from the
+    checkpoint and metrics.json (data counts then unknown)."""
+    card = loaded.card
+    if card is None:
+        metrics_path = loaded.checkpoint.parent / "metrics.json"
+        metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+        kind = "federated" if loaded.checkpoint.name.startswith("model_") else "pooled"
+        card = build_card(loaded.cfg, kind=kind, checkpoint=loaded.checkpoint.name,
+                          thresholds=loaded.thresholds,
+                          data={"note": "not recorded (run made before model cards)"},
+                          metrics=metrics, evaluated_on="as recorded in metrics.json")
+    return card_markdown(card)
+
+
+def _slug(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", label)
+
+
+def write_saliency(loaded: LoadedModel, inputs: Inputs, pred: Predictions, out: Path,
+                   limit: int, batch_size: int = 8) -> Path:
+    """PNG overlays for every label and method of the first `limit` readable images, and
+    sheet.html showing each image's predicted labels (or its most likely one)."""
+    folder = out / "saliency"
+    folder.mkdir(parents=True, exist_ok=True)
+    labels = loaded.labels
+    methods = methods_for(loaded.model)
+    chosen = [i for i, e in enumerate(pred.errors) if not e][:limit]
+    ds = PredictDataset([inputs.paths[i] for i in chosen], loaded.cfg.data.image_size,
+                        loaded.cfg.data.modality)
+    model = loaded.model.to(memory_format=torch.contiguous_format)
+    rows: list[SheetRow] = []
+    for start in range(0, len(chosen), batch_size):
+        items = [ds[k] for k in range(start, min(start + batch_size, len(chosen)))]
+        x = torch.stack([it[0] for it in items])
+        maps = compute_maps(model, x, list(range(len(labels))), methods)
+        for b, (xi, _, _) in enumerate(items):
+            i = chosen[start + b]
+            stem = f"{i + 1:04d}"
+            image = denormalise(xi)
+            display_image(image).save(folder / f"{stem}_input.png")
+            overlays: dict[str, dict[str, str]] = {}
+            for j, lab in enumerate(labels):
+                for m in methods:
+                    name = f"{stem}_{_slug(lab)}_{m}.png"
+                    overlay(image, maps[m][b, j]).save(folder / name)
+                    overlays.setdefault(lab, {})[m] = name
+            probs = {lab: float(pred.probs[i, j]) for j, lab in enumerate(labels)}
+            predicted = [lab for j, lab in enumerate(labels) if pred.decisions[i, j] == 1]
+            shown = predicted or [labels[int(np.argmax(pred.probs[i]))]]
+            rows.append(SheetRow(inputs.names[i], f"{stem}_input.png", probs, predicted, shown,
+                                 overlays))
+    thr = (dict(zip(labels, loaded.decision_thresholds(), strict=True))
+           if loaded.task_type == "multilabel" else None)
+    header = (f"<p>Model: {loaded.cfg.model.name}, {loaded.task_type}; decisions at "
+              f"{'tuned' if loaded.thresholds else 'default'} thresholds. {len(rows)} of "
+              f"{len(inputs.names)} images shown. A saliency map shows which pixels the "
+              "label's score is sensitive to, not a diagnosis.</p>")
+    sheet = folder / "sheet.html"
+    write_sheet(sheet, "dentfed saliency sheet", rows, methods, thr, header)
+    return sheet
+
+
+def run_predict(model_path: str | Path, target: str | Path, out: str | Path, *,
+                batch_size: int = 32, workers: int = 1, precision: str = "fp32",
+                saliency: bool = False, saliency_limit: int = 20,
+                expect_task: TaskConfig | None = None) -> dict:
+    """Predict every image of `target` and write predictions.csv / predictions.json (and the
+    saliency folder) to `out`; returns the JSON's summary fields."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise DentfedError(f"output folder {out} exists and is not empty; choose another --out")
+    loaded = load_model(model_path)
+    if expect_task is not None:
+        check_task(loaded, expect_task)
+    inputs = collect_inputs(target)
+    check_modality(loaded, inputs)
+    t0 = time.perf_counter()
+    pred = predict_paths(loaded, inputs.paths, batch_size=batch_size, workers=workers,
+                         precision=precision)
+    seconds = time.perf_counter() - t0
+    table = predictions_table(inputs.names, loaded.labels, pred)
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / "predictions.csv", table.to_csv(index=False))
+    summary = {
+        "model": {"checkpoint": loaded.checkpoint.name, "architecture": loaded.cfg.model.name,
+                  "task": loaded.task_type, "labels": loaded.labels,
+                  "thresholds": loaded.decision_thresholds()
+                  if loaded.task_type == "multilabel" else None,
+                  "threshold_source": "tuned on validation" if loaded.thresholds else
+                  ("0.5 (the model has no tuned thresholds)"
+                   if loaded.task_type == "multilabel" else "argmax")},
+        "images": len(inputs.names),
+        "failed": pred.n_failed,
+        "precision": pred.precision,
+        "bf16_check": pred.bf16_check,
+        "seconds": seconds,
+        "images_per_second": len(inputs.names) / seconds if seconds > 0 else None,
+    }
+    records = []
+    for row in table.to_dict(orient="records"):
+        ok = row["status"] == "ok"
+        records.append({
+            "image": row["image"], "status": row["status"], "error": row["error"] or None,
+            "probabilities": {lab: row[f"p_{lab}"] for lab in loaded.labels} if ok else None,
+            "decisions": {lab: bool(row[f"pred_{lab}"]) for lab in loaded.labels}
+            if ok else None,
+            "predicted": row["predicted"].split(";") if ok and row["predicted"] else []})
+    write_json(out / "predictions.json", {**summary, "predictions": records})
+    if saliency:
+        summary["sheet"] = str(write_saliency(loaded, inputs, pred, out, saliency_limit))
+    return summary

@@ -1,0 +1,195 @@
+"""`dentfed serve`: a small FastAPI app around one saved model, for a dentist's browser.
+
+- `GET /`: upload page (one image; JPEG, PNG, BMP, TIFF, WebP or DICOM).
+- `POST /predict`: the same page with probabilities, decisions and saliency overlays.
+- `POST /api/predict`: JSON (`?saliency=true` adds overlays as PNG data URIs).
+- `GET /api/model`: the model card.
+
+Uploads are decoded in memory: multipart spooling is raised above the size limit so no upload is
+written to a temporary file, and nothing is saved unless `--keep-uploads DIR` is given (then
+under a random name). Nothing about an upload (its file name included) is logged.
+"""
+
+from __future__ import annotations
+
+import html
+import threading
+import uuid
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartParser
+
+from shared.data.readers import decode_image_bytes
+from shared.errors import ManifestError
+from shared.inference import LoadedModel, load_model, predict_batch, preprocess
+from shared.model_card import read_card
+from shared.saliency import (
+    SHEET_CSS,
+    SheetRow,
+    compute_maps,
+    data_uri,
+    denormalise,
+    display_image,
+    methods_for,
+    overlay,
+    sheet_body,
+)
+
+ALLOWED_TYPES = {"image/jpeg", "image/png", "image/bmp", "image/tiff", "image/webp",
+                 "application/dicom", "application/octet-stream"}
+ALLOWED_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".dcm",
+                    ".dicom", ""}
+
+
+class UploadRejected(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+def _page(title: str, body: str) -> str:
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
+            f"</title><style>{SHEET_CSS}</style></head><body><h1>{html.escape(title)}</h1>"
+            f"{body}</body></html>")
+
+
+def _form(loaded: LoadedModel, max_mb: float) -> str:
+    labels = ", ".join(html.escape(x) for x in loaded.labels)
+    return (f"<p>Model: {html.escape(loaded.cfg.model.name)} ({loaded.task_type}: {labels}), "
+            f"trained on {loaded.cfg.data.modality}s. One image, at most {max_mb:g} MB: JPEG, "
+            "PNG, BMP, TIFF, WebP or DICOM. The image is analysed in memory and not stored.</p>"
+            '<form id="upload" action="predict" method="post" enctype="multipart/form-data">'
+            '<input id="file" type="file" name="file" accept="image/*,.dcm,.dicom"> '
+            '<label><input id="saliency" type="checkbox" name="saliency" value="1" checked> '
+            'saliency maps</label> <button id="submit" type="submit">Predict</button></form>')
+
+
+def create_app(model_path: str | Path, *, max_bytes: int = 10 * 1024 * 1024,
+               keep_uploads: Path | None = None) -> FastAPI:
+    """The app for one model; `max_bytes` bounds an upload (413 above it)."""
+    loaded = load_model(model_path)
+    card = read_card(loaded.checkpoint.parent)
+    methods = methods_for(loaded.model)
+    lock = threading.Lock()  # captum hooks the model: one attribution at a time
+    # Keep uploads in memory: Starlette would spool parts above 1 MB to a temporary file.
+    MultiPartParser.spool_max_size = max(MultiPartParser.spool_max_size, max_bytes + 1024 * 1024)
+    max_mb = max_bytes / (1024 * 1024)
+    app = FastAPI(title="dentfed", docs_url=None, redoc_url=None)
+
+    @app.middleware("http")
+    async def limit_size(request: Request, call_next):
+        length = request.headers.get("content-length")
+        if request.method == "POST" and length and length.isdigit() and \
+                int(length) > max_bytes + 64 * 1024:  # multipart overhead
+            return _error(request, 413, f"upload too large: at most {max_mb:g} MB")
+        return await call_next(request)
+
+    def _error(request: Request, status: int, message: str):
+        if request.url.path.startswith("/api/"):
+            return JSONResponse({"error": message}, status_code=status)
+        body = (f'<p class="err" id="error">{html.escape(message)}</p>'
+                f"{_form(loaded, max_mb)}")
+        return HTMLResponse(_page("dentfed: not analysed", body), status_code=status)
+
+    async def _read(upload: UploadFile) -> bytes:
+        suffix = Path(upload.filename or "").suffix.lower()
+        ctype = (upload.content_type or "").split(";")[0].strip().lower()
+        if suffix not in ALLOWED_SUFFIXES or (ctype and ctype not in ALLOWED_TYPES):
+            raise UploadRejected(415, "unsupported file type: upload a JPEG, PNG, BMP, TIFF, "
+                                 "WebP or DICOM image")
+        data = await upload.read(max_bytes + 1)
+        await upload.close()
+        if len(data) > max_bytes:
+            raise UploadRejected(413, f"upload too large: at most {max_mb:g} MB")
+        if not data:
+            raise UploadRejected(400, "empty upload: choose an image file")
+        if keep_uploads is not None:
+            keep_uploads.mkdir(parents=True, exist_ok=True)
+            (keep_uploads / f"{uuid.uuid4().hex}{suffix}").write_bytes(data)
+        return data
+
+    def _analyse(data: bytes, saliency: bool, with_input: bool = False) -> dict[str, Any]:
+        try:
+            img = decode_image_bytes(data)
+        except ManifestError as err:
+            raise UploadRejected(422, f"the file is not a readable image: {err}") from None
+        x = preprocess([img], loaded.cfg.data.image_size, loaded.cfg.data.modality)
+        with lock:
+            probs, dec = predict_batch(loaded, x)
+            maps = compute_maps(loaded.model, x, list(range(len(loaded.labels))), methods) \
+                if saliency else {}
+        labels = loaded.labels
+        res: dict[str, Any] = {
+            "labels": labels,
+            "probabilities": {lab: float(probs[0, j]) for j, lab in enumerate(labels)},
+            "decisions": {lab: bool(dec[0, j]) for j, lab in enumerate(labels)},
+            "predicted": [lab for j, lab in enumerate(labels) if dec[0, j]],
+            "thresholds": (dict(zip(labels, loaded.decision_thresholds(), strict=True))
+                           if loaded.task_type == "multilabel" else None),
+        }
+        image = denormalise(x[0])
+        if saliency or with_input:
+            res["input"] = data_uri(display_image(image))
+        if saliency:
+            res["saliency"] = {lab: {m: data_uri(overlay(image, maps[m][0, j]))
+                                     for m in methods} for j, lab in enumerate(labels)}
+        return res
+
+    @app.get("/", response_class=HTMLResponse)
+    def index() -> str:
+        return _page("dentfed: image analysis", _form(loaded, max_mb))
+
+    @app.get("/api/model")
+    def model_info() -> dict:
+        return {"labels": loaded.labels, "task": loaded.task_type,
+                "architecture": loaded.cfg.model.name, "card": card}
+
+    async def _upload(request: Request) -> tuple[UploadFile, Any]:
+        try:
+            form = await request.form(max_files=1, max_fields=4)
+        except Exception:  # malformed multipart, too many parts
+            raise UploadRejected(400, "send one image as multipart form field 'file'") from None
+        file = form.get("file")
+        if not isinstance(file, UploadFile) or not file.filename:
+            raise UploadRejected(400, "no image: choose an image file to upload")
+        return file, form
+
+    @app.post("/api/predict")
+    async def api_predict(request: Request, saliency: bool = False):
+        try:
+            file, _ = await _upload(request)
+            return _analyse(await _read(file), saliency)
+        except UploadRejected as err:
+            return _error(request, err.status, err.message)
+
+    @app.post("/predict", response_class=HTMLResponse)
+    async def page_predict(request: Request):
+        try:
+            file, form = await _upload(request)
+            saliency = form.get("saliency") == "1"
+            res = _analyse(await _read(file), saliency, with_input=True)
+        except UploadRejected as err:
+            return _error(request, err.status, err.message)
+        probs = res["probabilities"]
+        shown = res["predicted"] or [max(probs, key=probs.get)]
+        row = SheetRow(file.filename or "upload", res["input"], probs, res["predicted"],
+                       shown if saliency else [], res.get("saliency", {}))
+        verdict = ", ".join(res["predicted"]) or "none of the labels"
+        body = (f'<p id="result">Predicted: <b>{html.escape(verdict)}</b></p>'
+                f"{sheet_body([row], methods, res['thresholds'])}"
+                f'<p><a href="./">analyse another image</a></p>')
+        return _page("dentfed: result", body)
+
+    return app
+
+
+def serve(model_path: str | Path, host: str = "127.0.0.1", port: int = 8000,
+          max_mb: float = 10, keep_uploads: Path | None = None) -> None:
+    import uvicorn
+
+    app = create_app(model_path, max_bytes=int(max_mb * 1024 * 1024), keep_uploads=keep_uploads)
+    uvicorn.run(app, host=host, port=port, log_level="info")

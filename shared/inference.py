@@ -1,0 +1,330 @@
+"""Batched inference with a saved model: load a run folder, read inputs, predict, decide.
+
+Works with both kinds of run folder: `dentfed train` (`model.pt`) and federated runs
+(`model_final.pt`, `model_best.pt`). Decoding and resizing run in DataLoader workers; the model
+runs under `torch.inference_mode` with channels_last tensors, optionally with bf16 autocast
+(`auto`: only for a model whose bf16 scores stay close to fp32's, with borderline images
+recomputed in fp32 so decisions do not change).
+
+Unreadable images do not stop a run: they are reported per image (reason only; the caller
+already knows which file it was) and counted.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from shared.config import Config, TaskConfig, config_from_dict
+from shared.data.readers import read_image
+from shared.data.transforms import resize_transform, tensor_transform
+from shared.errors import DentfedError, ManifestError
+from shared.model_card import read_card
+from shared.models import build_model
+
+log = logging.getLogger(__name__)
+
+CHECKPOINTS = ("model.pt", "model_final.pt")  # pooled run, then a federated run's final model
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".dcm", ".dicom"}
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for inference plus what is needed to turn scores into decisions."""
+
+    model: nn.Module
+    cfg: Config
+    thresholds: list[float] | None
+    checkpoint: Path
+    card: dict | None = None
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.cfg.task.labels)
+
+    @property
+    def task_type(self) -> str:
+        return self.cfg.task.type
+
+    def decision_thresholds(self) -> list[float]:
+        """Tuned thresholds when the checkpoint has them, else 0.5 (multilabel only)."""
+        return list(self.thresholds) if self.thresholds else [0.5] * len(self.labels)
+
+
+def find_checkpoint(model_path: str | Path) -> Path:
+    """A run folder (model.pt, else model_final.pt) or a checkpoint file itself."""
+    p = Path(model_path)
+    if p.is_file():
+        return p
+    if not p.is_dir():
+        raise DentfedError(f"--model {p}: no such run folder or checkpoint file")
+    for name in CHECKPOINTS:
+        if (p / name).is_file():
+            return p / name
+    raise DentfedError(f"--model {p}: no {' or '.join(CHECKPOINTS)} in this folder (a run "
+                       "folder from `dentfed train` or `dentfed simulate`)")
+
+
+def load_model(model_path: str | Path) -> LoadedModel:
+    """Rebuild the model from a checkpoint's own config (weights from the checkpoint; the
+    original pretrained-weights file is not needed)."""
+    path = find_checkpoint(model_path)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise DentfedError(f"{path.name}: not a readable dentfed checkpoint "
+                           f"({type(err).__name__})") from None
+    if not isinstance(ckpt, dict) or not {"state_dict", "config", "labels"} <= set(ckpt):
+        raise DentfedError(f"{path.name}: not a dentfed checkpoint (needs state_dict, config, "
+                           "labels)")
+    cfg = config_from_dict(ckpt["config"], source=f"{path.name} config")
+    if list(ckpt["labels"]) != list(cfg.task.labels):
+        raise DentfedError(f"{path.name}: labels {ckpt['labels']} differ from its config's "
+                           f"task.labels {cfg.task.labels}")
+    model = build_model(cfg.model, len(cfg.task.labels), cfg.data.image_size, load_weights=False)
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as err:
+        raise DentfedError(f"{path.name}: weights do not fit {cfg.model.name} "
+                           f"({str(err).splitlines()[0]})") from None
+    model.eval()
+    thresholds = ckpt.get("thresholds")
+    return LoadedModel(model, cfg, list(thresholds) if thresholds else None, path,
+                       read_card(path.parent))
+
+
+def check_task(loaded: LoadedModel, expected: TaskConfig) -> None:
+    """The model must predict exactly the task the caller expects (type and labels, in order)."""
+    have = loaded.cfg.task
+    if have.type != expected.type or list(have.labels) != list(expected.labels):
+        raise DentfedError(
+            f"the model's task does not match: the model predicts {have.type} "
+            f"[{', '.join(have.labels)}], the config expects {expected.type} "
+            f"[{', '.join(expected.labels)}]")
+
+
+@dataclass
+class Inputs:
+    """Images to predict: `names` as the user knows them, resolved `paths`."""
+
+    names: list[str]
+    paths: list[Path]
+    modalities: list[str] = field(default_factory=list)  # from a manifest's column, if any
+
+
+def collect_inputs(target: str | Path) -> Inputs:
+    """One image, a folder (searched recursively for image files), or a manifest CSV with a
+    `path` column (relative to the CSV's folder or absolute)."""
+    t = Path(target)
+    if t.is_dir():
+        files = sorted(p for p in t.rglob("*") if p.is_file()
+                       and p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise DentfedError(f"{t}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        return Inputs([str(p.relative_to(t)) for p in files], files)
+    if not t.is_file():
+        raise DentfedError(f"{t}: no such image, folder or manifest")
+    if t.suffix.lower() != ".csv":
+        return Inputs([t.name], [t])
+    try:
+        df = pd.read_csv(t, dtype=str, keep_default_na=False, skipinitialspace=True)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError):
+        raise ManifestError(f"{t}: not a readable CSV") from None
+    df.columns = [c.strip() for c in df.columns]
+    if "path" not in df.columns or len(df) == 0:
+        raise ManifestError(f"{t}: a manifest needs a 'path' column and at least one row")
+    names = [p.strip() for p in df["path"]]
+    paths = [Path(n) if Path(n).is_absolute() else (t.parent / n).resolve() for n in names]
+    mods = ([m.strip().lower() for m in df["modality"]] if "modality" in df.columns else [])
+    return Inputs(names, paths, mods)
+
+
+def check_modality(loaded: LoadedModel, inputs: Inputs) -> None:
+    """A manifest that says its images are photos cannot go to a radiograph model."""
+    want = loaded.cfg.data.modality
+    other = [m for m in inputs.modalities if m and m != want]
+    if other:
+        raise DentfedError(f"the model's task does not match the images: it was trained on "
+                           f"{want}s, but {len(other)} manifest row(s) are "
+                           f"{', '.join(sorted(set(other)))}")
+
+
+class PredictDataset(Dataset):
+    """Decodes, resizes and normalises one image per item; an unreadable file gives a zero
+    tensor and its reason, so one bad file never stops a batch."""
+
+    def __init__(self, paths: list[Path], image_size: int, modality: str):
+        self.paths = paths
+        self.image_size = image_size
+        self.resize = resize_transform(image_size)
+        self.normalise = tensor_transform(modality, train=False)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, str]:
+        try:
+            return self.normalise(self.resize(read_image(self.paths[i]))), i, ""
+        except ManifestError as err:  # the message starts with the path: keep only the reason
+            reason = str(err).split(": ", 1)[-1]
+            return torch.zeros(3, self.image_size, self.image_size), i, reason
+
+
+def bf16_supported() -> bool:
+    """bf16 autocast is only worth it on CPUs with native bf16 (AVX512-BF16 or AMX)."""
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(f in flags for f in ("avx512_bf16", "amx_bf16"))
+
+
+def decide(probs: np.ndarray, task_type: str, thresholds: list[float]) -> np.ndarray:
+    """0/1 decisions: probability >= the label's threshold (multilabel), or argmax class."""
+    if task_type == "multilabel":
+        return (probs >= np.asarray(thresholds)[None, :]).astype(np.int8)
+    out = np.zeros_like(probs, dtype=np.int8)
+    if len(probs):
+        out[np.arange(len(probs)), probs.argmax(1)] = 1
+    return out
+
+
+@dataclass
+class Predictions:
+    probs: np.ndarray  # [N, L]; NaN rows for unreadable images
+    decisions: np.ndarray  # [N, L] 0/1; -1 rows for unreadable images
+    errors: list[str]  # "" = ok, else the reason
+    precision: str  # what was actually used: fp32, bf16, or "bf16 + fp32 re-check" (auto)
+    bf16_check: dict | None = None  # auto: the first-batch comparison and re-check count
+
+    @property
+    def n_failed(self) -> int:
+        return sum(1 for e in self.errors if e)
+
+
+def _forward(model: nn.Module, x: torch.Tensor, task_type: str, bf16: bool) -> torch.Tensor:
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+        logits = model(x)
+    logits = logits.float()
+    return torch.sigmoid(logits) if task_type == "multilabel" else torch.softmax(logits, 1)
+
+
+def make_predict_loader(paths: list[Path], image_size: int, modality: str, batch_size: int,
+                        workers: int) -> DataLoader:
+    ds = PredictDataset(paths, image_size, modality)
+    return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers,
+                      persistent_workers=False, prefetch_factor=4 if workers else None)
+
+
+AUTO_MAX_DIFF = 0.05  # auto: a model whose bf16 scores move more than this stays in fp32
+
+
+def borderline(probs: np.ndarray, task_type: str, thresholds: list[float],
+               margin: float) -> np.ndarray:
+    """Rows whose decision could flip if every score moved by up to `margin`."""
+    if task_type == "multilabel":
+        return (np.abs(probs - np.asarray(thresholds)[None, :]) < margin).any(axis=1)
+    top2 = np.sort(probs, axis=1)[:, -2:] if probs.shape[1] > 1 else probs
+    return (top2[:, -1] - top2[:, 0]) < 2 * margin
+
+
+def predict_paths(loaded: LoadedModel, paths: list[Path], *, batch_size: int = 32,
+                  workers: int = 1, precision: str = "fp32") -> Predictions:
+    """Probabilities and decisions for every path.
+
+    `precision`: fp32; bf16 (autocast everywhere); or auto: on a CPU with native bf16, the
+    first batch runs in both; if bf16 moves no score by more than AUTO_MAX_DIFF, later batches
+    run in bf16 and every image with a score within 4x the observed difference (at least 0.01)
+    of a decision boundary is recomputed in fp32, so decisions stay those of fp32."""
+    if precision not in ("fp32", "bf16", "auto"):
+        raise DentfedError(f"precision must be fp32, bf16 or auto, not {precision}")
+    model, task_type = loaded.model, loaded.task_type
+    thr = loaded.decision_thresholds()
+    device = next(model.parameters()).device
+    model.eval()
+    model.to(memory_format=torch.channels_last)
+    n, nl = len(paths), len(loaded.labels)
+    probs = np.full((n, nl), np.nan, dtype=np.float32)
+    errors = [""] * n
+    use_bf16 = precision == "bf16"
+    margin = None  # auto with bf16 in use: re-check scores this close to a boundary in fp32
+    check: dict | None = None
+    if precision == "auto" and not bf16_supported():
+        check = {"used": False, "reason": "no native bf16 on this CPU"}
+    loader = make_predict_loader(paths, loaded.cfg.data.image_size, loaded.cfg.data.modality,
+                                 batch_size, workers)
+    with torch.inference_mode():
+        for x, idx, errs in loader:
+            x = x.to(device).contiguous(memory_format=torch.channels_last)
+            ok = np.array([not e for e in errs])
+            p = _forward(model, x, task_type, use_bf16).cpu().numpy()
+            if precision == "auto" and check is None and ok.any():
+                pb = _forward(model, x, task_type, True).cpu().numpy()
+                diff = float(np.abs(p[ok] - pb[ok]).max())
+                use_bf16 = diff <= AUTO_MAX_DIFF
+                margin = max(4 * diff, 0.01) if use_bf16 else None
+                check = {"used": use_bf16, "images_compared": int(ok.sum()),
+                         "max_abs_prob_diff": diff, "recheck_margin": margin,
+                         "rechecked_in_fp32": 0,
+                         "reason": f"bf16 moved scores by at most {diff:.4f} on the first batch"
+                         + ("" if use_bf16 else f" (> {AUTO_MAX_DIFF}: fp32 kept)")}
+            elif margin is not None:
+                near = borderline(p, task_type, thr, margin) & ok
+                if near.any():
+                    p[near] = _forward(model, x[torch.from_numpy(near)], task_type,
+                                       False).cpu().numpy()
+                    check["rechecked_in_fp32"] += int(near.sum())
+            ii = idx.numpy()
+            probs[ii[ok]] = p[ok]
+            for i, e in zip(ii, errs, strict=True):
+                errors[int(i)] = e
+    dec = np.full((n, nl), -1, dtype=np.int8)
+    good = np.array([not e for e in errors], dtype=bool)
+    if good.any():
+        dec[good] = decide(probs[good], task_type, thr)
+    used = "bf16" if precision == "bf16" else ("bf16 + fp32 re-check" if margin is not None
+                                               else "fp32")
+    return Predictions(probs, dec, errors, used, check)
+
+
+def preprocess(images: list[Image.Image], image_size: int, modality: str) -> torch.Tensor:
+    """Decoded images -> the normalised batch the model saw in training (no augmentation)."""
+    resize, normalise = resize_transform(image_size), tensor_transform(modality, train=False)
+    return torch.stack([normalise(resize(img)) for img in images])
+
+
+def predict_batch(loaded: LoadedModel, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Probabilities and decisions for an already normalised batch (fp32)."""
+    with torch.inference_mode():
+        p = _forward(loaded.model, x.contiguous(memory_format=torch.channels_last),
+                     loaded.task_type, False).cpu().numpy()
+    return p, decide(p, loaded.task_type, loaded.decision_thresholds())
+
+
+def predictions_table(names: list[str], labels: list[str], pred: Predictions) -> pd.DataFrame:
+    """One row per image: status, error, p_<label>, pred_<label>, predicted (';'-joined)."""
+    rows = []
+    for i, name in enumerate(names):
+        row: dict = {"image": name, "status": "unreadable" if pred.errors[i] else "ok",
+                     "error": pred.errors[i]}
+        for j, lab in enumerate(labels):
+            row[f"p_{lab}"] = None if pred.errors[i] else round(float(pred.probs[i, j]), 6)
+        for j, lab in enumerate(labels):
+            row[f"pred_{lab}"] = None if pred.errors[i] else int(pred.decisions[i, j])
+        row["predicted"] = "" if pred.errors[i] else ";".join(
+            lab for j, lab in enumerate(labels) if pred.decisions[i, j] == 1)
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    for lab in labels:  # 0/1 with blanks for unreadable images, not 0.0/1.0
+        df[f"pred_{lab}"] = df[f"pred_{lab}"].astype("Int64")
+    return df
