@@ -156,7 +156,8 @@ def clinic_counts(res: FederationResult) -> dict:
 
 
 def write_run_folder(res: FederationResult, out: Path) -> dict:
-    """Write everything into a temporary folder, then rename it: never a half-written run."""
+    """Write every file under a temporary name, then rename it into place: no half-written
+    file, and metrics.json (the marker of a finished run) comes last."""
     out = Path(out)
     data = summary(res)
     out.mkdir(parents=True, exist_ok=True)
