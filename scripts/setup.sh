@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Creates .venv in the repo root (if missing) and installs dentfed with its dev tools.
 # torch/torchvision are pinned in pyproject.toml; pip finds them on local disk here.
+# --test also installs what only the test suite needs (headless Chromium for the browser test).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ ! -x .venv/bin/python ]; then
@@ -11,7 +12,7 @@ fi
 echo "dentfed installed in $(pwd)/.venv"
 # Headless Chromium + chromedriver for the upload-page browser test (tests/test_serve.py).
 # Optional: without them (no root, no apt) that one test skips with a reason.
-if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
+if [ "${1:-}" = "--test" ] && { [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; }; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
         { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
             chromium chromium-driver >/dev/null; } \
