@@ -22,6 +22,7 @@ import torch
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.audit import audit_mod
 from shared.config import Config
 from shared.data.dataset import make_loader
 from shared.data.manifest import Manifest, read_manifest
@@ -37,18 +38,32 @@ from shared.fedio import (
 from shared.losses import make_loss
 from shared.metrics import headline
 from shared.models import resolve_device
+from shared.privacy import (
+    DpAccount,
+    PrivacyBudgetSpent,
+    check_budget,
+    make_private,
+    noise_for,
+    planned_steps,
+    sample_rate_of,
+)
 from shared.training import evaluate, make_optimizer, seed_everything, train_one_epoch
 from shared.upload import encode_update
 
 RESIDUAL_KEY = "dentfed-upload-residual"
+DP_ACCOUNT_KEY = "dentfed-dp-account"  # the clinic's DP-SGD history, kept across rounds
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-app = ClientApp()
+app = ClientApp(mods=[audit_mod])  # no-op unless the clinic sets DENTFED_AUDIT_DIR
 log = logging.getLogger("dentfed.client")
 
 
 class ClinicError(RuntimeError):
     """What the server is told when a clinic's handler fails: the exception type only."""
+
+
+class ClinicDeclined(ClinicError):
+    """The clinic refuses to train because its privacy budget would be exceeded."""
 
 
 def private_errors(handler: Callable[[Message, Context], Message]
@@ -61,6 +76,9 @@ def private_errors(handler: Callable[[Message, Context], Message]
     def wrapped(msg: Message, context: Context) -> Message:
         try:
             return handler(msg, context)
+        except PrivacyBudgetSpent as e:  # numbers only: safe, and the coordinator needs it
+            log.warning("clinic declines to train: %s", e)
+            raise ClinicDeclined(f"{handler.__name__} declined at the clinic: {e}") from None
         except Exception as e:
             log.exception("clinic %s handler failed", handler.__name__)
             raise ClinicError(f"{handler.__name__} failed at the clinic "
@@ -116,7 +134,8 @@ def get_clinic(context: Context, cfg: Config) -> Clinic:
     clinic = Clinic(cfg, train, val, model, device,
                     make_loader(train, cfg.data, train=True, seed=seed),
                     make_loader(val, cfg.data, train=False),
-                    make_loss(cfg.task, cfg.train, train.targets).to(device))
+                    make_loss(cfg.task, cfg.train, train.targets,
+                              per_sample=cfg.privacy.dp_sgd is not None).to(device))
     _CLINICS.clear()  # one clinic per process; drop a previous run's cache
     _CLINICS[key] = clinic
     return clinic
@@ -138,25 +157,52 @@ def train(msg: Message, context: Context) -> Message:
     clinic.model.to(clinic.device)
     mu = float(msg.content["config"].get("proximal-mu", 0.0))
     opt = make_optimizer(clinic.model, cfg.train, lr=round_lr(cfg, server_round))
+    fed, dp = cfg.federation, cfg.privacy.dp_sgd
+    private = None
+    step_model, step_loader, step_opt = clinic.model, clinic.train_loader, opt
+    if dp is not None:
+        # Accounted over every round this clinic trained in: the history lives in the node's
+        # persistent state. Checked before any step, so a clinic never passes max_epsilon.
+        account = DpAccount.from_record(context.state.config_records.get(DP_ACCOUNT_KEY))
+        q = sample_rate_of(clinic.train_loader)
+        steps = planned_steps(clinic.train_loader, fed.local_epochs, fed.local_steps)
+        sigma = noise_for(dp, q, steps * fed.rounds)
+        check_budget(account, dp, sigma, q, steps)
+        private = make_private(clinic.model, opt, clinic.train_loader, dp, sigma, account)
+        step_model, step_loader, step_opt = private.module, private.loader, private.optimizer
     t0 = time.perf_counter()
-    fed = cfg.federation
     steps_left = fed.local_steps
     losses, seen = [], 0.0
-    for _ in range(fed.local_epochs if steps_left is None else 10**6):
-        stats = train_one_epoch(clinic.model, clinic.train_loader, clinic.loss_fn, opt,
-                                clinic.device, max_steps=steps_left, proximal_mu=mu)
-        losses.append(stats["loss"] * stats["examples"])
-        seen += stats["examples"]
-        if steps_left is not None:
-            steps_left -= int(stats["steps"])
-            if steps_left <= 0:
-                break
-    metrics = MetricRecord({
+    try:
+        for _ in range(fed.local_epochs if steps_left is None else 10**6):
+            stats = train_one_epoch(step_model, step_loader, clinic.loss_fn, step_opt,
+                                    clinic.device, max_steps=steps_left, proximal_mu=mu)
+            losses.append(stats["loss"] * stats["examples"])
+            seen += stats["examples"]
+            if steps_left is not None:
+                steps_left -= int(stats["steps"])
+                if steps_left <= 0:
+                    break
+    finally:
+        if private is not None:
+            private.close()
+    values = {
         "train_loss": sum(losses) / max(seen, 1),
         "train_seconds": time.perf_counter() - t0,
         "examples_seen": seen,
         EXAMPLES_KEY: len(clinic.train),
-    })
+    }
+    if private is not None:
+        # The training loss and the Poisson batch sizes are computed from the training images
+        # outside the DP mechanism: under DP-SGD only the (private) update and epsilon go out.
+        del values["train_loss"], values["examples_seen"]
+        account = private.current()
+        context.state[DP_ACCOUNT_KEY] = account.to_record()
+        values["epsilon"] = account.epsilon(dp.delta)
+        log.info("DP-SGD: %d steps this round, epsilon %.3f (delta %g) over %d steps in all",
+                 account.steps - private.account.steps, values["epsilon"], dp.delta,
+                 account.steps)
+    metrics = MetricRecord(values)
     residual = (context.state[RESIDUAL_KEY] if RESIDUAL_KEY in context.state.array_records
                 else None)
     records, carry = encode_update(model_arrays(clinic.model), global_arrays, fed.upload,

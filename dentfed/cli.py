@@ -69,6 +69,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     print(f"\n{title}, {res['seconds']:.0f} s of training\n")
     print(render_table(res["table"]))
     print(f"\n{res['headline']}: {res['final'][res['headline']]:.4f}")
+    if "privacy" in res:
+        print(f"DP-SGD epsilon {res['privacy']['epsilon']} at delta {res['privacy']['delta']:g}")
     print(f"run folder: {out}")
     return 0
 

@@ -17,6 +17,7 @@ import torch
 from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 
+from server.privacy import declined_reason
 from server.strategy import make_strategy
 from shared.config import Config
 from shared.data.dataset import make_loader
@@ -49,6 +50,7 @@ class RoundRecord:
     train_failed: int = 0
     evaluate_failed: int = 0
     rejected: dict[int, str] = field(default_factory=dict)
+    declined: dict[int, str] = field(default_factory=dict)  # privacy budget spent (issue 6)
     sampled: int = 0
     bytes_sent: int = 0
     bytes_received: int = 0
@@ -88,6 +90,10 @@ class RoundRecorder:
             if r.has_error():
                 if kind.startswith("train"):
                     rec.train_failed += 1
+                    note = declined_reason(r.error.reason)
+                    if note:
+                        rec.declined[idx] = note
+                        log.warning("round %d: clinic %d declined to train: %s", rnd, idx, note)
                 else:
                     rec.evaluate_failed += 1
                 continue

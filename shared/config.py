@@ -149,6 +149,42 @@ class SimulationConfig(_Strict):
     max_concurrent: int = Field(default=2, ge=1)
 
 
+class DpSgdConfig(_Strict):
+    """Sample-level DP-SGD (Opacus) in the one training loop. Give either noise_multiplier or
+    target_epsilon (the noise is then calibrated so that training in every planned round, or
+    every epoch when pooled, spends exactly target_epsilon). Epsilon is accounted per clinic
+    over every round it trained in; a clinic whose next round would pass max_epsilon declines."""
+
+    noise_multiplier: float | None = Field(default=None, gt=0)
+    target_epsilon: float | None = Field(default=None, gt=0)
+    max_grad_norm: float = Field(default=1.0, gt=0)
+    delta: float = Field(default=1e-5, gt=0, lt=1)
+    max_epsilon: float | None = Field(default=None, gt=0)
+    # Per-sample gradients: "auto" = "ew" (ExpandedWeights) for CNNs, where Opacus' hooks fail
+    # on in-place residual adds with torch 2.14, and "hooks" for ViT, which "ew" cannot run.
+    grad_sample_mode: Literal["auto", "ew", "hooks", "functorch"] = "auto"
+
+    @model_validator(mode="after")
+    def _check(self) -> DpSgdConfig:
+        if (self.noise_multiplier is None) == (self.target_epsilon is None):
+            raise ValueError("privacy.dp_sgd needs exactly one of noise_multiplier and "
+                             "target_epsilon")
+        if self.target_epsilon and self.max_epsilon and self.max_epsilon < self.target_epsilon:
+            raise ValueError("privacy.dp_sgd.max_epsilon is below target_epsilon: every clinic "
+                             "would stop before its planned rounds")
+        return self
+
+
+class PrivacyConfig(_Strict):
+    dp_sgd: DpSgdConfig | None = None
+
+
+# Losses whose per-sample gradients are well defined: DP-SGD clips each sample's gradient, so a
+# sample's loss must not depend on the rest of the batch (dice does) or on label statistics
+# computed outside the DP mechanism (weighted_bce's pos_weight).
+DP_LOSSES = ("bce", "focal", "ce")
+
+
 class Config(_Strict):
     task: TaskConfig
     data: DataConfig = DataConfig()
@@ -157,6 +193,7 @@ class Config(_Strict):
     federation: FederationConfig = FederationConfig()
     split: SplitConfig = SplitConfig()
     simulation: SimulationConfig = SimulationConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
 
     @model_validator(mode="after")
     def _check(self) -> Config:
@@ -174,6 +211,15 @@ class Config(_Strict):
                 f.num_malicious_clinics + 3:
             raise ValueError("krum needs federation.min_train_clinics >= "
                              "2 * num_malicious_clinics + 3")
+        if self.privacy.dp_sgd is not None:
+            if self.train.loss not in DP_LOSSES:
+                raise ValueError(f"train.loss '{self.train.loss}' cannot be used with "
+                                 f"privacy.dp_sgd (use one of {', '.join(DP_LOSSES)}): its "
+                                 "per-sample gradients are not bounded by clipping")
+            if f.strategy == "fedprox":
+                raise ValueError("privacy.dp_sgd with federation.strategy fedprox is not "
+                                 "supported: the proximal term's gradient would bypass the "
+                                 "per-sample clipping and noise")
         return self
 
 

@@ -186,8 +186,30 @@ def _head_prefixes(model: nn.Module) -> tuple[str, ...]:
     return (last,) if last else ()
 
 
-def build_model(cfg: ModelConfig, num_outputs: int, image_size: int = 224) -> nn.Module:
-    """Build the task model: architecture, local pretrained weights, new head, frozen stages."""
+def make_dp_compatible(model: nn.Module) -> nn.Module:
+    """Opacus' ModuleValidator.fix: BatchNorm (which mixes the samples of a batch, so a sample's
+    gradient is not its own) becomes GroupNorm, and in-place activations become out-of-place
+    (same values); a ViT passes unchanged. The new GroupNorm layers start from the default
+    affine init (pretrained BatchNorm statistics cannot carry over)."""
+    from opacus.validators import ModuleValidator
+
+    frozen = getattr(model, FROZEN_ATTR, None)
+    fixed = ModuleValidator.fix(model)
+    for mod in fixed.modules():  # Opacus' hooks refuse in-place activations (views they hook)
+        if getattr(mod, "inplace", False) is True:
+            mod.inplace = False
+    errors = ModuleValidator.validate(fixed, strict=False)
+    if errors:
+        raise ConfigError(f"{type(model).__name__} cannot be trained with DP-SGD: {errors[0]}")
+    if frozen is not None:
+        setattr(fixed, FROZEN_ATTR, frozen)
+    return fixed
+
+
+def build_model(cfg: ModelConfig, num_outputs: int, image_size: int = 224,
+                dp_compatible: bool = False) -> nn.Module:
+    """Build the task model: architecture, local pretrained weights, new head, frozen stages;
+    with dp_compatible, normalisation layers that DP-SGD cannot clip per sample are replaced."""
     name = cfg.name.lower()
     if name == "vit":
         model: nn.Module = _vit(cfg, image_size, 1000 if cfg.pretrained else num_outputs)
@@ -207,6 +229,8 @@ def build_model(cfg: ModelConfig, num_outputs: int, image_size: int = 224) -> nn
                                         nn.Linear(model.hidden_dim, num_outputs))
     else:
         _replace_head(model, num_outputs, cfg.dropout)
+    if dp_compatible:
+        model = make_dp_compatible(model)
     if cfg.freeze:
         freeze_stages(model, cfg.freeze)
     return model
