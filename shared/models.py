@@ -89,11 +89,13 @@ def frozen_prefixes(model: nn.Module) -> tuple[str, ...]:
 
 
 def set_train_mode(model: nn.Module) -> None:
-    """model.train(), but frozen stages stay in eval so their BatchNorm statistics don't move."""
+    """model.train(), but frozen stages stay in eval so their BatchNorm statistics don't move
+    (under DP-SGD that also keeps them per-sample). Looks through Opacus' wrapper."""
     model.train()
-    prefixes = list(frozen_prefixes(model))
+    inner = model._module if isinstance(getattr(model, "_module", None), nn.Module) else model
+    prefixes = list(frozen_prefixes(inner))
     if prefixes:
-        for name, mod in model.named_modules():
+        for name, mod in inner.named_modules():
             if _under(name, prefixes):
                 mod.eval()
 
@@ -187,23 +189,27 @@ def _head_prefixes(model: nn.Module) -> tuple[str, ...]:
 
 
 def make_dp_compatible(model: nn.Module) -> nn.Module:
-    """Opacus' ModuleValidator.fix: BatchNorm (which mixes the samples of a batch, so a sample's
-    gradient is not its own) becomes GroupNorm, and in-place activations become out-of-place
-    (same values); a ViT passes unchanged. The new GroupNorm layers start from the default
-    affine init (pretrained BatchNorm statistics cannot carry over)."""
+    """For DP-SGD, Opacus' fixers on trainable modules: BatchNorm in training mode mixes the
+    samples of a batch, so a sample's gradient is not its own: it becomes GroupNorm (default
+    affine init); a ViT's nn.MultiheadAttention becomes Opacus' DPMultiheadAttention (same
+    weights, per-sample gradients through its linear layers). BatchNorm in frozen stages stays:
+    it runs in eval mode on fixed statistics, per sample, and keeps pretrained features intact.
+    In-place activations become out-of-place (same values; Opacus' hooks refuse in-place ops on
+    the views they hook). Call after freezing."""
     from opacus.validators import ModuleValidator
 
-    frozen = getattr(model, FROZEN_ATTR, None)
-    fixed = ModuleValidator.fix(model)
-    for mod in fixed.modules():  # Opacus' hooks refuse in-place activations (views they hook)
+    for name, mod in list(model.named_modules()):
+        fixer = ModuleValidator.FIXERS.get(type(mod))
+        if name and fixer is not None and any(p.requires_grad for p in mod.parameters()):
+            parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+            setattr(parent, name.rsplit(".", 1)[-1], fixer(mod))
+    for mod in model.modules():
         if getattr(mod, "inplace", False) is True:
             mod.inplace = False
-    errors = ModuleValidator.validate(fixed, strict=False)
+    errors = ModuleValidator.validate(model.train(), strict=False)
     if errors:
         raise ConfigError(f"{type(model).__name__} cannot be trained with DP-SGD: {errors[0]}")
-    if frozen is not None:
-        setattr(fixed, FROZEN_ATTR, frozen)
-    return fixed
+    return model
 
 
 def build_model(cfg: ModelConfig, num_outputs: int, image_size: int = 224,
@@ -229,10 +235,10 @@ def build_model(cfg: ModelConfig, num_outputs: int, image_size: int = 224,
                                         nn.Linear(model.hidden_dim, num_outputs))
     else:
         _replace_head(model, num_outputs, cfg.dropout)
-    if dp_compatible:
-        model = make_dp_compatible(model)
     if cfg.freeze:
         freeze_stages(model, cfg.freeze)
+    if dp_compatible:
+        model = make_dp_compatible(model)
     return model
 
 

@@ -55,22 +55,35 @@ def test_config_needs_one_noise_source_and_refuses_what_cannot_be_clipped():
                           "privacy": {"dp_sgd": DP}})
 
 
-def test_factory_makes_resnet_opacus_compatible_and_keeps_vit():
+def test_factory_makes_resnet_and_vit_opacus_compatible():
+    """Trainable BatchNorm becomes GroupNorm; frozen BatchNorm (eval mode, fixed statistics,
+    per sample) is kept so frozen pretrained stages are unchanged."""
     from opacus.validators import ModuleValidator
 
-    cfg = _dp_config()
-    model = build_global_model(cfg)
-    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-    assert any(isinstance(m, nn.GroupNorm) for m in model.modules())
+    raw = _dp_config().model_dump(mode="json")
+    raw["model"]["freeze"] = 3  # stem, layer1, layer2 frozen
+    model = build_global_model(config_from_dict(raw))
+    bn = [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    gn = [n for n, m in model.named_modules() if isinstance(m, nn.GroupNorm)]
+    assert bn and all(n.startswith(("bn1", "layer1", "layer2")) for n in bn)
+    assert gn and all(n.startswith(("layer3", "layer4")) for n in gn)
     assert ModuleValidator.validate(model, strict=False) == []
+    # what is exchanged has no BatchNorm statistics left to average
     assert not any(k.endswith("running_var") for k in expected_shapes(model))
-    # the same arrays on both sides: the server builds the same DP-compatible architecture
-    assert set(model_arrays(model).keys()) == {"fc.weight", "fc.bias"}
-    vit_cfg = cfg.model_dump(mode="json")
+    plain = build_global_model(config_from_dict({**raw, "privacy": {}}))
+    assert set(expected_shapes(plain)) - set(expected_shapes(model)) == {
+        k for k in expected_shapes(plain) if "running" in k}
+    assert set(model_arrays(_dp_ready()).keys()) == {"fc.weight", "fc.bias"}
+    vit_cfg = dict(raw)
     vit_cfg["model"] = {"name": "vit", "vit": {"size": "tiny", "patch_size": 8, "depth": 1}}
     vit = build_global_model(config_from_dict(vit_cfg))
-    assert type(vit).__name__ == "VisionTransformer"
+    assert type(vit).__name__ == "VisionTransformer"  # attention swapped for DPMultiheadAttention
+    assert "DPMultiheadAttention" in {type(m).__name__ for m in vit.modules()}
     assert ModuleValidator.validate(vit, strict=False) == []
+
+
+def _dp_ready():
+    return build_global_model(_dp_config())
 
 
 def test_account_composes_and_target_epsilon_calibrates():
