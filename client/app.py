@@ -23,6 +23,7 @@ from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordD
 from flwr.clientapp import ClientApp
 
 from client.audit import audit_mod
+from client.central_dp import central_dp_mod
 from shared.config import Config
 from shared.data.dataset import make_loader
 from shared.data.manifest import Manifest, read_manifest
@@ -54,7 +55,9 @@ RESIDUAL_KEY = "dentfed-upload-residual"
 DP_ACCOUNT_KEY = "dentfed-dp-account"  # the clinic's DP-SGD history, kept across rounds
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-app = ClientApp(mods=[audit_mod])  # no-op unless the clinic sets DENTFED_AUDIT_DIR
+# audit_mod: a no-op unless the clinic sets DENTFED_AUDIT_DIR; outermost, so it records exactly
+# what leaves. central_dp_mod: clips the update when the coordinator asks for client-side DP.
+app = ClientApp(mods=[audit_mod, central_dp_mod])
 log = logging.getLogger("dentfed.client")
 
 
@@ -202,6 +205,10 @@ def train(msg: Message, context: Context) -> Message:
         log.info("DP-SGD: %d steps this round, epsilon %.3f (delta %g) over %d steps in all",
                  account.steps - private.account.steps, values["epsilon"], dp.delta,
                  account.steps)
+    if cfg.privacy.central is not None:
+        # Client-level DP accounting needs equal weights (FedAvg of clipped updates); the
+        # clinic's dataset size then stays at the clinic.
+        values[EXAMPLES_KEY] = 1
     metrics = MetricRecord(values)
     residual = (context.state[RESIDUAL_KEY] if RESIDUAL_KEY in context.state.array_records
                 else None)

@@ -16,7 +16,9 @@ from pathlib import Path
 import torch
 from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp import Grid
+from flwr.serverapp.exception import PrivacyBudgetExhausted
 
+from server.central_dp import CentralDpLedger, wrap_central_dp
 from server.privacy import declined_reason
 from server.strategy import make_strategy
 from shared.config import Config
@@ -224,6 +226,7 @@ class FederationResult:
     full_model_bytes: int
     exchanged_bytes: int
     stopped: str | None = None
+    central_dp: CentralDpLedger | None = None  # client-level DP accountant (issue 6)
 
 
 def run_federation(grid: Grid, cfg: Config, test_manifest: str | Path) -> FederationResult:
@@ -233,6 +236,9 @@ def run_federation(grid: Grid, cfg: Config, test_manifest: str | Path) -> Federa
     evaluator = CentralEvaluator(cfg, test_manifest, model)
     recorder = RoundRecorder()
     strategy = make_strategy(cfg.federation)
+    central = None
+    if cfg.privacy.central is not None:  # client-level DP: Flower's wrapper + accountant
+        strategy, central = wrap_central_dp(strategy, cfg.privacy.central, cfg.federation)
     t0 = time.perf_counter()
     stopped = None
     try:
@@ -249,6 +255,9 @@ def run_federation(grid: Grid, cfg: Config, test_manifest: str | Path) -> Federa
     except Diverged as e:  # keep what the finite rounds produced
         log.error("%s", e)
         stopped, train_agg, eval_agg = str(e), {}, {}
+    except PrivacyBudgetExhausted as e:  # central DP: the next round would pass max_epsilon
+        log.warning("stopped before the next round: %s", e)
+        stopped, train_agg, eval_agg = f"client-level privacy budget spent: {e}", {}, {}
 
     def plain(d: dict) -> dict[int, dict[str, float]]:
         return {int(r): {k: float(v) for k, v in mr.items() if isinstance(v, int | float)}
@@ -256,4 +265,4 @@ def run_federation(grid: Grid, cfg: Config, test_manifest: str | Path) -> Federa
 
     return FederationResult(cfg, evaluator, recorder, plain(train_agg), plain(eval_agg),
                             time.perf_counter() - t0, full_model_nbytes(model),
-                            arrays_nbytes(initial), stopped)
+                            arrays_nbytes(initial), stopped, central)

@@ -69,3 +69,16 @@ def privacy_markdown(summary: dict | None, n_clinics: int) -> str:
             f"composed over every round it trained in (max_grad_norm "
             f"{summary['max_grad_norm']:g}{budget}).\n\n" + "\n".join(lines) +
             f"\n\nmaximum epsilon over clinics: **{summary['epsilon_max']:.3f}**\n")
+
+
+def central_dp_markdown(summary: dict) -> str:
+    """report.md section for client-level (central) DP."""
+    if not summary["accounted"]:
+        eps = "not accounted (adaptive clipping; Flower has no accountant for it)"
+    else:
+        rows = " | ".join(f"{r}: {e:.3f}" for r, e in summary["epsilon_per_round"].items())
+        eps = f"**{summary['epsilon']:.3f}** at delta {summary['delta']:g} (per round: {rows})"
+    return ("## Privacy (client-level, central DP)\n\n"
+            f"{summary['mechanism']}; {summary['clinics_per_round']} clinics per round, "
+            f"noise multiplier {summary['noise_multiplier']:g}, clipping norm "
+            f"{summary['clipping_norm']:g}. Epsilon for any one clinic's whole data: {eps}\n")

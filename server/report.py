@@ -15,7 +15,7 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 from server.federation import FederationResult  # noqa: E402
-from server.privacy import privacy_markdown, privacy_summary  # noqa: E402
+from server.privacy import central_dp_markdown, privacy_markdown, privacy_summary  # noqa: E402
 from shared.config import dump_config  # noqa: E402
 from shared.fedio import build_global_model  # noqa: E402
 from shared.models import trainable_state_keys  # noqa: E402
@@ -81,6 +81,7 @@ def summary(res: FederationResult) -> dict:
         "upload_encoding": res.cfg.federation.upload,
         "stopped": res.stopped,
         **({"privacy": p} if (p := privacy_summary(res.cfg, res.recorder.rounds)) else {}),
+        **({"central_dp": res.central_dp.summary()} if res.central_dp else {}),
     }
 
 
@@ -155,6 +156,8 @@ def write_run_folder(res: FederationResult, out: Path) -> dict:
                 "(rounds.png)\n")
         if "privacy" in data:
             text += "\n" + privacy_markdown(data["privacy"], data["clinics"])
+        if "central_dp" in data:
+            text += "\n" + central_dp_markdown(data["central_dp"])
         if res.stopped:
             text = text.replace("\n\n", f"\n\n**Stopped early:** {res.stopped}\n\n", 1)
         write_text_atomic(tmp / "report.md", text)

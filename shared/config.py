@@ -175,8 +175,27 @@ class DpSgdConfig(_Strict):
         return self
 
 
+class CentralDpConfig(_Strict):
+    """Client-level DP at the coordinator (Flower's DifferentialPrivacy*Clipping wrappers): each
+    clinic's update is clipped to clipping_norm (on the server, or at the clinic with the
+    client-* modes), the sum gets Gaussian noise, and Flower's RdpAccountant composes one
+    release per round. Epsilon then covers a whole clinic's contribution, not one image."""
+
+    clipping: Literal["server-fixed", "client-fixed", "server-adaptive",
+                      "client-adaptive"] = "server-fixed"
+    noise_multiplier: float = Field(gt=0)
+    clipping_norm: float = Field(default=1.0, gt=0)  # adaptive: the initial norm
+    target_clipped_quantile: float = Field(default=0.5, ge=0, le=1)
+    clip_norm_lr: float = Field(default=0.2, gt=0)
+    delta: float = Field(default=1e-5, gt=0, lt=1)
+    max_epsilon: float | None = Field(default=None, gt=0)
+    # Flower has no accountant for adaptive clipping; running it unaccounted must be explicit.
+    accounting: bool = True
+
+
 class PrivacyConfig(_Strict):
     dp_sgd: DpSgdConfig | None = None
+    central: CentralDpConfig | None = None
 
 
 # Losses whose per-sample gradients are well defined: DP-SGD clips each sample's gradient, so a
@@ -211,6 +230,25 @@ class Config(_Strict):
                 f.num_malicious_clinics + 3:
             raise ValueError("krum needs federation.min_train_clinics >= "
                              "2 * num_malicious_clinics + 3")
+        c = self.privacy.central
+        if c is not None:
+            if f.strategy not in ("fedavg", "fedprox"):
+                raise ValueError(f"privacy.central with federation.strategy {f.strategy}: client-"
+                                 "level DP accounting needs plain FedAvg aggregation (fedavg or "
+                                 "fedprox); other strategies change the noised sum")
+            if f.fraction_train != 1.0 or f.min_train_clinics != f.min_available_clinics:
+                raise ValueError("privacy.central needs the same number of clinics every round: "
+                                 "set federation.fraction_train 1.0 and min_train_clinics equal "
+                                 "to min_available_clinics (the noise is calibrated to it)")
+            if c.clipping.endswith("adaptive") and c.accounting:
+                raise ValueError("privacy.central.clipping adaptive cannot be accounted (Flower's "
+                                 "RdpAccountant covers fixed clipping only): use server-fixed or "
+                                 "client-fixed, or set accounting: false to run unaccounted")
+            if not c.accounting and c.max_epsilon is not None:
+                raise ValueError("privacy.central.max_epsilon needs accounting: true")
+            if c.clipping.startswith("client") and f.upload != "fp32":
+                raise ValueError("privacy.central.clipping client-* clips the uploaded arrays: "
+                                 "it needs federation.upload fp32")
         if self.privacy.dp_sgd is not None:
             if self.train.loss not in DP_LOSSES:
                 raise ValueError(f"train.loss '{self.train.loss}' cannot be used with "
