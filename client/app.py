@@ -24,6 +24,7 @@ from flwr.clientapp import ClientApp
 
 from client.audit import audit_mod
 from client.central_dp import central_dp_mod
+from client.secagg import secagg_mod
 from shared.config import Config
 from shared.data.dataset import make_loader
 from shared.data.manifest import Manifest, read_manifest
@@ -56,8 +57,9 @@ DP_ACCOUNT_KEY = "dentfed-dp-account"  # the clinic's DP-SGD history, kept acros
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 # audit_mod: a no-op unless the clinic sets DENTFED_AUDIT_DIR; outermost, so it records exactly
-# what leaves. central_dp_mod: clips the update when the coordinator asks for client-side DP.
-app = ClientApp(mods=[audit_mod, central_dp_mod])
+# what leaves. secagg_mod: SecAgg+ runs take Flower's legacy path (client/secagg.py).
+# central_dp_mod: clips the update when the coordinator asks for client-side DP.
+app = ClientApp(mods=[audit_mod, secagg_mod, central_dp_mod])
 log = logging.getLogger("dentfed.client")
 
 
@@ -154,11 +156,29 @@ def _reply_config(msg: Message) -> tuple[Config, int]:
 def train(msg: Message, context: Context) -> Message:
     cfg, server_round = _reply_config(msg)
     clinic = get_clinic(context, cfg)
-    seed_everything(cfg.train.seed + 1000 * server_round)
     global_arrays = msg.content["arrays"]
+    values = local_training(clinic, context, global_arrays, server_round,
+                            float(msg.content["config"].get("proximal-mu", 0.0)))
+    metrics = MetricRecord(values)
+    residual = (context.state[RESIDUAL_KEY] if RESIDUAL_KEY in context.state.array_records
+                else None)
+    records, carry = encode_update(model_arrays(clinic.model), global_arrays,
+                                   cfg.federation.upload,
+                                   {k: a.numpy() for k, a in residual.items()} if residual
+                                   else None)
+    if carry is not None:  # error feedback: what int8 rounding dropped goes out next round
+        context.state[RESIDUAL_KEY] = ArrayRecord({k: Array(v) for k, v in carry.items()})
+    return Message(content=RecordDict({**records, "metrics": metrics}), reply_to=msg)
+
+
+def local_training(clinic: Clinic, context: Context, global_arrays: ArrayRecord,
+                   server_round: int, mu: float = 0.0) -> dict[str, float]:
+    """One round of the clinic's training from the global arrays (the one loop; DP-SGD when
+    configured); returns the scalar metrics the reply carries."""
+    cfg = clinic.cfg
+    seed_everything(cfg.train.seed + 1000 * server_round)
     load_model_arrays(clinic.model, global_arrays)
     clinic.model.to(clinic.device)
-    mu = float(msg.content["config"].get("proximal-mu", 0.0))
     opt = make_optimizer(clinic.model, cfg.train, lr=round_lr(cfg, server_round))
     fed, dp = cfg.federation, cfg.privacy.dp_sgd
     private = None
@@ -209,15 +229,7 @@ def train(msg: Message, context: Context) -> Message:
         # Client-level DP accounting needs equal weights (FedAvg of clipped updates); the
         # clinic's dataset size then stays at the clinic.
         values[EXAMPLES_KEY] = 1
-    metrics = MetricRecord(values)
-    residual = (context.state[RESIDUAL_KEY] if RESIDUAL_KEY in context.state.array_records
-                else None)
-    records, carry = encode_update(model_arrays(clinic.model), global_arrays, fed.upload,
-                                   {k: a.numpy() for k, a in residual.items()} if residual
-                                   else None)
-    if carry is not None:  # error feedback: what int8 rounding dropped goes out next round
-        context.state[RESIDUAL_KEY] = ArrayRecord({k: Array(v) for k, v in carry.items()})
-    return Message(content=RecordDict({**records, "metrics": metrics}), reply_to=msg)
+    return values
 
 
 @app.evaluate()
@@ -225,13 +237,20 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate_local(msg: Message, context: Context) -> Message:
     cfg, _ = _reply_config(msg)
     clinic = get_clinic(context, cfg)
-    load_model_arrays(clinic.model, msg.content["arrays"])
-    res = evaluate(clinic.model, clinic.val_loader, clinic.loss_fn, cfg.task, clinic.device)
-    key = headline(cfg.task.type)
+    metrics = MetricRecord(evaluate_values(clinic, msg.content["arrays"]))
+    return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
+
+
+def evaluate_values(clinic: Clinic, arrays: ArrayRecord) -> dict[str, float]:
+    """The global model on the clinic's validation images: the scalars an evaluate reply
+    carries."""
+    load_model_arrays(clinic.model, arrays)
+    res = evaluate(clinic.model, clinic.val_loader, clinic.loss_fn, clinic.cfg.task,
+                   clinic.device)
+    key = headline(clinic.cfg.task.type)
     value = res.get(key, float("nan"))
-    metrics = MetricRecord({
+    return {
         "val_loss": res["loss"],
         f"val_{key}": -1.0 if value != value else value,  # -1: undefined on this clinic's val
         EXAMPLES_KEY: len(clinic.val),
-    })
-    return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
+    }

@@ -47,7 +47,12 @@ def main(grid: Grid, context: Context) -> None:
         raise ConfigError("no server test set: set federation.test_manifest or the run config "
                           "'test-manifest'")
     out = Path(str(rc.get("run-dir", "")) or f"runs/fed-{time.strftime('%Y%m%d-%H%M%S')}")
-    res = run_federation(grid, cfg, test)
+    if cfg.privacy.secagg is not None:  # SecAgg+: Flower's legacy workflow (issue 6)
+        from server.secagg import run_secagg_federation
+
+        res = run_secagg_federation(grid, context, cfg, test)
+    else:
+        res = run_federation(grid, cfg, test)
     data = write_run_folder(res, out)
     log.info("run folder %s: final %s %.4f", out, data["headline"],
              data["final"].get(data["headline"], float("nan")))

@@ -193,9 +193,22 @@ class CentralDpConfig(_Strict):
     accounting: bool = True
 
 
+class SecAggConfig(_Strict):
+    """SecAgg+ (Flower's SecAggPlusWorkflow + secaggplus_mod): clinics mask their quantised
+    updates so the coordinator learns only their sum. Shares and threshold: a float is a
+    fraction of the sampled clinics, an int a count (Flower's semantics)."""
+
+    num_shares: int | float = Field(default=1.0, gt=0)
+    reconstruction_threshold: int | float = Field(default=0.6, gt=0)
+    clipping_range: float = Field(default=8.0, gt=0)  # |weights| above it are clipped
+    quantization_range: int = Field(default=4194304, ge=2)
+    max_weight: float = Field(default=1000.0, gt=0)  # >= any clinic's training images
+
+
 class PrivacyConfig(_Strict):
     dp_sgd: DpSgdConfig | None = None
     central: CentralDpConfig | None = None
+    secagg: SecAggConfig | None = None
 
 
 # Losses whose per-sample gradients are well defined: DP-SGD clips each sample's gradient, so a
@@ -249,6 +262,14 @@ class Config(_Strict):
             if c.clipping.startswith("client") and f.upload != "fp32":
                 raise ValueError("privacy.central.clipping client-* clips the uploaded arrays: "
                                  "it needs federation.upload fp32")
+        if self.privacy.secagg is not None:
+            if f.strategy != "fedavg" or f.upload != "fp32":
+                raise ValueError("privacy.secagg runs Flower's legacy FedAvg over masked fp32 "
+                                 "updates: it needs federation.strategy fedavg and upload fp32")
+            if self.privacy.dp_sgd is not None or c is not None:
+                raise ValueError("privacy.secagg cannot be combined with dp_sgd or central yet "
+                                 "(the SecAgg+ path reports no per-clinic epsilon and the server "
+                                 "cannot clip what it cannot see)")
         if self.privacy.dp_sgd is not None:
             if self.train.loss not in DP_LOSSES:
                 raise ValueError(f"train.loss '{self.train.loss}' cannot be used with "
