@@ -22,6 +22,7 @@ from torchvision.models import ResNet
 
 from shared.config import DpSgdConfig
 from shared.errors import DentfedError
+from shared.models import set_train_mode
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ def noise_for(dp: DpSgdConfig, sample_rate: float, total_steps: int) -> float:
 
 
 def grad_sample_mode(model: nn.Module, dp: DpSgdConfig) -> str:
-    """Opacus' hooks (fast) wherever they work; "ew" (ExpandedWeights, 20-60x slower on CPU) for
+    """Opacus' hooks (fast) wherever they work; "ew" (ExpandedWeights, ~35x slower on CPU) for
     torchvision ResNets, whose `out += identity` modifies a hooked view in place, which torch
     2.14 forbids. A ViT's class token and position embedding are plain parameters that "ew"
     cannot expand, and hooks handle them."""
@@ -145,6 +146,7 @@ def make_private(model: nn.Module, optimizer: Optimizer, loader: DataLoader, dp:
     from opacus import PrivacyEngine
 
     account = account or DpAccount()
+    set_train_mode(model)  # Opacus refuses a model left in eval mode (e.g. by an evaluation)
     with warnings.catch_warnings():  # secure-RNG advice and the like; the choice is documented
         warnings.simplefilter("ignore")
         engine = PrivacyEngine(accountant="rdp")

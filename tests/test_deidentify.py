@@ -19,14 +19,14 @@ SECRETS = ("Doe^Jane", "SECRET-123", "19800101", "Dr^Who", "Tooth Clinic Ltd", "
 
 
 def _study(tmp_path):
-    study = pydicom.uid.generate_uid()
+    study, series = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
     arr = np.tile(np.linspace(0, 4000, 64).astype(np.uint16), (48, 1))
     observer = Dataset()
     observer.PersonName = "Dr^Who"
     (tmp_path / "in" / "sub").mkdir(parents=True)
     for i in range(2):
         write_dicom(tmp_path / "in" / "sub" / f"{i}.dcm", arr, PatientBirthDate="19800101",
-                    StudyInstanceUID=study, SeriesInstanceUID=study + ".1",
+                    StudyInstanceUID=study, SeriesInstanceUID=series,
                     ReferringPhysicianName="Dr^Who", InstitutionName="Tooth Clinic Ltd",
                     PatientTelephoneNumbers="0123 456", StudyDate="20240101",
                     ContentSequence=[observer])

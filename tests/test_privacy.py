@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from flwr.app import Context, RecordDict
+from flwr.app import Context, Message, RecordDict
 from torch import nn
 
 from client.app import DP_ACCOUNT_KEY, ClinicDeclined
@@ -108,6 +108,8 @@ def test_clinic_accounts_epsilon_across_rounds_and_declines_at_its_budget(tiny_m
     for _ in range(3):
         try:
             reply = client_app(_train_message(cfg, start), ctx)
+            # the cached model is left in eval mode by evaluation between rounds
+            client_app(_eval_message(cfg, start), ctx)
         except ClinicDeclined as e:
             declined = str(e)
             break
@@ -122,6 +124,11 @@ def test_clinic_accounts_epsilon_across_rounds_and_declines_at_its_budget(tiny_m
     assert len(eps) == 2  # 3 steps a round at q=1/3: eps 3.47, 4.71, then 5.69 > 5
     kept = DpAccount.from_record(ctx.state.config_records[DP_ACCOUNT_KEY])
     assert kept.epsilon(DP["delta"]) == pytest.approx(eps[-1])
+
+
+def _eval_message(cfg, arrays):
+    msg = _train_message(cfg, arrays)
+    return Message(msg.content, dst_node_id=1, message_type="evaluate")
 
 
 def test_pooled_training_reports_epsilon_and_stops_at_budget(tmp_path, tiny_manifest):
