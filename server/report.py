@@ -125,7 +125,8 @@ def rounds_table(res: FederationResult) -> pd.DataFrame:
         used = row.get("clinics_replied", 0) - len(row.get("clinics_rejected", {}))
         rows[r] = {f"central {res.evaluator.key}": row["server"].get(res.evaluator.key),
                    "central loss": row["server"]["loss"],
-                   "clinics used/sampled": f"{used}/{row['clinics_sampled']}" if r else "-",
+                   "clinics used/sampled": f"{used}/{row['clinics_sampled']}"
+                   if r and "clinics_sampled" in row else "-",  # SecAgg+: not recorded
                    "train loss (agg)": row.get("clinics_train", {}).get("aggregated", {})
                    .get("train_loss"),
                    "MB up (all clinics)": (row.get("bytes_received", 0) / 1e6) if r else None}
