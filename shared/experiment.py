@@ -69,6 +69,7 @@ class FoldResult:
     seconds: float
     sizes: dict[str, int]
     epsilon: float | None = None  # DP-SGD: privacy loss of this fold's training data
+    stopped: str | None = None  # DP-SGD: why training stopped before cfg.train.epochs
 
 
 def train_fold(cfg: Config, m: Manifest, split: Split, seed: int) -> FoldResult:
@@ -99,7 +100,7 @@ def train_fold(cfg: Config, m: Manifest, split: Split, seed: int) -> FoldResult:
     test = evaluate(model, test_dl, loss_fn, cfg.task, device, thresholds)
     sizes = {s: len(split[s]) for s in ("train", "val", "test")}
     return FoldResult(test, thresholds, res.history, res.best_epoch, model.cpu(),
-                      time.perf_counter() - t0, sizes, res.epsilon)
+                      time.perf_counter() - t0, sizes, res.epsilon, res.stop_reason)
 
 
 def save_checkpoint(path: Path, model: torch.nn.Module, cfg: Config,
@@ -162,7 +163,9 @@ def run_training(cfg: Config, manifest: str | Path | None, out_dir: str | Path,
     }
     if cfg.privacy.dp_sgd is not None:  # per fold: each fold trains on its own patients
         eps = [fr.epsilon or 0.0 for fr in folds]
-        result["privacy"] = {"epsilon": eps if cv else eps[0], "delta": cfg.privacy.dp_sgd.delta}
+        stops = [fr.stopped for fr in folds]
+        result["privacy"] = {"epsilon": eps if cv else eps[0], "delta": cfg.privacy.dp_sgd.delta,
+                             "budget_stop": stops if cv else stops[0]}
     table = metrics_table(cfg.task, final, final_sd)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)

@@ -9,8 +9,6 @@ epsilon a clinic reports is composed over every round it trained in, not reset p
 
 from __future__ import annotations
 
-import logging
-import math
 import warnings
 from dataclasses import dataclass, field
 
@@ -23,8 +21,6 @@ from torchvision.models import ResNet
 from shared.config import DpSgdConfig
 from shared.errors import DentfedError
 from shared.models import set_train_mode
-
-log = logging.getLogger(__name__)
 
 
 class PrivacyBudgetSpent(DentfedError):
@@ -162,7 +158,3 @@ def planned_steps(loader: DataLoader, epochs: int, max_steps: int | None) -> int
     """Optimiser steps a training call will take: epochs of len(loader) batches, or max_steps."""
     per_epoch = len(loader)
     return max_steps if max_steps is not None else epochs * per_epoch
-
-
-def fmt_eps(eps: float) -> str:
-    return "inf" if math.isinf(eps) else f"{eps:.3f}"
