@@ -26,6 +26,7 @@ from flwr.supercore.privacy_accounting import NeighboringRelation, PrivacyConfig
 from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
 from shared.config import CentralDpConfig, FederationConfig
+from shared.errors import ConfigError
 
 log = logging.getLogger("dentfed.server")
 
@@ -79,8 +80,12 @@ def wrap_central_dp(strategy: Strategy, c: CentralDpConfig, f: FederationConfig
     else:
         cls = (DifferentialPrivacyServerSideAdaptiveClipping if c.clipping == "server-adaptive"
                else DifferentialPrivacyClientSideAdaptiveClipping)
-        dp = cls(strategy, c.noise_multiplier, n, initial_clipping_norm=c.clipping_norm,
-                 target_clipped_quantile=c.target_clipped_quantile, clip_norm_lr=c.clip_norm_lr)
+        try:
+            dp = cls(strategy, c.noise_multiplier, n, initial_clipping_norm=c.clipping_norm,
+                     target_clipped_quantile=c.target_clipped_quantile,
+                     clip_norm_lr=c.clip_norm_lr, clipped_count_stddev=c.clipped_count_stddev)
+        except ValueError as e:  # Flower's parameter checks, e.g. too few clinics for the noise
+            raise ConfigError(f"privacy.central: {e}") from None
     ledger = CentralDpLedger(c, n, accountant)
     aggregate = dp.aggregate_train
 

@@ -187,6 +187,7 @@ class CentralDpConfig(_Strict):
     clipping_norm: float = Field(default=1.0, gt=0)  # adaptive: the initial norm
     target_clipped_quantile: float = Field(default=0.5, ge=0, le=1)
     clip_norm_lr: float = Field(default=0.2, gt=0)
+    clipped_count_stddev: float | None = Field(default=None, gt=0)  # adaptive; Flower: N/20
     delta: float = Field(default=1e-5, gt=0, lt=1)
     max_epsilon: float | None = Field(default=None, gt=0)
     # Flower has no accountant for adaptive clipping; running it unaccounted must be explicit.

@@ -44,8 +44,19 @@ def test_config_refuses_what_cannot_be_accounted():
         _cfg({**ok, "clipping": "server-adaptive"})
     with pytest.raises(ConfigError, match="needs federation.upload fp32"):
         _cfg({**ok, "clipping": "client-fixed"}, upload="int8")
-    assert _cfg({**ok, "clipping": "server-adaptive", "accounting": False})
-    assert _cfg(ok, strategy="fedprox")
+    for clipping in ("server-fixed", "client-fixed"):
+        for strategy in ("fedavg", "fedprox"):  # Flower's accounted wrapper accepts both
+            cfg = _cfg({**ok, "clipping": clipping}, strategy=strategy)
+            assert wrap_central_dp(make_strategy(cfg.federation), cfg.privacy.central,
+                                   cfg.federation)[1].accountant is not None
+    adaptive = {**ok, "clipping": "server-adaptive", "accounting": False}
+    cfg = _cfg(adaptive)
+    with pytest.raises(ConfigError, match="privacy.central: .*clipped_count_stddev"):
+        wrap_central_dp(make_strategy(cfg.federation), cfg.privacy.central, cfg.federation)
+    cfg = _cfg({**adaptive, "clipped_count_stddev": 1.0})
+    _, ledger = wrap_central_dp(make_strategy(cfg.federation), cfg.privacy.central,
+                                cfg.federation)
+    assert ledger.accountant is None and not ledger.summary()["accounted"]
 
 
 class _Nodes:
