@@ -55,6 +55,15 @@ def _cmd_data_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_data_deidentify(args: argparse.Namespace) -> int:
+    from shared.data.deidentify import deidentify_tree
+
+    written = deidentify_tree(args.input, args.output)
+    print(f"wrote {len(written)} de-identified DICOM file(s) to {args.output} (PS3.15 Basic "
+          "Application Level Confidentiality Profile; pixels are not inspected)")
+    return 0
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from shared.config import load_config
     from shared.experiment import run_training
@@ -69,6 +78,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     print(f"\n{title}, {res['seconds']:.0f} s of training\n")
     print(render_table(res["table"]))
     print(f"\n{res['headline']}: {res['final'][res['headline']]:.4f}")
+    if "privacy" in res:
+        print(f"DP-SGD epsilon {res['privacy']['epsilon']} at delta {res['privacy']['delta']:g}")
     print(f"run folder: {out}")
     return 0
 
@@ -250,6 +261,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True)
     _split_args(sp)
     sp.set_defaults(func=_cmd_data_split)
+
+    de = data.add_parser("deidentify", help="strip patient identifiers from DICOM files (PS3.15 "
+                         "Basic Profile) to share a test set")
+    de.add_argument("input", help="a DICOM file or a folder (searched recursively)")
+    de.add_argument("output", help="new folder, written all-or-nothing")
+    de.set_defaults(func=_cmd_data_deidentify)
 
     sim = sub.add_parser("simulate", help="federated simulation: N virtual clinics on Flower's "
                          "simulation runtime, central evaluation every round")

@@ -62,7 +62,15 @@ def main(grid: Grid, context: Context) -> None:
     if not test:
         raise ConfigError("no server test set: set federation.test_manifest or the run config "
                           "'test-manifest'")
-    res = run_federation(grid, cfg, test, run_dir=out, resume=resume)
+    if cfg.privacy.secagg is not None:  # SecAgg+: Flower's legacy workflow (issue 6)
+        if resume:
+            raise ConfigError("resume is not available for SecAgg+ runs (Flower's legacy "
+                              "workflow keeps no checkpoint); start a new run")
+        from server.secagg import run_secagg_federation
+
+        res = run_secagg_federation(grid, context, cfg, test)
+    else:
+        res = run_federation(grid, cfg, test, run_dir=out, resume=resume)
     data = write_run_folder(res, out)
     log.info("run folder %s: final %s %.4f", out, data["headline"],
              data["final"].get(data["headline"], float("nan")))

@@ -24,14 +24,15 @@ from shared.errors import DentfedError
 
 CHECKPOINT = "checkpoint.pt"
 FORMAT = 1
-# Strategy attributes that carry state between rounds (flwr 1.42 FedOpt family and FedAvgM).
-STRATEGY_STATE = ("current_arrays", "m_t", "v_t", "momentum_vector")
+# Strategy attributes that carry state between rounds (flwr 1.42 FedOpt family, FedAvgM, and
+# the clipping norm that Flower's adaptive-clipping DP wrappers move every round).
+STRATEGY_STATE = ("current_arrays", "m_t", "v_t", "momentum_vector", "clipping_norm")
 
 
 def _to_tensors(value: Any) -> Any:
     """ArrayRecord / dict / list of numpy arrays -> the same shape with torch tensors."""
-    if value is None:
-        return None
+    if value is None or isinstance(value, int | float):
+        return value
     if isinstance(value, ArrayRecord):
         return {"__arrayrecord__": {k: torch.from_numpy(a.numpy().copy())
                                     for k, a in value.items()}}
@@ -43,8 +44,8 @@ def _to_tensors(value: Any) -> Any:
 
 
 def _from_tensors(value: Any) -> Any:
-    if value is None:
-        return None
+    if value is None or isinstance(value, int | float):
+        return value
     if isinstance(value, dict) and "__arrayrecord__" in value:
         return ArrayRecord({k: Array(t.numpy()) for k, t in value["__arrayrecord__"].items()})
     if isinstance(value, dict):

@@ -17,7 +17,9 @@ from pathlib import Path
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
+from flwr.serverapp.exception import PrivacyBudgetExhausted
 
+from server.central_dp import CentralDpLedger, wrap_central_dp
 from server.checkpoint import (
     load_checkpoint,
     restore_rng_state,
@@ -26,6 +28,7 @@ from server.checkpoint import (
     save_checkpoint,
     strategy_state,
 )
+from server.privacy import declined_reason
 from server.strategy import make_strategy
 from shared.config import Config, dump_config
 from shared.data.dataset import make_loader
@@ -58,6 +61,7 @@ class RoundRecord:
     train_failed: int = 0
     evaluate_failed: int = 0
     rejected: dict[int, str] = field(default_factory=dict)
+    declined: dict[int, str] = field(default_factory=dict)  # privacy budget spent (issue 6)
     sampled: int = 0
     bytes_sent: int = 0
     bytes_received: int = 0
@@ -100,6 +104,11 @@ class RoundRecorder:
             if r.has_error():
                 if kind.startswith("train"):
                     rec.train_failed += 1
+                    note = declined_reason(r.error.reason)
+                    if note and r.metadata.src_node_id in sent_to:
+                        idx = self.clinic(r.metadata.src_node_id)
+                        rec.declined[idx] = note
+                        log.warning("round %d: clinic %d declined to train: %s", rnd, idx, note)
                 else:
                     rec.evaluate_failed += 1
                 continue
@@ -125,7 +134,7 @@ class RoundRecorder:
         self._index = {int(n): int(i) for n, i in data["index"]}
         self.rounds = {}
         for r in data["rounds"]:
-            for key in ("train", "evaluate", "rejected"):
+            for key in ("train", "evaluate", "rejected", "declined"):
                 r[key] = {int(k): v for k, v in r[key].items()}
             self.rounds[int(r["round"])] = RoundRecord(**r)
 
@@ -293,6 +302,7 @@ class FederationResult:
     full_model_bytes: int
     exchanged_bytes: int
     stopped: str | None = None
+    central_dp: CentralDpLedger | None = None  # client-level DP accountant (issue 6)
 
 
 def _plain(mr: MetricRecord | None) -> dict[str, float]:
@@ -318,6 +328,9 @@ def run_federation(grid: Grid, cfg: Config, test_manifest: str | Path,
     evaluator = CentralEvaluator(cfg, test_manifest, model)
     recorder = RoundRecorder()
     strategy = make_strategy(fed)
+    central = None
+    if cfg.privacy.central is not None:  # client-level DP: Flower's wrapper + accountant
+        strategy, central = wrap_central_dp(strategy, cfg.privacy.central, fed)
     train_agg: dict[int, dict[str, float]] = {}
     eval_agg: dict[int, dict[str, float]] = {}
     seconds_before, start = 0.0, 1
@@ -330,6 +343,8 @@ def run_federation(grid: Grid, cfg: Config, test_manifest: str | Path,
                                "checkpoint's; resume with the run's own config")
         arrays = ArrayRecord({k: Array(t.numpy()) for k, t in ck["arrays"].items()})
         restore_strategy_state(strategy, ck["strategy"])
+        if central is not None:
+            central.load_state_dict(ck["central_dp"])
         recorder.load_state(ck["recorder"])
         evaluator.load_state(ck["evaluator"])
         train_agg = {int(k): v for k, v in json.loads(ck["train_aggregated"]).items()}
@@ -367,15 +382,19 @@ def run_federation(grid: Grid, cfg: Config, test_manifest: str | Path,
                     "evaluator": evaluator.state(),
                     "train_aggregated": json.dumps(train_agg),
                     "evaluate_aggregated": json.dumps(eval_agg),
-                    "rng": rng_state(), "seconds": seconds_before + time.perf_counter() - t0})
+                    "rng": rng_state(), "seconds": seconds_before + time.perf_counter() - t0,
+                    "central_dp": central.state_dict() if central is not None else None})
     except (Diverged, NodeWaitTimeout) as e:  # keep what the completed rounds produced
         log.error("%s", e)
         stopped = str(e)
+    except PrivacyBudgetExhausted as e:  # central DP: the next round would pass max_epsilon
+        log.warning("stopped before the next round: %s", e)
+        stopped = f"client-level privacy budget spent: {e}"
     if not evaluator.history:
         raise DentfedError(stopped or "no round completed")
     return FederationResult(cfg, evaluator, recorder, train_agg, eval_agg,
                             seconds_before + time.perf_counter() - t0, full_model_nbytes(model),
-                            arrays_nbytes(arrays), stopped)
+                            arrays_nbytes(arrays), stopped, central)
 
 
 def _train_round(strategy, grid: RecordingGrid, recorder: RoundRecorder, cfg: Config,

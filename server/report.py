@@ -15,6 +15,7 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 from server.federation import FederationResult  # noqa: E402
+from server.privacy import central_dp_markdown, privacy_markdown, privacy_summary  # noqa: E402
 from shared.config import dump_config  # noqa: E402
 from shared.fedio import build_global_model  # noqa: E402
 from shared.model_card import build_card, write_card  # noqa: E402
@@ -36,6 +37,7 @@ def _history(res: FederationResult) -> list[dict]:
                 "skipped": rec.skipped,
                 "attempts": rec.attempts,
                 "clinics_rejected": {str(k): v for k, v in sorted(rec.rejected.items())},
+                "clinics_declined": {str(k): v for k, v in sorted(rec.declined.items())},
                 "clinics_train": {"aggregated": res.train_aggregated.get(rnd, {}),
                                   "per_clinic": {str(k): v for k, v in sorted(rec.train.items())}},
                 "clinics_evaluate": {"aggregated": res.evaluate_aggregated.get(rnd, {}),
@@ -82,6 +84,8 @@ def summary(res: FederationResult) -> dict:
         "upload_ratio": (float(np.mean(up)) / res.full_model_bytes) if up else 0.0,
         "upload_encoding": res.cfg.federation.upload,
         "stopped": res.stopped,
+        **({"privacy": p} if (p := privacy_summary(res.cfg, res.recorder.rounds)) else {}),
+        **({"central_dp": res.central_dp.summary()} if res.central_dp else {}),
     }
 
 
@@ -94,8 +98,8 @@ def _plot(res: FederationResult, path: Path) -> None:
     axes[1].plot(rounds, [ev.history[r]["loss"] for r in rounds], "-o", label="central test")
     for idx in range(res.recorder.n_clinics):
         rs = [r for r in sorted(res.recorder.rounds) if idx in res.recorder.rounds[r].train]
-        axes[1].plot(rs, [res.recorder.rounds[r].train[idx]["train_loss"] for r in rs], "--",
-                     alpha=0.7, label=f"clinic {idx} train")
+        axes[1].plot(rs, [res.recorder.rounds[r].train[idx].get("train_loss", np.nan)
+                          for r in rs], "--", alpha=0.7, label=f"clinic {idx} train")
         es = [r for r in sorted(res.recorder.rounds) if idx in res.recorder.rounds[r].evaluate]
         axes[2].plot(es, [res.recorder.rounds[r].evaluate[idx].get(f"val_{ev.key}", np.nan)
                           for r in es], "-o", ms=3, label=f"clinic {idx}")
@@ -131,7 +135,8 @@ def rounds_table(res: FederationResult) -> pd.DataFrame:
             note = f"{note}; {rec.attempts} attempts".lstrip("; ")
         rows[r] = {f"central {res.evaluator.key}": row["server"].get(res.evaluator.key),
                    "central loss": row["server"]["loss"],
-                   "clinics used/sampled": f"{used}/{row['clinics_sampled']}" if r else "-",
+                   "clinics used/sampled": f"{used}/{row['clinics_sampled']}"
+                   if r and "clinics_sampled" in row else "-",  # SecAgg+: not recorded
                    "note": note,
                    "train loss (agg)": row.get("clinics_train", {}).get("aggregated", {})
                    .get("train_loss"),
@@ -182,6 +187,10 @@ def write_run_folder(res: FederationResult, out: Path) -> dict:
                 f"## Final global model on the server test set ({data['test_images']} images)\n\n"
                 f"{render_table(table)}\n\nbest round: {data['best_round']}\n\n![rounds]"
                 "(rounds.png)\n")
+        if "privacy" in data:
+            text += "\n" + privacy_markdown(data["privacy"], data["clinics"])
+        if "central_dp" in data:
+            text += "\n" + central_dp_markdown(data["central_dp"])
         if res.stopped:
             text = text.replace("\n\n", f"\n\n**Stopped early:** {res.stopped}\n\n", 1)
         write_text_atomic(tmp / "report.md", text)

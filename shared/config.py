@@ -157,6 +157,75 @@ class SimulationConfig(_Strict):
     max_concurrent: int = Field(default=2, ge=1)
 
 
+class DpSgdConfig(_Strict):
+    """Sample-level DP-SGD (Opacus) in the one training loop. Give either noise_multiplier or
+    target_epsilon (the noise is then calibrated so that training in every planned round, or
+    every epoch when pooled, spends exactly target_epsilon). Epsilon is accounted per clinic
+    over every round it trained in; a clinic whose next round would pass max_epsilon declines."""
+
+    noise_multiplier: float | None = Field(default=None, gt=0)
+    target_epsilon: float | None = Field(default=None, gt=0)
+    max_grad_norm: float = Field(default=1.0, gt=0)
+    delta: float = Field(default=1e-5, gt=0, lt=1)
+    max_epsilon: float | None = Field(default=None, gt=0)
+    # Per-sample gradients: "auto" = "ew" (ExpandedWeights) for CNNs, where Opacus' hooks fail
+    # on in-place residual adds with torch 2.14, and "hooks" for ViT, which "ew" cannot run.
+    grad_sample_mode: Literal["auto", "ew", "hooks", "functorch"] = "auto"
+
+    @model_validator(mode="after")
+    def _check(self) -> DpSgdConfig:
+        if (self.noise_multiplier is None) == (self.target_epsilon is None):
+            raise ValueError("privacy.dp_sgd needs exactly one of noise_multiplier and "
+                             "target_epsilon")
+        if self.target_epsilon and self.max_epsilon and self.max_epsilon < self.target_epsilon:
+            raise ValueError("privacy.dp_sgd.max_epsilon is below target_epsilon: every clinic "
+                             "would stop before its planned rounds")
+        return self
+
+
+class CentralDpConfig(_Strict):
+    """Client-level DP at the coordinator (Flower's DifferentialPrivacy*Clipping wrappers): each
+    clinic's update is clipped to clipping_norm (on the server, or at the clinic with the
+    client-* modes), the sum gets Gaussian noise, and Flower's RdpAccountant composes one
+    release per round. Epsilon then covers a whole clinic's contribution, not one image."""
+
+    clipping: Literal["server-fixed", "client-fixed", "server-adaptive",
+                      "client-adaptive"] = "server-fixed"
+    noise_multiplier: float = Field(gt=0)
+    clipping_norm: float = Field(default=1.0, gt=0)  # adaptive: the initial norm
+    target_clipped_quantile: float = Field(default=0.5, ge=0, le=1)
+    clip_norm_lr: float = Field(default=0.2, gt=0)
+    clipped_count_stddev: float | None = Field(default=None, gt=0)  # adaptive; Flower: N/20
+    delta: float = Field(default=1e-5, gt=0, lt=1)
+    max_epsilon: float | None = Field(default=None, gt=0)
+    # Flower has no accountant for adaptive clipping; running it unaccounted must be explicit.
+    accounting: bool = True
+
+
+class SecAggConfig(_Strict):
+    """SecAgg+ (Flower's SecAggPlusWorkflow + secaggplus_mod): clinics mask their quantised
+    updates so the coordinator learns only their sum. Shares and threshold: a float is a
+    fraction of the sampled clinics, an int a count (Flower's semantics)."""
+
+    num_shares: int | float = Field(default=1.0, gt=0)
+    reconstruction_threshold: int | float = Field(default=0.6, gt=0)
+    clipping_range: float = Field(default=8.0, gt=0)  # |weights| above it are clipped
+    quantization_range: int = Field(default=4194304, ge=2)
+    max_weight: float = Field(default=1000.0, gt=0)  # >= any clinic's training images
+
+
+class PrivacyConfig(_Strict):
+    dp_sgd: DpSgdConfig | None = None
+    central: CentralDpConfig | None = None
+    secagg: SecAggConfig | None = None
+
+
+# Losses whose per-sample gradients are well defined: DP-SGD clips each sample's gradient, so a
+# sample's loss must not depend on the rest of the batch (dice does) or on label statistics
+# computed outside the DP mechanism (weighted_bce's pos_weight).
+DP_LOSSES = ("bce", "focal", "ce")
+
+
 class Config(_Strict):
     task: TaskConfig
     data: DataConfig = DataConfig()
@@ -165,6 +234,7 @@ class Config(_Strict):
     federation: FederationConfig = FederationConfig()
     split: SplitConfig = SplitConfig()
     simulation: SimulationConfig = SimulationConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
 
     @model_validator(mode="after")
     def _check(self) -> Config:
@@ -182,6 +252,42 @@ class Config(_Strict):
                 f.num_malicious_clinics + 3:
             raise ValueError("krum needs federation.min_train_clinics >= "
                              "2 * num_malicious_clinics + 3")
+        c = self.privacy.central
+        if c is not None:
+            if f.strategy not in ("fedavg", "fedprox"):
+                raise ValueError(f"privacy.central with federation.strategy {f.strategy}: client-"
+                                 "level DP accounting needs plain FedAvg aggregation (fedavg or "
+                                 "fedprox); other strategies change the noised sum")
+            if f.fraction_train != 1.0 or f.min_train_clinics != f.min_available_clinics:
+                raise ValueError("privacy.central needs the same number of clinics every round: "
+                                 "set federation.fraction_train 1.0 and min_train_clinics equal "
+                                 "to min_available_clinics (the noise is calibrated to it)")
+            if c.clipping.endswith("adaptive") and c.accounting:
+                raise ValueError("privacy.central.clipping adaptive cannot be accounted (Flower's "
+                                 "RdpAccountant covers fixed clipping only): use server-fixed or "
+                                 "client-fixed, or set accounting: false to run unaccounted")
+            if not c.accounting and c.max_epsilon is not None:
+                raise ValueError("privacy.central.max_epsilon needs accounting: true")
+            if c.clipping.startswith("client") and f.upload != "fp32":
+                raise ValueError("privacy.central.clipping client-* clips the uploaded arrays: "
+                                 "it needs federation.upload fp32")
+        if self.privacy.secagg is not None:
+            if f.strategy != "fedavg" or f.upload != "fp32":
+                raise ValueError("privacy.secagg runs Flower's legacy FedAvg over masked fp32 "
+                                 "updates: it needs federation.strategy fedavg and upload fp32")
+            if self.privacy.dp_sgd is not None or c is not None:
+                raise ValueError("privacy.secagg cannot be combined with dp_sgd or central yet "
+                                 "(the SecAgg+ path reports no per-clinic epsilon and the server "
+                                 "cannot clip what it cannot see)")
+        if self.privacy.dp_sgd is not None:
+            if self.train.loss not in DP_LOSSES:
+                raise ValueError(f"train.loss '{self.train.loss}' cannot be used with "
+                                 f"privacy.dp_sgd (use one of {', '.join(DP_LOSSES)}): its "
+                                 "per-sample gradients are not bounded by clipping")
+            if f.strategy == "fedprox":
+                raise ValueError("privacy.dp_sgd with federation.strategy fedprox is not "
+                                 "supported: the proximal term's gradient would bypass the "
+                                 "per-sample clipping and noise")
         return self
 
 

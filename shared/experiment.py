@@ -69,6 +69,8 @@ class FoldResult:
     model: torch.nn.Module
     seconds: float
     sizes: dict[str, int]
+    epsilon: float | None = None  # DP-SGD: privacy loss of this fold's training data
+    stopped: str | None = None  # DP-SGD: why training stopped before cfg.train.epochs
 
 
 def train_fold(cfg: Config, m: Manifest, split: Split, seed: int) -> FoldResult:
@@ -77,8 +79,10 @@ def train_fold(cfg: Config, m: Manifest, split: Split, seed: int) -> FoldResult:
     seed_everything(seed)
     device = resolve_device(cfg.train.device)
     train_m, val_m, test_m = (m.subset(split[s]) for s in ("train", "val", "test"))
-    model = build_model(cfg.model, len(cfg.task.labels), cfg.data.image_size)
-    loss_fn = make_loss(cfg.task, cfg.train, train_m.targets)
+    dp = cfg.privacy.dp_sgd
+    model = build_model(cfg.model, len(cfg.task.labels), cfg.data.image_size,
+                        dp_compatible=dp is not None)
+    loss_fn = make_loss(cfg.task, cfg.train, train_m.targets, per_sample=dp is not None)
     train_dl = make_loader(train_m, cfg.data, train=True, seed=seed)
     val_dl = make_loader(val_m, cfg.data, train=False)
     test_dl = make_loader(test_m, cfg.data, train=False)
@@ -88,7 +92,8 @@ def train_fold(cfg: Config, m: Manifest, split: Split, seed: int) -> FoldResult:
         log.info("epoch %d  train_loss %.4f  val_loss %.4f  %s %.4f", row["epoch"],
                  row["train_loss"], row["val_loss"], key, row.get(key, float("nan")))
 
-    res = fit(model, train_dl, val_dl, loss_fn, cfg.task, cfg.train, device, on_epoch=show)
+    res = fit(model, train_dl, val_dl, loss_fn, cfg.task, cfg.train, device, on_epoch=show,
+              privacy=dp)
     thresholds = None
     if cfg.task.type == "multilabel":
         probs, targets, _ = predict(model, val_dl, None, device, cfg.task.type)
@@ -96,7 +101,7 @@ def train_fold(cfg: Config, m: Manifest, split: Split, seed: int) -> FoldResult:
     test = evaluate(model, test_dl, loss_fn, cfg.task, device, thresholds)
     sizes = {s: len(split[s]) for s in ("train", "val", "test")}
     return FoldResult(test, thresholds, res.history, res.best_epoch, model.cpu(),
-                      time.perf_counter() - t0, sizes)
+                      time.perf_counter() - t0, sizes, res.epsilon, res.stop_reason)
 
 
 def save_checkpoint(path: Path, model: torch.nn.Module, cfg: Config,
@@ -122,6 +127,16 @@ def data_summary(m: Manifest, split: Split, cv: int | None) -> dict:
         out["cv_folds"] = cv
         out["note"] = "splits and label counts are those of the last fold (the saved model)"
     return out
+
+
+def _privacy_line(cfg: Config, folds: list[FoldResult]) -> str:
+    dp = cfg.privacy.dp_sgd
+    if dp is None:
+        return ""
+    eps = max(fr.epsilon or 0.0 for fr in folds)
+    return (f"\nDP-SGD (Opacus): epsilon {eps:.3f} at delta {dp.delta:g} for the training "
+            f"images{' (largest over folds)' if len(folds) > 1 else ''}, max_grad_norm "
+            f"{dp.max_grad_norm:g}\n")
 
 
 def run_training(cfg: Config, manifest: str | Path | None, out_dir: str | Path,
@@ -160,6 +175,11 @@ def run_training(cfg: Config, manifest: str | Path | None, out_dir: str | Path,
         "seconds": sum(fr.seconds for fr in folds),
         "seed": seed,
     }
+    if cfg.privacy.dp_sgd is not None:  # per fold: each fold trains on its own patients
+        eps = [fr.epsilon or 0.0 for fr in folds]
+        stops = [fr.stopped for fr in folds]
+        result["privacy"] = {"epsilon": eps if cv else eps[0], "delta": cfg.privacy.dp_sgd.delta,
+                             "budget_stop": stops if cv else stops[0]}
     table = metrics_table(cfg.task, final, final_sd)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -178,7 +198,7 @@ def run_training(cfg: Config, manifest: str | Path | None, out_dir: str | Path,
         title = f"{len(folds)}-fold patient-grouped CV, mean ± sd" if cv else "test split"
         write_text_atomic(tmp / "report.md", f"# dentfed train\n\n{title}\n\n"
                           f"{render_table(table)}\n\nheadline {result['headline']}: "
-                          f"{final[result['headline']]:.4f}\n")
+                          f"{final[result['headline']]:.4f}\n{_privacy_line(cfg, folds)}")
         if out_dir.exists():
             out_dir.rmdir()
         tmp.rename(out_dir)

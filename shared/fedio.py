@@ -84,6 +84,8 @@ def round_lr(cfg: Config, server_round: int) -> float:
 
 
 def build_global_model(cfg: Config) -> nn.Module:
-    """The task model, seeded so every party builds identical frozen stages."""
+    """The task model, seeded so every party builds identical frozen stages (Opacus-compatible
+    normalisation under privacy.dp_sgd, so clinics and server exchange the same arrays)."""
     torch.manual_seed(cfg.train.seed)
-    return build_model(cfg.model, len(cfg.task.labels), cfg.data.image_size)
+    return build_model(cfg.model, len(cfg.task.labels), cfg.data.image_size,
+                       dp_compatible=cfg.privacy.dp_sgd is not None)

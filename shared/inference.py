@@ -89,7 +89,8 @@ def load_model(model_path: str | Path) -> LoadedModel:
     if list(ckpt["labels"]) != list(cfg.task.labels):
         raise DentfedError(f"{path.name}: labels {ckpt['labels']} differ from its config's "
                            f"task.labels {cfg.task.labels}")
-    model = build_model(cfg.model, len(cfg.task.labels), cfg.data.image_size, load_weights=False)
+    model = build_model(cfg.model, len(cfg.task.labels), cfg.data.image_size, load_weights=False,
+                        dp_compatible=cfg.privacy.dp_sgd is not None)
     try:
         model.load_state_dict(ckpt["state_dict"])
     except RuntimeError as err:

@@ -19,33 +19,43 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (values * mask).sum() / n
 
 
+def _per_sample_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over each sample's own known labels, then over the batch: a sample's loss does not
+    depend on the other samples (DP-SGD's per-sample gradients need that)."""
+    m = mask.to(values.dtype)
+    per = (values * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)
+    return per.mean() if len(per) else (values * 0).sum()
+
+
 class MaskedBCE(nn.Module):
     """BCE with logits; optional pos_weight per label (weighted BCE)."""
 
-    def __init__(self, pos_weight: torch.Tensor | None = None):
+    def __init__(self, pos_weight: torch.Tensor | None = None, per_sample: bool = False):
         super().__init__()
         self.register_buffer("pos_weight", pos_weight)
+        self.reduce = _per_sample_mean if per_sample else _masked_mean
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         mask = ~torch.isnan(targets)
         t = torch.nan_to_num(targets, nan=0.0)
         pw = None if self.pos_weight is None else self.pos_weight.to(logits.device)
         loss = F.binary_cross_entropy_with_logits(logits, t, pos_weight=pw, reduction="none")
-        return _masked_mean(loss, mask)
+        return self.reduce(loss, mask)
 
 
 class MaskedFocal(nn.Module):
     """Sigmoid focal loss (torchvision.ops) over known labels."""
 
-    def __init__(self, gamma: float = 2.0, alpha: float | None = None):
+    def __init__(self, gamma: float = 2.0, alpha: float | None = None, per_sample: bool = False):
         super().__init__()
         self.gamma, self.alpha = gamma, -1.0 if alpha is None else alpha
+        self.reduce = _per_sample_mean if per_sample else _masked_mean
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         mask = ~torch.isnan(targets)
         t = torch.nan_to_num(targets, nan=0.0)
         loss = sigmoid_focal_loss(logits, t, alpha=self.alpha, gamma=self.gamma, reduction="none")
-        return _masked_mean(loss, mask)
+        return self.reduce(loss, mask)
 
 
 class MaskedSoftDice(nn.Module):
@@ -78,18 +88,19 @@ def pos_weight_from(targets: np.ndarray, max_weight: float = 100.0) -> torch.Ten
 
 
 def make_loss(task: TaskConfig, train: TrainConfig,
-              train_targets: np.ndarray | None = None) -> nn.Module:
-    """The loss the config names; weighted BCE needs the training targets for pos_weight."""
+              train_targets: np.ndarray | None = None, per_sample: bool = False) -> nn.Module:
+    """The loss the config names; weighted BCE needs the training targets for pos_weight.
+    per_sample (DP-SGD): multi-label losses average each sample's known labels separately."""
     if task.type == "multiclass":
         return nn.CrossEntropyLoss(label_smoothing=train.label_smoothing)
     if train.loss == "bce":
-        return MaskedBCE()
+        return MaskedBCE(per_sample=per_sample)
     if train.loss == "weighted_bce":
         if train_targets is None:
             raise ValueError("weighted_bce needs the training targets")
         return MaskedBCE(pos_weight_from(train_targets))
     if train.loss == "focal":
-        return MaskedFocal(train.focal_gamma, train.focal_alpha)
+        return MaskedFocal(train.focal_gamma, train.focal_alpha, per_sample=per_sample)
     if train.loss == "dice":
         return MaskedSoftDice()
     raise ValueError(f"unknown loss {train.loss}")

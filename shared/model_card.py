@@ -50,22 +50,25 @@ def _architecture(cfg: Config) -> dict[str, Any]:
 
 
 def privacy_summary(config_dict: dict, metrics: dict) -> dict[str, Any] | None:
-    """DP settings and the spent epsilon when the run used differential privacy.
+    """DP settings and the spent epsilon when the run used differential privacy (config
+    `privacy.dp_sgd` / `privacy.central`; SecAgg+ alone is not DP); None otherwise.
 
-    The `privacy` config section and the metrics that carry epsilon are optional: a card only
-    reports what the run recorded (no guessing)."""
-    section = config_dict.get("privacy")
+    Epsilon is what the run recorded: `privacy.epsilon` of a pooled run (a list for k-fold:
+    the largest), `privacy.epsilon_max` over clinics of a federated DP-SGD run, and
+    `central_dp.epsilon` of client-level DP."""
+    section = config_dict.get("privacy") or {}
+    used = {k: v for k, v in section.items() if k in ("dp_sgd", "central") and v}
+    if not used:
+        return None
     eps = None
-    for where in (metrics, metrics.get("privacy") or {}, metrics.get("final") or {}):
-        if isinstance(where, dict) and where.get("epsilon") is not None:
-            eps = where["epsilon"]
+    recorded = metrics.get("privacy") or {}
+    for value in (recorded.get("epsilon_max"), recorded.get("epsilon"),
+                  (metrics.get("central_dp") or {}).get("epsilon")):
+        if value is not None:
+            eps = max(value) if isinstance(value, list) else value
             break
-    if not section and eps is None:
-        return None
-    if isinstance(section, dict) and section.get("enabled") is False and eps is None:
-        return None
-    return {"settings": section, "epsilon": eps,
-            "delta": (section or {}).get("delta") if isinstance(section, dict) else None}
+    delta = next((v.get("delta") for v in used.values() if isinstance(v, dict)), None)
+    return {"settings": used, "epsilon": eps, "delta": delta}
 
 
 def _finite(metrics: dict[str, Any]) -> dict[str, float]:

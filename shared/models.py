@@ -89,11 +89,13 @@ def frozen_prefixes(model: nn.Module) -> tuple[str, ...]:
 
 
 def set_train_mode(model: nn.Module) -> None:
-    """model.train(), but frozen stages stay in eval so their BatchNorm statistics don't move."""
+    """model.train(), but frozen stages stay in eval so their BatchNorm statistics don't move
+    (under DP-SGD that also keeps them per-sample). Looks through Opacus' wrapper."""
     model.train()
-    prefixes = list(frozen_prefixes(model))
+    inner = model._module if isinstance(getattr(model, "_module", None), nn.Module) else model
+    prefixes = list(frozen_prefixes(inner))
     if prefixes:
-        for name, mod in model.named_modules():
+        for name, mod in inner.named_modules():
             if _under(name, prefixes):
                 mod.eval()
 
@@ -186,9 +188,34 @@ def _head_prefixes(model: nn.Module) -> tuple[str, ...]:
     return (last,) if last else ()
 
 
+def make_dp_compatible(model: nn.Module) -> nn.Module:
+    """For DP-SGD, Opacus' fixers on trainable modules: BatchNorm in training mode mixes the
+    samples of a batch, so a sample's gradient is not its own: it becomes GroupNorm (default
+    affine init); a ViT's nn.MultiheadAttention becomes Opacus' DPMultiheadAttention (same
+    weights, per-sample gradients through its linear layers). BatchNorm in frozen stages stays:
+    it runs in eval mode on fixed statistics, per sample, and keeps pretrained features intact.
+    In-place activations become out-of-place (same values; Opacus' hooks refuse in-place ops on
+    the views they hook). Call after freezing."""
+    from opacus.validators import ModuleValidator
+
+    for name, mod in list(model.named_modules()):
+        fixer = ModuleValidator.FIXERS.get(type(mod))
+        if name and fixer is not None and any(p.requires_grad for p in mod.parameters()):
+            parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+            setattr(parent, name.rsplit(".", 1)[-1], fixer(mod))
+    for mod in model.modules():
+        if getattr(mod, "inplace", False) is True:
+            mod.inplace = False
+    errors = ModuleValidator.validate(model.train(), strict=False)
+    if errors:
+        raise ConfigError(f"{type(model).__name__} cannot be trained with DP-SGD: {errors[0]}")
+    return model
+
+
 def build_model(cfg: ModelConfig, num_outputs: int, image_size: int = 224,
-                load_weights: bool = True) -> nn.Module:
-    """Build the task model: architecture, local pretrained weights, new head, frozen stages.
+                load_weights: bool = True, dp_compatible: bool = False) -> nn.Module:
+    """Build the task model: architecture, local pretrained weights, new head, frozen stages;
+    with dp_compatible, normalisation layers that DP-SGD cannot clip per sample are replaced.
 
     `load_weights=False` builds the identical layout (a pretrained ViT gets the same replaced
     head) without reading `cfg.pretrained`: for loading a saved checkpoint on a machine that
@@ -214,6 +241,8 @@ def build_model(cfg: ModelConfig, num_outputs: int, image_size: int = 224,
         _replace_head(model, num_outputs, cfg.dropout)
     if cfg.freeze:
         freeze_stages(model, cfg.freeze)
+    if dp_compatible:
+        model = make_dp_compatible(model)
     return model
 
 

@@ -4,6 +4,7 @@ through `train_one_epoch`, `predict`/`evaluate` and `fit`."""
 from __future__ import annotations
 
 import copy
+import logging
 import random
 import sys
 from collections.abc import Callable
@@ -15,9 +16,18 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from shared.config import TaskConfig, TrainConfig
+from shared.config import DpSgdConfig, TaskConfig, TrainConfig
 from shared.metrics import multiclass_metrics, multilabel_metrics
 from shared.models import set_train_mode
+from shared.privacy import (
+    PrivacyBudgetSpent,
+    check_budget,
+    make_private,
+    noise_for,
+    sample_rate_of,
+)
+
+log = logging.getLogger(__name__)
 
 
 def seed_everything(seed: int) -> None:
@@ -115,6 +125,8 @@ class FitResult:
     history: list[dict[str, float]] = field(default_factory=list)
     best_epoch: int = 0
     stopped_early: bool = False
+    epsilon: float | None = None  # DP-SGD: privacy loss over every epoch trained (at delta)
+    stop_reason: str | None = None
 
 
 def fit(
@@ -126,31 +138,57 @@ def fit(
     cfg: TrainConfig,
     device: torch.device,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
+    privacy: DpSgdConfig | None = None,
 ) -> FitResult:
     """Train for cfg.epochs with early stopping on validation loss (cfg.patience); the model ends
-    with the weights of its best validation epoch."""
+    with the weights of its best validation epoch. With `privacy`, every step is DP-SGD (Opacus)
+    and each epoch's row carries the epsilon spent so far; an epoch that would pass max_epsilon
+    is not started."""
     model.to(device)
     opt = make_optimizer(model, cfg)
     result = FitResult()
     best_loss, best_state, bad = float("inf"), None, 0
-    for epoch in range(1, cfg.epochs + 1):
-        tr = train_one_epoch(model, train_loader, loss_fn, opt, device,
-                             max_steps=cfg.max_steps_per_epoch, progress=cfg.progress,
-                             desc=f"epoch {epoch}/{cfg.epochs}")
-        val = evaluate(model, val_loader, loss_fn, task, device)
-        row = {"epoch": float(epoch), "train_loss": tr["loss"],
-               **{f"val_{k}": v for k, v in val.items()}}
-        result.history.append(row)
-        if on_epoch:
-            on_epoch(row)
-        if val["loss"] < best_loss - 1e-6:
-            best_loss, bad, result.best_epoch = val["loss"], 0, epoch
-            best_state = copy.deepcopy(model.state_dict())
-        else:
-            bad += 1
-            if cfg.patience and bad >= cfg.patience:
-                result.stopped_early = True
-                break
+    private = None
+    step_model, step_loader, step_opt = model, train_loader, opt
+    if privacy is not None:
+        q = sample_rate_of(train_loader)
+        per_epoch = min(cfg.max_steps_per_epoch or len(train_loader), len(train_loader))
+        private = make_private(model, opt, train_loader, privacy,
+                               noise_for(privacy, q, cfg.epochs * per_epoch))
+        step_model, step_loader, step_opt = private.module, private.loader, private.optimizer
+        result.epsilon = 0.0
+    try:
+        for epoch in range(1, cfg.epochs + 1):
+            if private is not None:
+                try:
+                    check_budget(private.current(), privacy, private.noise_multiplier,
+                                 private.sample_rate, per_epoch)
+                except PrivacyBudgetSpent as e:
+                    log.warning("epoch %d not started: %s", epoch, e)
+                    result.stopped_early, result.stop_reason = True, str(e)
+                    break
+            tr = train_one_epoch(step_model, step_loader, loss_fn, step_opt, device,
+                                 max_steps=cfg.max_steps_per_epoch, progress=cfg.progress,
+                                 desc=f"epoch {epoch}/{cfg.epochs}")
+            val = evaluate(model, val_loader, loss_fn, task, device)
+            row = {"epoch": float(epoch), "train_loss": tr["loss"],
+                   **{f"val_{k}": v for k, v in val.items()}}
+            if private is not None:
+                result.epsilon = row["epsilon"] = private.current().epsilon(privacy.delta)
+            result.history.append(row)
+            if on_epoch:
+                on_epoch(row)
+            if val["loss"] < best_loss - 1e-6:
+                best_loss, bad, result.best_epoch = val["loss"], 0, epoch
+                best_state = copy.deepcopy(model.state_dict())
+            else:
+                bad += 1
+                if cfg.patience and bad >= cfg.patience:
+                    result.stopped_early = True
+                    break
+    finally:
+        if private is not None:
+            private.close()
     if best_state is not None:
         model.load_state_dict(best_state)
     return result

@@ -60,13 +60,24 @@ def test_train_saves_a_model_card_with_counts_only(tiny_run: Path):
 
 
 def test_card_reports_epsilon_only_when_the_run_recorded_dp():
-    assert privacy_summary({}, {"final": {"macro_auc": 0.9}}) is None
-    assert privacy_summary({"privacy": {"enabled": False}}, {}) is None
-    dp = privacy_summary({"privacy": {"enabled": True, "delta": 1e-5, "noise_multiplier": 1.1}},
-                         {"privacy": {"epsilon": 3.2}})
-    assert dp["epsilon"] == 3.2 and dp["delta"] == 1e-5
-    card = build_card(tiny_config(), kind="pooled", checkpoint="model.pt", thresholds=None,
-                      data={"images": 3}, metrics={"epsilon": 7.5, "final": {}},
+    no_dp = tiny_config().model_dump(mode="json")
+    assert no_dp["privacy"] == {"dp_sgd": None, "central": None, "secagg": None}
+    assert privacy_summary(no_dp, {"final": {"macro_auc": 0.9}}) is None
+    assert privacy_summary({}, {}) is None
+    assert privacy_summary({"privacy": {"secagg": {"num_shares": 3}}}, {}) is None  # not DP
+    dp_sgd = {"privacy": {"dp_sgd": {"delta": 1e-5, "noise_multiplier": 1.1}}}
+    pooled = privacy_summary(dp_sgd, {"privacy": {"epsilon": 3.2}})
+    assert pooled["epsilon"] == 3.2 and pooled["delta"] == 1e-5
+    assert privacy_summary(dp_sgd, {"privacy": {"epsilon": [2.0, 3.5]}})["epsilon"] == 3.5
+    fed = privacy_summary(dp_sgd, {"privacy": {"epsilon_max": 4.0, "epsilon_per_clinic": {}}})
+    assert fed["epsilon"] == 4.0
+    central = privacy_summary({"privacy": {"central": {"delta": 1e-3}}},
+                              {"central_dp": {"epsilon": 7.5}})
+    assert central["epsilon"] == 7.5
+    cfg = tiny_config()
+    cfg.privacy = type(cfg.privacy).model_validate(dp_sgd["privacy"])
+    card = build_card(cfg, kind="pooled", checkpoint="model.pt", thresholds=None,
+                      data={"images": 3}, metrics={"privacy": {"epsilon": 7.5}, "final": {}},
                       evaluated_on="test")
     assert card["privacy"]["epsilon"] == 7.5
     assert "epsilon 7.5" in card_markdown(card)

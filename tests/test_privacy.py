@@ -1,0 +1,229 @@
+"""DP-SGD: config, Opacus-compatible models, accounting across rounds in the clinic's persistent
+state, the max_epsilon refusal, pooled training, and a real 2-clinic simulation whose every
+clinic message is audited (only trainable float arrays and known scalar metrics leave a clinic;
+no patient id or path reaches the run folder or the logs)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from flwr.app import Context, Message, RecordDict
+from torch import nn
+
+from client.app import DP_ACCOUNT_KEY, ClinicDeclined
+from client.app import app as client_app
+from shared.config import config_from_dict
+from shared.errors import ConfigError
+from shared.fedio import build_global_model, expected_shapes, model_arrays
+from shared.privacy import DpAccount, noise_for
+from tests.conftest import tiny_config, write_tiny_multilabel
+from tests.test_federation import _task_identity, _train_message, two_clinic_simulation
+
+__all__ = ["_task_identity"]  # the autouse fixture: messages need a run/node identity
+
+DP = {"noise_multiplier": 1.0, "max_grad_norm": 1.0, "delta": 1e-3}
+
+
+def _dp_config(dp: dict | None = None, **fed):
+    cfg = tiny_config().model_dump(mode="json")
+    cfg["model"]["freeze"] = 5  # only the head trains: per-sample gradients stay cheap on CPU
+    cfg["federation"] = {"local_epochs": 1, **fed}
+    cfg["privacy"] = {"dp_sgd": dp or DP}
+    return config_from_dict(cfg)
+
+
+def test_config_needs_one_noise_source_and_refuses_what_cannot_be_clipped():
+    base = tiny_config().model_dump(mode="json")
+    with pytest.raises(ConfigError, match="exactly one of noise_multiplier and target_epsilon"):
+        config_from_dict({**base, "privacy": {"dp_sgd": {"max_grad_norm": 1.0}}})
+    with pytest.raises(ConfigError, match="exactly one"):
+        config_from_dict({**base, "privacy": {"dp_sgd": {"noise_multiplier": 1.0,
+                                                         "target_epsilon": 3.0}}})
+    dice = {**base, "train": {**base["train"], "loss": "dice"}}
+    with pytest.raises(ConfigError, match="train.loss 'dice' cannot be used with privacy.dp_sgd"):
+        config_from_dict({**dice, "privacy": {"dp_sgd": DP}})
+    with pytest.raises(ConfigError, match="fedprox is not supported"):
+        config_from_dict({**base, "federation": {"strategy": "fedprox"},
+                          "privacy": {"dp_sgd": DP}})
+
+
+def test_factory_makes_resnet_and_vit_opacus_compatible():
+    """Trainable BatchNorm becomes GroupNorm; frozen BatchNorm (eval mode, fixed statistics,
+    per sample) is kept so frozen pretrained stages are unchanged."""
+    from opacus.validators import ModuleValidator
+
+    raw = _dp_config().model_dump(mode="json")
+    raw["model"]["freeze"] = 3  # stem, layer1, layer2 frozen
+    model = build_global_model(config_from_dict(raw))
+    bn = [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    gn = [n for n, m in model.named_modules() if isinstance(m, nn.GroupNorm)]
+    assert bn and all(n.startswith(("bn1", "layer1", "layer2")) for n in bn)
+    assert gn and all(n.startswith(("layer3", "layer4")) for n in gn)
+    assert ModuleValidator.validate(model, strict=False) == []
+    # what is exchanged has no BatchNorm statistics left to average
+    assert not any(k.endswith("running_var") for k in expected_shapes(model))
+    plain = build_global_model(config_from_dict({**raw, "privacy": {}}))
+    assert set(expected_shapes(plain)) - set(expected_shapes(model)) == {
+        k for k in expected_shapes(plain) if "running" in k}
+    assert set(model_arrays(_dp_ready()).keys()) == {"fc.weight", "fc.bias"}
+    vit_cfg = dict(raw)
+    vit_cfg["model"] = {"name": "vit", "vit": {"size": "tiny", "patch_size": 8, "depth": 1}}
+    vit = build_global_model(config_from_dict(vit_cfg))
+    assert type(vit).__name__ == "VisionTransformer"  # attention swapped for DPMultiheadAttention
+    assert "DPMultiheadAttention" in {type(m).__name__ for m in vit.modules()}
+    assert ModuleValidator.validate(vit, strict=False) == []
+
+
+def _dp_ready():
+    return build_global_model(_dp_config())
+
+
+def test_account_composes_and_target_epsilon_calibrates():
+    acc = DpAccount().plus(1.0, 0.25, 4)
+    more = acc.plus(1.0, 0.25, 4)
+    assert 0 < acc.epsilon(1e-5) < more.epsilon(1e-5)
+    assert DpAccount.from_record(more.to_record()) == more
+    dp = _dp_config({"target_epsilon": 3.0, "delta": 1e-5}).privacy.dp_sgd
+    sigma = noise_for(dp, 0.1, 50)
+    eps = DpAccount([(sigma, 0.1, 50)]).epsilon(1e-5)
+    assert 2.8 < eps <= 3.0 + 1e-6
+
+
+def test_clinic_accounts_epsilon_across_rounds_and_declines_at_its_budget(tiny_manifest):
+    """Same Context across calls, as a SuperNode keeps it: epsilon grows round by round; the
+    call that would pass max_epsilon refuses before training and leaves the account as is."""
+    cfg = _dp_config({**DP, "max_epsilon": 5.0})
+    start = model_arrays(build_global_model(cfg))
+    ctx = Context(run_id=1, node_id=1, node_config={"manifest": str(tiny_manifest)},
+                  state=RecordDict(), run_config={})
+    eps = []
+    for _ in range(3):
+        try:
+            reply = client_app(_train_message(cfg, start), ctx)
+            # the cached model is left in eval mode by evaluation between rounds
+            client_app(_eval_message(cfg, start), ctx)
+        except ClinicDeclined as e:
+            declined = str(e)
+            break
+        assert not reply.has_error(), reply.error
+        (metrics,) = reply.content.metric_records.values()
+        assert set(metrics) == {"train_seconds", "num-examples", "epsilon"}
+        eps.append(metrics["epsilon"])
+    else:
+        pytest.fail(f"the clinic never reached max_epsilon 6: {eps}")
+    assert len(eps) >= 1 and all(b > a for a, b in zip(eps, eps[1:], strict=False))
+    assert "privacy budget" in declined and "max_epsilon 5" in declined
+    assert len(eps) == 2  # 3 steps a round at q=1/3: eps 3.47, 4.71, then 5.69 > 5
+    kept = DpAccount.from_record(ctx.state.config_records[DP_ACCOUNT_KEY])
+    assert kept.epsilon(DP["delta"]) == pytest.approx(eps[-1])
+
+
+def _eval_message(cfg, arrays):
+    msg = _train_message(cfg, arrays)
+    return Message(msg.content, dst_node_id=1, message_type="evaluate")
+
+
+def test_pooled_training_reports_epsilon_and_stops_at_budget(tmp_path, tiny_manifest):
+    from shared.experiment import run_training
+
+    raw = _dp_config({"target_epsilon": 4.0, "delta": 1e-3}).model_dump(mode="json")
+    raw["train"]["epochs"] = 2
+    res = run_training(config_from_dict(raw), tiny_manifest, tmp_path / "run")
+    eps = [row["epsilon"] for row in res["history"]]
+    assert eps[0] < eps[1] <= 4.0 + 1e-6 and res["privacy"]["epsilon"] == eps[-1]
+    assert "DP-SGD (Opacus): epsilon" in (tmp_path / "run" / "report.md").read_text()
+    # a single epoch spends more than 1 here (a few steps at q >= 1/3, noise 1): nothing trains
+    assert DpAccount([(1.0, 1 / 3, 3)]).epsilon(DP["delta"]) > 1.0
+    raw["privacy"]["dp_sgd"] = {**DP, "max_epsilon": 1.0}
+    res = run_training(config_from_dict(raw), tiny_manifest, tmp_path / "run2")
+    assert res["history"] == [] and res["privacy"]["epsilon"] == 0.0
+    assert "above max_epsilon 1" in res["privacy"]["budget_stop"]
+
+
+def _distinctive_manifest(root: Path) -> tuple[Path, list[str]]:
+    """The tiny set with patient ids and file names that cannot occur by chance in a file."""
+    manifest = write_tiny_multilabel(root, n=64)
+    df = pd.read_csv(manifest)
+    secrets = []
+    for i, row in df.iterrows():
+        new = f"img/JaneDoe-{i:03d}-scan.png"
+        (root / row["path"]).rename(root / new)
+        df.loc[i, "path"] = new
+        secrets.append(new)
+    df["patient_id"] = [f"PAT-7731-{pid}" for pid in df["patient_id"]]
+    secrets += list(df["patient_id"].unique())
+    df.to_csv(manifest, index=False)
+    return manifest, secrets
+
+
+def test_real_simulation_audit_dp_epsilon_per_round_and_budget(tmp_path):
+    """3 rounds, 2 clinics; each clinic's epsilon must grow from round to round (the account
+    survives in Flower's context.state between rounds), and max_epsilon lets each clinic train
+    exactly twice: round 3 is declined by both and the server reports it."""
+    cfg_path, _ = two_clinic_simulation(tmp_path, rounds=3, local_steps=2)
+    manifest, secrets = _distinctive_manifest(tmp_path / "secret")
+    cfg = yaml.safe_load(cfg_path.read_text())
+    cfg["model"]["freeze"] = 5
+    two = DpAccount().plus(1.0, 0.5, 4).epsilon(DP["delta"])
+    cfg["privacy"] = {"dp_sgd": {**DP, "max_epsilon": round(two * 1.05, 3)}}
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    out, audit = tmp_path / "run", tmp_path / "audit"
+    env = {**os.environ, "DENTFED_AUDIT_DIR": str(audit)}
+    r = subprocess.run([sys.executable, "-m", "dentfed.cli", "simulate", "--config",
+                        str(cfg_path), "--manifest", str(manifest), "--out", str(out)],
+                       capture_output=True, text=True, timeout=540, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    data = json.loads((out / "metrics.json").read_text())
+    priv = data["privacy"]
+    per_round = priv["epsilon_per_round"]
+    assert set(per_round) == {"1", "2"}, priv
+    for clinic in ("0", "1"):
+        assert per_round["2"][clinic] > per_round["1"][clinic] > 0  # composed, not reset
+    assert set(priv["declined"]["3"]) == {"0", "1"}
+    assert "privacy budget" in priv["declined"]["3"]["0"]
+    assert priv["epsilon_max"] == max(per_round["2"].values()) <= priv["max_epsilon"]
+    report = (out / "report.md").read_text()
+    assert "## Privacy (DP-SGD per clinic)" in report and "declined" in report
+
+    # Audit: every reply any clinic sent in the run.
+    model = build_global_model(config_from_dict(cfg))
+    shapes = {k: list(v) for k, v in expected_shapes(model).items()}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    entries = [json.loads(p.read_text()) for p in audit.glob("*.json")]
+    kinds = [e["message_type"] for e in entries]
+    assert kinds.count("train") == 6 and kinds.count("evaluate") == 6, kinds
+    known = {"train": {"train_seconds", "num-examples", "epsilon"},
+             "evaluate": {"val_loss", "val_macro_auc", "num-examples"}}
+    for e in entries:
+        if "error" in e:  # only the budget refusals, with numbers and no names
+            assert e["message_type"] == "train" and "privacy budget" in e["error"], e
+            continue
+        for name, rec in e["records"].items():
+            assert rec["kind"] in ("arrays", "metrics"), (name, rec)  # no config records
+            if rec["kind"] == "arrays":
+                assert name == "arrays"
+                assert set(rec["arrays"]) == set(shapes) == trainable
+                assert all(a["dtype"] == "float32" and a["shape"] == shapes[k]
+                           for k, a in rec["arrays"].items())
+            else:
+                assert set(rec["values"]) <= known[e["message_type"]], rec
+                assert all(isinstance(v, int | float) for v in rec["values"].values())
+    # No patient id or image path from any clinic's manifest in what the server wrote or
+    # logged (split/ is the simulation's own partition of the researcher's data, not the
+    # server's: it is left out).
+    clinic_paths = [str((tmp_path / "secret" / s).resolve()) for s in secrets if "/" in s]
+    for path in [p for p in out.rglob("*") if p.is_file() and "split" not in p.parts]:
+        blob = path.read_bytes()
+        for s in secrets + clinic_paths:
+            assert s.encode() not in blob, (s, path)
+    for s in secrets:
+        assert s not in r.stdout and s not in r.stderr
+    assert np.isfinite(data["final"]["macro_auc"])
