@@ -62,6 +62,11 @@ def _run(args: argparse.Namespace) -> int:
     config = Path(args.run_dir) / "config.yaml" if args.resume else Path(args.config)
     if not config.is_file():
         raise DentfedError(f"config not found: {config}")
+    if args.resume:
+        from server.checkpoint import check_resumable
+        from shared.config import load_config
+
+        check_resumable(load_config(config))
     cmd = deploy.run_command(config, Path(args.run_dir),
                              Path(args.test_manifest) if args.test_manifest else None,
                              resume=args.resume)

@@ -17,7 +17,7 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from server.checkpoint import CHECKPOINT
+from server.checkpoint import CHECKPOINT, check_resumable
 from server.federation import run_federation
 from server.report import write_run_folder
 from shared.config import dump_config, load_config
@@ -51,6 +51,7 @@ def main(grid: Grid, context: Context) -> None:
             raise ConfigError(f"resume: {out} has no config.yaml; pass the run folder as "
                               "run-dir")
         cfg = load_config(out / "config.yaml")
+        check_resumable(cfg)
     else:
         cfg = load_config(str(rc["config"]))
         if (out / CHECKPOINT).exists():
@@ -63,9 +64,6 @@ def main(grid: Grid, context: Context) -> None:
         raise ConfigError("no server test set: set federation.test_manifest or the run config "
                           "'test-manifest'")
     if cfg.privacy.secagg is not None:  # SecAgg+: Flower's legacy workflow (issue 6)
-        if resume:
-            raise ConfigError("resume is not available for SecAgg+ runs (Flower's legacy "
-                              "workflow keeps no checkpoint); start a new run")
         from server.secagg import run_secagg_federation
 
         res = run_secagg_federation(grid, context, cfg, test)

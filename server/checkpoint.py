@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
 
+from shared.config import Config
 from shared.errors import DentfedError
 
 CHECKPOINT = "checkpoint.pt"
@@ -111,3 +112,15 @@ def load_checkpoint(run_dir: Path) -> dict[str, Any]:
         raise DentfedError(f"cannot resume: {path} has checkpoint format "
                            f"{state.get('format')}, this dentfed writes {FORMAT}")
     return state
+
+
+def check_resumable(cfg: Config) -> None:
+    """Refuse to resume what a checkpoint cannot continue honestly."""
+    if cfg.privacy.dp_sgd is not None:
+        raise DentfedError(
+            "cannot resume a DP-SGD run: each clinic keeps its epsilon account in the Flower "
+            "run's node state, which a resumed run (a new Flower run) starts empty, so clinics "
+            "would spend their budget again; start a new run with the remaining budget instead")
+    if cfg.privacy.secagg is not None:
+        raise DentfedError("cannot resume a SecAgg+ run: Flower's legacy workflow keeps no "
+                           "checkpoint; start a new run")

@@ -9,7 +9,7 @@ import shutil
 import time
 from pathlib import Path
 
-from server.checkpoint import CHECKPOINT
+from server.checkpoint import CHECKPOINT, check_resumable
 from shared.config import Config, dump_config, load_config
 from shared.errors import DentfedError
 from shared.experiment import load_task_manifest
@@ -42,6 +42,7 @@ def simulate(cfg: Config | None, manifest: str | Path | None, out: Path, echo: b
             raise DentfedError(f"cannot resume {out}: no {CHECKPOINT} and split/ there "
                                "(was it started by `dentfed simulate`, and did a round finish?)")
         cfg = load_config(out / "config.yaml")
+        check_resumable(cfg)
     elif out.exists() and any(out.iterdir()):
         raise DentfedError(f"output folder {out} exists and is not empty; choose another --out"
                            " (or --resume it)")

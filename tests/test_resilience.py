@@ -209,3 +209,16 @@ def test_server_optimiser_state_survives_a_checkpoint_file(tmp_path, strategy):
     fresh = make_strategy(cfg.federation)  # the same round without the state differs
     c3 = step(fresh, 3, ArrayRecord({"w": Array(ck["arrays"]["w"].numpy())}))
     assert not np.allclose(a3["w"].numpy(), c3["w"].numpy())
+
+
+def test_dp_sgd_runs_are_not_resumed(tmp_path):
+    """A resumed run is a new Flower run: clinics' epsilon accounts would start again at 0."""
+    from server.checkpoint import check_resumable
+    from tests.test_federation import _fed_config
+
+    cfg = _fed_config()
+    check_resumable(cfg)  # plain FedAvg: fine
+    cfg.privacy = type(cfg.privacy).model_validate(
+        {"dp_sgd": {"noise_multiplier": 1.0, "max_grad_norm": 1.0}})
+    with pytest.raises(DentfedError, match="cannot resume a DP-SGD run"):
+        check_resumable(cfg)
