@@ -15,12 +15,16 @@ import time
 import uuid
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
+from client.audit import AUDIT_ENV
 from dentfed import deploy
 from dentfed.pki import make_certificates
 from server.checkpoint import CHECKPOINT, load_checkpoint
+from shared.config import load_config
+from shared.fedio import build_global_model, expected_shapes
 from simulations.engine import kill_tagged
 from tests.conftest import write_tiny_multilabel
 from tests.test_federation import _fed_config
@@ -48,12 +52,20 @@ class Federation:
         self.logs: dict[str, Path] = {}
         self.manifests = [write_tiny_multilabel(root / f"clinic_{k}", n=32, seed=k)
                           for k in range(clinics + 1)]
+        self.patient_ids: list[str] = []
+        for k, m in enumerate(self.manifests):  # distinctive ids, to grep for afterwards
+            df = pd.read_csv(m)
+            df["patient_id"] = [f"PAT-{k}-{uuid.uuid4().hex[:8]}-{p}" for p in df["patient_id"]]
+            df.to_csv(m, index=False)
+            self.patient_ids += list(df["patient_id"].unique())
+        self.audit = root / "audit"
         self.test_manifest = write_tiny_multilabel(root / "server_test", n=24, seed=99)
 
     def start(self, name: str, cmd: list[str]) -> subprocess.Popen:
         tag = self.tags.setdefault(name, uuid.uuid4().hex)
         self.logs[name] = self.root / f"{name}.log"
-        env = {**deploy.flower_env(), "DENTFED_SIM_TAG": tag, "OMP_NUM_THREADS": "1"}
+        env = {**deploy.flower_env(), "DENTFED_SIM_TAG": tag, "OMP_NUM_THREADS": "1",
+               AUDIT_ENV: str(self.audit)}  # clinics record every reply they send
         with self.logs[name].open("w") as fh:
             self.procs[name] = subprocess.Popen(cmd, env=env, stdout=fh,
                                                 stderr=subprocess.STDOUT,
@@ -180,10 +192,28 @@ def test_tls_and_supernode_auth_two_clinics_two_rounds(federation, tmp_path):
     assert data["clinics"] == 2
     for name in ("config.yaml", "model_final.pt", "report.md", "rounds.png", CHECKPOINT):
         assert (run_dir / name).is_file(), name
-    for k in range(3):  # no clinic's data location reaches the coordinator's files or log
-        where = str(fed.manifests[k].parent)
-        assert where not in fed.log("run") and where not in fed.log("superlink")
-        assert where not in (run_dir / "metrics.json").read_text()
+    # Privacy audit over the network: every reply the clinics sent (their own records).
+    shapes = {k: list(v) for k, v in
+              expected_shapes(build_global_model(load_config(run_dir / "config.yaml"))).items()}
+    entries = [json.loads(p.read_text()) for p in fed.audit.glob("*.json")]
+    assert [e["message_type"] for e in entries].count("train") == 4  # 2 clinics x 2 rounds
+    for e in entries:
+        assert "error" not in e, e
+        assert set(e["records"]) <= {"arrays", "metrics"}
+        if "arrays" in e["records"]:
+            arrays = e["records"]["arrays"]["arrays"]
+            assert {k: a["shape"] for k, a in arrays.items()} == shapes
+            assert {a["dtype"] for a in arrays.values()} == {"float32"}
+        values = e["records"]["metrics"]["values"]
+        assert set(values) <= {"train_loss", "train_seconds", "examples_seen", "num-examples"}
+        assert all(isinstance(v, int | float) for v in values.values())
+    # Nothing from any clinic's manifest (patient ids, data locations) in what the
+    # coordinator wrote or logged.
+    written = [p.read_bytes() for p in run_dir.rglob("*") if p.is_file()]
+    written += [fed.logs[n].read_bytes() for n in ("run", "superlink")]
+    secrets = fed.patient_ids + [str(m.parent) for m in fed.manifests]
+    for blob in written:
+        assert not [s for s in secrets if s.encode() in blob]
 
 
 def test_killing_one_of_three_clinics_mid_round_does_not_stop_the_run(federation, tmp_path):
