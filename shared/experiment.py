@@ -4,8 +4,6 @@ pooled baselines, so it only composes the shared data layer, factory, loop and m
 from __future__ import annotations
 
 import logging
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +21,7 @@ from shared.metrics import headline, tune_thresholds
 from shared.model_card import build_card, label_counts, write_card
 from shared.models import build_model, resolve_device, trainable_state_keys
 from shared.report import (
+    atomic_folder,
     metrics_table,
     plot_learning_curves,
     render_table,
@@ -182,9 +181,7 @@ def run_training(cfg: Config, manifest: str | Path | None, out_dir: str | Path,
                              "budget_stop": stops if cv else stops[0]}
     table = metrics_table(cfg.task, final, final_sd)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.partial-"))
-    try:
+    with atomic_folder(out_dir) as tmp:
         write_text_atomic(tmp / "config.yaml", dump_config(cfg))
         write_json(tmp / "metrics.json", result)
         save_checkpoint(tmp / "model.pt", folds[-1].model, cfg, folds[-1].thresholds)
@@ -199,11 +196,5 @@ def run_training(cfg: Config, manifest: str | Path | None, out_dir: str | Path,
         write_text_atomic(tmp / "report.md", f"# dentfed train\n\n{title}\n\n"
                           f"{render_table(table)}\n\nheadline {result['headline']}: "
                           f"{final[result['headline']]:.4f}\n{_privacy_line(cfg, folds)}")
-        if out_dir.exists():
-            out_dir.rmdir()
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     result["table"] = table
     return result

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import matplotlib
@@ -20,6 +23,22 @@ from shared.metrics import to_jsonable  # noqa: E402
 
 ML_COLUMNS = ("auc", "ap", "f1", "precision", "recall", "f1_tuned")
 MC_COLUMNS = ("sensitivity", "specificity", "accuracy", "auc")
+
+
+@contextlib.contextmanager
+def atomic_folder(out: Path) -> Iterator[Path]:
+    """A temporary folder beside `out` that becomes `out` (which must be missing or empty)
+    when the block succeeds, and is removed when it fails: never a half-written folder."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
+    try:
+        yield tmp
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -24,6 +24,7 @@ from pydicom.uid import generate_uid
 
 from shared.data.readers import is_dicom
 from shared.errors import DentfedError
+from shared.report import atomic_folder
 
 Z = (  # type-2 in most IODs: kept, emptied
     "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
@@ -163,11 +164,9 @@ def deidentify_tree(src: str | Path, out: str | Path) -> list[Path]:
                                                 if p.is_file() and is_dicom(p))
     if not files:
         raise DentfedError(f"{src}: no DICOM files (.dcm, .dicom or the DICM marker)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
     deid = Deidentifier()
     written = []
-    try:
+    with atomic_folder(out) as tmp:
         for f in files:
             rel = Path(f.name) if src.is_file() else f.relative_to(src)
             try:
@@ -182,10 +181,4 @@ def deidentify_tree(src: str | Path, out: str | Path) -> list[Path]:
             target.parent.mkdir(parents=True, exist_ok=True)
             ds.save_as(str(target), enforce_file_format=False)
             written.append(out / rel)
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return written
