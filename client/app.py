@@ -29,6 +29,15 @@ from shared.config import Config
 from shared.data.dataset import make_loader
 from shared.data.manifest import Manifest, read_manifest
 from shared.data.splits import hold_out
+from shared.dp_sgd import (
+    DpAccount,
+    PrivacyBudgetSpent,
+    check_budget,
+    make_private,
+    noise_for,
+    planned_steps,
+    sample_rate_of,
+)
 from shared.fedio import (
     EXAMPLES_KEY,
     build_global_model,
@@ -40,15 +49,6 @@ from shared.fedio import (
 from shared.losses import make_loss
 from shared.metrics import headline
 from shared.models import resolve_device
-from shared.privacy import (
-    DpAccount,
-    PrivacyBudgetSpent,
-    check_budget,
-    make_private,
-    noise_for,
-    planned_steps,
-    sample_rate_of,
-)
 from shared.training import evaluate, make_optimizer, seed_everything, train_one_epoch
 from shared.upload import encode_update
 

@@ -20,7 +20,7 @@ log = logging.getLogger("dentfed")
 def _cmd_data_check(args: argparse.Namespace) -> int:
     from shared.config import load_config
     from shared.data.manifest import read_manifest, summarize
-    from shared.report import render_table
+    from shared.report_tables import render_table
 
     cfg = load_config(args.config)
     m = read_manifest(args.manifest, cfg.task, default_modality=cfg.data.modality,
@@ -34,7 +34,7 @@ def _cmd_data_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_data_synth(args: argparse.Namespace) -> int:
-    from shared.data import synth
+    from dental_datasets import synth
 
     gen = synth.generate_anomalies if args.task == "anomalies" else synth.generate_implants
     t0 = time.perf_counter()
@@ -45,7 +45,7 @@ def _cmd_data_synth(args: argparse.Namespace) -> int:
 
 
 def _cmd_data_import(args: argparse.Namespace) -> int:
-    from shared.data.importer import import_folder
+    from dental_datasets.folder_import import import_folder
 
     df = import_folder(args.root, args.out, args.patient_regex, args.label_column, args.site,
                        args.modality)
@@ -56,7 +56,7 @@ def _cmd_data_import(args: argparse.Namespace) -> int:
 
 
 def _cmd_data_deidentify(args: argparse.Namespace) -> int:
-    from shared.data.deidentify import deidentify_tree
+    from dentfed.dicom_deidentify import deidentify_tree
 
     written = deidentify_tree(args.input, args.output)
     print(f"wrote {len(written)} de-identified DICOM file(s) to {args.output} (PS3.15 Basic "
@@ -66,8 +66,8 @@ def _cmd_data_deidentify(args: argparse.Namespace) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from shared.config import load_config
-    from shared.experiment import run_training
-    from shared.report import render_table
+    from shared.report_tables import render_table
+    from simulations.pooled_training import run_training
 
     cfg = load_config(args.config)
     if args.epochs:
@@ -177,7 +177,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from dentfed.predict import model_card_text, run_predict
 
     if args.card:
-        from shared.inference import load_model
+        from dentfed.inference import load_model
 
         print(model_card_text(load_model(args.model)))
         if args.input is None:

@@ -12,9 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from shared.config import TaskConfig
-from shared.errors import DentfedError
-from shared.inference import (
+from dentfed.inference import (
     Inputs,
     LoadedModel,
     PredictDataset,
@@ -26,9 +24,7 @@ from shared.inference import (
     predict_paths,
     predictions_table,
 )
-from shared.model_card import build_card, card_markdown
-from shared.report import write_json, write_text_atomic
-from shared.saliency import (
+from dentfed.saliency import (
     SheetRow,
     compute_maps,
     denormalise,
@@ -37,6 +33,10 @@ from shared.saliency import (
     overlay,
     write_sheet,
 )
+from shared.config import TaskConfig
+from shared.errors import DentfedError
+from shared.model_card import build_card, card_markdown
+from shared.report_tables import write_json, write_text_atomic
 
 log = logging.getLogger("dentfed")
 

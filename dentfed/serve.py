@@ -23,11 +23,8 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartParser
 
-from shared.data.readers import decode_image_bytes
-from shared.errors import ManifestError
-from shared.inference import LoadedModel, load_model, predict_batch, preprocess
-from shared.model_card import read_card
-from shared.saliency import (
+from dentfed.inference import LoadedModel, load_model, predict_batch, preprocess
+from dentfed.saliency import (
     SHEET_CSS,
     SheetRow,
     compute_maps,
@@ -38,6 +35,9 @@ from shared.saliency import (
     overlay,
     sheet_body,
 )
+from shared.data.readers import decode_image_bytes
+from shared.errors import ManifestError
+from shared.model_card import read_card
 
 ALLOWED_TYPES = {"image/jpeg", "image/png", "image/bmp", "image/tiff", "image/webp",
                  "application/dicom", "application/octet-stream"}

@@ -28,7 +28,7 @@ from server.checkpoint import (
     save_checkpoint,
     strategy_state,
 )
-from server.privacy import declined_reason
+from server.privacy_report import declined_reason
 from server.strategy import make_strategy
 from shared.config import Config, dump_config
 from shared.data.dataset import make_loader

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from shared.config import Config
-from shared.report import write_json, write_text_atomic
+from shared.report_tables import write_json, write_text_atomic
 
 CARD_JSON = "model_card.json"
 CARD_MD = "model_card.md"

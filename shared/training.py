@@ -17,15 +17,15 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from shared.config import DpSgdConfig, TaskConfig, TrainConfig
-from shared.metrics import multiclass_metrics, multilabel_metrics
-from shared.models import set_train_mode
-from shared.privacy import (
+from shared.dp_sgd import (
     PrivacyBudgetSpent,
     check_budget,
     make_private,
     noise_for,
     sample_rate_of,
 )
+from shared.metrics import multiclass_metrics, multilabel_metrics
+from shared.models import set_train_mode
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 Both read the same JPEG files from disk and run the same model. The plain loop decodes in the
 main process with classic torchvision transforms and runs fp32 batches under `torch.no_grad`.
-dentfed's path (`shared.inference.predict_paths`) decodes in DataLoader workers, runs under
+dentfed's path (`dentfed.inference.predict_paths`) decodes in DataLoader workers, runs under
 `torch.inference_mode` with channels_last, fp32 and optionally bf16 autocast. Prints images/s and
 whether decisions (the model's thresholds, or argmax) equal the plain loop's and dentfed's fp32
 ones. The plain loop resizes with PIL, dentfed with torchvision.transforms.v2 on tensors (as in
@@ -28,9 +28,9 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
+from dentfed.inference import LoadedModel, bf16_supported, decide, load_model, predict_paths
 from shared.config import config_from_dict
 from shared.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from shared.inference import LoadedModel, bf16_supported, decide, load_model, predict_paths
 from shared.models import build_model
 
 
@@ -39,7 +39,7 @@ def _images(n: int, shared: Path, tmp: Path) -> list[Path]:
     if ufba.is_dir():
         files = sorted(ufba.glob("*.jpg"))
         return [files[i % len(files)] for i in range(n)]
-    from shared.data import synth
+    from dental_datasets import synth
 
     manifest = synth.generate_anomalies(tmp / "synth", n=n, seed=0, image_size=256)
     return sorted(manifest.parent.rglob("*.png"))[:n]

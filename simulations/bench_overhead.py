@@ -29,8 +29,8 @@ import numpy as np
 import pandas as pd
 
 from shared.config import load_config
-from shared.experiment import load_task_manifest, train_fold
 from simulations.compare import _variant, budget_config
+from simulations.pooled_training import load_task_manifest, train_fold
 from simulations.simulate import prepare_split, simulate
 
 log = logging.getLogger("dentfed.bench")

@@ -41,13 +41,13 @@ from shared.config import STRATEGIES, Config, config_from_dict
 from shared.data.dataset import make_loader
 from shared.data.manifest import Manifest
 from shared.errors import ConfigError, DentfedError
-from shared.experiment import load_task_manifest, train_fold
 from shared.fedio import build_global_model
 from shared.metrics import headline
 from shared.models import resolve_device
-from shared.report import write_json, write_text_atomic
+from shared.report_tables import write_json, write_text_atomic
 from shared.training import evaluate
 from simulations.partition import ClinicSplit
+from simulations.pooled_training import load_task_manifest, train_fold
 from simulations.simulate import prepare_split, simulate
 
 log = logging.getLogger("dentfed.compare")

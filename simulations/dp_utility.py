@@ -30,12 +30,12 @@ from sklearn.metrics import roc_auc_score
 from shared.config import Config, DpSgdConfig, load_config
 from shared.data.dataset import make_loader
 from shared.data.splits import split_patients
-from shared.experiment import load_task_manifest
 from shared.losses import make_loss
 from shared.metrics import headline
 from shared.models import build_model, resolve_device
-from shared.report import render_table, write_json
+from shared.report_tables import render_table, write_json
 from shared.training import evaluate, fit, predict, seed_everything
+from simulations.pooled_training import load_task_manifest
 
 log = logging.getLogger("dentfed.dp_utility")
 

@@ -23,7 +23,7 @@ from shared.config import Config  # noqa: E402
 from shared.data.manifest import Manifest  # noqa: E402
 from shared.data.splits import split_patients, strata  # noqa: E402
 from shared.errors import ConfigError, ManifestError  # noqa: E402
-from shared.report import write_text_atomic  # noqa: E402
+from shared.report_tables import write_text_atomic  # noqa: E402
 
 
 @dataclass

@@ -12,10 +12,10 @@ from pathlib import Path
 from server.checkpoint import CHECKPOINT, check_resumable
 from shared.config import Config, dump_config, load_config
 from shared.errors import DentfedError
-from shared.experiment import load_task_manifest
-from shared.report import write_json, write_text_atomic
+from shared.report_tables import write_json, write_text_atomic
 from simulations.engine import REPO, run_flower_simulation
 from simulations.partition import ClinicSplit, read_raw, split_clinics, write_split
+from simulations.pooled_training import load_task_manifest
 
 log = logging.getLogger("dentfed.simulate")
 

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from shared.config import config_from_dict
-from shared.experiment import run_training
+from simulations.pooled_training import run_training
 
 LABELS = ["missing_teeth", "restoration", "appliance", "implant", "supernumerary"]
 WEIGHTS = "weights/torchvision_mobilenet_v2_features_in1k.pth"

@@ -70,7 +70,7 @@ def tiny_manifest(tmp_path: Path) -> Path:
 def tiny_run(tmp_path_factory) -> Path:
     """A real `dentfed train` run folder (ResNet-18 at 32 px, 2 epochs) on the tiny set; shared
     by the predict, saliency and serve tests, which must not modify it."""
-    from shared.experiment import run_training
+    from simulations.pooled_training import run_training
 
     root = tmp_path_factory.mktemp("tiny_run")
     manifest = write_tiny_multilabel(root / "data", n=48)

@@ -145,7 +145,7 @@ def test_splits_keep_patients_together(tiny_manifest):
 def test_import_folder_keeps_or_drops_the_folder_split(tmp_path):
     from PIL import Image
 
-    from shared.data.importer import import_folder
+    from dental_datasets.folder_import import import_folder
 
     def tree(root, files):
         for rel in files:

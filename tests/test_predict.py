@@ -13,10 +13,10 @@ import torch
 import yaml
 
 from dentfed.cli import main
+from dentfed.inference import load_model, predict_paths
 from shared.config import config_from_dict
 from shared.data.dataset import make_loader
 from shared.data.manifest import read_manifest
-from shared.inference import load_model, predict_paths
 from shared.model_card import build_card, card_markdown, privacy_summary
 from shared.training import predict
 from tests.conftest import tiny_config, write_tiny_multilabel
@@ -152,8 +152,8 @@ def test_predict_card_prints_the_card(tiny_run: Path, cli):
 
 def test_predict_manifest_multiclass_vit_without_the_pretrained_file(tmp_path: Path, cli):
     """A ViT trained from a local weights file is rebuilt for inference without that file."""
-    from shared.experiment import save_checkpoint
     from shared.models import build_model
+    from simulations.pooled_training import save_checkpoint
 
     cfg = config_from_dict({
         "task": {"type": "multiclass", "labels": ["a", "b", "c"], "label_column": "y"},
@@ -183,10 +183,10 @@ def test_predict_manifest_multiclass_vit_without_the_pretrained_file(tmp_path: P
 
 
 def test_federated_run_folder_has_a_card_with_per_clinic_counts(tmp_path: Path, cli):
-    """The coordinator's run folder (server/report.py) from a real central evaluator and the
+    """The coordinator's run folder (server/run_folder.py) from a real central evaluator and the
     clinics' recorded replies; then `predict` on its model_final.pt."""
     from server.federation import CentralEvaluator, FederationResult, RoundRecord, RoundRecorder
-    from server.report import write_run_folder
+    from server.run_folder import write_run_folder
     from shared.fedio import build_global_model, model_arrays
 
     cfg = tiny_config()

@@ -21,9 +21,9 @@ from torch import nn
 from client.app import DP_ACCOUNT_KEY, ClinicDeclined
 from client.app import app as client_app
 from shared.config import config_from_dict
+from shared.dp_sgd import DpAccount, noise_for
 from shared.errors import ConfigError
 from shared.fedio import build_global_model, expected_shapes, model_arrays
-from shared.privacy import DpAccount, noise_for
 from tests.conftest import tiny_config, write_tiny_multilabel
 from tests.test_federation import _task_identity, _train_message, two_clinic_simulation
 
@@ -132,7 +132,7 @@ def _eval_message(cfg, arrays):
 
 
 def test_pooled_training_reports_epsilon_and_stops_at_budget(tmp_path, tiny_manifest):
-    from shared.experiment import run_training
+    from simulations.pooled_training import run_training
 
     raw = _dp_config({"target_epsilon": 4.0, "delta": 1e-3}).model_dump(mode="json")
     raw["train"]["epochs"] = 2

@@ -7,10 +7,10 @@ import json
 
 import numpy as np
 
+from dental_datasets.folder_import import import_folder
 from shared.config import config_from_dict
-from shared.data.importer import import_folder
 from shared.data.manifest import read_manifest
-from shared.experiment import run_training
+from simulations.pooled_training import run_training
 from simulations.ufba_transfer import LABELS, ufba_config
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from shared.report import render_table
+from shared.report_tables import render_table
 
 
 def test_tables_keep_trailing_zeros_and_integer_counts():

@@ -12,9 +12,9 @@ from PIL import Image
 from torch import nn
 
 from dentfed.cli import main
+from dentfed.saliency import compute_maps, gradcam_maps, gradient_maps, methods_for, overlay
 from shared.config import ModelConfig, VitConfig
 from shared.models import build_model
-from shared.saliency import compute_maps, gradcam_maps, gradient_maps, methods_for, overlay
 
 
 class _Region(nn.Module):

@@ -16,8 +16,8 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from dentfed.inference import load_model, predict_paths
 from dentfed.serve import create_app
-from shared.inference import load_model, predict_paths
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 

@@ -1,4 +1,4 @@
-"""Tests for the synthetic demo-data generator (shared.data.synth)."""
+"""Tests for the synthetic demo-data generator (dental_datasets.synth)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from shared.data.synth import (
+from dental_datasets.synth import (
     ANOMALY_LABELS,
     IMPLANT_SYSTEMS,
     generate_anomalies,

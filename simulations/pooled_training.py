@@ -20,7 +20,7 @@ from shared.losses import make_loss
 from shared.metrics import headline, tune_thresholds
 from shared.model_card import build_card, label_counts, write_card
 from shared.models import build_model, resolve_device, trainable_state_keys
-from shared.report import (
+from shared.report_tables import (
     atomic_folder,
     metrics_table,
     plot_learning_curves,
@@ -41,7 +41,7 @@ def resolve_manifest(cfg: Config, manifest: str | Path | None) -> Path:
         raise ConfigError("no manifest: pass --manifest or set data.manifest in the config")
     path = Path(path)
     if not path.exists() and manifest is None and cfg.data.synth is not None:
-        from shared.data import synth
+        from dental_datasets import synth
 
         s = cfg.data.synth
         log.warning("demo manifest %s not found: generating the synthetic %s set (n=%d)",

@@ -30,7 +30,7 @@ from torchvision.models import ResNet
 from torchvision.models.vision_transformer import VisionTransformer
 
 from shared.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from shared.report import write_text_atomic
+from shared.report_tables import write_text_atomic
 
 DISPLAY_MIN = 224  # overlays of small model inputs are upscaled to at least this size
 

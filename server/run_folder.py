@@ -15,12 +15,12 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 from server.federation import FederationResult  # noqa: E402
-from server.privacy import central_dp_markdown, privacy_markdown, privacy_summary  # noqa: E402
+from server.privacy_report import central_dp_markdown, privacy_markdown, privacy_summary  # noqa: E402
 from shared.config import dump_config  # noqa: E402
 from shared.fedio import build_global_model  # noqa: E402
 from shared.model_card import build_card, write_card  # noqa: E402
 from shared.models import trainable_state_keys  # noqa: E402
-from shared.report import metrics_table, render_table, write_json, write_text_atomic  # noqa: E402
+from shared.report_tables import metrics_table, render_table, write_json, write_text_atomic  # noqa: E402
 
 
 def _history(res: FederationResult) -> list[dict]:

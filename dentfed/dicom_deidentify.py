@@ -13,8 +13,6 @@ not inspected: a file that says it has burned-in annotation is refused.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +22,7 @@ from pydicom.uid import generate_uid
 
 from shared.data.readers import is_dicom
 from shared.errors import DentfedError
-from shared.report import atomic_folder
+from shared.report_tables import atomic_folder
 
 Z = (  # type-2 in most IODs: kept, emptied
     "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
