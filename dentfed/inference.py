@@ -23,16 +23,15 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from shared.config import Config, TaskConfig, config_from_dict
+from shared.config import Config, TaskConfig
 from shared.data.readers import read_image
 from shared.data.transforms import resize_transform, tensor_transform
 from shared.errors import DentfedError, ManifestError
 from shared.model_card import read_card
-from shared.models import build_model
+from shared.model_file import read_model_file
 
 log = logging.getLogger(__name__)
 
-CHECKPOINTS = ("model.pt", "model_final.pt")  # pooled run, then a federated run's final model
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".dcm", ".dicom"}
 
 
@@ -59,47 +58,10 @@ class LoadedModel:
         return list(self.thresholds) if self.thresholds else [0.5] * len(self.labels)
 
 
-def find_checkpoint(model_path: str | Path) -> Path:
-    """A run folder (model.pt, else model_final.pt) or a checkpoint file itself."""
-    p = Path(model_path)
-    if p.is_file():
-        return p
-    if not p.is_dir():
-        raise DentfedError(f"--model {p}: no such run folder or checkpoint file")
-    for name in CHECKPOINTS:
-        if (p / name).is_file():
-            return p / name
-    raise DentfedError(f"--model {p}: no {' or '.join(CHECKPOINTS)} in this folder (a run "
-                       "folder from `dentfed train` or `dentfed simulate`)")
-
-
 def load_model(model_path: str | Path) -> LoadedModel:
-    """Rebuild the model from a checkpoint's own config (weights from the checkpoint; the
-    original pretrained-weights file is not needed)."""
-    path = find_checkpoint(model_path)
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise DentfedError(f"{path.name}: not a readable dentfed checkpoint "
-                           f"({type(err).__name__})") from None
-    if not isinstance(ckpt, dict) or not {"state_dict", "config", "labels"} <= set(ckpt):
-        raise DentfedError(f"{path.name}: not a dentfed checkpoint (needs state_dict, config, "
-                           "labels)")
-    cfg = config_from_dict(ckpt["config"], source=f"{path.name} config")
-    if list(ckpt["labels"]) != list(cfg.task.labels):
-        raise DentfedError(f"{path.name}: labels {ckpt['labels']} differ from its config's "
-                           f"task.labels {cfg.task.labels}")
-    model = build_model(cfg.model, len(cfg.task.labels), cfg.data.image_size, load_weights=False,
-                        dp_compatible=cfg.privacy.dp_sgd is not None)
-    try:
-        model.load_state_dict(ckpt["state_dict"])
-    except RuntimeError as err:
-        raise DentfedError(f"{path.name}: weights do not fit {cfg.model.name} "
-                           f"({str(err).splitlines()[0]})") from None
-    model.eval()
-    thresholds = ckpt.get("thresholds")
-    return LoadedModel(model, cfg, list(thresholds) if thresholds else None, path,
-                       read_card(path.parent))
+    """A run folder or model file (shared/model_file.py) ready for inference, with its card."""
+    mf = read_model_file(model_path)
+    return LoadedModel(mf.model, mf.cfg, mf.thresholds, mf.path, read_card(mf.path.parent))
 
 
 def check_task(loaded: LoadedModel, expected: TaskConfig) -> None:

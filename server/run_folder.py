@@ -12,14 +12,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
-import torch  # noqa: E402
 
 from server.federation import FederationResult  # noqa: E402
 from server.privacy_report import central_dp_markdown, privacy_markdown, privacy_summary  # noqa: E402
 from shared.config import dump_config  # noqa: E402
 from shared.fedio import build_global_model  # noqa: E402
 from shared.model_card import build_card, write_card  # noqa: E402
-from shared.models import trainable_state_keys  # noqa: E402
+from shared.model_file import save_model_file  # noqa: E402
 from shared.report_tables import metrics_table, render_table, write_json, write_text_atomic  # noqa: E402
 
 
@@ -117,9 +116,7 @@ def _plot(res: FederationResult, path: Path) -> None:
 def _checkpoint(res: FederationResult, state: dict, path: Path) -> None:
     model = build_global_model(res.cfg)
     model.load_state_dict(state)
-    torch.save({"state_dict": state, "config": res.cfg.model_dump(mode="json"),
-                "labels": res.cfg.task.labels, "thresholds": None,
-                "trainable_keys": trainable_state_keys(model)}, path)
+    save_model_file(path, model, res.cfg, thresholds=None)  # no clinic validation scores here
 
 
 def rounds_table(res: FederationResult) -> pd.DataFrame:

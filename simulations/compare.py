@@ -41,8 +41,8 @@ from shared.config import STRATEGIES, Config, config_from_dict
 from shared.data.dataset import make_loader
 from shared.data.manifest import Manifest
 from shared.errors import ConfigError, DentfedError
-from shared.fedio import build_global_model
 from shared.metrics import headline
+from shared.model_file import read_model_file
 from shared.models import resolve_device
 from shared.report_tables import write_json, write_text_atomic
 from shared.training import evaluate
@@ -282,10 +282,7 @@ def run_compare(cfg: Config, manifest: str | Path | None, out: str | Path,
                 if not _same_split(tmp / "split", run_dir / "split", n):
                     raise DentfedError(f"the {strategy} run made a different clinic split than "
                                        "the baselines; is the split deterministic?")
-                ckpt = torch.load(run_dir / "model_final.pt", map_location="cpu",
-                                  weights_only=False)
-                model = build_global_model(fcfg)
-                model.load_state_dict(ckpt["state_dict"])
+                model = read_model_file(run_dir / "model_final.pt").model
                 scores = score(model, fcfg, loaders)
                 server = data.get("final", {}).get(key)
                 if server is not None and not math.isnan(scores["pooled"]) and \

@@ -19,7 +19,8 @@ from shared.errors import ConfigError, DentfedError
 from shared.losses import make_loss
 from shared.metrics import headline, tune_thresholds
 from shared.model_card import build_card, label_counts, write_card
-from shared.models import build_model, resolve_device, trainable_state_keys
+from shared.model_file import save_model_file
+from shared.models import build_model, resolve_device
 from shared.report_tables import (
     atomic_folder,
     metrics_table,
@@ -103,18 +104,6 @@ def train_fold(cfg: Config, m: Manifest, split: Split, seed: int) -> FoldResult:
                       time.perf_counter() - t0, sizes, res.epsilon, res.stop_reason)
 
 
-def save_checkpoint(path: Path, model: torch.nn.Module, cfg: Config,
-                    thresholds: list[float] | None) -> None:
-    """Weights plus what is needed to use them: config, label names, tuned thresholds."""
-    torch.save({
-        "state_dict": model.state_dict(),
-        "config": cfg.model_dump(mode="json"),
-        "labels": cfg.task.labels,
-        "thresholds": thresholds,
-        "trainable_keys": trainable_state_keys(model),
-    }, path)
-
-
 def data_summary(m: Manifest, split: Split, cv: int | None) -> dict:
     """Counts only (no ids, no paths) for the model card: the saved model's split."""
     parts = {s: {"images": len(split[s]), "patients": int(len(set(m.patient_ids[split[s]])))}
@@ -184,7 +173,7 @@ def run_training(cfg: Config, manifest: str | Path | None, out_dir: str | Path,
     with atomic_folder(out_dir) as tmp:
         write_text_atomic(tmp / "config.yaml", dump_config(cfg))
         write_json(tmp / "metrics.json", result)
-        save_checkpoint(tmp / "model.pt", folds[-1].model, cfg, folds[-1].thresholds)
+        save_model_file(tmp / "model.pt", folds[-1].model, cfg, folds[-1].thresholds)
         write_card(tmp, build_card(
             cfg, kind="pooled", checkpoint="model.pt", thresholds=folds[-1].thresholds,
             data=data_summary(m, splits[-1], cv), metrics=result,

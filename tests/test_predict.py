@@ -153,7 +153,7 @@ def test_predict_card_prints_the_card(tiny_run: Path, cli):
 def test_predict_manifest_multiclass_vit_without_the_pretrained_file(tmp_path: Path, cli):
     """A ViT trained from a local weights file is rebuilt for inference without that file."""
     from shared.models import build_model
-    from simulations.pooled_training import save_checkpoint
+    from shared.model_file import save_model_file
 
     cfg = config_from_dict({
         "task": {"type": "multiclass", "labels": ["a", "b", "c"], "label_column": "y"},
@@ -168,7 +168,7 @@ def test_predict_manifest_multiclass_vit_without_the_pretrained_file(tmp_path: P
     model = build_model(cfg.model, 3, 32)
     run = tmp_path / "run"
     run.mkdir()
-    save_checkpoint(run / "model.pt", model, cfg, None)
+    save_model_file(run / "model.pt", model, cfg, None)
     weights.unlink()
     manifest = write_tiny_multilabel(tmp_path / "data", n=4)
     out = tmp_path / "pred"
