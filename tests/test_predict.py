@@ -152,8 +152,8 @@ def test_predict_card_prints_the_card(tiny_run: Path, cli):
 
 def test_predict_manifest_multiclass_vit_without_the_pretrained_file(tmp_path: Path, cli):
     """A ViT trained from a local weights file is rebuilt for inference without that file."""
-    from shared.models import build_model
     from shared.model_file import save_model_file
+    from shared.models import build_model
 
     cfg = config_from_dict({
         "task": {"type": "multiclass", "labels": ["a", "b", "c"], "label_column": "y"},
