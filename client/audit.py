@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import uuid
 from pathlib import Path
 
 from flwr.app import Context, Message
 from flwr.clientapp.typing import ClientAppCallable
+
+from shared.atomic_files import write_text_atomic
 
 AUDIT_ENV = "DENTFED_AUDIT_DIR"
 
@@ -41,12 +42,7 @@ def _write(entry: dict) -> None:
     folder = os.environ.get(AUDIT_ENV)
     if not folder:
         return
-    path = Path(folder)
-    path.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path, prefix=".audit-")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(entry, fh)
-    os.replace(tmp, path / f"{uuid.uuid4().hex}.json")
+    write_text_atomic(Path(folder) / f"{uuid.uuid4().hex}.json", json.dumps(entry))
 
 
 def audit_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:

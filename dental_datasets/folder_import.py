@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from shared.atomic_files import write_text_atomic
 from shared.errors import ManifestError
-from shared.report_tables import write_text_atomic
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".dcm", ".dicom"}
 SPLIT_DIRS = {"train", "val", "test"}

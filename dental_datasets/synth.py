@@ -19,14 +19,14 @@ for clinical use.
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw, ImageFilter
+
+from shared.atomic_files import atomic_file
 
 _F32 = np.float32
 
@@ -116,15 +116,8 @@ def _prepare(out_dir: Path) -> tuple[Path, Path]:
 
 
 def _write_manifest(df: pd.DataFrame, manifest: Path) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=".manifest.", suffix=".tmp", dir=manifest.parent)
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as fh:
-            df.to_csv(fh, index=False)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a manifest is an ordinary file
-        os.replace(tmp, manifest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(manifest) as tmp:
+        df.to_csv(tmp, index=False, encoding="utf-8")
     return manifest
 
 

@@ -16,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from shared.atomic_files import write_text_atomic
 from shared.errors import DentfedError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -71,9 +72,7 @@ def write_connection(home: Path, address: str, ca_cert: Path) -> Path:
     ca = _need(ca_cert, "CA certificate")
     text = (f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
             f'address = "{address}"\nroot-certificates = "{ca}"\n')
-    tmp = path.with_name("config.toml.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    write_text_atomic(path, text)
     return path
 
 

@@ -20,9 +20,9 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
+from shared.atomic_files import atomic_folder
 from shared.data.readers import is_dicom
 from shared.errors import DentfedError
-from shared.report_tables import atomic_folder
 
 Z = (  # type-2 in most IODs: kept, emptied
     "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from shared.atomic_files import atomic_folder, write_bytes_atomic
 from shared.errors import DentfedError
 
 
@@ -31,11 +31,7 @@ class Certificates:
 
 
 def _write(path: Path, data: bytes, private: bool = False) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-    os.replace(tmp, path)
+    write_bytes_atomic(path, data, mode=0o600 if private else 0o644)
 
 
 def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -69,7 +65,8 @@ def make_certificates(out: str | Path, clinics: int, hosts: list[str] | None = N
         raise DentfedError("--clinics must be >= 0")
     if (out / "ca.crt").exists() and not overwrite:
         raise DentfedError(f"{out} already holds certificates; use another folder or --force")
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and any(out.iterdir()) and not (out / "ca.crt").exists():
+        raise DentfedError(f"{out} exists and holds other files; choose an empty or new folder")
     now = dt.datetime.now(dt.UTC)
     ca_key = ec.generate_private_key(ec.SECP384R1())
     ca_name = _name("dentfed throw-away CA")
@@ -96,11 +93,16 @@ def make_certificates(out: str | Path, clinics: int, hosts: list[str] | None = N
                 .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]),
                                critical=False)
                 .sign(ca_key, hashes.SHA384()))
-    _write(out / "ca.key", _pem_key(ca_key), private=True)
-    _write(out / "ca.crt", ca_cert.public_bytes(serialization.Encoding.PEM))
-    _write(out / "server.key", _pem_key(srv_key), private=True)
-    _write(out / "server.crt", srv_cert.public_bytes(serialization.Encoding.PEM))
-    keys = [make_clinic_key(out / f"clinic_{k}", overwrite=True) for k in range(clinics)]
+    # All or nothing: the set is built in a hidden folder beside `out` and renamed into place
+    # (replacing a previous set as a whole with --force), so a failure leaves no partial set.
+    with atomic_folder(out, replace=overwrite) as tmp:
+        _write(tmp / "ca.key", _pem_key(ca_key), private=True)
+        _write(tmp / "ca.crt", ca_cert.public_bytes(serialization.Encoding.PEM))
+        _write(tmp / "server.key", _pem_key(srv_key), private=True)
+        _write(tmp / "server.crt", srv_cert.public_bytes(serialization.Encoding.PEM))
+        for k in range(clinics):
+            make_clinic_key(tmp / f"clinic_{k}", overwrite=True)
+    keys = [out / f"clinic_{k}" for k in range(clinics)]
     return Certificates(out / "ca.crt", out / "server.crt", out / "server.key", keys)
 
 

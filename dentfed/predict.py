@@ -33,10 +33,11 @@ from dentfed.saliency import (
     overlay,
     write_sheet,
 )
+from shared.atomic_files import atomic_folder, write_text_atomic
 from shared.config import TaskConfig
 from shared.errors import DentfedError
 from shared.model_card import build_card, card_markdown
-from shared.report_tables import write_json, write_text_atomic
+from shared.report_tables import write_json
 
 log = logging.getLogger("dentfed")
 
@@ -123,8 +124,6 @@ def run_predict(model_path: str | Path, target: str | Path, out: str | Path, *,
                          precision=precision)
     seconds = time.perf_counter() - t0
     table = predictions_table(inputs.names, loaded.labels, pred)
-    out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / "predictions.csv", table.to_csv(index=False))
     summary = {
         "model": {"checkpoint": loaded.checkpoint.name, "architecture": loaded.cfg.model.name,
                   "task": loaded.task_type, "labels": loaded.labels,
@@ -149,7 +148,11 @@ def run_predict(model_path: str | Path, target: str | Path, out: str | Path, *,
             "decisions": {lab: bool(row[f"pred_{lab}"]) for lab in loaded.labels}
             if ok else None,
             "predicted": row["predicted"].split(";") if ok and row["predicted"] else []})
-    write_json(out / "predictions.json", {**summary, "predictions": records})
-    if saliency:
-        summary["sheet"] = str(write_saliency(loaded, inputs, pred, out, saliency_limit))
+    # All or nothing: written to a hidden folder beside `out`, renamed when complete.
+    with atomic_folder(out) as tmp:
+        write_text_atomic(tmp / "predictions.csv", table.to_csv(index=False))
+        write_json(tmp / "predictions.json", {**summary, "predictions": records})
+        if saliency:
+            sheet = write_saliency(loaded, inputs, pred, tmp, saliency_limit)
+            summary["sheet"] = str(out / sheet.relative_to(tmp))
     return summary

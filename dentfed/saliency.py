@@ -29,8 +29,8 @@ from torch import nn
 from torchvision.models import ResNet
 from torchvision.models.vision_transformer import VisionTransformer
 
+from shared.atomic_files import write_text_atomic
 from shared.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from shared.report_tables import write_text_atomic
 
 DISPLAY_MIN = 224  # overlays of small model inputs are upscaled to at least this size
 

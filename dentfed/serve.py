@@ -35,6 +35,7 @@ from dentfed.saliency import (
     overlay,
     sheet_body,
 )
+from shared.atomic_files import write_bytes_atomic
 from shared.data.readers import decode_image_bytes
 from shared.errors import ManifestError
 from shared.model_card import read_card
@@ -109,7 +110,7 @@ def create_app(model_path: str | Path, *, max_bytes: int = 10 * 1024 * 1024,
             raise UploadRejected(400, "empty upload: choose an image file")
         if keep_uploads is not None:
             keep_uploads.mkdir(parents=True, exist_ok=True)
-            (keep_uploads / f"{uuid.uuid4().hex}{suffix}").write_bytes(data)
+            write_bytes_atomic(keep_uploads / f"{uuid.uuid4().hex}{suffix}", data)
         return data
 
     def _analyse(data: bytes, saliency: bool, with_input: bool = False) -> dict[str, Any]:

@@ -20,9 +20,9 @@ from flwr.serverapp import Grid, ServerApp
 from server.checkpoint import CHECKPOINT, check_resumable
 from server.federation import run_federation
 from server.run_folder import write_run_folder
+from shared.atomic_files import write_text_atomic
 from shared.config import dump_config, load_config
 from shared.errors import ConfigError
-from shared.report_tables import write_text_atomic
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 log = logging.getLogger("dentfed.server")

@@ -11,7 +11,6 @@ previous checkpoint intact. Loaded with `weights_only=True`: tensors, numbers an
 from __future__ import annotations
 
 import json
-import os
 import random
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
 
+from shared.atomic_files import torch_save_atomic
 from shared.config import Config
 from shared.errors import DentfedError
 
@@ -90,11 +90,8 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 
 def save_checkpoint(run_dir: Path, state: dict[str, Any]) -> Path:
     """Atomically write `state` (see federation.Coordinator.checkpoint_state) to the run folder."""
-    run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / CHECKPOINT
-    tmp = run_dir / f".{CHECKPOINT}.tmp-{os.getpid()}"
-    torch.save({"format": FORMAT, **state}, tmp)
-    os.replace(tmp, path)
+    torch_save_atomic({"format": FORMAT, **state}, path)
     return path
 
 

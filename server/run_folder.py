@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 
 import matplotlib
@@ -15,11 +13,12 @@ import pandas as pd  # noqa: E402
 
 from server.federation import FederationResult  # noqa: E402
 from server.privacy_report import central_dp_markdown, privacy_markdown, privacy_summary  # noqa: E402
+from shared.atomic_files import atomic_file, write_text_atomic  # noqa: E402
 from shared.config import dump_config  # noqa: E402
 from shared.fedio import build_global_model  # noqa: E402
 from shared.model_card import build_card, write_card  # noqa: E402
 from shared.model_file import save_model_file  # noqa: E402
-from shared.report_tables import metrics_table, render_table, write_json, write_text_atomic  # noqa: E402
+from shared.report_tables import metrics_table, render_table, write_json  # noqa: E402
 
 
 def _history(res: FederationResult) -> list[dict]:
@@ -109,7 +108,8 @@ def _plot(res: FederationResult, path: Path) -> None:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
 
 
@@ -158,44 +158,36 @@ def clinic_counts(res: FederationResult) -> dict:
 
 
 def write_run_folder(res: FederationResult, out: Path) -> dict:
-    """Write every file under a temporary name, then rename it into place: no half-written
-    file, and metrics.json (the marker of a finished run) comes last."""
+    """Write every file atomically into the run folder (which also holds the checkpoint and,
+    from `dentfed simulate`, the split, so it is not replaced as a whole), metrics.json (the
+    marker of a finished run) last."""
     out = Path(out)
     data = summary(res)
     out.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out, prefix=".partial-"))
-    try:
-        write_text_atomic(tmp / "config.yaml", dump_config(res.cfg))
-        write_json(tmp / "metrics.json", data)
-        _checkpoint(res, res.evaluator.final_state, tmp / "model_final.pt")
-        _checkpoint(res, res.evaluator.best_state or res.evaluator.final_state,
-                    tmp / "model_best.pt")
-        write_card(tmp, build_card(
-            res.cfg, kind="federated", checkpoint="model_final.pt", thresholds=None,
-            data=clinic_counts(res), metrics=data,
-            evaluated_on=f"server test set ({data['test_images']} images), final round",
-            extra={"best_checkpoint": {"file": "model_best.pt",
-                                       "round": data["best_round"]}}))
-        _plot(res, tmp / "rounds.png")
-        table = metrics_table(res.cfg.task, data["final"])
-        text = (f"# dentfed federated run\n\nstrategy {data['strategy']}, {data['rounds']} rounds,"
-                f" {data['clinics']} clinics, {data['seconds']:.0f} s\n\n"
-                f"## Per round\n\n{render_table(rounds_table(res))}\n\n"
-                f"## Final global model on the server test set ({data['test_images']} images)\n\n"
-                f"{render_table(table)}\n\nbest round: {data['best_round']}\n\n![rounds]"
-                "(rounds.png)\n")
-        if "privacy" in data:
-            text += "\n" + privacy_markdown(data["privacy"], data["clinics"])
-        if "central_dp" in data:
-            text += "\n" + central_dp_markdown(data["central_dp"])
-        if res.stopped:
-            text = text.replace("\n\n", f"\n\n**Stopped early:** {res.stopped}\n\n", 1)
-        write_text_atomic(tmp / "report.md", text)
-        # One rename per file into the run folder, metrics.json last: the folder also holds
-        # the checkpoint (and, from `dentfed simulate`, the split), which must survive.
-        for name in sorted(p.name for p in tmp.iterdir() if p.name != "metrics.json"):
-            (tmp / name).replace(out / name)
-        (tmp / "metrics.json").replace(out / "metrics.json")
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    write_text_atomic(out / "config.yaml", dump_config(res.cfg))
+    _checkpoint(res, res.evaluator.final_state, out / "model_final.pt")
+    _checkpoint(res, res.evaluator.best_state or res.evaluator.final_state,
+                out / "model_best.pt")
+    write_card(out, build_card(
+        res.cfg, kind="federated", checkpoint="model_final.pt", thresholds=None,
+        data=clinic_counts(res), metrics=data,
+        evaluated_on=f"server test set ({data['test_images']} images), final round",
+        extra={"best_checkpoint": {"file": "model_best.pt",
+                                   "round": data["best_round"]}}))
+    _plot(res, out / "rounds.png")
+    table = metrics_table(res.cfg.task, data["final"])
+    text = (f"# dentfed federated run\n\nstrategy {data['strategy']}, {data['rounds']} rounds,"
+            f" {data['clinics']} clinics, {data['seconds']:.0f} s\n\n"
+            f"## Per round\n\n{render_table(rounds_table(res))}\n\n"
+            f"## Final global model on the server test set ({data['test_images']} images)\n\n"
+            f"{render_table(table)}\n\nbest round: {data['best_round']}\n\n![rounds]"
+            "(rounds.png)\n")
+    if "privacy" in data:
+        text += "\n" + privacy_markdown(data["privacy"], data["clinics"])
+    if "central_dp" in data:
+        text += "\n" + central_dp_markdown(data["central_dp"])
+    if res.stopped:
+        text = text.replace("\n\n", f"\n\n**Stopped early:** {res.stopped}\n\n", 1)
+    write_text_atomic(out / "report.md", text)
+    write_json(out / "metrics.json", data)
     return data

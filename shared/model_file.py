@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from shared.atomic_files import torch_save_atomic
 from shared.config import Config, config_from_dict
 from shared.errors import DentfedError
 from shared.models import build_model, trainable_state_keys
@@ -39,7 +40,7 @@ class ModelFile:
 def save_model_file(path: Path, model: nn.Module, cfg: Config,
                     thresholds: list[float] | None) -> None:
     """Weights plus what is needed to use them: config, label names, tuned thresholds."""
-    torch.save({
+    torch_save_atomic({
         "state_dict": model.state_dict(),
         "config": cfg.model_dump(mode="json"),
         "labels": list(cfg.task.labels),

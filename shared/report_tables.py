@@ -1,14 +1,9 @@
-"""Run-folder artefacts shared by pooled and federated runs: metrics tables, JSON, plots."""
+"""Report pieces shared by pooled and federated runs: metrics tables, JSON, learning curves."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import matplotlib
@@ -18,36 +13,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from shared.atomic_files import atomic_file, write_text_atomic  # noqa: E402
 from shared.config import TaskConfig  # noqa: E402
 from shared.metrics import to_jsonable  # noqa: E402
 
 ML_COLUMNS = ("auc", "ap", "f1", "precision", "recall", "f1_tuned")
 MC_COLUMNS = ("sensitivity", "specificity", "accuracy", "auc")
-
-
-@contextlib.contextmanager
-def atomic_folder(out: Path) -> Iterator[Path]:
-    """A temporary folder beside `out` that becomes `out` (which must be missing or empty)
-    when the block succeeds, and is removed when it fails: never a half-written folder."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
-    try:
-        yield tmp
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write then rename, so a crash never leaves a half-written file behind."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
 
 
 def write_json(path: Path, obj: object) -> None:
@@ -113,6 +84,6 @@ def plot_learning_curves(histories: list[list[dict[str, float]]], headline: str,
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from shared.atomic_files import write_text_atomic
 from shared.config import load_config
 from simulations.compare import _variant, budget_config
 from simulations.pooled_training import load_task_manifest, train_fold
@@ -97,10 +98,10 @@ def main(argv: list[str] | None = None) -> int:
             + table.to_markdown(floatfmt=".3f") + "\n\ngoals: wall / clinic compute <= 1.15, "
             "wall / pooled <= 1.15, upload / full model <= 0.25\n")
     print(text)
-    (args.out / "bench.md").write_text(text)
-    (args.out / "bench.json").write_text(json.dumps({"rows": rows, "pooled_seconds": pooled_wall,
-                                                     "pooled_test": fold.test}, indent=2,
-                                                    default=float))
+    write_text_atomic(args.out / "bench.md", text)
+    write_text_atomic(args.out / "bench.json",
+                      json.dumps({"rows": rows, "pooled_seconds": pooled_wall,
+                                  "pooled_test": fold.test}, indent=2, default=float))
     return 0
 
 

@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import logging
 import math
-import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,6 +35,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
+from shared.atomic_files import atomic_folder, write_text_atomic
 from shared.config import STRATEGIES, Config, config_from_dict
 from shared.data.dataset import make_loader
 from shared.data.manifest import Manifest
@@ -44,7 +43,7 @@ from shared.errors import ConfigError, DentfedError
 from shared.metrics import headline
 from shared.model_file import read_model_file
 from shared.models import resolve_device
-from shared.report_tables import write_json, write_text_atomic
+from shared.report_tables import write_json
 from shared.training import evaluate
 from simulations.partition import ClinicSplit
 from simulations.pooled_training import load_task_manifest, train_fold
@@ -239,17 +238,21 @@ def run_compare(cfg: Config, manifest: str | Path | None, out: str | Path,
         _variant(cfg, federation={"strategy": s})
     key = headline(cfg.task.type)
     m = load_task_manifest(cfg, manifest)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
     t_all = time.perf_counter()
-    try:
+    rows: list[dict] = []
+    runs: list[dict] = []
+
+    def keep_finished_runs(partial: Path) -> bool:
+        if rows:  # hours of finished runs are worth keeping; the folder name says partial
+            log.error("compare did not finish; finished runs are kept in %s", partial)
+        return bool(rows)
+
+    with atomic_folder(out, keep_on_error=keep_finished_runs) as tmp:
         split = prepare_split(cfg, m.source, tmp / "split")
         n = split.n
         loaders = _test_loaders(cfg, m, split)
         pooled_parts = {s: np.concatenate([p[s] for p in split.clinics])
                         for s in ("train", "val", "test")}
-        rows: list[dict] = []
-        runs: list[dict] = []
 
         def record(method: str, seed: int, scores: dict[str, float], seconds: float,
                    **extra: object) -> None:
@@ -312,15 +315,6 @@ def run_compare(cfg: Config, manifest: str | Path | None, out: str | Path,
         write_text_atomic(tmp / "compare.csv", long.to_csv(index=False))
         write_json(tmp / "compare.json", result)
         write_text_atomic(tmp / "compare.md", render_markdown(table, result))
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
-    except BaseException:
-        if rows:  # hours of finished runs are worth keeping; the folder name says partial
-            log.error("compare did not finish; finished runs are kept in %s", tmp)
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return {**result, "table": table, "long": long, "out": str(out)}
 
 

@@ -19,11 +19,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from shared.atomic_files import atomic_file, write_text_atomic  # noqa: E402
 from shared.config import Config  # noqa: E402
 from shared.data.manifest import Manifest  # noqa: E402
 from shared.data.splits import split_patients, strata  # noqa: E402
 from shared.errors import ConfigError, ManifestError  # noqa: E402
-from shared.report_tables import write_text_atomic  # noqa: E402
 
 
 @dataclass
@@ -171,7 +171,8 @@ def plot_distribution(m: Manifest, split: ClinicSplit, path: Path) -> None:
            title="Label distribution per clinic")
     ax.legend(fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
 
 

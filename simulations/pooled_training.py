@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from shared.atomic_files import atomic_folder, write_text_atomic
 from shared.config import Config, dump_config
 from shared.data.dataset import make_loader
 from shared.data.manifest import Manifest, read_manifest
@@ -21,14 +22,7 @@ from shared.metrics import headline, tune_thresholds
 from shared.model_card import build_card, label_counts, write_card
 from shared.model_file import save_model_file
 from shared.models import build_model, resolve_device
-from shared.report_tables import (
-    atomic_folder,
-    metrics_table,
-    plot_learning_curves,
-    render_table,
-    write_json,
-    write_text_atomic,
-)
+from shared.report_tables import metrics_table, plot_learning_curves, render_table, write_json
 from shared.training import evaluate, fit, predict, seed_everything
 
 log = logging.getLogger(__name__)

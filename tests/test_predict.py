@@ -247,3 +247,19 @@ def test_auto_precision_keeps_fp32_decisions(tiny_run: Path):
         assert np.abs(auto.probs - fp32.probs).max() <= margin
     bf16 = predict_paths(loaded, paths, batch_size=8, workers=0, precision="bf16")
     assert bf16.precision == "bf16" and np.abs(bf16.probs - fp32.probs).max() < 0.1
+
+
+def test_predict_writes_nothing_when_interrupted(tiny_run: Path, tmp_path: Path, monkeypatch):
+    """All or nothing: a failure after predictions.csv leaves no output folder at all."""
+    from dentfed import predict as predict_mod
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    manifest = write_tiny_multilabel(tmp_path / "data", n=4)
+    monkeypatch.setattr(predict_mod, "write_saliency", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        predict_mod.run_predict(tiny_run, manifest, tmp_path / "pred", workers=0,
+                                saliency=True)
+    assert not (tmp_path / "pred").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".pred")]

@@ -1,0 +1,82 @@
+"""All-or-nothing writes: every file and folder dentfed writes goes through here.
+
+A file is written under a temporary name in its own folder and renamed into place, so a crash
+or an error leaves either the old file or the complete new one, and never the temporary file.
+A folder is filled under a temporary name beside it and renamed as a whole.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path, mode: int = 0o644) -> Iterator[Path]:
+    """A temporary path beside `path` (same suffix, so writers that look at it still work)
+    that becomes `path` with permissions `mode` when the block succeeds and is removed when
+    it fails."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.",
+                                suffix=f".partial{path.suffix}")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_bytes_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
+    with atomic_file(path, mode) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_text_atomic(path: Path, text: str, mode: int = 0o644) -> None:
+    """UTF-8 text, written then renamed."""
+    with atomic_file(path, mode) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def torch_save_atomic(obj: Any, path: Path) -> None:
+    """`torch.save` without a truncated file when the process dies half-way."""
+    with atomic_file(path) as tmp:
+        torch.save(obj, tmp)
+
+
+@contextlib.contextmanager
+def atomic_folder(out: Path, replace: bool = False,
+                  keep_on_error: Callable[[Path], bool] | None = None) -> Iterator[Path]:
+    """A temporary folder beside `out` that becomes `out` when the block succeeds and is
+    removed when it fails: never a half-written folder. `out` must be missing or empty, unless
+    `replace`, which swaps a whole existing `out` for the new one. `keep_on_error(partial)`
+    returning True keeps the partial folder (under its `.partial-` name) after a failure."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not replace:
+        raise FileExistsError(f"{out} exists and is not empty")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
+    try:
+        yield tmp
+        old = None
+        if out.exists():
+            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
+            out.rename(old / out.name)
+        tmp.rename(out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        if keep_on_error is None or not keep_on_error(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
