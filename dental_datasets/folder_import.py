@@ -9,9 +9,9 @@ from pathlib import Path
 import pandas as pd
 
 from shared.atomic_files import write_text_atomic
+from shared.data.readers import IMAGE_SUFFIXES
 from shared.errors import ManifestError
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".dcm", ".dicom"}
 SPLIT_DIRS = {"train", "val", "test"}
 
 

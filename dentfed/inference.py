@@ -24,15 +24,15 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from shared.config import Config, TaskConfig
-from shared.data.readers import read_image
+from shared.data.readers import IMAGE_SUFFIXES, read_image
 from shared.data.transforms import resize_transform, tensor_transform
 from shared.errors import DentfedError, ManifestError
 from shared.model_card import read_card
 from shared.model_file import read_model_file
+from shared.models import probabilities
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".dcm", ".dicom"}
 
 
 @dataclass
@@ -179,7 +179,7 @@ def _forward(model: nn.Module, x: torch.Tensor, task_type: str, bf16: bool) -> t
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
         logits = model(x)
     logits = logits.float()
-    return torch.sigmoid(logits) if task_type == "multilabel" else torch.softmax(logits, 1)
+    return probabilities(logits, task_type)
 
 
 def make_predict_loader(paths: list[Path], image_size: int, modality: str, batch_size: int,

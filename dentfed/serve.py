@@ -36,14 +36,13 @@ from dentfed.saliency import (
     sheet_body,
 )
 from shared.atomic_files import write_bytes_atomic
-from shared.data.readers import decode_image_bytes
+from shared.data.readers import IMAGE_SUFFIXES, decode_image_bytes
 from shared.errors import ManifestError
 from shared.model_card import read_card
 
 ALLOWED_TYPES = {"image/jpeg", "image/png", "image/bmp", "image/tiff", "image/webp",
                  "application/dicom", "application/octet-stream"}
-ALLOWED_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".dcm",
-                    ".dicom", ""}
+ALLOWED_SUFFIXES = IMAGE_SUFFIXES | {""}  # suffix-less: DICOM by its magic bytes
 
 
 class UploadRejected(Exception):

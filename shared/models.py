@@ -100,6 +100,12 @@ def set_train_mode(model: nn.Module) -> None:
                 mod.eval()
 
 
+def probabilities(logits: torch.Tensor, task_type: str) -> torch.Tensor:
+    """Scores from logits: a sigmoid per label (multilabel), a softmax over classes
+    (multiclass). Training's evaluation, batch inference, serve and saliency all use this."""
+    return torch.sigmoid(logits) if task_type == "multilabel" else torch.softmax(logits, 1)
+
+
 def trainable_state_keys(model: nn.Module) -> list[str]:
     """State-dict keys that training can change: trainable parameters, plus buffers (e.g.
     BatchNorm statistics) of modules outside the frozen stages. This is what a clinic sends."""

@@ -25,7 +25,7 @@ from shared.dp_sgd import (
     sample_rate_of,
 )
 from shared.metrics import multiclass_metrics, multilabel_metrics
-from shared.models import set_train_mode
+from shared.models import probabilities, set_train_mode
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ def predict(model: nn.Module, loader: DataLoader, loss_fn: nn.Module | None,
         if loss_fn is not None:
             total += float(loss_fn(logits, y)) * len(x)
         n += len(x)
-        p = torch.sigmoid(logits) if task_type == "multilabel" else torch.softmax(logits, 1)
+        p = probabilities(logits, task_type)
         probs.append(p.float().cpu().numpy())
         targets.append(y.cpu().numpy())
     return np.concatenate(probs), np.concatenate(targets), total / max(n, 1)

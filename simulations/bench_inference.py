@@ -31,7 +31,7 @@ from torchvision import transforms as T
 from dentfed.inference import LoadedModel, bf16_supported, decide, load_model, predict_paths
 from shared.config import config_from_dict
 from shared.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from shared.models import build_model
+from shared.models import build_model, probabilities
 
 
 def _images(n: int, shared: Path, tmp: Path) -> list[Path]:
@@ -56,8 +56,7 @@ def plain_loop(model: torch.nn.Module, paths: list[Path], size: int, batch: int,
         for s in range(0, len(paths), batch):
             x = torch.stack([tf(Image.open(p).convert("RGB")) for p in paths[s:s + batch]])
             logits = model(x)
-            out.append((torch.sigmoid(logits) if task_type == "multilabel"
-                        else torch.softmax(logits, 1)).numpy())
+            out.append(probabilities(logits, task_type).numpy())
     return np.concatenate(out)
 
 

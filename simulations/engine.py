@@ -30,7 +30,8 @@ ANSI = re.compile(r"\x1b\[[0-9;]*m")
 PROGRESS = re.compile(r"\[ROUND \d+/\d+\]|dentfed\.server|ERROR|Traceback")
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -104,7 +105,7 @@ def simulation_superlink(work: Path) -> Iterator[tuple[int, dict[str, str]]]:
            "DENTFED_SIM_TAG": tag,
            "FLWR_DISABLE_UPDATE_CHECK": "1",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    port = _free_port()  # flwr >= 1.42 serves runtime, control and fleet APIs on one port
+    port = free_port()  # flwr >= 1.42 serves runtime, control and fleet APIs on one port
     log = work / "superlink.log"
     cmd = [_bin("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
            "--host", "127.0.0.1", "--port", str(port)]

@@ -25,17 +25,11 @@ from dentfed.pki import make_certificates
 from server.checkpoint import CHECKPOINT, load_checkpoint
 from shared.config import load_config
 from shared.fedio import build_global_model, expected_shapes
-from simulations.engine import kill_tagged
+from simulations.engine import free_port, kill_tagged
 from tests.conftest import write_tiny_multilabel
 from tests.test_federation import _fed_config
 
 DENTFED = [sys.executable, "-m", "dentfed.cli"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Federation:
@@ -45,7 +39,7 @@ class Federation:
         self.root = root
         self.certs = make_certificates(root / "certs", clinics=clinics + 1)  # +1 unregistered
         self.home = root / "coordinator-home"
-        self.port = _free_port()
+        self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.tags: dict[str, str] = {}
         self.procs: dict[str, subprocess.Popen] = {}
@@ -104,7 +98,7 @@ class Federation:
         return self.start(f"clinic{k}", DENTFED + [
             "clinic", "start", "--superlink", self.address,
             "--ca", str(self.certs.ca_cert), "--key", str(self.certs.clinic_keys[k]),
-            "--manifest", str(self.manifests[k]), "--port", str(_free_port()),
+            "--manifest", str(self.manifests[k]), "--port", str(free_port()),
             "--max-retries", "3"])
 
     def online(self) -> int:
@@ -170,7 +164,7 @@ def test_tls_and_supernode_auth_two_clinics_two_rounds(federation, tmp_path):
     # ... a plain-text client gets nowhere ...
     plain = fed.start("plaintext", [deploy.flower_bin("flower-supernode"), "--insecure",
                                     "--superlink", fed.address, "--max-retries", "2",
-                                    "--max-wait-time", "10", "--port", str(_free_port()),
+                                    "--max-wait-time", "10", "--port", str(free_port()),
                                     "--node-config", f'manifest="{fed.manifests[2]}"'])
     with socket.create_connection(("127.0.0.1", fed.port), timeout=10) as s:
         s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")

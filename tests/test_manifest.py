@@ -166,3 +166,21 @@ def test_import_folder_keeps_or_drops_the_folder_split(tmp_path):
     cfg["train"]["loss"] = "ce"
     m = read_manifest(tmp_path / "leaky.csv", config_from_dict(cfg).task)
     assert m.splits is None and len(m) == 4
+
+
+def test_import_folder_and_predict_accept_the_same_image_files(tmp_path):
+    """One set of suffixes: a .webp or .tif that `predict` reads is imported too."""
+    from PIL import Image
+
+    from dental_datasets.folder_import import import_folder
+    from dentfed.inference import collect_inputs
+
+    for rel in ("a/p1_0.webp", "a/p1_1.tif", "b/p2_0.jpg", "b/notes.txt"):
+        (tmp_path / "tree" / rel).parent.mkdir(parents=True, exist_ok=True)
+        if rel.endswith(".txt"):
+            (tmp_path / "tree" / rel).write_text("not an image")
+        else:
+            Image.new("RGB", (8, 8), (90, 90, 90)).save(tmp_path / "tree" / rel)
+    df = import_folder(tmp_path / "tree", tmp_path / "m.csv", patient_regex=r"^(p\d+)_")
+    names = sorted(Path(p).name for p in collect_inputs(tmp_path / "tree").paths)
+    assert sorted(Path(p).name for p in df.path) == names == ["p1_0.webp", "p1_1.tif", "p2_0.jpg"]

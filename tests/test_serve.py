@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import shutil
-import socket
 import tempfile
 import threading
 import time
@@ -18,6 +17,7 @@ from PIL import Image
 
 from dentfed.inference import load_model, predict_paths
 from dentfed.serve import create_app
+from simulations.engine import free_port
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 
@@ -88,17 +88,11 @@ def test_uploads_over_the_limit_of_the_wrong_type_or_broken_are_refused(client):
     assert list(client.spool.iterdir()) == [] and client.rolled == []  # not even temporarily
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def live_server(tiny_run: Path):
     import uvicorn
 
-    port = _free_port()
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(tiny_run), host="127.0.0.1", port=port,
                                            log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)

@@ -18,6 +18,9 @@ from PIL import Image, UnidentifiedImageError
 from shared.errors import ManifestError
 
 DICOM_SUFFIXES = {".dcm", ".dicom"}
+# Every suffix dentfed reads as an image (Pillow formats plus DICOM): the folder importer,
+# `predict` on a folder and `serve` all use this one set.
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"} | DICOM_SUFFIXES
 
 
 def is_dicom(path: Path) -> bool:
