@@ -19,25 +19,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from dental_datasets import ufba425_panoramic as ufba
+from dental_datasets.ufba425_panoramic import LABELS
+from shared.atomic_files import write_text_atomic
 from shared.config import config_from_dict
 from simulations.pooled_training import run_training
-
-LABELS = ["missing_teeth", "restoration", "appliance", "implant", "supernumerary"]
-WEIGHTS = "weights/torchvision_mobilenet_v2_features_in1k.pth"
-SHA = "c689c012"
-
-
-def ufba_config(shared: Path, pretrained: bool, epochs: int, image_size: int, seed: int) -> dict:
-    return {
-        "task": {"type": "multilabel", "labels": LABELS},
-        "data": {"manifest": str(shared / "data/ufba425_panoramic/manifest.csv"),
-                 "image_size": image_size, "modality": "radiograph", "batch_size": 32},
-        "model": {"name": "mobilenet_v2", "dropout": 0.2,
-                  **({"pretrained": str(shared / WEIGHTS), "pretrained_prefix": "features.",
-                      "pretrained_sha256": SHA} if pretrained else {})},
-        "train": {"epochs": epochs, "lr": 1e-3 if pretrained else 2e-3, "loss": "weighted_bce",
-                  "patience": 5, "seed": seed, "progress": False},
-    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,14 +36,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", default="0", help="comma list; split and init seeds")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if not (args.shared / "data/ufba425_panoramic/manifest.csv").is_file():
+    if not ufba.manifest_path(args.shared).is_file():
         print(f"error: UFBA manifest not found under {args.shared}/data", file=sys.stderr)
         return 1
     rows = []
     for seed in (int(s) for s in args.seeds.split(",")):
         for arm, pretrained in (("random init", False), ("ImageNet MobileNetV2", True)):
-            cfg = config_from_dict(ufba_config(args.shared, pretrained, args.epochs,
-                                               args.image_size, seed))
+            cfg = config_from_dict(ufba.config_dict(args.shared, pretrained, args.epochs,
+                                                    args.image_size, seed))
             out = args.out / f"{'imagenet' if pretrained else 'random'}-seed{seed}"
             res = run_training(cfg, None, out)
             f = res["final"]
@@ -75,8 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     text = table.to_markdown(floatfmt=".3f")
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "transfer.md").write_text(text + "\n")
-    df.to_csv(args.out / "transfer.csv", index=False)
+    write_text_atomic(args.out / "transfer.md", text + "\n")
+    write_text_atomic(args.out / "transfer.csv", df.to_csv(index=False))
     return 0
 
 

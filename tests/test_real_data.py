@@ -6,16 +6,18 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pandas as pd
 
-from dental_datasets.folder_import import import_folder
-from shared.config import config_from_dict
+from dental_datasets import tooth_crops, ufba425_panoramic, ufba425_teeth
+from dental_datasets.ufba425_panoramic import LABELS
+from shared.config import config_from_dict, load_config
 from shared.data.manifest import read_manifest
 from simulations.pooled_training import run_training
-from simulations.ufba_transfer import LABELS, ufba_config
 
 
 def test_ufba_blanks_are_unknown_and_a_short_transfer_run_completes(shared_data, tmp_path):
-    raw = ufba_config(shared_data, pretrained=True, epochs=1, image_size=64, seed=0)
+    raw = ufba425_panoramic.config_dict(shared_data, pretrained=True, epochs=1, image_size=64,
+                                        seed=0)
     raw["train"]["max_steps_per_epoch"] = 3
     cfg = config_from_dict(raw)
     m = read_manifest(cfg.data.manifest, cfg.task)
@@ -30,8 +32,8 @@ def test_ufba_blanks_are_unknown_and_a_short_transfer_run_completes(shared_data,
 
 
 def test_tooth_crops_import_groups_by_source_panoramic(shared_data, tmp_path):
-    df = import_folder(shared_data / "data" / "tooth_crops_treatment", tmp_path / "m.csv",
-                       patient_regex=r"^([^_]+)_", modality="radiograph")
+    tooth_crops.build_manifest(tmp_path / "m.csv", shared_data)
+    df = pd.read_csv(tmp_path / "m.csv")
     assert len(df) == 336 and df.patient_id.nunique() == 10
     assert "split" not in df  # the folder split shares sources between train and test
     cfg = config_from_dict({"task": {"type": "multiclass",
@@ -40,3 +42,19 @@ def test_tooth_crops_import_groups_by_source_panoramic(shared_data, tmp_path):
                             "train": {"loss": "ce"}})
     m = read_manifest(tmp_path / "m.csv", cfg.task)
     assert len(m) == 336 and m.splits is None
+
+
+def test_ufba_manifest_builder_gives_the_category_as_natural_clinic(shared_data, tmp_path):
+    out = ufba425_panoramic.build_manifest(tmp_path / "ufba.csv", shared_data)
+    cfg = load_config(ufba425_panoramic.INFO.config_path())
+    m = read_manifest(out, cfg.task)
+    assert len(m) == 425 and len(set(m.patient_ids)) == 425
+    assert sorted(set(m.sites)) == sorted(f"cate{k}" for k in range(1, 11))
+
+
+def test_teeth_manifest_lists_every_image_with_its_boxes(shared_data, tmp_path):
+    df = pd.read_csv(ufba425_teeth.build_manifest(tmp_path / "teeth.csv", shared_data))
+    assert len(df) == 318 and df.patient_id.is_unique
+    assert (df.teeth == 0).sum() <= 1 and 20 <= df.teeth.median() <= 32  # cate6: > 32 teeth
+    assert set(df.site) <= {f"cate{k}" for k in range(1, 11)}
+    assert ufba425_teeth.fdi_names(shared_data)[:2] == ["11", "12"]
