@@ -62,11 +62,17 @@ def _run(args: argparse.Namespace) -> int:
     config = Path(args.run_dir) / "config.yaml" if args.resume else Path(args.config)
     if not config.is_file():
         raise DentfedError(f"config not found: {config}")
+    from shared.config import load_config
+
+    cfg = load_config(config)  # the whole schema, before `flwr run` starts anything
+    if args.test_manifest:
+        from shared.config import with_overrides
+
+        cfg = with_overrides(cfg, {"federation.test_manifest": args.test_manifest})
     if args.resume:
         from server.checkpoint import check_resumable
-        from shared.config import load_config
 
-        check_resumable(load_config(config))
+        check_resumable(cfg)
     cmd = deploy.run_command(config, Path(args.run_dir),
                              Path(args.test_manifest) if args.test_manifest else None,
                              resume=args.resume)
