@@ -62,7 +62,11 @@ class RoundRecord:
     evaluate_failed: int = 0
     rejected: dict[int, str] = field(default_factory=dict)
     declined: dict[int, str] = field(default_factory=dict)  # privacy budget spent (issue 6)
+    # Train requests, summed over the round's attempts (round_retries), and how they ended:
+    # sampled == replied + train_failed + no_reply.
     sampled: int = 0
+    replied: int = 0
+    no_reply: int = 0
     bytes_sent: int = 0
     bytes_received: int = 0
     seconds: float = 0.0
@@ -92,7 +96,7 @@ class RoundRecorder:
         for node in sorted(m.metadata.dst_node_id for m in sent):
             self.clinic(node)
         if kind.startswith("train"):
-            rec.sampled = len(sent)
+            rec.sampled += len(sent)
             rec.attempts += 1
             rec.seconds += seconds
         else:
@@ -100,6 +104,11 @@ class RoundRecorder:
         for m in sent:
             rec.bytes_sent += sum(arrays_nbytes(a) for a in m.content.array_records.values())
         sent_to = {m.metadata.dst_node_id for m in sent}
+        if kind.startswith("train"):
+            answered = {r.metadata.src_node_id for r in replies} & sent_to
+            rec.no_reply += len(sent_to - answered)
+            rec.replied += sum(1 for r in replies if not r.has_error()
+                               and r.metadata.src_node_id in sent_to)
         for r in replies:
             if r.has_error():
                 if kind.startswith("train"):
@@ -404,6 +413,7 @@ def _train_round(strategy, grid: RecordingGrid, recorder: RoundRecorder, cfg: Co
     skipped). Replies below min_train_clinics are never aggregated."""
     fed = cfg.federation
     for attempt in range(fed.round_retries + 1):
+        before = recorder.rounds[rnd].sampled if rnd in recorder.rounds else 0
         replies = list(grid.send_and_receive(
             strategy.configure_train(rnd, arrays, ConfigRecord(dict(train_cfg)), grid),
             timeout=fed.round_timeout))
@@ -413,9 +423,9 @@ def _train_round(strategy, grid: RecordingGrid, recorder: RoundRecorder, cfg: Co
             new, metrics = strategy.aggregate_train(rnd, replies)
             if metrics is not None:
                 train_agg[rnd] = _plain(metrics)
-            if rec is not None and rec.sampled > got:
+            if rec is not None and rec.sampled - before > got:
                 log.warning("round %d: %d of %d sampled clinics used (others failed, timed "
-                            "out or were rejected)", rnd, got, rec.sampled)
+                            "out or were rejected)", rnd, got, rec.sampled - before)
             return new if new is not None else arrays
         more = attempt < fed.round_retries
         log.warning("round %d: only %d usable update(s), %d needed (min_train_clinics); %s",

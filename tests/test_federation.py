@@ -260,3 +260,37 @@ def test_central_evaluation_stops_a_diverged_run_clearly(tiny_manifest):
     with pytest.raises(Diverged, match="round 1: the aggregated global model is not finite"):
         ev(1, bad)
     assert ev.final_state is not None and list(ev.history) == [0]  # last finite model kept
+
+
+def test_no_reply_count_stays_sane_over_round_retries():
+    """Two attempts of one round: 3 clinics sampled then 2, every reply an error. Sampled is per
+    attempt while failures add up; clinics_no_reply used to come out as -2."""
+    from types import SimpleNamespace
+
+    from flwr.app import Error
+
+    from server.report import _history
+
+    rec = RoundRecorder()
+
+    def attempt(nodes, erring):
+        sent = [Message(RecordDict({"config": ConfigRecord({"server-round": 1})}),
+                        dst_node_id=n, message_type="train") for n in nodes]
+        replies = []
+        for m in sent:
+            m.metadata.__dict__["_message_id"] = f"m{m.metadata.dst_node_id}"
+            if m.metadata.dst_node_id in erring:
+                r = Message(Error(0, "boom"), reply_to=m)
+                r.metadata.__dict__["_src_node_id"] = m.metadata.dst_node_id
+                replies.append(r)
+        rec.record(sent, replies, 1.0)
+
+    attempt([1, 2, 3], {1, 2})  # clinic 3 does not answer
+    attempt([1, 2], {1, 2})
+    res = SimpleNamespace(evaluator=SimpleNamespace(history={1: {}}, seconds={}), recorder=rec,
+                          train_aggregated={}, evaluate_aggregated={})
+    (row,) = _history(res)
+    assert row["attempts"] == 2 and row["clinics_replied"] == 0
+    assert row["clinics_no_reply"] >= 0
+    assert row["clinics_sampled"] == row["clinics_replied"] + row["clinics_failed"] + \
+        row["clinics_no_reply"]
