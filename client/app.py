@@ -44,6 +44,7 @@ from shared.privacy import (
     DpAccount,
     PrivacyBudgetSpent,
     check_budget,
+    declined_reply,
     make_private,
     noise_for,
     planned_steps,
@@ -67,10 +68,6 @@ class ClinicError(RuntimeError):
     """What the server is told when a clinic's handler fails: the exception type only."""
 
 
-class ClinicDeclined(ClinicError):
-    """The clinic refuses to train because its privacy budget would be exceeded."""
-
-
 def private_errors(handler: Callable[[Message, Context], Message]
                    ) -> Callable[[Message, Context], Message]:
     """Flower forwards an exception's text to the server, and texts name files (paths hold
@@ -83,7 +80,7 @@ def private_errors(handler: Callable[[Message, Context], Message]
             return handler(msg, context)
         except PrivacyBudgetSpent as e:  # numbers only: safe, and the coordinator needs it
             log.warning("clinic declines to train: %s", e)
-            raise ClinicDeclined(f"{handler.__name__} declined at the clinic: {e}") from None
+            return declined_reply(msg, str(e))  # a structured record the server counts
         except Exception as e:
             log.exception("clinic %s handler failed", handler.__name__)
             raise ClinicError(f"{handler.__name__} failed at the clinic "

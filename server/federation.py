@@ -28,7 +28,6 @@ from server.checkpoint import (
     save_checkpoint,
     strategy_state,
 )
-from server.privacy import declined_reason
 from server.strategy import make_strategy
 from shared.config import Config, dump_config
 from shared.data.dataset import make_loader
@@ -47,6 +46,7 @@ from shared.fedio import (
 from shared.losses import make_loss
 from shared.metrics import headline
 from shared.models import resolve_device
+from shared.privacy import declined_reason
 from shared.training import evaluate
 from shared.upload import SCALES_KEY, decode_update
 
@@ -108,18 +108,22 @@ class RoundRecorder:
             answered = {r.metadata.src_node_id for r in replies} & sent_to
             rec.no_reply += len(sent_to - answered)
             rec.replied += sum(1 for r in replies if not r.has_error()
-                               and r.metadata.src_node_id in sent_to)
+                               and r.metadata.src_node_id in sent_to
+                               and declined_reason(r) is None)
         for r in replies:
             if r.has_error():
                 if kind.startswith("train"):
                     rec.train_failed += 1
-                    note = declined_reason(r.error.reason)
-                    if note and r.metadata.src_node_id in sent_to:
-                        idx = self.clinic(r.metadata.src_node_id)
-                        rec.declined[idx] = note
-                        log.warning("round %d: clinic %d declined to train: %s", rnd, idx, note)
                 else:
                     rec.evaluate_failed += 1
+                continue
+            note = declined_reason(r) if kind.startswith("train") else None
+            if note is not None:  # privacy budget spent: counted as a failed train reply
+                if r.metadata.src_node_id in sent_to:
+                    rec.train_failed += 1
+                    idx = self.clinic(r.metadata.src_node_id)
+                    rec.declined[idx] = note
+                    log.warning("round %d: clinic %d declined to train: %s", rnd, idx, note)
                 continue
             if r.metadata.src_node_id not in sent_to:
                 continue  # not an answer to this exchange
@@ -208,6 +212,8 @@ class RecordingGrid:
         sent_arrays = {m.metadata.dst_node_id: m.content["arrays"] for m in sent}
         kept = []
         for r in replies:
+            if declined_reason(r) is not None:
+                continue  # recorded as declined; no update to aggregate
             if not r.has_error():
                 problem = self._decode(r, sent_arrays.get(r.metadata.src_node_id))
                 if problem:

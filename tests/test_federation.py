@@ -294,3 +294,26 @@ def test_no_reply_count_stays_sane_over_round_retries():
     assert row["clinics_no_reply"] >= 0
     assert row["clinics_sampled"] == row["clinics_replied"] + row["clinics_failed"] + \
         row["clinics_no_reply"]
+
+
+def test_declined_reply_is_counted_by_its_record_not_its_wording():
+    """A clinic's budget decline is a reply with a `declined` config record: the recorder
+    counts it whatever its text says, and the strategy never sees it."""
+    from shared.privacy import declined_reply
+
+    req = Message(RecordDict({"arrays": ArrayRecord({"w": torch.zeros(2, 2)}),
+                              "config": ConfigRecord({"server-round": 1})}),
+                  dst_node_id=7, message_type="train")
+    req.metadata.__dict__["_message_id"] = "m7"
+    rep = declined_reply(req, "epsilon would be 5.7 > 5 (reworded message)")
+    rep.metadata.__dict__["_src_node_id"] = 7
+    good = _reply(1, {"w": np.ones((2, 2), np.float32)}, 5)
+    rec = RoundRecorder()
+    sent = [req, Message(RecordDict({"arrays": ArrayRecord({"w": torch.zeros(2, 2)}),
+                                     "config": ConfigRecord({"server-round": 1})}),
+                         dst_node_id=1, message_type="train")]
+    kept = RecordingGrid(_FakeGrid([good, rep]), rec, {"w": (2, 2)}).send_and_receive(sent)
+    assert [m.metadata.src_node_id for m in kept] == [1]
+    r = rec.rounds[1]
+    assert r.declined == {1: "epsilon would be 5.7 > 5 (reworded message)"}  # node 7: index 1
+    assert not r.rejected and r.replied == 1 and r.train_failed == 1

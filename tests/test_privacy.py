@@ -18,12 +18,18 @@ import yaml
 from flwr.app import Context, Message, RecordDict
 from torch import nn
 
-from client.app import DP_ACCOUNT_KEY, ClinicDeclined
+from client.app import DP_ACCOUNT_KEY
 from client.app import app as client_app
 from shared.config import config_from_dict
 from shared.errors import ConfigError
 from shared.fedio import build_global_model, expected_shapes, model_arrays
-from shared.privacy import DpAccount, noise_for
+from shared.privacy import (
+    DECLINED_BUDGET,
+    DECLINED_RECORD,
+    DpAccount,
+    declined_reason,
+    noise_for,
+)
 from tests.conftest import tiny_config, write_tiny_multilabel
 from tests.test_federation import _task_identity, _train_message, two_clinic_simulation
 
@@ -106,14 +112,15 @@ def test_clinic_accounts_epsilon_across_rounds_and_declines_at_its_budget(tiny_m
                   state=RecordDict(), run_config={})
     eps = []
     for _ in range(3):
-        try:
-            reply = client_app(_train_message(cfg, start), ctx)
-            # the cached model is left in eval mode by evaluation between rounds
-            client_app(_eval_message(cfg, start), ctx)
-        except ClinicDeclined as e:
-            declined = str(e)
-            break
+        reply = client_app(_train_message(cfg, start), ctx)
         assert not reply.has_error(), reply.error
+        declined = declined_reason(reply)  # a structured record, not an error text
+        if declined is not None:
+            assert not reply.content.array_records  # no update with a decline
+            assert reply.content.config_records[DECLINED_RECORD][DECLINED_BUDGET] is True
+            break
+        # the cached model is left in eval mode by evaluation between rounds
+        client_app(_eval_message(cfg, start), ctx)
         (metrics,) = reply.content.metric_records.values()
         assert set(metrics) == {"train_seconds", "num-examples", "epsilon"}
         eps.append(metrics["epsilon"])
