@@ -32,6 +32,7 @@ from shared.data.splits import hold_out
 from shared.fedio import (
     EXAMPLES_KEY,
     build_global_model,
+    check_frozen,
     config_from_record,
     load_model_arrays,
     model_arrays,
@@ -153,6 +154,7 @@ def _reply_config(msg: Message) -> tuple[Config, int]:
 def train(msg: Message, context: Context) -> Message:
     cfg, server_round = _reply_config(msg)
     clinic = get_clinic(context, cfg)
+    check_frozen(msg.content["config"], cfg, clinic.model)  # same frozen features as the server
     global_arrays = msg.content["arrays"]
     values = local_training(clinic, context, global_arrays, server_round,
                             float(msg.content["config"].get("proximal-mu", 0.0)))

@@ -370,7 +370,7 @@ def run_federation(grid: Grid, cfg: Config, test_manifest: str | Path,
     required = max(fed.min_available_clinics, fed.min_train_clinics)
     wgrid = RecordingGrid(grid, recorder, expected_shapes(model), required,
                           fed.node_wait_timeout)
-    train_cfg, eval_cfg = config_record(cfg), config_record(cfg)
+    train_cfg, eval_cfg = config_record(cfg, model), config_record(cfg)
     t0 = time.perf_counter()
     stopped = None
     try:

@@ -14,6 +14,7 @@ import torch
 import yaml
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
+from client.app import ClinicError
 from client.app import app as client_app
 from server.federation import RecordingGrid, RoundRecorder
 from server.strategy import make_strategy
@@ -25,6 +26,7 @@ from shared.fedio import (
     expected_shapes,
     model_arrays,
 )
+from shared.models import sha256_of
 from tests.conftest import tiny_config
 
 
@@ -317,3 +319,40 @@ def test_declined_reply_is_counted_by_its_record_not_its_wording():
     r = rec.rounds[1]
     assert r.declined == {1: "epsilon would be 5.7 > 5 (reworded message)"}  # node 7: index 1
     assert not r.rejected and r.replied == 1 and r.train_failed == 1
+
+
+def test_clinic_refuses_a_different_frozen_state(tiny_manifest, tmp_path):
+    """The server's config carries a fingerprint of the frozen stages (and of the pretrained
+    file); a clinic whose own frozen state differs refuses instead of training against other
+    features."""
+    from shared.fedio import FROZEN_KEY, PRETRAINED_KEY, config_record, frozen_fingerprint
+
+    weights = tmp_path / "w.pt"
+    torch.manual_seed(5)
+    from torchvision.models import resnet18
+
+    torch.save(resnet18(num_classes=2).state_dict(), weights)
+    raw = tiny_config().model_dump(mode="json")
+    raw["model"].update({"freeze": 2, "pretrained": str(weights)})
+    cfg = config_from_dict(raw)
+    model = build_global_model(cfg)
+    conf = config_record(cfg, model)
+    assert conf[FROZEN_KEY] == frozen_fingerprint(model)
+    assert conf[PRETRAINED_KEY] == sha256_of(weights)
+    start = model_arrays(model)
+
+    def train_with(conf):
+        conf = ConfigRecord(dict(conf))
+        conf["server-round"] = 1
+        return client_app(Message(RecordDict({"arrays": start, "config": conf}), dst_node_id=1,
+                                  message_type="train"), _context(tiny_manifest))
+
+    ok = train_with(conf)
+    assert not ok.has_error(), ok.error
+    other = dict(conf)
+    other[FROZEN_KEY] = "0" * 64  # e.g. another torch build's seeded initialisation
+    with pytest.raises(ClinicError, match="FrozenStateMismatch"):  # Flower's error reply
+        train_with(other)
+    torch.save(resnet18(num_classes=3).state_dict(), weights)  # a clinic's file differs
+    with pytest.raises(ClinicError, match="FrozenStateMismatch"):
+        train_with(conf)
