@@ -29,6 +29,8 @@ from simulations.engine import kill_tagged
 from tests.conftest import write_tiny_multilabel
 from tests.test_federation import _fed_config
 
+pytestmark = pytest.mark.slow  # real SuperLink/SuperNode processes over TLS
+
 DENTFED = [sys.executable, "-m", "dentfed.cli"]
 
 

@@ -96,6 +96,7 @@ def test_clinic_sends_only_trainable_arrays_and_scalars(tiny_manifest):
     assert any(not np.allclose(before[k].numpy(), arrays[k].numpy()) for k in arrays)
 
 
+@pytest.mark.slow  # two clinic trainings; the unit test is test_training's fedprox one
 def test_fedprox_term_changes_the_client_update(tiny_manifest):
     cfg = _fed_config()
     start = model_arrays(build_global_model(cfg))
@@ -177,6 +178,7 @@ def _pids_with_flwr_home_under(root) -> set[int]:
     return pids
 
 
+@pytest.mark.slow  # real Flower simulation
 def test_real_flower_simulation_two_clinics_two_rounds(tmp_path):
     cfg_path, manifest = two_clinic_simulation(tmp_path, rounds=2, upload="int8")
     cfg = yaml.safe_load(cfg_path.read_text())
@@ -206,6 +208,7 @@ def test_real_flower_simulation_two_clinics_two_rounds(tmp_path):
     assert not _pids_with_flwr_home_under(tmp_path), "Flower processes left running"
 
 
+@pytest.mark.slow  # CLI subprocess start-up
 def test_config_error_is_one_clear_line(tmp_path, tiny_manifest):
     cfg = tiny_config().model_dump(mode="json")
     cfg["federation"] = {"strategy": "fedmagic"}

@@ -171,6 +171,7 @@ def _distinctive_manifest(root: Path) -> tuple[Path, list[str]]:
     return manifest, secrets
 
 
+@pytest.mark.slow  # real Flower simulation
 def test_real_simulation_audit_dp_epsilon_per_round_and_budget(tmp_path):
     """3 rounds, 2 clinics; each clinic's epsilon must grow from round to round (the account
     survives in Flower's context.state between rounds), and max_epsilon lets each clinic train

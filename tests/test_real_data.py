@@ -6,12 +6,15 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
 from shared.config import config_from_dict
 from shared.data.importer import import_folder
 from shared.data.manifest import read_manifest
 from shared.experiment import run_training
 from simulations.ufba_transfer import LABELS, ufba_config
+
+pytestmark = pytest.mark.slow  # real datasets in ../shared, training
 
 
 def test_ufba_blanks_are_unknown_and_a_short_transfer_run_completes(shared_data, tmp_path):

@@ -44,6 +44,7 @@ def _wait_for_round(run: Path, rnd: int, proc: subprocess.Popen, timeout: float)
     raise AssertionError(f"no checkpoint of round {rnd} within {timeout} s")
 
 
+@pytest.mark.slow  # real Flower simulation
 def test_crash_after_round_two_and_resume_equals_uninterrupted_run(tmp_path):
     # FedAdam: the resumed run only matches if the server optimiser's moments were restored.
     cfg_path, manifest = two_clinic_simulation(tmp_path, rounds=3, strategy="fedadam",
@@ -107,6 +108,7 @@ app.evaluate()(evaluate_local)
 '''
 
 
+@pytest.mark.slow  # real Flower simulation
 def test_clinic_sending_nan_is_rejected_and_the_run_completes(tmp_path):
     app_dir = tmp_path / "nan_app"
     app_dir.mkdir()

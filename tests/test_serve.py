@@ -4,8 +4,8 @@ driven end to end in headless Chromium (skipped with a reason where Chromium is 
 from __future__ import annotations
 
 import io
-import shutil
 import os
+import shutil
 import socket
 import tempfile
 import threading
@@ -114,6 +114,7 @@ def live_server(tiny_run: Path):
     thread.join(timeout=10)
 
 
+@pytest.mark.slow  # headless Chromium
 def test_upload_page_in_headless_chromium(live_server: str, tiny_run: Path, tmp_path: Path):
     if not (Path(CHROMIUM).is_file() and Path(CHROMEDRIVER).is_file()):
         why = (f"Chromium not installed ({CHROMIUM}, {CHROMEDRIVER}): run scripts/setup.sh "
