@@ -175,8 +175,8 @@ def test_predict_manifest_multiclass_vit_without_the_pretrained_file(tmp_path: P
     r = cli("predict", "--model", str(run), str(manifest), "--out", str(out))
     assert r.returncode == 0, r.stderr
     df = pd.read_csv(out / "predictions.csv")
-    assert len(df) == 4 and np.allclose(df[["p_a", "p_b", "p_c"]].sum(1), 1, atol=1e-4)
-    assert (df[["pred_a", "pred_b", "pred_c"]].sum(1) == 1).all()
+    assert len(df) == 4 and np.allclose(df[["p_a", "p_b", "p_c"]].sum(axis=1), 1, atol=1e-4)
+    assert (df[["pred_a", "pred_b", "pred_c"]].sum(axis=1) == 1).all()
     with torch.inference_mode():
         x = torch.zeros(1, 3, 32, 32)
         assert torch.allclose(load_model(run).model(x), model.eval()(x), atol=1e-5)
