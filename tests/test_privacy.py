@@ -210,9 +210,15 @@ def test_real_simulation_audit_dp_epsilon_per_round_and_budget(tmp_path):
     assert kinds.count("train") == 6 and kinds.count("evaluate") == 6, kinds
     known = {"train": {"train_seconds", "num-examples", "epsilon"},
              "evaluate": {"val_loss", "val_macro_auc", "num-examples"}}
+    declines = 0
     for e in entries:
-        if "error" in e:  # only the budget refusals, with numbers and no names
-            assert e["message_type"] == "train" and "privacy budget" in e["error"], e
+        assert "error" not in e, e
+        if DECLINED_RECORD in e["records"]:  # the budget refusals: a flag and numbers only
+            assert e["message_type"] == "train" and set(e["records"]) == {DECLINED_RECORD}, e
+            values = e["records"][DECLINED_RECORD]["values"]
+            assert set(values) == {DECLINED_BUDGET, "detail"}, e
+            assert "privacy budget" in values["detail"], e
+            declines += 1
             continue
         for name, rec in e["records"].items():
             assert rec["kind"] in ("arrays", "metrics"), (name, rec)  # no config records
@@ -224,6 +230,7 @@ def test_real_simulation_audit_dp_epsilon_per_round_and_budget(tmp_path):
             else:
                 assert set(rec["values"]) <= known[e["message_type"]], rec
                 assert all(isinstance(v, int | float) for v in rec["values"].values())
+    assert declines == 2  # round 3, both clinics
     # No patient id or image path from any clinic's manifest in what the server wrote or
     # logged (split/ is the simulation's own partition of the researcher's data, not the
     # server's: it is left out).
