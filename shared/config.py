@@ -316,11 +316,13 @@ def config_from_yaml(text: str, source: str = "config") -> Config:
 def _format_validation_error(err: ValidationError, source: str) -> str:
     lines = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        loc = ".".join(str(p) for p in e["loc"])
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
-        lines.append(f"{source}: {loc}: {msg}")
+        elif e["type"] == "value_error":  # our cross-field rules name their keys themselves
+            msg = msg.removeprefix("Value error, ")
+        lines.append(f"{source}: {loc}: {msg}" if loc else f"{source}: {msg}")
     return "\n".join(lines)
 
 
