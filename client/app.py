@@ -33,6 +33,7 @@ from shared.dp_sgd import (
     DpAccount,
     PrivacyBudgetSpent,
     check_budget,
+    declined_reply,
     make_private,
     noise_for,
     planned_steps,
@@ -41,6 +42,7 @@ from shared.dp_sgd import (
 from shared.fedio import (
     EXAMPLES_KEY,
     build_global_model,
+    check_frozen,
     config_from_record,
     load_model_arrays,
     model_arrays,
@@ -67,10 +69,6 @@ class ClinicError(RuntimeError):
     """What the server is told when a clinic's handler fails: the exception type only."""
 
 
-class ClinicDeclined(ClinicError):
-    """The clinic refuses to train because its privacy budget would be exceeded."""
-
-
 def private_errors(handler: Callable[[Message, Context], Message]
                    ) -> Callable[[Message, Context], Message]:
     """Flower forwards an exception's text to the server, and texts name files (paths hold
@@ -83,7 +81,7 @@ def private_errors(handler: Callable[[Message, Context], Message]
             return handler(msg, context)
         except PrivacyBudgetSpent as e:  # numbers only: safe, and the coordinator needs it
             log.warning("clinic declines to train: %s", e)
-            raise ClinicDeclined(f"{handler.__name__} declined at the clinic: {e}") from None
+            return declined_reply(msg, str(e))  # a structured record the server counts
         except Exception as e:
             log.exception("clinic %s handler failed", handler.__name__)
             raise ClinicError(f"{handler.__name__} failed at the clinic "
@@ -156,6 +154,7 @@ def _reply_config(msg: Message) -> tuple[Config, int]:
 def train(msg: Message, context: Context) -> Message:
     cfg, server_round = _reply_config(msg)
     clinic = get_clinic(context, cfg)
+    check_frozen(msg.content["config"], cfg, clinic.model)  # same frozen features as the server
     global_arrays = msg.content["arrays"]
     values = local_training(clinic, context, global_arrays, server_round,
                             float(msg.content["config"].get("proximal-mu", 0.0)))

@@ -8,6 +8,7 @@ from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
+from shared.dp_sgd import declined_reason
 from shared.fedio import config_from_record
 
 
@@ -21,4 +22,13 @@ def central_dp_mod(msg: Message, context: Context, call_next: ClientAppCallable)
     if central is None or not central.clipping.startswith("client"):
         return call_next(msg, context)
     mod = fixedclipping_mod if central.clipping == "client-fixed" else adaptiveclipping_mod
-    return mod(msg, context, call_next)
+    declined: list[Message] = []
+
+    def inner(m: Message, c: Context) -> Message:
+        reply = call_next(m, c)
+        if declined_reason(reply) is not None:
+            declined.append(reply)
+        return reply
+
+    out = mod(msg, context, inner)
+    return declined[0] if declined else out  # a budget decline carries no update to clip

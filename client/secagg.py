@@ -20,7 +20,7 @@ from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
 from shared.config import config_from_yaml
-from shared.fedio import CONFIG_KEY, EXAMPLES_KEY, exchanged_keys, model_arrays
+from shared.fedio import CONFIG_KEY, EXAMPLES_KEY, check_frozen, exchanged_keys, model_arrays
 
 log = logging.getLogger("dentfed.client")
 LEGACY_RECORDS = ("fitins", "evaluateins", "getparametersins", "getpropertiesins")
@@ -57,6 +57,7 @@ class ClinicNumPyClient(NumPyClient):
 
         try:
             clinic, rnd = self._clinic(config)
+            check_frozen(config, clinic.cfg, clinic.model)  # as the Message-API train handler
             values = local_training(clinic, self.context, self._record(clinic, parameters), rnd)
         except Exception as e:  # same rule as the Message-API handlers: type only
             log.exception("clinic fit (SecAgg+) failed")

@@ -71,7 +71,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config)
     if args.epochs:
-        cfg.train.epochs = args.epochs
+        from shared.config import with_overrides
+
+        cfg = with_overrides(cfg, {"train.epochs": args.epochs})
     out = Path(args.out or f"runs/train-{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
     res = run_training(cfg, args.manifest, out, cv=args.cv, seed=args.seed)
     title = f"{args.cv}-fold patient-grouped CV (mean ± sd)" if args.cv else "test split"
@@ -84,8 +86,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _apply_overrides(cfg, args: argparse.Namespace) -> None:
-    """Command-line values that override the YAML (validated by the schema)."""
+def _apply_overrides(cfg, args: argparse.Namespace):
+    """The config with the command-line values that override the YAML, validated again by the
+    whole schema (cross-field rules included) before anything is split or started."""
+    from shared.config import with_overrides
+
+    overrides = {}
     for attr, section, key in (("clinics", "split", "clinics"), ("scheme", "split", "scheme"),
                                ("alpha", "split", "alpha"), ("by", "split", "by"),
                                ("test_fraction", "split", "test_fraction"),
@@ -95,7 +101,8 @@ def _apply_overrides(cfg, args: argparse.Namespace) -> None:
                                ("local_epochs", "federation", "local_epochs")):
         value = getattr(args, attr, None)
         if value is not None:
-            setattr(getattr(cfg, section), key, value)
+            overrides[f"{section}.{key}"] = value
+    return with_overrides(cfg, overrides) if overrides else cfg
 
 
 def _cmd_data_split(args: argparse.Namespace) -> int:
@@ -103,7 +110,7 @@ def _cmd_data_split(args: argparse.Namespace) -> int:
     from simulations.simulate import prepare_split
 
     cfg = load_config(args.config)
-    _apply_overrides(cfg, args)
+    cfg = _apply_overrides(cfg, args)
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
         raise DentfedError(f"output folder {out} exists and is not empty")
@@ -131,7 +138,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         if not args.config:
             raise DentfedError("--config is required (or --resume RUN_DIR)")
         cfg = load_config(args.config)
-        _apply_overrides(cfg, args)
+        cfg = _apply_overrides(cfg, args)
         if args.compare:
             return _simulate_compare(cfg, args)
         out = Path(args.out or

@@ -20,10 +20,12 @@ def _certs(args: argparse.Namespace) -> int:
     from dentfed.pki import make_certificates
 
     c = make_certificates(args.out, args.clinics, hosts=args.host, days=args.days,
-                          overwrite=args.force)
+                          overwrite=args.force, ca_key_dir=args.ca_key_dir)
     print(f"wrote {c.ca_cert.parent}: ca.crt (give to every clinic), server.crt/server.key "
           f"(SuperLink only), {len(c.clinic_keys)} clinic key pair(s) clinic_K + clinic_K.pub "
           "(private key to that clinic only; register the .pub)")
+    print(f"wrote {c.ca_key}: the CA's private key (0600): give it to nobody; keep it offline "
+          "to sign certificates later")
     print("throw-away CA: for tests and first set-ups; use your organisation's CA in production")
     return 0
 
@@ -62,11 +64,17 @@ def _run(args: argparse.Namespace) -> int:
     config = Path(args.run_dir) / "config.yaml" if args.resume else Path(args.config)
     if not config.is_file():
         raise DentfedError(f"config not found: {config}")
+    from shared.config import load_config
+
+    cfg = load_config(config)  # the whole schema, before `flwr run` starts anything
+    if args.test_manifest:
+        from shared.config import with_overrides
+
+        cfg = with_overrides(cfg, {"federation.test_manifest": args.test_manifest})
     if args.resume:
         from server.checkpoint import check_resumable
-        from shared.config import load_config
 
-        check_resumable(load_config(config))
+        check_resumable(cfg)
     cmd = deploy.run_command(config, Path(args.run_dir),
                              Path(args.test_manifest) if args.test_manifest else None,
                              resume=args.resume)
@@ -109,6 +117,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    "default localhost, 127.0.0.1, ::1)")
     c.add_argument("--days", type=int, default=365)
     c.add_argument("--force", action="store_true", help="replace an existing set")
+    c.add_argument("--ca-key-dir", help="where the CA's private key goes (default "
+                   "OUT-ca-private, beside OUT; never inside it)")
     c.set_defaults(func=_certs)
 
     s = co.add_parser("start", help="start the SuperLink (TLS, SuperNode allow-list)")

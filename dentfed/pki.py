@@ -3,13 +3,16 @@ certs`). A production federation should use the hospital's own CA; the files hav
 roles: `ca.crt` (clinics and the coordinator's CLI trust it), `server.crt`/`server.key`
 (the SuperLink's TLS identity), and per clinic an EC P-384 key pair in OpenSSH format
 (`clinic_K` private, stays at the clinic; `clinic_K.pub` registered with `flwr supernode
-register`). Private keys are written with mode 0600.
+register`). Private keys are written with mode 0600. The CA's private key `ca.key` signs
+certificates and goes to nobody: it is written apart from the folder whose files are handed
+out, to `<out>-ca-private/` (folder 0700, key 0600) unless another folder is given.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +31,7 @@ class Certificates:
     server_cert: Path
     server_key: Path
     clinic_keys: list[Path]  # private keys; the public key is the same path + ".pub"
+    ca_key: Path | None = None  # kept apart from `out` (see module docstring)
 
 
 def _write(path: Path, data: bytes, private: bool = False) -> None:
@@ -56,14 +60,19 @@ def _sans(hosts: list[str]) -> list[x509.GeneralName]:
 
 
 def make_certificates(out: str | Path, clinics: int, hosts: list[str] | None = None,
-                      days: int = 365, overwrite: bool = False) -> Certificates:
+                      days: int = 365, overwrite: bool = False,
+                      ca_key_dir: str | Path | None = None) -> Certificates:
     """A CA, a server certificate valid for `hosts` (names and IPs the clinics dial), and
-    `clinics` SuperNode key pairs. Refuses to overwrite an existing set unless asked."""
+    `clinics` SuperNode key pairs. Refuses to overwrite an existing set unless asked. The CA
+    key goes to `ca_key_dir` (default `<out>-ca-private`), never into `out`."""
     out = Path(out)
+    key_dir = Path(ca_key_dir) if ca_key_dir else out.parent / f"{out.name}-ca-private"
+    if key_dir.resolve() == out.resolve() or out.resolve() in key_dir.resolve().parents:
+        raise DentfedError("the CA key folder must be outside the folder handed to clinics")
     hosts = hosts or ["localhost", "127.0.0.1", "::1"]
     if clinics < 0:
         raise DentfedError("--clinics must be >= 0")
-    if (out / "ca.crt").exists() and not overwrite:
+    if ((out / "ca.crt").exists() or (key_dir / "ca.key").exists()) and not overwrite:
         raise DentfedError(f"{out} already holds certificates; use another folder or --force")
     if out.exists() and any(out.iterdir()) and not (out / "ca.crt").exists():
         raise DentfedError(f"{out} exists and holds other files; choose an empty or new folder")
@@ -95,15 +104,19 @@ def make_certificates(out: str | Path, clinics: int, hosts: list[str] | None = N
                 .sign(ca_key, hashes.SHA384()))
     # All or nothing: the set is built in a hidden folder beside `out` and renamed into place
     # (replacing a previous set as a whole with --force), so a failure leaves no partial set.
+    # The CA key is written last inside the block: if it fails, no certificate set appears.
     with atomic_folder(out, replace=overwrite) as tmp:
-        _write(tmp / "ca.key", _pem_key(ca_key), private=True)
         _write(tmp / "ca.crt", ca_cert.public_bytes(serialization.Encoding.PEM))
         _write(tmp / "server.key", _pem_key(srv_key), private=True)
         _write(tmp / "server.crt", srv_cert.public_bytes(serialization.Encoding.PEM))
         for k in range(clinics):
             make_clinic_key(tmp / f"clinic_{k}", overwrite=True)
+        key_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(key_dir, 0o700)
+        _write(key_dir / "ca.key", _pem_key(ca_key), private=True)
     keys = [out / f"clinic_{k}" for k in range(clinics)]
-    return Certificates(out / "ca.crt", out / "server.crt", out / "server.key", keys)
+    return Certificates(out / "ca.crt", out / "server.crt", out / "server.key", keys,
+                        key_dir / "ca.key")
 
 
 def make_clinic_key(path: str | Path, overwrite: bool = False) -> Path:

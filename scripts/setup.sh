@@ -7,8 +7,16 @@ cd "$(dirname "$0")/.."
 if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
 fi
+# Two setuptools build-backend notices we have read would print ~50 lines to a newcomer:
+# - `project.license` as a TOML table: Flower's FAB format 1 ([tool.flwr.app] fab-format-version)
+#   requires exactly `license = {file = "LICENSE"}` and refuses an SPDX string (checked with
+#   flwr 1.42's `flwr build`), so the table stays until Flower accepts the new form;
+# - "Editable installation": the note about same-named folders, which is this repo's layout.
+export PYTHONWARNINGS='ignore:`project.license` as a TOML table is deprecated,ignore:Editable installation'
+export PIP_DISABLE_PIP_VERSION_CHECK=1
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet -e '.[dev]'
+unset PYTHONWARNINGS
 echo "dentfed installed in $(pwd)/.venv"
 # Headless Chromium + chromedriver for the upload-page browser test (tests/test_serve.py).
 # Optional: without them (no root, no apt) that one test skips with a reason.

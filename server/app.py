@@ -21,7 +21,7 @@ from server.checkpoint import CHECKPOINT, check_resumable
 from server.federation import run_federation
 from server.run_folder import write_run_folder
 from shared.atomic_files import write_text_atomic
-from shared.config import dump_config, load_config
+from shared.config import dump_config, load_config, with_overrides
 from shared.errors import ConfigError
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
@@ -59,7 +59,10 @@ def main(grid: Grid, context: Context) -> None:
                               "(run config resume=true) or choose another run-dir")
         out.mkdir(parents=True, exist_ok=True)
         write_text_atomic(out / "config.yaml", dump_config(cfg))
-    test = str(rc.get("test-manifest", "")) or cfg.federation.test_manifest
+    if str(rc.get("test-manifest", "")):  # run-config overrides go through the one schema
+        cfg = with_overrides(cfg, {"federation.test_manifest": str(rc["test-manifest"])},
+                             source="run config")
+    test = cfg.federation.test_manifest
     if not test:
         raise ConfigError("no server test set: set federation.test_manifest or the run config "
                           "'test-manifest'")

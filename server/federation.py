@@ -28,11 +28,11 @@ from server.checkpoint import (
     save_checkpoint,
     strategy_state,
 )
-from server.privacy_report import declined_reason
 from server.strategy import make_strategy
 from shared.config import Config, dump_config
 from shared.data.dataset import make_loader
 from shared.data.manifest import read_manifest
+from shared.dp_sgd import declined_reason
 from shared.errors import DentfedError
 from shared.fedio import (
     arrays_nbytes,
@@ -62,7 +62,11 @@ class RoundRecord:
     evaluate_failed: int = 0
     rejected: dict[int, str] = field(default_factory=dict)
     declined: dict[int, str] = field(default_factory=dict)  # privacy budget spent (issue 6)
+    # Train requests, summed over the round's attempts (round_retries), and how they ended:
+    # sampled == replied + train_failed + no_reply.
     sampled: int = 0
+    replied: int = 0
+    no_reply: int = 0
     bytes_sent: int = 0
     bytes_received: int = 0
     seconds: float = 0.0
@@ -92,7 +96,7 @@ class RoundRecorder:
         for node in sorted(m.metadata.dst_node_id for m in sent):
             self.clinic(node)
         if kind.startswith("train"):
-            rec.sampled = len(sent)
+            rec.sampled += len(sent)
             rec.attempts += 1
             rec.seconds += seconds
         else:
@@ -100,17 +104,26 @@ class RoundRecorder:
         for m in sent:
             rec.bytes_sent += sum(arrays_nbytes(a) for a in m.content.array_records.values())
         sent_to = {m.metadata.dst_node_id for m in sent}
+        if kind.startswith("train"):
+            answered = {r.metadata.src_node_id for r in replies} & sent_to
+            rec.no_reply += len(sent_to - answered)
+            rec.replied += sum(1 for r in replies if not r.has_error()
+                               and r.metadata.src_node_id in sent_to
+                               and declined_reason(r) is None)
         for r in replies:
             if r.has_error():
                 if kind.startswith("train"):
                     rec.train_failed += 1
-                    note = declined_reason(r.error.reason)
-                    if note and r.metadata.src_node_id in sent_to:
-                        idx = self.clinic(r.metadata.src_node_id)
-                        rec.declined[idx] = note
-                        log.warning("round %d: clinic %d declined to train: %s", rnd, idx, note)
                 else:
                     rec.evaluate_failed += 1
+                continue
+            note = declined_reason(r) if kind.startswith("train") else None
+            if note is not None:  # privacy budget spent: counted as a failed train reply
+                if r.metadata.src_node_id in sent_to:
+                    rec.train_failed += 1
+                    idx = self.clinic(r.metadata.src_node_id)
+                    rec.declined[idx] = note
+                    log.warning("round %d: clinic %d declined to train: %s", rnd, idx, note)
                 continue
             if r.metadata.src_node_id not in sent_to:
                 continue  # not an answer to this exchange
@@ -199,6 +212,8 @@ class RecordingGrid:
         sent_arrays = {m.metadata.dst_node_id: m.content["arrays"] for m in sent}
         kept = []
         for r in replies:
+            if declined_reason(r) is not None:
+                continue  # recorded as declined; no update to aggregate
             if not r.has_error():
                 problem = self._decode(r, sent_arrays.get(r.metadata.src_node_id))
                 if problem:
@@ -355,7 +370,7 @@ def run_federation(grid: Grid, cfg: Config, test_manifest: str | Path,
     required = max(fed.min_available_clinics, fed.min_train_clinics)
     wgrid = RecordingGrid(grid, recorder, expected_shapes(model), required,
                           fed.node_wait_timeout)
-    train_cfg, eval_cfg = config_record(cfg), config_record(cfg)
+    train_cfg, eval_cfg = config_record(cfg, model), config_record(cfg)
     t0 = time.perf_counter()
     stopped = None
     try:
@@ -404,6 +419,7 @@ def _train_round(strategy, grid: RecordingGrid, recorder: RoundRecorder, cfg: Co
     skipped). Replies below min_train_clinics are never aggregated."""
     fed = cfg.federation
     for attempt in range(fed.round_retries + 1):
+        before = recorder.rounds[rnd].sampled if rnd in recorder.rounds else 0
         replies = list(grid.send_and_receive(
             strategy.configure_train(rnd, arrays, ConfigRecord(dict(train_cfg)), grid),
             timeout=fed.round_timeout))
@@ -413,9 +429,9 @@ def _train_round(strategy, grid: RecordingGrid, recorder: RoundRecorder, cfg: Co
             new, metrics = strategy.aggregate_train(rnd, replies)
             if metrics is not None:
                 train_agg[rnd] = _plain(metrics)
-            if rec is not None and rec.sampled > got:
+            if rec is not None and rec.sampled - before > got:
                 log.warning("round %d: %d of %d sampled clinics used (others failed, timed "
-                            "out or were rejected)", rnd, got, rec.sampled)
+                            "out or were rejected)", rnd, got, rec.sampled - before)
             return new if new is not None else arrays
         more = attempt < fed.round_retries
         log.warning("round %d: only %d usable update(s), %d needed (min_train_clinics); %s",

@@ -1,20 +1,11 @@
 """The coordinator's view of the clinics' DP-SGD privacy loss: each clinic reports its own
 epsilon (accounted over every round it trained in) in its train metrics; a clinic whose budget
-is spent declines with an error reply. This module reads both into the run report."""
+is spent declines with a structured reply (shared.dp_sgd.declined_reply). This module reads
+both into the run report."""
 
 from __future__ import annotations
 
-import re
-
 from shared.config import Config
-
-_DECLINED = re.compile(r"privacy budget: .*?declining to train")
-
-
-def declined_reason(error_reason: str) -> str | None:
-    """The clinic's one-line budget message from an error reply, None for other failures."""
-    m = _DECLINED.search(error_reason or "")
-    return m.group(0) if m else None
 
 
 def privacy_summary(cfg: Config, rounds: dict) -> dict | None:

@@ -29,9 +29,9 @@ def _history(res: FederationResult) -> list[dict]:
         if rec is not None:
             row.update({
                 "clinics_sampled": rec.sampled,
-                "clinics_replied": len(rec.train),
+                "clinics_replied": rec.replied,
                 "clinics_failed": rec.train_failed,
-                "clinics_no_reply": rec.sampled - len(rec.train) - rec.train_failed,
+                "clinics_no_reply": rec.no_reply,
                 "skipped": rec.skipped,
                 "attempts": rec.attempts,
                 "clinics_rejected": {str(k): v for k, v in sorted(rec.rejected.items())},

@@ -22,11 +22,11 @@ from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid
 
 from server.federation import CentralEvaluator, FederationResult, RoundRecorder
-from shared.config import Config, dump_config
+from shared.config import Config
 from shared.fedio import (
-    CONFIG_KEY,
     arrays_nbytes,
     build_global_model,
+    config_record,
     exchanged_keys,
     full_model_nbytes,
     model_arrays,
@@ -50,7 +50,7 @@ def run_secagg_federation(grid: Grid, context: Context, cfg: Config,
     initial = model_arrays(model)
     evaluator = CentralEvaluator(cfg, test_manifest, model)
     f, s = cfg.federation, cfg.privacy.secagg
-    config = {CONFIG_KEY: dump_config(cfg)}
+    config = dict(config_record(cfg, model))  # with the frozen-state fingerprints
 
     def evaluate_fn(server_round: int, ndarrays, _config):
         arrays = ArrayRecord({k: Array(v) for k, v in zip(keys, ndarrays, strict=True)})

@@ -23,6 +23,15 @@ from shared.config import FederationConfig
 
 BN_STATS = ("running_mean", "running_var")
 SERVER_OPTIMIZERS = ("fedadam", "fedyogi", "fedadagrad", "fedavgm")
+# federation.server_lr when the config leaves it null: FedAvgM's step is a momentum average
+# of the clinics' mean update (1.0 = FedAvg plus momentum); FedOpt's eta scales an
+# Adam-style normalised step, for which Flower's and Reddi et al.'s default is 1e-2.
+DEFAULT_SERVER_LR = {"fedavgm": 1.0, "fedadam": 0.01, "fedyogi": 0.01, "fedadagrad": 0.01}
+
+
+def server_lr(f: FederationConfig) -> float:
+    """The server step size: federation.server_lr, else the strategy's default."""
+    return f.server_lr if f.server_lr is not None else DEFAULT_SERVER_LR.get(f.strategy, 1.0)
 
 
 def average_bn_statistics(strategy: FedAvg) -> FedAvg:
@@ -59,14 +68,14 @@ def make_strategy(f: FederationConfig) -> Strategy:
         min_evaluate_nodes=f.min_evaluate_clinics if f.fraction_evaluate > 0 else 0,
         min_available_nodes=f.min_available_clinics,
     )
-    fedopt = dict(eta=f.server_lr, tau=f.tau)
+    fedopt = dict(eta=server_lr(f), tau=f.tau)
     builders = {
         "fedavg": lambda: FedAvg(**common),
         "fedprox": lambda: FedProx(**common, proximal_mu=f.proximal_mu),
         "fedadam": lambda: FedAdam(**common, **fedopt, beta_1=f.beta_1, beta_2=f.beta_2),
         "fedyogi": lambda: FedYogi(**common, **fedopt, beta_1=f.beta_1, beta_2=f.beta_2),
         "fedadagrad": lambda: FedAdagrad(**common, **fedopt),
-        "fedavgm": lambda: FedAvgM(**common, server_learning_rate=1.0,
+        "fedavgm": lambda: FedAvgM(**common, server_learning_rate=server_lr(f),
                                    server_momentum=f.server_momentum),
         "fedtrimmedavg": lambda: FedTrimmedAvg(**common, beta=f.trim_beta),
         "fedmedian": lambda: FedMedian(**common),

@@ -84,6 +84,7 @@ class TrainConfig(_Strict):
     lr: float = Field(default=1e-3, gt=0)
     weight_decay: float = Field(default=1e-4, ge=0)
     amsgrad: bool = False
+    # Default: "ce" for a multiclass task, "bce" for a multilabel one (filled in by Config).
     loss: Literal["bce", "weighted_bce", "focal", "dice", "ce"] = "bce"
     focal_gamma: float = Field(default=2.0, ge=0)
     focal_alpha: float | None = Field(default=None, ge=0, le=1)
@@ -116,7 +117,9 @@ class FederationConfig(_Strict):
     # Upload encoding of clinic updates: fp32 (exact), fp16, or int8 deltas with error feedback.
     upload: Literal["fp32", "fp16", "int8"] = "fp32"
     proximal_mu: float = Field(default=0.01, ge=0)
-    server_lr: float = Field(default=0.01, gt=0)
+    # Server step size. Default (null): 1.0 for fedavgm (plain momentum over the averaged
+    # update) and 0.01 for fedadam/fedyogi/fedadagrad (Flower's eta); see server/strategy.py.
+    server_lr: float | None = Field(default=None, gt=0)
     server_momentum: float = Field(default=0.9, ge=0, lt=1)
     beta_1: float = Field(default=0.9, ge=0, lt=1)
     beta_2: float = Field(default=0.99, ge=0, lt=1)
@@ -236,6 +239,17 @@ class Config(_Strict):
     simulation: SimulationConfig = SimulationConfig()
     privacy: PrivacyConfig = PrivacyConfig()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _default_loss(cls, data: object) -> object:
+        """train.loss not given: the task type's loss (ce for multiclass, bce for multilabel)."""
+        if isinstance(data, dict) and isinstance(data.get("task"), dict) \
+                and data["task"].get("type") == "multiclass":
+            train = data.get("train")
+            if train is None or (isinstance(train, dict) and "loss" not in train):
+                data = {**data, "train": {**(train or {}), "loss": "ce"}}
+        return data
+
     @model_validator(mode="after")
     def _check(self) -> Config:
         if self.task.type == "multiclass" and self.train.loss != "ce":
@@ -302,11 +316,13 @@ def config_from_yaml(text: str, source: str = "config") -> Config:
 def _format_validation_error(err: ValidationError, source: str) -> str:
     lines = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        loc = ".".join(str(p) for p in e["loc"])
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
-        lines.append(f"{source}: {loc}: {msg}")
+        elif e["type"] == "value_error":  # our cross-field rules name their keys themselves
+            msg = msg.removeprefix("Value error, ")
+        lines.append(f"{source}: {loc}: {msg}" if loc else f"{source}: {msg}")
     return "\n".join(lines)
 
 
@@ -319,6 +335,22 @@ def config_from_dict(raw: dict, source: str = "config") -> Config:
         return Config.model_validate(raw)
     except ValidationError as err:
         raise ConfigError(_format_validation_error(err, source)) from None
+
+
+def with_overrides(cfg: Config, overrides: dict[str, object],
+                   source: str = "command line") -> Config:
+    """A new Config with dotted keys (e.g. ``{"federation.strategy": "fedprox"}``) replaced and
+    the whole schema, cross-field rules included, validated again. The one way to override a
+    loaded config (command-line flags, Flower run-config keys); setattr on a section would
+    re-validate only that field."""
+    raw = cfg.model_dump(mode="json", exclude_unset=True)
+    for dotted, value in overrides.items():
+        *path, key = dotted.split(".")
+        node = raw
+        for part in path:
+            node = node.setdefault(part, {})
+        node[key] = value
+    return config_from_dict(raw, source=source)
 
 
 def load_config(path: str | Path) -> Config:

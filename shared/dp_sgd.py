@@ -12,7 +12,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass, field
 
-from flwr.app import ConfigRecord
+from flwr.app import ConfigRecord, Message, RecordDict
 from torch import nn
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
@@ -25,6 +25,30 @@ from shared.models import set_train_mode
 
 class PrivacyBudgetSpent(DentfedError):
     """Training once more would take the privacy loss past `max_epsilon`."""
+
+
+# A clinic that declines to train on its privacy budget replies (without an error) with this
+# config record, {DECLINED_BUDGET: True, "detail": numbers-only text}, and no arrays; the
+# coordinator counts the decline by the record, never by parsing text.
+DECLINED_RECORD = "declined"
+DECLINED_BUDGET = "declined-budget"
+
+
+def declined_reply(msg: Message, detail: str) -> Message:
+    """The clinic's structured reply to a train message it declines (budget spent)."""
+    return Message(RecordDict({DECLINED_RECORD: ConfigRecord({DECLINED_BUDGET: True,
+                                                              "detail": detail})}),
+                   reply_to=msg)
+
+
+def declined_reason(reply: Message) -> str | None:
+    """The clinic's one-line budget note from a declined reply; None for any other reply."""
+    if reply.has_error():
+        return None
+    rec = reply.content.config_records.get(DECLINED_RECORD)
+    if rec is None or rec.get(DECLINED_BUDGET) is not True:
+        return None
+    return str(rec.get("detail", "privacy budget spent"))
 
 
 @dataclass

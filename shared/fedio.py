@@ -3,9 +3,15 @@
 Only the state that training changes is exchanged (`exchanged_keys`): trainable parameters and
 the buffers of trainable stages. Frozen stages are rebuilt identically on both sides from the
 same local weights file (checked by sha256) or the same seed, so they never leave a clinic.
+The server's config record carries a fingerprint of its frozen state (and the sha256 of
+model.pretrained); a clinic whose own differs refuses to train (`check_frozen`).
 """
 
 from __future__ import annotations
+
+import functools
+import hashlib
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -13,10 +19,17 @@ from flwr.app import ArrayRecord, ConfigRecord
 from torch import nn
 
 from shared.config import Config, config_from_yaml, dump_config
-from shared.models import build_model, trainable_state_keys
+from shared.errors import DentfedError
+from shared.models import build_model, sha256_of, trainable_state_keys
 
 CONFIG_KEY = "dentfed-config"
 EXAMPLES_KEY = "num-examples"
+FROZEN_KEY = "frozen-sha256"
+PRETRAINED_KEY = "pretrained-sha256"
+
+
+class FrozenStateMismatch(DentfedError):
+    """This clinic's frozen stages or pretrained file differ from the coordinator's."""
 
 
 def exchanged_keys(model: nn.Module) -> list[str]:
@@ -69,9 +82,62 @@ def full_model_nbytes(model: nn.Module) -> int:
     return int(sum(t.numel() * 4 for t in model.state_dict().values()))
 
 
-def config_record(cfg: Config) -> ConfigRecord:
-    """The dentfed config travels server -> clinic as YAML text: one schema, one source."""
-    return ConfigRecord({CONFIG_KEY: dump_config(cfg)})
+def frozen_fingerprint(model: nn.Module) -> str:
+    """sha256 over the names, dtypes, shapes and bytes of every state entry that is never
+    exchanged (frozen stages, and nothing else when no stage is frozen)."""
+    exchanged = set(trainable_state_keys(model))
+    h = hashlib.sha256()
+    for k, t in model.state_dict().items():
+        if k in exchanged:
+            continue
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        t = t.detach().cpu().contiguous().reshape(-1)
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+@functools.lru_cache(maxsize=4)
+def _file_sha256(path: str, mtime_ns: int, size: int) -> str:
+    return sha256_of(Path(path))
+
+
+def pretrained_sha256(cfg: Config) -> str | None:
+    """sha256 of model.pretrained (cached per file version), None without one."""
+    if not cfg.model.pretrained:
+        return None
+    p = Path(cfg.model.pretrained)
+    st = p.stat()
+    return _file_sha256(str(p.resolve()), st.st_mtime_ns, st.st_size)
+
+
+def config_record(cfg: Config, model: nn.Module | None = None) -> ConfigRecord:
+    """The dentfed config travels server -> clinic as YAML text: one schema, one source. With
+    the server's `model`, also the fingerprints a clinic checks with `check_frozen`."""
+    rec = ConfigRecord({CONFIG_KEY: dump_config(cfg)})
+    if model is not None:
+        rec[FROZEN_KEY] = frozen_fingerprint(model)
+        sha = pretrained_sha256(cfg)
+        if sha is not None:
+            rec[PRETRAINED_KEY] = sha
+    return rec
+
+
+def check_frozen(record: ConfigRecord, cfg: Config, model: nn.Module) -> None:
+    """Refuse (FrozenStateMismatch) when the coordinator's fingerprints differ from this
+    clinic's: training against other frozen features would silently spoil the federation."""
+    want = record.get(PRETRAINED_KEY)
+    if want is not None:
+        have = pretrained_sha256(cfg)
+        if have != want:
+            raise FrozenStateMismatch(
+                f"model.pretrained {cfg.model.pretrained} has sha256 {have}, the coordinator's "
+                f"has {want}: every clinic needs the same weights file")
+    want = record.get(FROZEN_KEY)
+    if want is not None and frozen_fingerprint(model) != want:
+        raise FrozenStateMismatch(
+            "this clinic's frozen stages differ from the coordinator's (frozen-state sha256 "
+            "mismatch): another weights file or another torch build's seeded initialisation; "
+            "use the same pretrained file and torch version as the coordinator")
 
 
 def config_from_record(record: ConfigRecord) -> Config:

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
-from shared.config import Config, DpSgdConfig, load_config
+from shared.config import Config, DpSgdConfig, load_config, with_overrides
 from shared.data.dataset import make_loader
 from shared.data.splits import split_patients
 from shared.losses import make_loss
@@ -109,18 +109,19 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     cfg = load_config(args.config)
+    overrides: dict[str, object] = {}
     for attr, section, key in (("image_size", "data", "image_size"),
                                ("batch_size", "data", "batch_size"), ("epochs", "train", "epochs"),
                                ("lr", "train", "lr"), ("model", "model", "name"),
                                ("freeze", "model", "freeze"), ("pretrained", "model", "pretrained"),
                                ("pretrained_prefix", "model", "pretrained_prefix")):
         if getattr(args, attr) is not None:
-            setattr(getattr(cfg, section), key, getattr(args, attr))
-    if cfg.train.loss not in ("bce", "focal", "ce"):
-        cfg.train.loss = "ce" if cfg.task.type == "multiclass" else "bce"  # per-sample losses
-    cfg.train.patience = None
-    cfg.train.progress = False
-    cfg.data.augment = False  # members are scored on the images they were trained on
+            overrides[f"{section}.{key}"] = getattr(args, attr)
+    if cfg.train.loss not in ("bce", "focal", "ce"):  # per-sample losses
+        overrides["train.loss"] = "ce" if cfg.task.type == "multiclass" else "bce"
+    overrides.update({"train.patience": None, "train.progress": False,
+                      "data.augment": False})  # members are scored on their training images
+    cfg = with_overrides(cfg, overrides)
     m = load_task_manifest(cfg, args.manifest)
     split = split_patients(m, cfg.data.val_fraction, cfg.data.test_fraction, args.seed)
     rows = []

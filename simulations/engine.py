@@ -18,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -153,8 +154,7 @@ def run_flower_simulation(run_config: dict[str, object], num_clinics: int, clien
             proc = subprocess.Popen(cmd, env=env, cwd=app_dir, stdout=subprocess.PIPE,
                                     stderr=subprocess.STDOUT, text=True,
                                     start_new_session=True)
-            deadline = time.monotonic() + timeout
-            try:
+            def pump() -> None:  # in a thread, so a run that prints nothing still times out
                 assert proc.stdout is not None
                 for line in proc.stdout:
                     fh.write(line)
@@ -163,12 +163,18 @@ def run_flower_simulation(run_config: dict[str, object], num_clinics: int, clien
                         sys.stderr.write(line)
                     elif PROGRESS.search(line):  # quiet mode: rounds and problems only
                         sys.stderr.write(ANSI.sub("", line).replace("INFO :", "").strip() + "\n")
-                    if time.monotonic() > deadline:
-                        raise DentfedError(f"simulation exceeded {timeout:.0f} s; see {flwr_log}")
-                proc.wait()
+
+            reader = threading.Thread(target=pump, daemon=True)
+            reader.start()
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                raise DentfedError(f"simulation exceeded {timeout:.0f} s; see {flwr_log}"
+                                   ) from None
             finally:
                 if proc.poll() is None:
                     stop_group(proc)
+                reader.join(timeout=10)
         if proc.returncode != 0:
             raise DentfedError(f"flwr run failed with code {proc.returncode}; see {flwr_log}")
     return flwr_log

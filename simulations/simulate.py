@@ -77,15 +77,21 @@ def simulate(cfg: Config | None, manifest: str | Path | None, out: Path, echo: b
         data["wall_seconds"] = wall  # Flower start-up included; `seconds` is the strategy's
         write_json(out / "metrics.json", data)
         return data
-    except DentfedError as e:
+    except BaseException as e:  # Ctrl-C too: leave a resumable run or nothing
+        checkpointed = (out / CHECKPOINT).is_file()
+        if not checkpointed and not resume:
+            shutil.rmtree(out, ignore_errors=True)  # nothing to resume: leave no half run
+        if not isinstance(e, DentfedError):
+            if checkpointed:
+                log.warning("completed rounds are checkpointed: dentfed simulate --resume %s",
+                            out)
+            raise
         msg = str(e)
         if "flower.log" in msg and (work / "flower" / "flower.log").is_file():
             shutil.copyfile(work / "flower" / "flower.log", failed_log)  # outlives the work dir
             msg = msg.replace(str(work / "flower" / "flower.log"), str(failed_log))
-        if (out / CHECKPOINT).is_file():
+        if checkpointed:
             msg += f"; completed rounds are checkpointed: dentfed simulate --resume {out}"
-        elif not resume:
-            shutil.rmtree(out, ignore_errors=True)  # nothing to resume: leave no half run
         raise DentfedError(msg) from None
     finally:
         shutil.rmtree(work, ignore_errors=True)

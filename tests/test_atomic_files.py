@@ -65,4 +65,5 @@ def test_certs_write_nothing_when_interrupted(tmp_path, monkeypatch):
     assert {"ca.crt", "server.crt", "server.key", "clinic_0", "clinic_1.pub"} <= set(
         _names(tmp_path / "certs"))
     assert stat.S_IMODE(c.server_key.stat().st_mode) == 0o600
-    assert c.clinic_keys[1].is_file() and _names(tmp_path) == ["certs"]
+    assert c.clinic_keys[1].is_file() and _names(tmp_path) == ["certs", "certs-ca-private"]
+    assert c.ca_key == tmp_path / "certs-ca-private" / "ca.key" and c.ca_key.is_file()

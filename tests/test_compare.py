@@ -102,6 +102,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert "not empty" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # real Flower simulation
 def test_real_compare_run_two_clinics(tmp_path):
     cfg_path, manifest = two_clinic_simulation(tmp_path, rounds=1, local_epochs=1)
     out = tmp_path / "cmp"

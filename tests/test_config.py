@@ -40,3 +40,74 @@ def test_missing_and_malformed_files(tmp_path):
     bad.write_text("task: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+
+
+def test_minimal_multiclass_config_defaults_to_ce():
+    cfg = config_from_dict({"task": {"type": "multiclass", "labels": ["x", "y"],
+                                     "label_column": "c"}})
+    assert cfg.train.loss == "ce"
+    assert config_from_dict(BASE).train.loss == "bce"
+
+
+def test_server_lr_default_follows_strategy():
+    from server.strategy import make_strategy
+
+    avgm = make_strategy(config_from_dict({**BASE, "federation": {"strategy": "fedavgm"}})
+                         .federation)
+    assert avgm.server_learning_rate == 1.0
+    adam = make_strategy(config_from_dict({**BASE, "federation": {"strategy": "fedadam"}})
+                         .federation)
+    assert adam.eta == 0.01
+    mine = make_strategy(config_from_dict(
+        {**BASE, "federation": {"strategy": "fedavgm", "server_lr": 0.5}}).federation)
+    assert mine.server_learning_rate == 0.5
+
+
+def test_overrides_go_through_cross_field_rules():
+    from shared.config import with_overrides
+
+    cfg = load_config(REPO / "configs" / "demo-photos-dp.yaml")
+    with pytest.raises(ConfigError, match="fedprox"):
+        with_overrides(cfg, {"federation.strategy": "fedprox"})
+    ok = with_overrides(cfg, {"federation.rounds": 2, "split.clinics": 3})
+    assert (ok.federation.rounds, ok.split.clinics) == (2, 3)
+    assert cfg.federation.rounds != 2 or cfg.split.clinics != 3  # the original is unchanged
+    with pytest.raises(ConfigError, match="federation.rounds"):
+        with_overrides(cfg, {"federation.rounds": 0})
+
+
+def test_cli_override_refused_before_anything_starts(tmp_path, monkeypatch, capsys):
+    """`dentfed simulate --config demo-photos-dp.yaml --strategy fedprox`: one error line, exit
+    1, no split and no Flower."""
+    import simulations.simulate
+    from dentfed.cli import main
+
+    def must_not_run(*a, **k):
+        raise AssertionError("simulate started despite an invalid override")
+
+    monkeypatch.setattr(simulations.simulate, "simulate", must_not_run)
+    monkeypatch.setattr(simulations.simulate, "prepare_split", must_not_run)
+    out = tmp_path / "run"
+    rc = main(["simulate", "--config", str(REPO / "configs" / "demo-photos-dp.yaml"),
+               "--strategy", "fedprox", "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1
+    assert len(err) == 1 and err[0].startswith("error: ") and "fedprox" in err[0], err
+    assert not out.exists()
+
+
+def test_coordinator_run_validates_config_before_flwr_run(tmp_path, monkeypatch, capsys):
+    import subprocess
+
+    from dentfed.cli import main
+
+    def must_not_run(*a, **k):
+        raise AssertionError("flwr run started with an invalid config")
+
+    monkeypatch.setattr(subprocess, "run", must_not_run)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("task: {type: multilabel, labels: [a]}\nfederation: {rounds: 0}\n")
+    rc = main(["coordinator", "run", "--config", str(bad), "--run-dir", str(tmp_path / "r"),
+               "--home", str(tmp_path / "home")])
+    err = capsys.readouterr().err
+    assert rc == 1 and "federation.rounds" in err

@@ -14,6 +14,7 @@ import torch
 import yaml
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
+from client.app import ClinicError
 from client.app import app as client_app
 from server.federation import RecordingGrid, RoundRecorder
 from server.strategy import make_strategy
@@ -25,6 +26,7 @@ from shared.fedio import (
     expected_shapes,
     model_arrays,
 )
+from shared.models import sha256_of
 from tests.conftest import tiny_config
 
 
@@ -94,6 +96,7 @@ def test_clinic_sends_only_trainable_arrays_and_scalars(tiny_manifest):
     assert any(not np.allclose(before[k].numpy(), arrays[k].numpy()) for k in arrays)
 
 
+@pytest.mark.slow  # two clinic trainings; the unit test is test_training's fedprox one
 def test_fedprox_term_changes_the_client_update(tiny_manifest):
     cfg = _fed_config()
     start = model_arrays(build_global_model(cfg))
@@ -175,6 +178,7 @@ def _pids_with_flwr_home_under(root) -> set[int]:
     return pids
 
 
+@pytest.mark.slow  # real Flower simulation
 def test_real_flower_simulation_two_clinics_two_rounds(tmp_path):
     cfg_path, manifest = two_clinic_simulation(tmp_path, rounds=2, upload="int8")
     cfg = yaml.safe_load(cfg_path.read_text())
@@ -204,6 +208,7 @@ def test_real_flower_simulation_two_clinics_two_rounds(tmp_path):
     assert not _pids_with_flwr_home_under(tmp_path), "Flower processes left running"
 
 
+@pytest.mark.slow  # CLI subprocess start-up
 def test_config_error_is_one_clear_line(tmp_path, tiny_manifest):
     cfg = tiny_config().model_dump(mode="json")
     cfg["federation"] = {"strategy": "fedmagic"}
@@ -260,3 +265,97 @@ def test_central_evaluation_stops_a_diverged_run_clearly(tiny_manifest):
     with pytest.raises(Diverged, match="round 1: the aggregated global model is not finite"):
         ev(1, bad)
     assert ev.final_state is not None and list(ev.history) == [0]  # last finite model kept
+
+
+def test_no_reply_count_stays_sane_over_round_retries():
+    """Two attempts of one round: 3 clinics sampled then 2, every reply an error. Sampled is per
+    attempt while failures add up; clinics_no_reply used to come out as -2."""
+    from types import SimpleNamespace
+
+    from flwr.app import Error
+
+    from server.run_folder import _history
+
+    rec = RoundRecorder()
+
+    def attempt(nodes, erring):
+        sent = [Message(RecordDict({"config": ConfigRecord({"server-round": 1})}),
+                        dst_node_id=n, message_type="train") for n in nodes]
+        replies = []
+        for m in sent:
+            m.metadata.__dict__["_message_id"] = f"m{m.metadata.dst_node_id}"
+            if m.metadata.dst_node_id in erring:
+                r = Message(Error(0, "boom"), reply_to=m)
+                r.metadata.__dict__["_src_node_id"] = m.metadata.dst_node_id
+                replies.append(r)
+        rec.record(sent, replies, 1.0)
+
+    attempt([1, 2, 3], {1, 2})  # clinic 3 does not answer
+    attempt([1, 2], {1, 2})
+    res = SimpleNamespace(evaluator=SimpleNamespace(history={1: {}}, seconds={}), recorder=rec,
+                          train_aggregated={}, evaluate_aggregated={})
+    (row,) = _history(res)
+    assert row["attempts"] == 2 and row["clinics_replied"] == 0
+    assert row["clinics_no_reply"] >= 0
+    assert row["clinics_sampled"] == row["clinics_replied"] + row["clinics_failed"] + \
+        row["clinics_no_reply"]
+
+
+def test_declined_reply_is_counted_by_its_record_not_its_wording():
+    """A clinic's budget decline is a reply with a `declined` config record: the recorder
+    counts it whatever its text says, and the strategy never sees it."""
+    from shared.dp_sgd import declined_reply
+
+    req = Message(RecordDict({"arrays": ArrayRecord({"w": torch.zeros(2, 2)}),
+                              "config": ConfigRecord({"server-round": 1})}),
+                  dst_node_id=7, message_type="train")
+    req.metadata.__dict__["_message_id"] = "m7"
+    rep = declined_reply(req, "epsilon would be 5.7 > 5 (reworded message)")
+    rep.metadata.__dict__["_src_node_id"] = 7
+    good = _reply(1, {"w": np.ones((2, 2), np.float32)}, 5)
+    rec = RoundRecorder()
+    sent = [req, Message(RecordDict({"arrays": ArrayRecord({"w": torch.zeros(2, 2)}),
+                                     "config": ConfigRecord({"server-round": 1})}),
+                         dst_node_id=1, message_type="train")]
+    kept = RecordingGrid(_FakeGrid([good, rep]), rec, {"w": (2, 2)}).send_and_receive(sent)
+    assert [m.metadata.src_node_id for m in kept] == [1]
+    r = rec.rounds[1]
+    assert r.declined == {1: "epsilon would be 5.7 > 5 (reworded message)"}  # node 7: index 1
+    assert not r.rejected and r.replied == 1 and r.train_failed == 1
+
+
+def test_clinic_refuses_a_different_frozen_state(tiny_manifest, tmp_path):
+    """The server's config carries a fingerprint of the frozen stages (and of the pretrained
+    file); a clinic whose own frozen state differs refuses instead of training against other
+    features."""
+    from shared.fedio import FROZEN_KEY, PRETRAINED_KEY, config_record, frozen_fingerprint
+
+    weights = tmp_path / "w.pt"
+    torch.manual_seed(5)
+    from torchvision.models import resnet18
+
+    torch.save(resnet18(num_classes=2).state_dict(), weights)
+    raw = tiny_config().model_dump(mode="json")
+    raw["model"].update({"freeze": 2, "pretrained": str(weights)})
+    cfg = config_from_dict(raw)
+    model = build_global_model(cfg)
+    conf = config_record(cfg, model)
+    assert conf[FROZEN_KEY] == frozen_fingerprint(model)
+    assert conf[PRETRAINED_KEY] == sha256_of(weights)
+    start = model_arrays(model)
+
+    def train_with(conf):
+        conf = ConfigRecord(dict(conf))
+        conf["server-round"] = 1
+        return client_app(Message(RecordDict({"arrays": start, "config": conf}), dst_node_id=1,
+                                  message_type="train"), _context(tiny_manifest))
+
+    ok = train_with(conf)
+    assert not ok.has_error(), ok.error
+    other = dict(conf)
+    other[FROZEN_KEY] = "0" * 64  # e.g. another torch build's seeded initialisation
+    with pytest.raises(ClinicError, match="FrozenStateMismatch"):  # Flower's error reply
+        train_with(other)
+    torch.save(resnet18(num_classes=3).state_dict(), weights)  # a clinic's file differs
+    with pytest.raises(ClinicError, match="FrozenStateMismatch"):
+        train_with(conf)

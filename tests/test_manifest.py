@@ -23,8 +23,8 @@ TASK = config_from_dict({"task": {"type": "multilabel", "labels": ["bright", "st
 
 def _edit(manifest: Path, fn) -> Path:
     df = pd.read_csv(manifest, dtype=str, keep_default_na=False)
-    fn(df)
-    df.to_csv(manifest, index=False)
+    out = fn(df)  # edits in place (None) or returns the edited frame
+    (df if out is None else out).to_csv(manifest, index=False)
     return manifest
 
 
@@ -48,7 +48,7 @@ CASES = {
                   r"line 7: label 'bright' has value '2' \(expected 0, 1 or blank"),
     "duplicate path": (lambda df: df.loc.__setitem__((7, "path"), df.loc[6, "path"]),
                        r"line 9: duplicate path 'img/6.png' \(first at line 8\)"),
-    "missing label column": (lambda df: df.drop(columns=["stripe"], inplace=True),
+    "missing label column": (lambda df: df.drop(columns=["stripe"]),
                              r"label column\(s\) named in the config but absent from the CSV: "
                              r"stripe"),
     "patient in two splits": (lambda df: df.__setitem__("split", ["train", "test"] * 24),
@@ -93,7 +93,7 @@ def test_unknown_class(tmp_path):
 
 
 def test_no_patient_column_warns(tiny_manifest, caplog):
-    _edit(tiny_manifest, lambda df: df.drop(columns=["patient_id"], inplace=True))
+    _edit(tiny_manifest, lambda df: df.drop(columns=["patient_id"]))
     m = read_manifest(tiny_manifest, TASK)
     assert "every image is treated as its own patient" in caplog.text
     assert len(set(m.patient_ids)) == len(m)

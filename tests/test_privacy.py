@@ -18,10 +18,16 @@ import yaml
 from flwr.app import Context, Message, RecordDict
 from torch import nn
 
-from client.app import DP_ACCOUNT_KEY, ClinicDeclined
+from client.app import DP_ACCOUNT_KEY
 from client.app import app as client_app
 from shared.config import config_from_dict
-from shared.dp_sgd import DpAccount, noise_for
+from shared.dp_sgd import (
+    DECLINED_BUDGET,
+    DECLINED_RECORD,
+    DpAccount,
+    declined_reason,
+    noise_for,
+)
 from shared.errors import ConfigError
 from shared.fedio import build_global_model, expected_shapes, model_arrays
 from tests.conftest import tiny_config, write_tiny_multilabel
@@ -106,14 +112,15 @@ def test_clinic_accounts_epsilon_across_rounds_and_declines_at_its_budget(tiny_m
                   state=RecordDict(), run_config={})
     eps = []
     for _ in range(3):
-        try:
-            reply = client_app(_train_message(cfg, start), ctx)
-            # the cached model is left in eval mode by evaluation between rounds
-            client_app(_eval_message(cfg, start), ctx)
-        except ClinicDeclined as e:
-            declined = str(e)
-            break
+        reply = client_app(_train_message(cfg, start), ctx)
         assert not reply.has_error(), reply.error
+        declined = declined_reason(reply)  # a structured record, not an error text
+        if declined is not None:
+            assert not reply.content.array_records  # no update with a decline
+            assert reply.content.config_records[DECLINED_RECORD][DECLINED_BUDGET] is True
+            break
+        # the cached model is left in eval mode by evaluation between rounds
+        client_app(_eval_message(cfg, start), ctx)
         (metrics,) = reply.content.metric_records.values()
         assert set(metrics) == {"train_seconds", "num-examples", "epsilon"}
         eps.append(metrics["epsilon"])
@@ -164,6 +171,7 @@ def _distinctive_manifest(root: Path) -> tuple[Path, list[str]]:
     return manifest, secrets
 
 
+@pytest.mark.slow  # real Flower simulation
 def test_real_simulation_audit_dp_epsilon_per_round_and_budget(tmp_path):
     """3 rounds, 2 clinics; each clinic's epsilon must grow from round to round (the account
     survives in Flower's context.state between rounds), and max_epsilon lets each clinic train
@@ -202,9 +210,15 @@ def test_real_simulation_audit_dp_epsilon_per_round_and_budget(tmp_path):
     assert kinds.count("train") == 6 and kinds.count("evaluate") == 6, kinds
     known = {"train": {"train_seconds", "num-examples", "epsilon"},
              "evaluate": {"val_loss", "val_macro_auc", "num-examples"}}
+    declines = 0
     for e in entries:
-        if "error" in e:  # only the budget refusals, with numbers and no names
-            assert e["message_type"] == "train" and "privacy budget" in e["error"], e
+        assert "error" not in e, e
+        if DECLINED_RECORD in e["records"]:  # the budget refusals: a flag and numbers only
+            assert e["message_type"] == "train" and set(e["records"]) == {DECLINED_RECORD}, e
+            values = e["records"][DECLINED_RECORD]["values"]
+            assert set(values) == {DECLINED_BUDGET, "detail"}, e
+            assert "privacy budget" in values["detail"], e
+            declines += 1
             continue
         for name, rec in e["records"].items():
             assert rec["kind"] in ("arrays", "metrics"), (name, rec)  # no config records
@@ -216,6 +230,7 @@ def test_real_simulation_audit_dp_epsilon_per_round_and_budget(tmp_path):
             else:
                 assert set(rec["values"]) <= known[e["message_type"]], rec
                 assert all(isinstance(v, int | float) for v in rec["values"].values())
+    assert declines == 2  # round 3, both clinics
     # No patient id or image path from any clinic's manifest in what the server wrote or
     # logged (split/ is the simulation's own partition of the researcher's data, not the
     # server's: it is left out).

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import warnings
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -85,3 +88,83 @@ def test_corrupt_and_missing(tmp_path):
         read_image(tmp_path / "bad.jpg")
     with pytest.raises(ManifestError, match="image file not found"):
         read_image(tmp_path / "none.png")
+
+
+# pydicom's own shipped test files that no viewer can show either, and why (the reason our
+# one-line error must carry). Everything else in pydicom's test_files with pixel data must read.
+PYDICOM_BROKEN = {
+    "MR_truncated.dcm": "less than expected",  # pixel data cut short
+    "badVR.dcm": "invalid literal for int()",  # a VR IS value of '1A'
+    "meta_missing_tsyntax.dcm": "Transfer Syntax UID",  # no transfer syntax in the meta
+    "nested_priv_SQ.dcm": "Bits Allocated",  # no image description at all
+    # 12-bit JPEG Extended whose scan has a misplaced marker segment (libjpeg; GDCM and Pillow
+    # refuse 12-bit JPEG Extended outright)
+    "JPEG-lossy.dcm": "misplaced marker segment",
+    # a sequence delimiter inside the encapsulated J2K codestream: no valid J2K header
+    "JPEG2000-embedded-sequence-delimiter.dcm": "failed to read the header",
+}
+
+
+def _pydicom_test_files() -> list[Path]:
+    import pydicom
+    from pydicom.data import DATA_ROOT
+
+    files = []
+    for p in sorted((Path(DATA_ROOT) / "test_files").rglob("*")):
+        if not p.is_file():
+            continue
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ds = pydicom.dcmread(p, force=True)
+        except Exception:
+            continue
+        if "PixelData" in ds:
+            files.append(p)
+    return files
+
+
+def test_pydicom_shipped_test_files_read_or_give_one_line(tmp_path, capfd, caplog):
+    """Every DICOM with pixel data that pydicom ships (DCMTK, GDCM, ... writers; JPEG baseline,
+    extended, lossless, JPEG-LS, JPEG 2000, RLE; RGB, YBR_*, PALETTE COLOR; multi-frame) reads
+    as 8-bit RGB, except the truly broken ones, which give one line with the decoder's reason;
+    nothing else is printed."""
+    files = _pydicom_test_files()
+    assert len(files) >= 50
+    capfd.readouterr()
+    caplog.clear()  # from listing the files above, not from the reader
+    read, refused = [], {}
+    for src in files:
+        p = tmp_path / (src.stem + ".dcm")  # the reader knows DICOM by suffix or magic
+        p.write_bytes(src.read_bytes())
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a pydicom UserWarning escaping would fail here
+            try:
+                img = read_image(p)
+            except ManifestError as e:
+                refused[src.name] = str(e)
+                continue
+        assert img.mode == "RGB" and img.size[0] > 0, src.name
+        read.append(src.name)
+    assert capfd.readouterr() == ("", ""), "pydicom or a decoder printed something"
+    logged = [r for r in caplog.records if r.name.startswith("pydicom")]
+    assert not logged, logged[0].getMessage()  # e.g. a traceback per failed decoder plugin
+    assert set(refused) == set(PYDICOM_BROKEN), sorted(refused)
+    for name, msg in refused.items():
+        assert "\n" not in msg and PYDICOM_BROKEN[name] in msg, msg
+    assert {"examples_palette.dcm", "examples_jpeg2k.dcm", "GDCMJ2K_TextGBR.dcm",
+            "SC_rgb_jpeg_gdcm.dcm", "MR_small_jp2klossless.dcm", "MR_small_jpeg_ls_lossless.dcm",
+            "JPEGLSNearLossless_16.dcm", "SC_rgb_rle_2frame.dcm"} <= set(read)
+
+
+def test_colour_dicom_matches_the_uncompressed_rgb_original():
+    """YBR_FULL (JPEG), YBR_FULL_422 and JPEG-LS copies of one RGB test image decode to the same
+    colours (pydicom >= 3 already returns RGB: converting again would swap the colours)."""
+    from pydicom.data import DATA_ROOT
+
+    root = Path(DATA_ROOT) / "test_files"
+    ref = np.asarray(read_image(root / "SC_rgb_rle.dcm"), dtype=int)
+    for name in ("SC_rgb_jpeg_dcmtk.dcm", "SC_ybr_full_422_uncompressed.dcm",
+                 "SC_rgb_jls_lossy_line.dcm", "SC_rgb_rle_2frame.dcm"):
+        img = np.asarray(read_image(root / name), dtype=int)
+        assert np.abs(img - ref).mean() < 2, name

@@ -7,12 +7,15 @@ import json
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from dental_datasets import tooth_crops, ufba425_panoramic, ufba425_teeth
 from dental_datasets.ufba425_panoramic import LABELS
 from shared.config import config_from_dict, load_config
 from shared.data.manifest import read_manifest
 from simulations.pooled_training import run_training
+
+pytestmark = pytest.mark.slow  # real datasets in ../shared, training
 
 
 def test_ufba_blanks_are_unknown_and_a_short_transfer_run_completes(shared_data, tmp_path):

@@ -44,6 +44,7 @@ def _wait_for_round(run: Path, rnd: int, proc: subprocess.Popen, timeout: float)
     raise AssertionError(f"no checkpoint of round {rnd} within {timeout} s")
 
 
+@pytest.mark.slow  # real Flower simulation
 def test_crash_after_round_two_and_resume_equals_uninterrupted_run(tmp_path):
     # FedAdam: the resumed run only matches if the server optimiser's moments were restored.
     cfg_path, manifest = two_clinic_simulation(tmp_path, rounds=3, strategy="fedadam",
@@ -107,6 +108,7 @@ app.evaluate()(evaluate_local)
 '''
 
 
+@pytest.mark.slow  # real Flower simulation
 def test_clinic_sending_nan_is_rejected_and_the_run_completes(tmp_path):
     app_dir = tmp_path / "nan_app"
     app_dir.mkdir()
@@ -222,3 +224,53 @@ def test_dp_sgd_runs_are_not_resumed(tmp_path):
         {"dp_sgd": {"noise_multiplier": 1.0, "max_grad_norm": 1.0}})
     with pytest.raises(DentfedError, match="cannot resume a DP-SGD run"):
         check_resumable(cfg)
+
+
+@pytest.mark.parametrize("checkpointed", [False, True])
+def test_ctrl_c_leaves_a_resumable_run_or_nothing(tmp_path, tiny_manifest, monkeypatch,
+                                                  checkpointed):
+    """Ctrl-C while Flower runs: without a checkpointed round the run folder must be gone (a
+    rerun with the same --out then works); with one, --resume must find it."""
+    import simulations.simulate as sim
+    from tests.conftest import tiny_config
+
+    def interrupted(run_config, **kwargs):
+        if checkpointed:
+            (Path(run_config["run-dir"]) / CHECKPOINT).write_bytes(b"x")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sim, "run_flower_simulation", interrupted)
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        simulate(tiny_config(), tiny_manifest, out, echo=False)
+    if checkpointed:
+        assert (out / CHECKPOINT).is_file() and (out / "split").is_dir()
+        assert (out / "config.yaml").is_file()
+    else:
+        assert not out.exists()
+    assert not list(tmp_path.glob(".run.work-*"))
+
+
+def test_timeout_stops_a_silent_hang(tmp_path, monkeypatch):
+    """A `flwr run` that prints nothing and never ends is stopped at the timeout."""
+    import contextlib
+
+    from simulations import engine
+
+    hang = tmp_path / "flwr"
+    hang.write_text("#!/bin/sh\nexec sleep 20\n")
+    hang.chmod(0o755)
+
+    @contextlib.contextmanager
+    def no_superlink(work):
+        (work / "home").mkdir(parents=True, exist_ok=True)
+        yield 1, {**os.environ, "FLWR_HOME": str(work / "home")}
+
+    monkeypatch.setattr(engine, "simulation_superlink", no_superlink)
+    monkeypatch.setattr(engine, "_bin", lambda name: str(hang))
+    t0 = time.monotonic()
+    with pytest.raises(DentfedError, match="exceeded 1 s"):
+        engine.run_flower_simulation({}, num_clinics=2, client_cpus=1, client_gpus=0,
+                                     max_concurrent=1, work=tmp_path / "w", timeout=1,
+                                     echo=False)
+    assert time.monotonic() - t0 < 15

@@ -80,6 +80,7 @@ def _server_context() -> Context:
     return Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
 
 
+@pytest.mark.slow  # two in-process SecAgg+ federations
 def test_secagg_aggregate_equals_plain_fedavg(tmp_path):
     cfg, manifests, test = _setup(tmp_path, 3)
     plain = run_secagg_federation(InProcessGrid(manifests), _server_context(), cfg, test,

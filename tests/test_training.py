@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 import yaml
 
@@ -51,6 +52,7 @@ def test_fedprox_term_pulls_towards_start(tiny_manifest):
     assert moved[10.0] < moved[0.0]
 
 
+@pytest.mark.slow  # CLI subprocess, a full pooled training
 def test_train_cli_writes_run_folder(tiny_manifest, tmp_path):
     cfg = tiny_config(epochs=2).model_dump(mode="json")
     cfg_path = tmp_path / "c.yaml"

@@ -4,11 +4,21 @@ DICOM pixel data goes through the modality LUT (rescale slope/intercept) and the
 (window centre/width) as a viewer would show it, MONOCHROME1 is inverted so bone is bright, and
 the result is scaled to 8 bit. Only pixels are read: no DICOM tag (patient name, id, ...) leaves
 this function.
+
+Colour DICOM: RGB; YBR_FULL and YBR_FULL_422 (pydicom >= 3 returns them as RGB); YBR_RCT and
+YBR_ICT (JPEG 2000, whose decoder undoes the colour transform); PALETTE COLOR through its colour
+lookup table. Compressed pixel data needs a decoder for its transfer syntax: pylibjpeg (with
+pylibjpeg-libjpeg and pylibjpeg-openjpeg) and pyjpegls are dependencies, covering JPEG baseline,
+extended, lossless (process 14), JPEG-LS and JPEG 2000. Multi-frame files (cine loops, stacks):
+only the first frame is read, as a preview would show it. A file that cannot be read gives one
+line with the decoder's own reason; pydicom's warnings are not printed.
 """
 
 from __future__ import annotations
 
 import io
+import logging
+import warnings
 from pathlib import Path
 from typing import BinaryIO
 
@@ -45,20 +55,40 @@ def _to_uint8(arr: np.ndarray) -> np.ndarray:
     return np.round((arr - lo) / (hi - lo) * 255.0).astype(np.uint8)
 
 
+# Already RGB in what pydicom's pixel_array returns (see the module docstring).
+_RGB_AS_DECODED = {"RGB", "YBR_FULL", "YBR_FULL_422", "YBR_RCT", "YBR_ICT"}
+
+
+def one_line(err: BaseException) -> str:
+    """An exception's whole text on one line (decoders list one reason per plugin per line)."""
+    text = " ".join(part.strip() for part in str(err).splitlines() if part.strip())
+    return text or type(err).__name__
+
+
 def dicom_to_array(path: Path | BinaryIO) -> np.ndarray:
-    """Pixels of a single-frame DICOM (a file or an open binary stream) as uint8, HxW
-    (grayscale) or HxWx3 (colour)."""
+    """Pixels of a DICOM (a file or an open binary stream; the first frame of a multi-frame
+    one) as uint8, HxW (grayscale) or HxWx3 (colour)."""
+    # pydicom reports recoverable oddities as UserWarnings and on its logger; a reader in a
+    # data check or a training loop gives one line per unreadable file instead.
+    # (It logs every failed decoder plugin with a traceback at ERROR level.)
+    logging.getLogger("pydicom").setLevel(logging.CRITICAL)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return _dicom_to_array(path)
+
+
+def _dicom_to_array(path: Path | BinaryIO) -> np.ndarray:
     import pydicom
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
 
     ds = pydicom.dcmread(str(path) if isinstance(path, Path) else path)
     if "PixelData" not in ds:
         raise ValueError("DICOM file has no pixel data")
-    arr = ds.pixel_array
-    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     if frames > 1:
-        arr = arr[0]  # multi-frame: take the first frame
+        ds.pixel_array_options(index=0)  # multi-frame: decode only the first frame
+    arr = ds.pixel_array
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     if photometric.startswith("MONOCHROME"):
         arr = apply_modality_lut(arr, ds)
         arr = apply_voi_lut(arr, ds, index=0)
@@ -66,12 +96,14 @@ def dicom_to_array(path: Path | BinaryIO) -> np.ndarray:
         if photometric == "MONOCHROME1":
             out = 255 - out
         return out
-    if photometric in {"RGB", "YBR_FULL", "YBR_FULL_422"}:
-        if photometric != "RGB":
-            from pydicom.pixels import convert_color_space
-
-            arr = convert_color_space(arr, photometric, "RGB")
+    if photometric in _RGB_AS_DECODED:
         return arr.astype(np.uint8) if arr.dtype == np.uint8 else _to_uint8(arr)
+    if photometric == "PALETTE COLOR":
+        rgb = apply_color_lut(arr, ds)
+        if rgb.dtype == np.uint8:
+            return rgb
+        # 16-bit LUT entries (the usual case): full scale is 65535
+        return np.round(rgb.astype(np.float64) / 257.0).clip(0, 255).astype(np.uint8)
     raise ValueError(f"unsupported DICOM PhotometricInterpretation {photometric}")
 
 
@@ -96,11 +128,10 @@ def read_image(path: str | Path) -> Image.Image:
     except ManifestError:
         raise
     except (UnidentifiedImageError, OSError, ValueError, AttributeError, KeyError) as err:
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise ManifestError(f"{path}: unreadable or corrupt image ({reason})") from None
+        raise ManifestError(f"{path}: unreadable or corrupt image ({one_line(err)})") from None
     except Exception as err:  # pydicom raises a variety of types on broken files
         raise ManifestError(f"{path}: unreadable or corrupt image ({type(err).__name__}: "
-                            f"{str(err).splitlines()[0] if str(err) else ''})") from None
+                            f"{one_line(err)})") from None
 
 
 def decode_image_bytes(data: bytes) -> Image.Image:
@@ -119,5 +150,4 @@ def decode_image_bytes(data: bytes) -> Image.Image:
             img = Image.fromarray(_to_uint8(np.asarray(img)))
         return img.convert("RGB")
     except Exception as err:  # Pillow and pydicom raise many types on broken input
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise ManifestError(f"unreadable or corrupt image ({reason})") from None
+        raise ManifestError(f"unreadable or corrupt image ({one_line(err)})") from None
