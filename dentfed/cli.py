@@ -74,6 +74,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         from shared.config import with_overrides
 
         cfg = with_overrides(cfg, {"train.epochs": args.epochs})
+    cfg = _apply_overrides(cfg, args)  # --tracking-uri
     out = Path(args.out or f"runs/train-{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
     res = run_training(cfg, args.manifest, out, cv=args.cv, seed=args.seed)
     title = f"{args.cv}-fold patient-grouped CV (mean ± sd)" if args.cv else "test split"
@@ -98,7 +99,9 @@ def _apply_overrides(cfg, args: argparse.Namespace):
                                ("split_seed", "split", "seed"),
                                ("strategy", "federation", "strategy"),
                                ("rounds", "federation", "rounds"),
-                               ("local_epochs", "federation", "local_epochs")):
+                               ("local_epochs", "federation", "local_epochs"),
+                               ("ray_address", "simulation", "ray_address"),
+                               ("tracking_uri", "tracking", "uri")):
         value = getattr(args, attr, None)
         if value is not None:
             overrides[f"{section}.{key}"] = value
@@ -285,6 +288,10 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--strategy")
     sim.add_argument("--rounds", type=int)
     sim.add_argument("--local-epochs", type=int)
+    sim.add_argument("--ray-address", metavar="HOST:PORT", help="run the clinics on this running "
+                     "Ray cluster (simulation.ray_address; docs/scale.md)")
+    sim.add_argument("--tracking-uri", help="MLflow tracking server or store (tracking.uri; "
+                     "default $MLFLOW_TRACKING_URI, else <runs>/mlflow.db)")
     sim.add_argument("--compare", action="store_true", help="baseline comparison on one split: "
                      "pooled, local-only per clinic and each of --strategies, per seed")
     sim.add_argument("--strategies", help="with --compare: comma list (default "
@@ -301,6 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--cv", type=int, help="patient-grouped K-fold cross-validation")
     t.add_argument("--seed", type=int)
     t.add_argument("--epochs", type=int, help="overrides train.epochs")
+    t.add_argument("--tracking-uri", help="MLflow tracking server or store (tracking.uri)")
     t.set_defaults(func=_cmd_train)
 
     pr = sub.add_parser("predict", help="predict images with a saved model (CSV + JSON), "

@@ -20,6 +20,7 @@ from flwr.serverapp import Grid, ServerApp
 from server.checkpoint import CHECKPOINT, check_resumable
 from server.federation import run_federation
 from server.run_folder import write_run_folder
+from server.tracking import log_run_folder
 from shared.atomic_files import write_text_atomic
 from shared.config import dump_config, load_config, with_overrides
 from shared.errors import ConfigError
@@ -73,5 +74,6 @@ def main(grid: Grid, context: Context) -> None:
     else:
         res = run_federation(grid, cfg, test, run_dir=out, resume=resume)
     data = write_run_folder(res, out)
+    log_run_folder(out, "simulate" if str(rc.get("split-dir", "")) else "deploy", cfg)
     log.info("run folder %s: final %s %.4f", out, data["headline"],
              data["final"].get(data["headline"], float("nan")))

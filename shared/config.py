@@ -158,6 +158,19 @@ class SimulationConfig(_Strict):
     client_cpus: float = Field(default=1, gt=0)
     client_gpus: float = Field(default=0.0, ge=0)
     max_concurrent: int = Field(default=2, ge=1)
+    # HOST:PORT of a running Ray cluster's head (`ray start --head`): the clinics are scheduled
+    # across its nodes (docs/scale.md). Unset: Flower's embedded single-machine engine.
+    ray_address: str | None = None
+
+
+class TrackingConfig(_Strict):
+    """MLflow experiment tracking of every run (docs in README "Experiment tracking").
+    uri unset: $MLFLOW_TRACKING_URI, else a local store beside the run folder
+    (<runs>/mlflow.db, artifacts in <runs>/mlartifacts)."""
+
+    enabled: bool = True
+    uri: str | None = None
+    experiment: str = "dentfed"
 
 
 class DpSgdConfig(_Strict):
@@ -238,6 +251,7 @@ class Config(_Strict):
     split: SplitConfig = SplitConfig()
     simulation: SimulationConfig = SimulationConfig()
     privacy: PrivacyConfig = PrivacyConfig()
+    tracking: TrackingConfig = TrackingConfig()
 
     @model_validator(mode="before")
     @classmethod

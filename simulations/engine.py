@@ -94,9 +94,28 @@ def kill_tagged(tag: str, grace: float = 5.0) -> None:
             time.sleep(0.2)
 
 
+def check_ray_address(address: str, timeout: float = 5.0) -> None:
+    """Fail in one line when nothing listens at a Ray cluster's HOST:PORT (the head's GCS
+    port, 6379 unless `ray start --head --port` said otherwise)."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise DentfedError(f"ray address {address!r}: expected HOST:PORT of the cluster's head "
+                           "(the address `ray start --head` prints)")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            pass
+    except OSError as e:
+        raise DentfedError(f"no Ray cluster at {address} ({e.strerror or e}); start one with "
+                           "`ray start --head` (docs/scale.md)") from None
+
+
 @contextlib.contextmanager
-def simulation_superlink(work: Path) -> Iterator[tuple[int, dict[str, str]]]:
-    """A private SuperLink in simulation mode; yields (port, env for flwr)."""
+def simulation_superlink(work: Path, ray_address: str | None = None
+                         ) -> Iterator[tuple[int, dict[str, str]]]:
+    """A private SuperLink in simulation mode; yields (port, env for flwr). With
+    `ray_address`, the simulation process it starts joins that Ray cluster (Flower's Ray
+    backend calls ray.init() without an address, which honours RAY_ADDRESS) instead of
+    starting a private single-machine Ray."""
     home = work / "flwr-home"
     home.mkdir(parents=True, exist_ok=True)
     # An inherited tag lets a supervisor (a test that crashes the run on purpose) find and
@@ -106,6 +125,9 @@ def simulation_superlink(work: Path) -> Iterator[tuple[int, dict[str, str]]]:
            "DENTFED_SIM_TAG": tag,
            "FLWR_DISABLE_UPDATE_CHECK": "1",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env.pop("RAY_ADDRESS", None)  # the embedded engine never joins a cluster by accident
+    if ray_address:
+        env["RAY_ADDRESS"] = ray_address
     port = free_port()  # flwr >= 1.42 serves runtime, control and fleet APIs on one port
     log = work / "superlink.log"
     cmd = [_bin("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
@@ -132,21 +154,28 @@ def _toml_value(v: object) -> str:
 def run_flower_simulation(run_config: dict[str, object], num_clinics: int, client_cpus: float,
                           client_gpus: float, max_concurrent: int, work: Path,
                           timeout: float = 3600, app_dir: Path = REPO,
-                          echo: bool = True) -> Path:
+                          echo: bool = True, ray_address: str | None = None) -> Path:
     """`flwr run` the app in `app_dir` with `num_clinics` virtual SuperNodes; at most
     `max_concurrent` ClientApps train at once (Ray gets max_concurrent * client_cpus CPUs).
+    With `ray_address` (HOST:PORT of a running Ray cluster's head) the clinics run on that
+    cluster instead: as many at once as its nodes' CPUs/GPUs fit (max_concurrent does not
+    apply), and the actors end with the run (they belong to its Ray job).
     Returns the path of the captured Flower log."""
     work.mkdir(parents=True, exist_ok=True)
     ray_cpus = max(1, int(round(max_concurrent * client_cpus)))
     flwr_log = work / "flower.log"
-    with simulation_superlink(work) as (control, env):
+    if ray_address:
+        check_ray_address(ray_address)
+    with simulation_superlink(work, ray_address) as (control, env):
         Path(env["FLWR_HOME"], "config.toml").write_text(
             '[superlink]\ndefault = "dentfed-sim"\n\n[superlink.dentfed-sim]\n'
             f'address = "127.0.0.1:{control}"\ninsecure = true\n')
+        # Ray refuses num_cpus in ray.init() when it joins an existing cluster: the cluster's
+        # nodes declare their own resources.
         federation = (f"num-supernodes={num_clinics} "
                       f"client-resources-num-cpus={int(max(1, client_cpus))} "
-                      f"client-resources-num-gpus={float(client_gpus)} "
-                      f"init-args-num-cpus={ray_cpus}")
+                      f"client-resources-num-gpus={float(client_gpus)}"
+                      + ("" if ray_address else f" init-args-num-cpus={ray_cpus}"))
         overrides = " ".join(f"{k}={_toml_value(v)}" for k, v in run_config.items())
         cmd = [_bin("flwr"), "run", str(app_dir), "dentfed-sim", "--stream",
                "--federation-config", federation, "--run-config", overrides]

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from server.tracking import log_run_folder
 from shared.atomic_files import atomic_folder, write_text_atomic
 from shared.config import Config, dump_config
 from shared.data.dataset import make_loader
@@ -179,5 +180,6 @@ def run_training(cfg: Config, manifest: str | Path | None, out_dir: str | Path,
         write_text_atomic(tmp / "report.md", f"# dentfed train\n\n{title}\n\n"
                           f"{render_table(table)}\n\nheadline {result['headline']}: "
                           f"{final[result['headline']]:.4f}\n{_privacy_line(cfg, folds)}")
+    log_run_folder(out_dir, "train", cfg)
     result["table"] = table
     return result

@@ -66,7 +66,7 @@ def simulate(cfg: Config | None, manifest: str | Path | None, out: Path, echo: b
             client_gpus=cfg.simulation.client_gpus,
             max_concurrent=cfg.simulation.max_concurrent, work=work / "flower",
             timeout=cfg.federation.round_timeout * (cfg.federation.rounds + 1), echo=echo,
-            app_dir=app_dir)
+            app_dir=app_dir, ray_address=cfg.simulation.ray_address)
         wall = time.perf_counter() - t0
         if not (out / "metrics.json").is_file():
             shutil.copyfile(flwr_log, failed_log)

@@ -1,0 +1,157 @@
+"""`dentfed simulate --ray-address`: virtual clinics on a real multi-node Ray cluster (two
+`ray start` nodes on 127.0.0.1), the same final model as on the embedded engine, and nothing
+left running on the cluster afterwards."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from shared.errors import DentfedError
+from simulations.engine import check_ray_address, free_port, kill_tagged, stop_group
+from tests.test_federation import two_clinic_simulation
+
+RAY = str(Path(sys.executable).parent / "ray")
+
+# Run in a separate driver process: what the cluster knows about nodes, actors and jobs.
+CLUSTER_STATE = textwrap.dedent("""
+    import json, sys, ray
+    from ray._private import state
+    ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)
+    me = ray.get_runtime_context().get_job_id()
+    print(json.dumps({
+        "nodes": {n["NodeID"]: {"alive": n["Alive"], "head": "node:__internal_head__" in
+                                n["Resources"]} for n in ray.nodes()},
+        "actors": [{"class": a["ActorClassName"], "state": a["State"],
+                    "node": a["Address"]["NodeID"]} for a in state.actors().values()],
+        "jobs": [{"id": j["JobID"], "dead": j["IsDead"]} for j in state.jobs()
+                 if j["JobID"] != me]}))
+    ray.shutdown()
+""")
+
+
+def cluster_state(address: str) -> dict:
+    r = subprocess.run([sys.executable, "-c", CLUSTER_STATE, address], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+@contextlib.contextmanager
+def local_ray_cluster(cpus_per_node: int = 1) -> Iterator[str]:
+    """A head and one worker node on 127.0.0.1, each started with `ray start --block` (so the
+    `ray start` process owns its node), on free ports, in a private temp dir; yields the
+    head's address. Stopped by process group and by a tag in every process's environment,
+    never with a machine-wide `ray stop`."""
+    tag = uuid.uuid4().hex
+    env = {**os.environ, "DENTFED_SIM_TAG": tag, "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    temp = Path(tempfile.mkdtemp(prefix="ray-t-", dir="/tmp"))  # unix sockets: short path
+    port = free_port()
+    base = random.randrange(20000, 40000, 200)
+    common = ["--block", "--node-ip-address", "127.0.0.1", "--num-cpus", str(cpus_per_node),
+              "--num-gpus", "0", "--object-store-memory", str(100 * 2**20),
+              "--disable-usage-stats"]
+    procs: list[subprocess.Popen] = []
+
+    def start(args: list[str], i: int) -> None:
+        ports = ["--dashboard-agent-listen-port", str(free_port()),
+                 "--dashboard-agent-grpc-port", str(free_port()),
+                 "--metrics-export-port", str(free_port()),
+                 "--runtime-env-agent-port", str(free_port()),
+                 "--min-worker-port", str(base + 100 * i),
+                 "--max-worker-port", str(base + 100 * i + 99)]
+        log = (temp / f"node{i}.log").open("w")
+        procs.append(subprocess.Popen([RAY, "start", *args, *common, *ports], env=env,
+                                      stdout=log, stderr=subprocess.STDOUT,
+                                      start_new_session=True))
+
+    address = f"127.0.0.1:{port}"
+    try:
+        start(["--head", "--port", str(port), "--include-dashboard", "false",
+               "--ray-client-server-port", str(free_port()), "--temp-dir", str(temp)], 0)
+        deadline = time.monotonic() + 90
+        while True:
+            with contextlib.suppress(DentfedError):
+                check_ray_address(address, timeout=1)
+                break
+            assert time.monotonic() < deadline, (temp / "node0.log").read_text()[-2000:]
+            assert procs[0].poll() is None, (temp / "node0.log").read_text()[-2000:]
+            time.sleep(0.5)
+        start(["--address", address], 1)
+        deadline = time.monotonic() + 120
+        while len([n for n in cluster_state(address)["nodes"].values() if n["alive"]]) < 2:
+            assert time.monotonic() < deadline, (temp / "node1.log").read_text()[-2000:]
+            assert procs[1].poll() is None, (temp / "node1.log").read_text()[-2000:]
+            time.sleep(1)
+        yield address
+    finally:
+        for p in reversed(procs):
+            stop_group(p, grace=15)
+        kill_tagged(tag)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _simulate(cfg_path: Path, manifest: Path, out: Path, *extra: str) -> None:
+    r = subprocess.run([sys.executable, "-m", "dentfed.cli", "simulate", "--config",
+                        str(cfg_path), "--manifest", str(manifest), "--out", str(out),
+                        *extra], capture_output=True, text=True, timeout=540)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+def test_ray_address_must_be_a_listening_head():
+    with pytest.raises(DentfedError, match="expected HOST:PORT"):
+        check_ray_address("nohost")
+    with pytest.raises(DentfedError, match=r"no Ray cluster at 127\.0\.0\.1:\d+"):
+        check_ray_address(f"127.0.0.1:{free_port()}", timeout=1)
+
+
+@pytest.mark.slow  # a 2-node Ray cluster and two real Flower simulations
+def test_simulation_on_a_two_node_ray_cluster_matches_the_embedded_engine(tmp_path):
+    cfg_path, manifest = two_clinic_simulation(tmp_path, rounds=2)
+    cfg = yaml.safe_load(cfg_path.read_text())
+    cfg["split"]["clinics"] = 4
+    cfg["federation"].update(min_train_clinics=4, min_evaluate_clinics=4,
+                             min_available_clinics=4)
+    cfg["data"]["augment"] = False
+    cfg["tracking"] = {"enabled": False}
+    cfg_path.write_text(yaml.safe_dump(cfg))
+
+    _simulate(cfg_path, manifest, tmp_path / "embedded")
+    with local_ray_cluster(cpus_per_node=1) as address:
+        before = cluster_state(address)
+        assert len(before["nodes"]) == 2
+        assert not [a for a in before["actors"] if a["state"] != "DEAD"]
+        _simulate(cfg_path, manifest, tmp_path / "cluster", "--ray-address", address)
+        after = cluster_state(address)
+    # One CPU per node and one per clinic: the pool has one actor on each node, so both nodes
+    # trained clinics.
+    clinic_actors = [a for a in after["actors"] if a["class"] == "ClientAppActor"]
+    assert {a["node"] for a in clinic_actors} == set(after["nodes"]), after
+    # Nothing of the run is left on the cluster: every actor gone, the run's job finished.
+    assert all(a["state"] == "DEAD" for a in after["actors"]), after["actors"]
+    assert after["jobs"] and all(j["dead"] for j in after["jobs"]), after["jobs"]
+    run = json.loads((tmp_path / "cluster" / "metrics.json").read_text())
+    assert [h["clinics_replied"] for h in run["history"][1:]] == [4, 4]
+
+    a = torch.load(tmp_path / "embedded" / "model_final.pt", weights_only=False)["state_dict"]
+    b = torch.load(tmp_path / "cluster" / "model_final.pt", weights_only=False)["state_dict"]
+    assert a.keys() == b.keys()
+    for k in a:
+        # FedAvg sums the replies in arrival order: float32 addition order may differ.
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
