@@ -242,3 +242,25 @@ def test_real_simulation_audit_dp_epsilon_per_round_and_budget(tmp_path):
     for s in secrets:
         assert s not in r.stdout and s not in r.stderr
     assert np.isfinite(data["final"]["macro_auc"])
+
+    # The MLflow run the ServerApp logged beside the run folder: per-round metrics with the
+    # round as step, per-clinic ones by anonymous index, the report and the model; and the
+    # whole tracking store is as free of patient ids and paths as the run folder.
+    from mlflow.tracking import MlflowClient
+
+    from tests.test_tracking import audit_tracking_store
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("dentfed").experiment_id])
+    assert run.data.tags["dentfed.kind"] == "simulate" and run.info.status == "FINISHED"
+    assert run.data.params["privacy.dp_sgd.max_epsilon"] == str(cfg["privacy"]["dp_sgd"]
+                                                                ["max_epsilon"])
+    assert run.data.params["federation.test_manifest"] == "<path>"
+    hist = client.get_metric_history(run.info.run_id, "central/macro_auc")
+    assert [m.step for m in hist] == [0, 1, 2, 3]
+    assert [m.value for m in hist] == [h["server"]["macro_auc"] for h in data["history"]]
+    assert [m.step for m in client.get_metric_history(run.info.run_id,
+                                                      "clinic/1/epsilon")] == [1, 2]
+    arts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"report.md", "metrics.json", "model_card.md", "plots", "model"} <= arts
+    audit_tracking_store(tmp_path, secrets + clinic_paths + [str(tmp_path / "secret")])
