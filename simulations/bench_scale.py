@@ -1,0 +1,125 @@
+"""How a simulation scales with the number of virtual clinics on this machine: wall time per
+round and peak memory of the whole process tree, so docs/scale.md's resource arithmetic
+rests on measurements.
+
+For each clinic count it runs `dentfed simulate` on the config (IID split into N clinics, all
+sampled every round), samples every process the run starts (they all carry the run's
+DENTFED_SIM_TAG, Ray's workers included) twice a second, and prints one row per N: seconds
+per round (clinic training + clinic evaluation + central evaluation), start-up seconds (the
+SuperLink, Ray and the ServerApp), peak summed RSS (counts shared pages once per process: an
+upper bound) and peak summed PSS (shared pages divided among their users: the real
+footprint), and the largest single process.
+
+    .venv/bin/python -m simulations.bench_scale --config configs/demo-photos.yaml \
+        --clinics 4,10,20 --rounds 2 --out runs/bench-scale
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pandas as pd
+
+from shared.atomic_files import write_text_atomic
+from shared.config import load_config, with_overrides
+from simulations.engine import _tagged_pids
+from simulations.simulate import simulate
+
+
+def _mem_kb(pid: int) -> tuple[int, int]:
+    """(RSS, PSS) of one process in KiB; (0, 0) if it is gone."""
+    rss = pss = 0
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Rss:"):
+                rss = int(line.split()[1])
+            elif line.startswith("Pss:"):
+                pss = int(line.split()[1])
+    return rss, pss
+
+
+class TreeMemory:
+    """Peak summed RSS/PSS of this process and every process carrying `tag`, sampled."""
+
+    def __init__(self, tag: str, every: float = 0.5) -> None:
+        self.tag, self.every = tag, every
+        self.peak_rss = self.peak_pss = self.peak_one = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            mems = [_mem_kb(p) for p in [os.getpid(), *_tagged_pids(self.tag)]]
+            self.peak_rss = max(self.peak_rss, sum(r for r, _ in mems))
+            self.peak_pss = max(self.peak_pss, sum(p for _, p in mems))
+            self.peak_one = max([self.peak_one, *(r for r, _ in mems)])
+            self._stop.wait(self.every)
+
+    def __enter__(self) -> TreeMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", default="configs/demo-photos.yaml")
+    ap.add_argument("--clinics", default="4,10,20", help="comma list of clinic counts")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--local-epochs", type=int, default=1)
+    ap.add_argument("--max-concurrent", type=int, help="overrides simulation.max_concurrent")
+    ap.add_argument("--out", default=f"runs/bench-scale-{time.strftime('%Y%m%d-%H%M%S')}")
+    args = ap.parse_args(argv)
+
+    base = load_config(args.config)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for n in (int(c) for c in args.clinics.split(",")):
+        overrides: dict[str, object] = {
+            "split.clinics": n, "split.scheme": "iid", "federation.rounds": args.rounds,
+            "federation.local_epochs": args.local_epochs, "federation.min_train_clinics": n,
+            "federation.min_evaluate_clinics": n, "federation.min_available_clinics": n,
+            "tracking.enabled": False}
+        if args.max_concurrent:
+            overrides["simulation.max_concurrent"] = args.max_concurrent
+        cfg = with_overrides(base, overrides, source="bench_scale")
+        tag = uuid.uuid4().hex
+        os.environ["DENTFED_SIM_TAG"] = tag  # inherited by everything the run starts
+        try:
+            with TreeMemory(tag) as mem:
+                data = simulate(cfg, None, out / f"clinics-{n}", echo=False)
+        finally:
+            os.environ.pop("DENTFED_SIM_TAG", None)
+        per_round = [h.get("round_seconds", 0) + h.get("clinic_evaluate_seconds", 0)
+                     + h.get("central_eval_seconds", 0) for h in data["history"][1:]]
+        rows.append({
+            "clinics": n, "rounds": len(per_round),
+            "s/round": sum(per_round) / max(1, len(per_round)),
+            "start-up s": data["wall_seconds"] - data["seconds"],
+            "wall s": data["wall_seconds"],
+            "peak RSS sum GiB": mem.peak_rss / 2**20, "peak PSS sum GiB": mem.peak_pss / 2**20,
+            "largest process GiB": mem.peak_one / 2**20,
+            "concurrent": cfg.simulation.max_concurrent,
+            "images/clinic": round(sum(c.get("num-examples", 0) for c in data["history"][1]
+                                       ["clinics_train"]["per_clinic"].values()) / n)})
+        print(json.dumps(rows[-1]), flush=True)
+    table = pd.DataFrame(rows).round(2).to_markdown(index=False)
+    write_text_atomic(out / "scale.md", f"# bench_scale\n\n`{args.config}`, "
+                      f"{os.cpu_count()} CPUs\n\n{table}\n")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
