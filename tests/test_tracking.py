@@ -9,7 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from server.tracking import REDACTED, flat_params, log_run_folder, redact_paths, round_metrics
+from server.tracking import (
+    REDACTED,
+    flat_params,
+    log_run_folder,
+    redact_paths,
+    round_metrics,
+    tracking_uri,
+)
 from shared.config import config_from_dict, with_overrides
 from shared.model_file import read_model_file
 from tests.conftest import tiny_config
@@ -27,6 +34,17 @@ def test_paths_are_redacted_from_params():
     assert params["train.lr"] == "0.001" and params["task.labels"] == '["bright", "stripe"]'
     assert "model.pretrained" not in params  # unset values are left out
     assert redact_paths({"a": ["x", "C:\\data\\p.png", 3]}) == {"a": ["x", REDACTED, 3]}
+
+
+def test_tracking_uri_config_then_environment_then_local_store(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = tiny_config()
+    assert tracking_uri(cfg, tmp_path / "runs" / "r1") == \
+        f"sqlite:///{(tmp_path / 'runs').resolve()}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.lab:5000")
+    assert tracking_uri(cfg, tmp_path / "r") == "http://mlflow.lab:5000"
+    cfg = with_overrides(cfg, {"tracking.uri": "http://other:5000"})
+    assert tracking_uri(cfg, tmp_path / "r") == "http://other:5000"
 
 
 def test_round_metrics_name_central_aggregated_and_per_clinic_values():
