@@ -148,14 +148,16 @@ def _local_uri(run_dir: Path) -> str:
     return f"sqlite:///{Path(run_dir).resolve().parent / 'mlflow.db'}"
 
 
-def _experiment_id(client: Any, name: str, uri: str, run_dir: Path) -> str:
+def _experiment_id(client: Any, name: str, uri: str) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
-    # The local store keeps its artifacts beside it (MLflow's default is ./mlruns in the
+    # A local SQLite store keeps its artifacts beside it (MLflow's default is ./mlruns in the
     # current directory, wherever that is); a server decides for itself.
-    location = ((Path(run_dir).resolve().parent / "mlartifacts").as_uri()
-                if uri == _local_uri(run_dir) else None)
+    location = None
+    if uri.startswith("sqlite:///"):
+        location = (Path(uri.removeprefix("sqlite:///")).resolve().parent
+                    / "mlartifacts").as_uri()
     return client.create_experiment(name, artifact_location=location)
 
 
@@ -190,7 +192,7 @@ def _log(run_dir: Path, kind: str, cfg: Config) -> str:
         logging.getLogger("alembic").setLevel(logging.WARNING)
         logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
     client = MlflowClient(tracking_uri=uri)
-    exp = _experiment_id(client, cfg.tracking.experiment, uri, run_dir)
+    exp = _experiment_id(client, cfg.tracking.experiment, uri)
     data = json.loads((run_dir / "metrics.json").read_text())
     run = client.create_run(exp, run_name=run_dir.name, tags={
         "dentfed.kind": kind, "dentfed.task": cfg.task.type, "dentfed.model": cfg.model.name,

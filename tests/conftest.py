@@ -17,6 +17,15 @@ REPO = Path(__file__).resolve().parents[1]
 torch.set_num_threads(2)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _one_tracking_store(tmp_path_factory) -> None:
+    """Every run a test starts is tracked (the default), into one SQLite store per session:
+    creating a store costs seconds, logging to an existing one well under one. Tests of the
+    default local store beside the run folder unset this."""
+    store = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{store}"
+
+
 def shared_dir() -> Path | None:
     """../shared (or $DENTFED_SHARED) when present; tests that need it skip otherwise."""
     p = Path(os.environ.get("DENTFED_SHARED", REPO.parent / "shared"))

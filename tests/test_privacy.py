@@ -185,6 +185,7 @@ def test_real_simulation_audit_dp_epsilon_per_round_and_budget(tmp_path):
     cfg_path.write_text(yaml.safe_dump(cfg))
     out, audit = tmp_path / "run", tmp_path / "audit"
     env = {**os.environ, "DENTFED_AUDIT_DIR": str(audit)}
+    env.pop("MLFLOW_TRACKING_URI")  # the default tracking store, beside the run folder
     r = subprocess.run([sys.executable, "-m", "dentfed.cli", "simulate", "--config",
                         str(cfg_path), "--manifest", str(manifest), "--out", str(out)],
                        capture_output=True, text=True, timeout=540, env=env)

@@ -60,8 +60,11 @@ def test_round_metrics_name_central_aggregated_and_per_clinic_values():
         "round/clinics_rejected": 1.0, "round/clinics_declined": 0.0}  # NaN left out
 
 
-def test_pooled_run_is_read_back_through_mlflow_without_patient_ids_or_paths(tmp_path):
+def test_pooled_run_is_read_back_through_mlflow_without_patient_ids_or_paths(tmp_path,
+                                                                             monkeypatch):
     from mlflow.tracking import MlflowClient
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")  # the default: a store beside the run folder
 
     from simulations.pooled_training import run_training
 
