@@ -223,7 +223,10 @@ class RecordingGrid:
                                 problem)
                     continue
             kept.append(r)
-        return kept
+        # Aggregation sums the updates in list order and float addition is not associative:
+        # order them by what they say, not by when they arrived, so the same clinic updates
+        # give the same global model bit for bit (on any engine or cluster).
+        return sorted(kept, key=_content_order)
 
 
     def _decode(self, reply: Message, sent: ArrayRecord | None) -> str | None:
@@ -322,6 +325,13 @@ class FederationResult:
 
 def _plain(mr: MetricRecord | None) -> dict[str, float]:
     return {k: float(v) for k, v in (mr or {}).items() if isinstance(v, int | float)}
+
+
+def _content_order(reply: Message) -> tuple:
+    if reply.has_error():
+        return (0, ())
+    return (1, tuple(sorted((name, tuple(sorted((k, repr(v)) for k, v in rec.items())))
+                            for name, rec in reply.content.metric_records.items())))
 
 
 def _ok(replies: list[Message]) -> int:

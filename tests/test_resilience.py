@@ -262,7 +262,7 @@ def test_timeout_stops_a_silent_hang(tmp_path, monkeypatch):
     hang.chmod(0o755)
 
     @contextlib.contextmanager
-    def no_superlink(work):
+    def no_superlink(work, ray_address=None):
         (work / "home").mkdir(parents=True, exist_ok=True)
         yield 1, {**os.environ, "FLWR_HOME": str(work / "home")}
 
