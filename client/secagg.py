@@ -19,6 +19,7 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
+from client.clinic import evaluate_values, get_clinic, local_training
 from shared.config import config_from_yaml
 from shared.fedio import CONFIG_KEY, EXAMPLES_KEY, exchanged_keys, model_arrays
 
@@ -39,8 +40,6 @@ class ClinicNumPyClient(NumPyClient):
         self.context = context
 
     def _clinic(self, config: dict):
-        from client.app import get_clinic
-
         cfg = config_from_yaml(str(config[CONFIG_KEY]), source="server config")
         return get_clinic(self.context, cfg), int(config.get("server-round", 1))
 
@@ -53,8 +52,6 @@ class ClinicNumPyClient(NumPyClient):
                                                                        strict=True)})
 
     def fit(self, parameters, config):
-        from client.app import local_training
-
         try:
             clinic, rnd = self._clinic(config)
             values = local_training(clinic, self.context, self._record(clinic, parameters), rnd)
@@ -67,8 +64,6 @@ class ClinicNumPyClient(NumPyClient):
         return [out[k].numpy() for k in exchanged_keys(clinic.model)], n, values
 
     def evaluate(self, parameters, config):
-        from client.app import evaluate_values
-
         try:
             clinic, _ = self._clinic(config)
             values = evaluate_values(clinic, self._record(clinic, parameters))

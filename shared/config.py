@@ -81,9 +81,14 @@ class ModelConfig(_Strict):
 
 class TrainConfig(_Strict):
     epochs: int = Field(default=10, ge=1)
+    # The optimiser of pooled training and of every clinic's local steps: AdamW, or SGD with
+    # momentum (the usual federated client optimiser; see docs/federated-quality.md).
+    optimizer: Literal["adamw", "sgd"] = "adamw"
     lr: float = Field(default=1e-3, gt=0)
+    momentum: float = Field(default=0.9, ge=0, lt=1)  # sgd only
+    nesterov: bool = False  # sgd only
     weight_decay: float = Field(default=1e-4, ge=0)
-    amsgrad: bool = False
+    amsgrad: bool = False  # adamw only
     loss: Literal["bce", "weighted_bce", "focal", "dice", "ce"] = "bce"
     focal_gamma: float = Field(default=2.0, ge=0)
     focal_alpha: float | None = Field(default=None, ge=0, le=1)

@@ -18,8 +18,9 @@ import yaml
 from flwr.app import Context, Message, RecordDict
 from torch import nn
 
-from client.app import DP_ACCOUNT_KEY, ClinicDeclined
+from client.app import ClinicDeclined
 from client.app import app as client_app
+from client.clinic import DP_ACCOUNT_KEY
 from shared.config import config_from_dict
 from shared.errors import ConfigError
 from shared.fedio import build_global_model, expected_shapes, model_arrays

@@ -1,0 +1,158 @@
+"""A clinic's state and its training: the data, model and loaders built once per process, and
+one round of local training or evaluation from the global arrays. Imported by the Message-API
+handlers (`client/app.py`) and by the SecAgg+ legacy path (`client/secagg.py`), so neither
+imports the other.
+
+Where the data is: `node_config["manifest"]` on a real SuperNode (the clinic's own manifest
+with a train/val `split` column, or none and a patient-grouped val split is made), or
+`partition-id` plus the run's `split-dir` in simulation. Everything about the task, model and
+optimiser comes from the server's config record; only the device is decided locally.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, Context
+
+from shared.config import Config
+from shared.data.dataset import make_loader
+from shared.data.manifest import Manifest, read_manifest
+from shared.data.splits import hold_out
+from shared.fedio import (
+    EXAMPLES_KEY,
+    build_global_model,
+    load_model_arrays,
+    round_lr,
+)
+from shared.losses import make_loss
+from shared.metrics import headline
+from shared.models import resolve_device
+from shared.privacy import DpAccount, planned_steps
+from shared.training import Trainer, evaluate, make_optimizer, seed_everything
+
+DP_ACCOUNT_KEY = "dentfed-dp-account"  # the clinic's DP-SGD history, kept across rounds
+log = logging.getLogger("dentfed.client")
+
+
+@dataclass
+class Clinic:
+    """A clinic's data and model, built once per process and reused across rounds (the image
+    cache makes rounds after the first much faster)."""
+
+    cfg: Config
+    train: Manifest
+    val: Manifest
+    model: torch.nn.Module
+    device: torch.device
+    train_loader: torch.utils.data.DataLoader
+    val_loader: torch.utils.data.DataLoader
+    loss_fn: torch.nn.Module
+
+
+_CLINICS: dict[tuple[str, str], Clinic] = {}
+
+
+def clinic_manifest_path(context: Context) -> Path:
+    node = context.node_config
+    if "manifest" in node:
+        return Path(str(node["manifest"]))
+    if "partition-id" in node:
+        split_dir = str(context.run_config.get("split-dir", ""))
+        if not split_dir:
+            raise RuntimeError("simulation run without split-dir in the run config")
+        return Path(split_dir) / f"clinic_{int(node['partition-id'])}" / "manifest.csv"
+    raise RuntimeError("node config has neither 'manifest' nor 'partition-id'")
+
+
+def get_clinic(context: Context, cfg: Config) -> Clinic:
+    path = clinic_manifest_path(context)
+    key = (str(path), cfg.model_dump_json())
+    if key in _CLINICS:
+        return _CLINICS[key]
+    m = read_manifest(path, cfg.task, default_modality=cfg.data.modality)
+    seed = cfg.train.seed
+    if m.splits is not None and (m.splits == "val").any():
+        train, val = m.subset((m.splits == "train").nonzero()[0]), \
+            m.subset((m.splits == "val").nonzero()[0])
+    else:
+        rest, held = hold_out(m, np.arange(len(m)), cfg.data.val_fraction, seed)
+        train, val = m.subset(rest), m.subset(held)
+    device = resolve_device(cfg.train.device)
+    model = build_global_model(cfg).to(device)
+    clinic = Clinic(cfg, train, val, model, device,
+                    make_loader(train, cfg.data, train=True, seed=seed),
+                    make_loader(val, cfg.data, train=False),
+                    make_loss(cfg.task, cfg.train, train.targets,
+                              per_sample=cfg.privacy.dp_sgd is not None).to(device))
+    _CLINICS.clear()  # one clinic per process; drop a previous run's cache
+    _CLINICS[key] = clinic
+    return clinic
+
+
+def local_training(clinic: Clinic, context: Context, global_arrays: ArrayRecord,
+                   server_round: int, mu: float = 0.0) -> dict[str, float]:
+    """One round of the clinic's training from the global arrays (the one driver; DP-SGD when
+    configured); returns the scalar metrics the reply carries."""
+    cfg = clinic.cfg
+    # Seeds depend on the round only, not on how many rounds this process has already run:
+    # a SuperNode starts a fresh ClientApp process per message, a simulation reuses one, and a
+    # resumed federation must see the same batches as an uninterrupted one.
+    seed_everything(cfg.train.seed + 1000 * server_round)
+    if clinic.train_loader.generator is not None:
+        clinic.train_loader.generator.manual_seed(cfg.train.seed + 1000 * server_round)
+    load_model_arrays(clinic.model, global_arrays)
+    clinic.model.to(clinic.device)
+    opt = make_optimizer(clinic.model, cfg.train, lr=round_lr(cfg, server_round))
+    fed, dp = cfg.federation, cfg.privacy.dp_sgd
+    steps = planned_steps(clinic.train_loader, fed.local_epochs, fed.local_steps)
+    account = None
+    if dp is not None:
+        # Accounted over every round this clinic trained in: the history lives in the node's
+        # persistent state. Checked before any step, so a clinic never passes max_epsilon.
+        account = DpAccount.from_record(context.state.config_records.get(DP_ACCOUNT_KEY))
+    t0 = time.perf_counter()
+    with Trainer(clinic.model, clinic.train_loader, clinic.loss_fn, opt, clinic.device,
+                 privacy=dp, planned_steps=steps * fed.rounds, account=account) as trainer:
+        trainer.check_budget(steps)
+        stats = trainer.run(fed.local_epochs, fed.local_steps, proximal_mu=mu)
+        after = trainer.account()
+    values = {
+        "train_loss": stats["loss"],
+        "train_seconds": time.perf_counter() - t0,
+        "examples_seen": stats["examples"],
+        EXAMPLES_KEY: len(clinic.train),
+    }
+    if after is not None and dp is not None and account is not None:
+        # The training loss and the Poisson batch sizes are computed from the training images
+        # outside the DP mechanism: under DP-SGD only the (private) update and epsilon go out.
+        del values["train_loss"], values["examples_seen"]
+        context.state[DP_ACCOUNT_KEY] = after.to_record()
+        values["epsilon"] = after.epsilon(dp.delta)
+        log.info("DP-SGD: %d steps this round, epsilon %.3f (delta %g) over %d steps in all",
+                 after.steps - account.steps, values["epsilon"], dp.delta, after.steps)
+    if cfg.privacy.central is not None:
+        # Client-level DP accounting needs equal weights (FedAvg of clipped updates); the
+        # clinic's dataset size then stays at the clinic.
+        values[EXAMPLES_KEY] = 1
+    return values
+
+
+def evaluate_values(clinic: Clinic, arrays: ArrayRecord) -> dict[str, float]:
+    """The global model on the clinic's validation images: the scalars an evaluate reply
+    carries."""
+    load_model_arrays(clinic.model, arrays)
+    res = evaluate(clinic.model, clinic.val_loader, clinic.loss_fn, clinic.cfg.task,
+                   clinic.device)
+    key = headline(clinic.cfg.task.type)
+    value = res.get(key, float("nan"))
+    return {
+        "val_loss": res["loss"],
+        f"val_{key}": -1.0 if value != value else value,  # -1: undefined on this clinic's val
+        EXAMPLES_KEY: len(clinic.val),
+    }
