@@ -17,7 +17,7 @@ from client.central_dp import central_dp_mod
 from client.clinic import evaluate_values, get_clinic, local_training
 from client.secagg import secagg_mod
 from shared.config import Config
-from shared.fedio import config_from_record, model_arrays
+from shared.fedio import SCAFFOLD_C_KEY, config_from_record, model_arrays
 from shared.privacy import PrivacyBudgetSpent
 from shared.upload import encode_update
 
@@ -70,8 +70,11 @@ def train(msg: Message, context: Context) -> Message:
     cfg, server_round = _reply_config(msg)
     clinic = get_clinic(context, cfg)
     global_arrays = msg.content["arrays"]
-    values = local_training(clinic, context, global_arrays, server_round,
-                            float(msg.content["config"].get("proximal-mu", 0.0)))
+    control = (msg.content[SCAFFOLD_C_KEY] if SCAFFOLD_C_KEY in msg.content.array_records
+               else None)
+    values, extra = local_training(clinic, context, global_arrays, server_round,
+                                   float(msg.content["config"].get("proximal-mu", 0.0)),
+                                   control)
     metrics = MetricRecord(values)
     residual = (context.state[RESIDUAL_KEY] if RESIDUAL_KEY in context.state.array_records
                 else None)
@@ -81,7 +84,7 @@ def train(msg: Message, context: Context) -> Message:
                                    else None)
     if carry is not None:  # error feedback: what int8 rounding dropped goes out next round
         context.state[RESIDUAL_KEY] = ArrayRecord({k: Array(v) for k, v in carry.items()})
-    return Message(content=RecordDict({**records, "metrics": metrics}), reply_to=msg)
+    return Message(content=RecordDict({**records, **extra, "metrics": metrics}), reply_to=msg)
 
 
 @app.evaluate()

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, Context
+from flwr.app import Array, ArrayRecord, Context
 
 from shared.config import Config
 from shared.data.dataset import make_loader
@@ -26,6 +26,7 @@ from shared.data.manifest import Manifest, read_manifest
 from shared.data.splits import hold_out
 from shared.fedio import (
     EXAMPLES_KEY,
+    SCAFFOLD_DELTA_KEY,
     build_global_model,
     load_model_arrays,
     round_lr,
@@ -34,9 +35,19 @@ from shared.losses import make_loss
 from shared.metrics import headline
 from shared.models import resolve_device
 from shared.privacy import DpAccount, planned_steps
-from shared.training import Trainer, evaluate, make_optimizer, seed_everything
+from shared.training import (
+    Trainer,
+    evaluate,
+    load_optimizer_state,
+    make_optimizer,
+    optimizer_state_arrays,
+    seed_everything,
+)
 
-DP_ACCOUNT_KEY = "dentfed-dp-account"  # the clinic's DP-SGD history, kept across rounds
+# The clinic's own persistent Flower state (context.state), kept across rounds, never sent:
+DP_ACCOUNT_KEY = "dentfed-dp-account"  # DP-SGD history
+OPTIMIZER_KEY = "dentfed-optimizer-state"  # federation.keep_optimizer_state
+SCAFFOLD_CI_KEY = "dentfed-scaffold-ci"  # SCAFFOLD: the clinic's control variate c_i
 log = logging.getLogger("dentfed.client")
 
 
@@ -90,15 +101,21 @@ def get_clinic(context: Context, cfg: Config) -> Clinic:
                     make_loader(val, cfg.data, train=False),
                     make_loss(cfg.task, cfg.train, train.targets,
                               per_sample=cfg.privacy.dp_sgd is not None).to(device))
-    _CLINICS.clear()  # one clinic per process; drop a previous run's cache
+    # One run per process: a new config drops the previous run's clinics. A simulation worker
+    # that plays several clinics keeps each one (and its image cache) across rounds.
+    for old in [k for k in _CLINICS if k[1] != key[1]]:
+        del _CLINICS[old]
     _CLINICS[key] = clinic
     return clinic
 
 
 def local_training(clinic: Clinic, context: Context, global_arrays: ArrayRecord,
-                   server_round: int, mu: float = 0.0) -> dict[str, float]:
+                   server_round: int, mu: float = 0.0, control: ArrayRecord | None = None
+                   ) -> tuple[dict[str, float], dict[str, ArrayRecord]]:
     """One round of the clinic's training from the global arrays (the one driver; DP-SGD when
-    configured); returns the scalar metrics the reply carries."""
+    configured). Returns the scalar metrics the reply carries and any array records it carries
+    besides the model (SCAFFOLD's delta c_i). `control`: SCAFFOLD's server variate c (None in
+    round 1: zero)."""
     cfg = clinic.cfg
     # Seeds depend on the round only, not on how many rounds this process has already run:
     # a SuperNode starts a fresh ClientApp process per message, a simulation reuses one, and a
@@ -108,8 +125,13 @@ def local_training(clinic: Clinic, context: Context, global_arrays: ArrayRecord,
         clinic.train_loader.generator.manual_seed(cfg.train.seed + 1000 * server_round)
     load_model_arrays(clinic.model, global_arrays)
     clinic.model.to(clinic.device)
-    opt = make_optimizer(clinic.model, cfg.train, lr=round_lr(cfg, server_round))
+    lr = round_lr(cfg, server_round)
+    opt = make_optimizer(clinic.model, cfg.train, lr=lr)
     fed, dp = cfg.federation, cfg.privacy.dp_sgd
+    if fed.keep_optimizer_state and OPTIMIZER_KEY in context.state.array_records:
+        load_optimizer_state(opt, {k: a.numpy() for k, a in
+                                   context.state[OPTIMIZER_KEY].items()})
+    scaffold = _Scaffold(clinic, context, control) if fed.strategy == "scaffold" else None
     steps = planned_steps(clinic.train_loader, fed.local_epochs, fed.local_steps)
     account = None
     if dp is not None:
@@ -120,8 +142,15 @@ def local_training(clinic: Clinic, context: Context, global_arrays: ArrayRecord,
     with Trainer(clinic.model, clinic.train_loader, clinic.loss_fn, opt, clinic.device,
                  privacy=dp, planned_steps=steps * fed.rounds, account=account) as trainer:
         trainer.check_budget(steps)
-        stats = trainer.run(fed.local_epochs, fed.local_steps, proximal_mu=mu)
+        stats = trainer.run(fed.local_epochs, fed.local_steps, proximal_mu=mu,
+                            grad_correction=scaffold.correction if scaffold else None)
         after = trainer.account()
+    if fed.keep_optimizer_state:
+        context.state[OPTIMIZER_KEY] = ArrayRecord(
+            {k: Array(v) for k, v in optimizer_state_arrays(opt).items()})
+    records = {}
+    if scaffold is not None:
+        records[SCAFFOLD_DELTA_KEY] = scaffold.finish(int(stats["steps"]), lr)
     values = {
         "train_loss": stats["loss"],
         "train_seconds": time.perf_counter() - t0,
@@ -140,7 +169,37 @@ def local_training(clinic: Clinic, context: Context, global_arrays: ArrayRecord,
         # Client-level DP accounting needs equal weights (FedAvg of clipped updates); the
         # clinic's dataset size then stays at the clinic.
         values[EXAMPLES_KEY] = 1
-    return values
+    return values, records
+
+
+class _Scaffold:
+    """The clinic's side of SCAFFOLD for one round: the gradient correction c - c_i, and after
+    K local steps at learning rate lr, c_i+ = c_i - c + (x - y_i) / (K lr) (option II of
+    Karimireddy et al. 2020); c_i+ stays in the clinic's state, c_i+ - c_i is sent."""
+
+    def __init__(self, clinic: Clinic, context: Context, control: ArrayRecord | None):
+        self.context = context
+        self.params = {n: p for n, p in clinic.model.named_parameters() if p.requires_grad}
+        self.start = {n: p.detach().clone() for n, p in self.params.items()}
+        zeros = {n: torch.zeros_like(p) for n, p in self.start.items()}
+
+        def tensors(record: ArrayRecord | None) -> dict[str, torch.Tensor]:
+            if record is None:
+                return zeros
+            return {n: torch.from_numpy(np.array(record[n].numpy(), copy=True)).to(p.device)
+                    for n, p in self.start.items()}
+
+        self.c = tensors(control)
+        self.ci = tensors(context.state[SCAFFOLD_CI_KEY]
+                          if SCAFFOLD_CI_KEY in context.state.array_records else None)
+        self.correction = [(p, self.c[n] - self.ci[n]) for n, p in self.params.items()]
+
+    def finish(self, steps: int, lr: float) -> ArrayRecord:
+        new = {n: self.ci[n] - self.c[n] + (self.start[n] - p.detach()) / (max(steps, 1) * lr)
+               for n, p in self.params.items()}
+        self.context.state[SCAFFOLD_CI_KEY] = ArrayRecord(
+            {n: Array(v.cpu().numpy()) for n, v in new.items()})
+        return ArrayRecord({n: Array((new[n] - self.ci[n]).cpu().numpy()) for n in new})
 
 
 def evaluate_values(clinic: Clinic, arrays: ArrayRecord) -> dict[str, float]:

@@ -54,7 +54,8 @@ class ClinicNumPyClient(NumPyClient):
     def fit(self, parameters, config):
         try:
             clinic, rnd = self._clinic(config)
-            values = local_training(clinic, self.context, self._record(clinic, parameters), rnd)
+            values, _ = local_training(clinic, self.context, self._record(clinic, parameters),
+                                       rnd)  # SecAgg+ runs plain FedAvg: no extra records
         except Exception as e:  # same rule as the Message-API handlers: type only
             log.exception("clinic fit (SecAgg+) failed")
             raise RuntimeError(f"fit failed at the clinic ({type(e).__name__}); details are "

@@ -35,6 +35,7 @@ from shared.data.dataset import make_loader
 from shared.data.manifest import read_manifest
 from shared.errors import DentfedError
 from shared.fedio import (
+    SCAFFOLD_DELTA_KEY,
     arrays_nbytes,
     build_global_model,
     check_arrays,
@@ -215,8 +216,14 @@ class RecordingGrid:
         """Turn a (possibly quantised) update into fp32 weights in place for the strategy;
         a one-line reason when it is malformed."""
         records = dict(reply.content.array_records)
-        if "arrays" not in records or sent is None or set(records) - {"arrays", SCALES_KEY}:
+        extra = set(records) - {"arrays", SCALES_KEY, SCAFFOLD_DELTA_KEY}
+        if "arrays" not in records or sent is None or extra:
             return f"array records {sorted(records)}, expected 'arrays'"
+        if SCAFFOLD_DELTA_KEY in records:
+            delta = records.pop(SCAFFOLD_DELTA_KEY)
+            problem = check_arrays(delta, {k: s for k, s in self._shapes.items() if k in delta})
+            if problem:
+                return f"{SCAFFOLD_DELTA_KEY}: {problem}"
         try:
             decoded = decode_update(records, sent)
         except (ValueError, KeyError) as e:

@@ -7,6 +7,8 @@ same local weights file (checked by sha256) or the same seed, so they never leav
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord
@@ -17,6 +19,11 @@ from shared.models import build_model, trainable_state_keys
 
 CONFIG_KEY = "dentfed-config"
 EXAMPLES_KEY = "num-examples"
+# SCAFFOLD: the server's control variate (server -> clinic, with the global arrays) and a
+# clinic's change of its own variate (clinic -> server, with its weights); trainable
+# parameters only.
+SCAFFOLD_C_KEY = "scaffold-c"
+SCAFFOLD_DELTA_KEY = "scaffold-delta-c"
 
 
 def exchanged_keys(model: nn.Module) -> list[str]:
@@ -79,8 +86,18 @@ def config_from_record(record: ConfigRecord) -> Config:
 
 
 def round_lr(cfg: Config, server_round: int) -> float:
-    """Learning-rate schedule across rounds: lr * lr_decay^(round - 1)."""
-    return cfg.train.lr * cfg.federation.lr_decay ** max(server_round - 1, 0)
+    """The clinics' learning rate in `server_round` (1-based): train.lr * lr_decay^(round-1),
+    with a linear warm-up over federation.warmup_rounds and, with lr_schedule cosine, a cosine
+    decay over the remaining rounds (the last round trains at a small, non-zero rate)."""
+    fed = cfg.federation
+    r = max(server_round, 1)
+    lr = cfg.train.lr * fed.lr_decay ** (r - 1)
+    if r <= fed.warmup_rounds:
+        return lr * r / (fed.warmup_rounds + 1)
+    if fed.lr_schedule == "cosine":
+        span = max(fed.rounds - fed.warmup_rounds, 1)
+        lr *= 0.5 * (1 + math.cos(math.pi * (r - 1 - fed.warmup_rounds) / span))
+    return lr
 
 
 def build_global_model(cfg: Config) -> nn.Module:

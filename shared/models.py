@@ -9,6 +9,7 @@ exactly what a clinic would send.
 from __future__ import annotations
 
 import hashlib
+import math
 from pathlib import Path
 
 import torch
@@ -212,6 +213,21 @@ def make_dp_compatible(model: nn.Module) -> nn.Module:
     return model
 
 
+def group_norm(model: nn.Module) -> nn.Module:
+    """`model.norm: group`: every BatchNorm of a trainable stage becomes GroupNorm with
+    gcd(32, C) groups (32 for ResNets, as Wu & He 2018), with default affine init.
+    BatchNorm in frozen stages stays (eval mode, fixed statistics). Call after freezing."""
+    frozen = list(frozen_prefixes(model))
+    for name, mod in list(model.named_modules()):
+        if name and isinstance(mod, nn.modules.batchnorm._BatchNorm) and not _under(name,
+                                                                                  frozen):
+            parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+            setattr(parent, name.rsplit(".", 1)[-1],
+                    nn.GroupNorm(math.gcd(32, mod.num_features), mod.num_features,
+                                 affine=mod.affine))
+    return model
+
+
 def build_model(cfg: ModelConfig, num_outputs: int, image_size: int = 224,
                 load_weights: bool = True, dp_compatible: bool = False) -> nn.Module:
     """Build the task model: architecture, local pretrained weights, new head, frozen stages;
@@ -241,6 +257,8 @@ def build_model(cfg: ModelConfig, num_outputs: int, image_size: int = 224,
         _replace_head(model, num_outputs, cfg.dropout)
     if cfg.freeze:
         freeze_stages(model, cfg.freeze)
+    if cfg.norm == "group":
+        group_norm(model)
     if dp_compatible:
         model = make_dp_compatible(model)
     return model

@@ -58,6 +58,30 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, lr: float | None = None
                              amsgrad=cfg.amsgrad)
 
 
+def optimizer_state_arrays(optimizer: torch.optim.Optimizer) -> dict[str, np.ndarray]:
+    """The optimiser's per-parameter state (momentum buffers, Adam moments and step counts) as
+    named arrays '<param index>.<name>', e.g. for a clinic's persistent Flower state."""
+    out = {}
+    for i, st in optimizer.state_dict()["state"].items():
+        for name, v in st.items():
+            out[f"{i}.{name}"] = (v.detach().cpu().numpy().copy() if torch.is_tensor(v)
+                                  else np.asarray(v))
+    return out
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, arrays: dict[str, np.ndarray]
+                         ) -> None:
+    """Restore what `optimizer_state_arrays` saved; the optimiser's own hyper-parameters (this
+    round's learning rate) are kept."""
+    sd = optimizer.state_dict()
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, a in arrays.items():
+        i, name = key.split(".", 1)
+        state.setdefault(int(i), {})[name] = torch.from_numpy(np.array(a, copy=True))
+    sd["state"] = state
+    optimizer.load_state_dict(sd)
+
+
 def train_one_epoch(
     model: nn.Module,
     loader: DataLoader,
