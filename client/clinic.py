@@ -12,13 +12,14 @@ optimiser comes from the server's config record; only the device is decided loca
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, Context
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context
 
 from shared.config import Config
 from shared.data.dataset import make_loader
@@ -48,6 +49,8 @@ from shared.training import (
 DP_ACCOUNT_KEY = "dentfed-dp-account"  # DP-SGD history
 OPTIMIZER_KEY = "dentfed-optimizer-state"  # federation.keep_optimizer_state
 SCAFFOLD_CI_KEY = "dentfed-scaffold-ci"  # SCAFFOLD: the clinic's control variate c_i
+STATE_ROUND_KEY = "dentfed-state-round"  # the round after which those were saved
+ROUND_STATE = (OPTIMIZER_KEY, SCAFFOLD_CI_KEY)
 log = logging.getLogger("dentfed.client")
 
 
@@ -79,6 +82,67 @@ def clinic_manifest_path(context: Context) -> Path:
             raise RuntimeError("simulation run without split-dir in the run config")
         return Path(split_dir) / f"clinic_{int(node['partition-id'])}" / "manifest.csv"
     raise RuntimeError("node config has neither 'manifest' nor 'partition-id'")
+
+
+def clinic_state_dir(context: Context) -> Path | None:
+    """Where the clinic mirrors its private round state on its own disk: node config
+    `state-dir` on a real SuperNode, `<split-dir>/clinic_<k>/state` in simulation."""
+    node = context.node_config
+    if "state-dir" in node:
+        return Path(str(node["state-dir"]))
+    split_dir = str(context.run_config.get("split-dir", ""))
+    if "partition-id" in node and split_dir:
+        return Path(split_dir) / f"clinic_{int(node['partition-id'])}" / "state"
+    return None
+
+
+def restore_round_state(context: Context, server_round: int) -> None:
+    """Before training round t, the clinic's optimiser state and SCAFFOLD variate must be
+    those after its last round before t. Flower's context.state holds them within one Flower
+    run; a resumed federation is a new Flower run (empty state), and a retried round must not
+    continue from the failed attempt: then the newest file saved after a round < t is read."""
+    rec = context.state.config_records.get(STATE_ROUND_KEY)
+    have = int(rec["round"]) if rec is not None else None
+    if have is not None and have < server_round:
+        return
+    for key in ROUND_STATE:
+        if key in context.state.array_records:
+            del context.state[key]
+    if STATE_ROUND_KEY in context.state.config_records:
+        del context.state[STATE_ROUND_KEY]
+    folder = clinic_state_dir(context)
+    saved = sorted((int(p.stem.rsplit("_", 1)[1]), p) for p in folder.glob("after_round_*.pt")
+                   ) if folder is not None and folder.is_dir() else []
+    saved = [(r, p) for r, p in saved if r < server_round]
+    if not saved:
+        if have is not None or server_round > 1:
+            log.warning("round %d: no saved clinic state from an earlier round; the "
+                        "optimiser/control variate start fresh", server_round)
+        return
+    r, path = saved[-1]
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for key, arrays in state.items():
+        context.state[key] = ArrayRecord({k: Array(t.numpy()) for k, t in arrays.items()})
+    context.state[STATE_ROUND_KEY] = ConfigRecord({"round": r})
+
+
+def save_round_state(context: Context, server_round: int) -> None:
+    """After training round t: mark the state with t and mirror it to the clinic's state
+    folder (atomic write; the last 3 rounds are kept)."""
+    context.state[STATE_ROUND_KEY] = ConfigRecord({"round": server_round})
+    folder = clinic_state_dir(context)
+    keys = [k for k in ROUND_STATE if k in context.state.array_records]
+    if folder is None or not keys:
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: {n: torch.from_numpy(a.numpy().copy()) for n, a in context.state[k].items()}
+             for k in keys}
+    tmp = folder / f".after_round_{server_round}.pt.tmp-{os.getpid()}"
+    torch.save(state, tmp)
+    os.replace(tmp, folder / f"after_round_{server_round}.pt")
+    for old in folder.glob("after_round_*.pt"):
+        if int(old.stem.rsplit("_", 1)[1]) <= server_round - 3:
+            old.unlink(missing_ok=True)
 
 
 def get_clinic(context: Context, cfg: Config) -> Clinic:
@@ -128,6 +192,9 @@ def local_training(clinic: Clinic, context: Context, global_arrays: ArrayRecord,
     lr = round_lr(cfg, server_round)
     opt = make_optimizer(clinic.model, cfg.train, lr=lr)
     fed, dp = cfg.federation, cfg.privacy.dp_sgd
+    keeps_state = fed.keep_optimizer_state or fed.strategy == "scaffold"
+    if keeps_state:
+        restore_round_state(context, server_round)
     if fed.keep_optimizer_state and OPTIMIZER_KEY in context.state.array_records:
         load_optimizer_state(opt, {k: a.numpy() for k, a in
                                    context.state[OPTIMIZER_KEY].items()})
@@ -151,6 +218,8 @@ def local_training(clinic: Clinic, context: Context, global_arrays: ArrayRecord,
     records = {}
     if scaffold is not None:
         records[SCAFFOLD_DELTA_KEY] = scaffold.finish(int(stats["steps"]), lr)
+    if keeps_state:
+        save_round_state(context, server_round)
     values = {
         "train_loss": stats["loss"],
         "train_seconds": time.perf_counter() - t0,
