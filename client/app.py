@@ -92,5 +92,5 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate_local(msg: Message, context: Context) -> Message:
     cfg, _ = _reply_config(msg)
     clinic = get_clinic(context, cfg)
-    metrics = MetricRecord(evaluate_values(clinic, msg.content["arrays"]))
+    metrics = MetricRecord(evaluate_values(clinic, msg.content["arrays"], context))
     return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)

@@ -30,6 +30,7 @@ from shared.fedio import (
     SCAFFOLD_DELTA_KEY,
     build_global_model,
     load_model_arrays,
+    local_state,
     round_lr,
 )
 from shared.losses import make_loss
@@ -49,8 +50,9 @@ from shared.training import (
 DP_ACCOUNT_KEY = "dentfed-dp-account"  # DP-SGD history
 OPTIMIZER_KEY = "dentfed-optimizer-state"  # federation.keep_optimizer_state
 SCAFFOLD_CI_KEY = "dentfed-scaffold-ci"  # SCAFFOLD: the clinic's control variate c_i
+LOCAL_BN_KEY = "dentfed-local-bn"  # FedBN: the clinic's own BatchNorm state
 STATE_ROUND_KEY = "dentfed-state-round"  # the round after which those were saved
-ROUND_STATE = (OPTIMIZER_KEY, SCAFFOLD_CI_KEY)
+ROUND_STATE = (OPTIMIZER_KEY, SCAFFOLD_CI_KEY, LOCAL_BN_KEY)
 log = logging.getLogger("dentfed.client")
 
 
@@ -67,6 +69,18 @@ class Clinic:
     train_loader: torch.utils.data.DataLoader
     val_loader: torch.utils.data.DataLoader
     loss_fn: torch.nn.Module
+    initial_local: dict[str, torch.Tensor]  # FedBN: the BatchNorm state before any round
+
+    def load(self, context: Context, arrays: ArrayRecord) -> None:
+        """The global arrays into the model, plus (FedBN) the clinic's own BatchNorm state
+        from its persistent state, or the initial one before its first round."""
+        load_model_arrays(self.model, arrays)
+        if self.initial_local:
+            own = (
+                {k: torch.from_numpy(a.numpy().copy())
+                 for k, a in context.state[LOCAL_BN_KEY].items()}
+                if LOCAL_BN_KEY in context.state.array_records else self.initial_local)
+            self.model.load_state_dict(own, strict=False)
 
 
 _CLINICS: dict[tuple[str, str], Clinic] = {}
@@ -164,7 +178,8 @@ def get_clinic(context: Context, cfg: Config) -> Clinic:
                     make_loader(train, cfg.data, train=True, seed=seed),
                     make_loader(val, cfg.data, train=False),
                     make_loss(cfg.task, cfg.train, train.targets,
-                              per_sample=cfg.privacy.dp_sgd is not None).to(device))
+                              per_sample=cfg.privacy.dp_sgd is not None).to(device),
+                    local_state(model))
     # One run per process: a new config drops the previous run's clinics. A simulation worker
     # that plays several clinics keeps each one (and its image cache) across rounds.
     for old in [k for k in _CLINICS if k[1] != key[1]]:
@@ -187,14 +202,14 @@ def local_training(clinic: Clinic, context: Context, global_arrays: ArrayRecord,
     seed_everything(cfg.train.seed + 1000 * server_round)
     if clinic.train_loader.generator is not None:
         clinic.train_loader.generator.manual_seed(cfg.train.seed + 1000 * server_round)
-    load_model_arrays(clinic.model, global_arrays)
+    fed, dp = cfg.federation, cfg.privacy.dp_sgd
+    keeps_state = fed.keep_optimizer_state or fed.strategy == "scaffold" or fed.local_bn
+    if keeps_state:
+        restore_round_state(context, server_round)
+    clinic.load(context, global_arrays)
     clinic.model.to(clinic.device)
     lr = round_lr(cfg, server_round)
     opt = make_optimizer(clinic.model, cfg.train, lr=lr)
-    fed, dp = cfg.federation, cfg.privacy.dp_sgd
-    keeps_state = fed.keep_optimizer_state or fed.strategy == "scaffold"
-    if keeps_state:
-        restore_round_state(context, server_round)
     if fed.keep_optimizer_state and OPTIMIZER_KEY in context.state.array_records:
         load_optimizer_state(opt, {k: a.numpy() for k, a in
                                    context.state[OPTIMIZER_KEY].items()})
@@ -215,6 +230,9 @@ def local_training(clinic: Clinic, context: Context, global_arrays: ArrayRecord,
     if fed.keep_optimizer_state:
         context.state[OPTIMIZER_KEY] = ArrayRecord(
             {k: Array(v) for k, v in optimizer_state_arrays(opt).items()})
+    if fed.local_bn:
+        context.state[LOCAL_BN_KEY] = ArrayRecord(
+            {k: Array(v.numpy()) for k, v in local_state(clinic.model).items()})
     records = {}
     if scaffold is not None:
         records[SCAFFOLD_DELTA_KEY] = scaffold.finish(int(stats["steps"]), lr)
@@ -271,10 +289,11 @@ class _Scaffold:
         return ArrayRecord({n: Array((new[n] - self.ci[n]).cpu().numpy()) for n in new})
 
 
-def evaluate_values(clinic: Clinic, arrays: ArrayRecord) -> dict[str, float]:
-    """The global model on the clinic's validation images: the scalars an evaluate reply
-    carries."""
-    load_model_arrays(clinic.model, arrays)
+def evaluate_values(clinic: Clinic, arrays: ArrayRecord, context: Context
+                    ) -> dict[str, float]:
+    """The global model (under FedBN with the clinic's own BatchNorm) on the clinic's
+    validation images: the scalars an evaluate reply carries."""
+    clinic.load(context, arrays)
     res = evaluate(clinic.model, clinic.val_loader, clinic.loss_fn, clinic.cfg.task,
                    clinic.device)
     key = headline(clinic.cfg.task.type)

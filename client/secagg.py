@@ -67,7 +67,7 @@ class ClinicNumPyClient(NumPyClient):
     def evaluate(self, parameters, config):
         try:
             clinic, _ = self._clinic(config)
-            values = evaluate_values(clinic, self._record(clinic, parameters))
+            values = evaluate_values(clinic, self._record(clinic, parameters), self.context)
         except Exception as e:
             log.exception("clinic evaluate (SecAgg+) failed")
             raise RuntimeError(f"evaluate failed at the clinic ({type(e).__name__}); details "

@@ -47,7 +47,7 @@ from shared.fedio import (
 )
 from shared.losses import make_loss
 from shared.metrics import headline
-from shared.models import resolve_device
+from shared.models import batch_statistics, local_prefixes, resolve_device
 from shared.training import evaluate
 from shared.upload import SCALES_KEY, decode_update
 
@@ -272,7 +272,11 @@ class CentralEvaluator:
                            f"({problem}); the strategy diverged: lower federation.server_lr "
                            "or use another strategy")
         load_model_arrays(self.model, arrays)
-        res = evaluate(self.model, self.loader, self.loss_fn, self.cfg.task, self.device)
+        # FedBN: no clinic's BatchNorm ever reaches the server; each test batch is normalised
+        # by its own statistics (affine at its initial value). The clinics' evaluate replies,
+        # with their own BatchNorm, are the FedBN figures (docs/federated-quality.md).
+        with batch_statistics(self.model, local_prefixes(self.model)):
+            res = evaluate(self.model, self.loader, self.loss_fn, self.cfg.task, self.device)
         self.history[server_round] = res
         value = res.get(self.key, float("nan"))
         state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}

@@ -129,6 +129,9 @@ class FederationConfig(_Strict):
     # Each clinic keeps its optimiser state (SGD momentum, Adam moments) from one round to the
     # next in its own persistent Flower state; it never leaves the clinic.
     keep_optimizer_state: bool = False
+    # FedBN (Li et al. 2021): BatchNorm weights, biases and running statistics stay at each
+    # clinic (never sent, never averaged); the clinic keeps its own between rounds.
+    local_bn: bool = False
     # Upload encoding of clinic updates: fp32 (exact), fp16, or int8 deltas with error feedback.
     upload: Literal["fp32", "fp16", "int8"] = "fp32"
     proximal_mu: float = Field(default=0.01, ge=0)
@@ -295,6 +298,9 @@ class Config(_Strict):
                 raise ValueError("privacy.secagg cannot be combined with dp_sgd or central yet "
                                  "(the SecAgg+ path reports no per-clinic epsilon and the server "
                                  "cannot clip what it cannot see)")
+        if f.local_bn and (self.privacy.secagg is not None or c is not None):
+            raise ValueError("federation.local_bn cannot be combined with privacy.secagg or "
+                             "privacy.central yet")
         if self.privacy.dp_sgd is not None:
             if self.train.loss not in DP_LOSSES:
                 raise ValueError(f"train.loss '{self.train.loss}' cannot be used with "

@@ -15,7 +15,13 @@ from flwr.app import ArrayRecord, ConfigRecord
 from torch import nn
 
 from shared.config import Config, config_from_yaml, dump_config
-from shared.models import build_model, trainable_state_keys
+from shared.models import (
+    batchnorm_names,
+    build_model,
+    local_prefixes,
+    mark_local,
+    trainable_state_keys,
+)
 
 CONFIG_KEY = "dentfed-config"
 EXAMPLES_KEY = "num-examples"
@@ -28,8 +34,18 @@ SCAFFOLD_DELTA_KEY = "scaffold-delta-c"
 
 def exchanged_keys(model: nn.Module) -> list[str]:
     """Trainable state minus BatchNorm step counters (ints that averaging would turn to floats
-    and that nothing uses with a fixed momentum)."""
-    return [k for k in trainable_state_keys(model) if not k.endswith("num_batches_tracked")]
+    and that nothing uses with a fixed momentum) and minus what stays local (FedBN: every
+    BatchNorm key)."""
+    local = local_prefixes(model)
+    return [k for k in trainable_state_keys(model) if not k.endswith("num_batches_tracked")
+            and not any(k.startswith(p + ".") for p in local)]
+
+
+def local_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state that never leaves the clinic under FedBN (BatchNorm of trainable stages)."""
+    local = local_prefixes(model)
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()
+            if any(k.startswith(p + ".") for p in local)}
 
 
 def model_arrays(model: nn.Module) -> ArrayRecord:
@@ -104,5 +120,8 @@ def build_global_model(cfg: Config) -> nn.Module:
     """The task model, seeded so every party builds identical frozen stages (Opacus-compatible
     normalisation under privacy.dp_sgd, so clinics and server exchange the same arrays)."""
     torch.manual_seed(cfg.train.seed)
-    return build_model(cfg.model, len(cfg.task.labels), cfg.data.image_size,
-                       dp_compatible=cfg.privacy.dp_sgd is not None)
+    model = build_model(cfg.model, len(cfg.task.labels), cfg.data.image_size,
+                        dp_compatible=cfg.privacy.dp_sgd is not None)
+    if cfg.federation.local_bn:
+        mark_local(model, batchnorm_names(model))
+    return model

@@ -8,8 +8,10 @@ exactly what a clinic would send.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -26,6 +28,7 @@ VIT_SIZES = {  # hidden_dim, depth, heads, mlp_dim (DeiT-style tiny/small, ViT-B
     "base": (768, 12, 12, 3072),
 }
 FROZEN_ATTR = "_dentfed_frozen_prefixes"
+LOCAL_ATTR = "_dentfed_local_prefixes"  # FedBN: modules whose state stays at each clinic
 
 
 def _vit(cfg: ModelConfig, image_size: int, num_outputs: int) -> VisionTransformer:
@@ -99,6 +102,36 @@ def set_train_mode(model: nn.Module) -> None:
         for name, mod in inner.named_modules():
             if _under(name, prefixes):
                 mod.eval()
+
+
+def batchnorm_names(model: nn.Module) -> list[str]:
+    """Names of the BatchNorm modules outside frozen stages (FedBN keeps these local)."""
+    frozen = list(frozen_prefixes(model))
+    return [n for n, m in model.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and not _under(n, frozen)]
+
+
+def mark_local(model: nn.Module, prefixes: list[str]) -> None:
+    setattr(model, LOCAL_ATTR, tuple(prefixes))
+
+
+def local_prefixes(model: nn.Module) -> tuple[str, ...]:
+    return getattr(model, LOCAL_ATTR, ())
+
+
+@contextlib.contextmanager
+def batch_statistics(model: nn.Module, names: list[str] | tuple[str, ...]) -> Iterator[None]:
+    """Within the block, the named BatchNorm modules normalise every batch by its own
+    statistics, also in eval mode (their running statistics are set aside and restored)."""
+    mods = [model.get_submodule(n) for n in names]
+    saved = [(m.running_mean, m.running_var) for m in mods]
+    try:
+        for m in mods:
+            m.running_mean, m.running_var = None, None
+        yield
+    finally:
+        for m, (mean, var) in zip(mods, saved, strict=True):
+            m.running_mean, m.running_var = mean, var
 
 
 def trainable_state_keys(model: nn.Module) -> list[str]:

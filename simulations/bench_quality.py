@@ -36,7 +36,10 @@ import numpy as np
 import yaml
 from flwr.app import Context, Message, RecordDict
 
+from client.app import app as client_app
+from server.federation import run_federation
 from shared.config import Config, config_from_dict, load_config
+from shared.data.manifest import read_manifest
 from shared.experiment import load_task_manifest, train_fold
 from shared.metrics import headline
 from simulations.compare import budget_config
@@ -53,7 +56,6 @@ class InProcessGrid:
     def __init__(self, split_dir: Path, n: int):
         from flwr.supercore.task_identity import TaskIdentity
 
-        from client.app import app as client_app
 
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
         self.app = client_app
@@ -100,8 +102,6 @@ def _override(cfg: Config, spec: str) -> Config:
 def run_in_process(cfg: Config, split_dir: Path) -> dict:
     """One federation with the real server loop and real ClientApp, in this process: central
     history per round (metric and loss)."""
-    from server.federation import run_federation
-
     grid = InProcessGrid(split_dir, cfg.split.clinics)
     res = run_federation(grid, cfg, split_dir / "server_test.csv")
     return {r: {"metric": h.get(res.evaluator.key, math.nan), "loss": h["loss"]}
@@ -126,6 +126,9 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--variant", action="append", default=[],
                     help="name:section.key=value,... (repeatable); name alone = the config")
+    ap.add_argument("--pooled-value", type=float,
+                    help="the pooled figure from an earlier run of this script (same config, "
+                    "split and seeds): no pooled row is trained")
     ap.add_argument("--pooled", default="",
                     help="overrides for the pooled row (e.g. train.optimizer=sgd); "
                     "'skip' = no pooled row")
@@ -143,10 +146,9 @@ def main(argv: list[str] | None = None) -> str:
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         split = prepare_split(base, m.source, Path(tmp) / "split")
         parts = {s: np.concatenate([p[s] for p in split.clinics]) for s in ("train", "val")}
-        from shared.data.manifest import read_manifest
         test_m = read_manifest(Path(tmp) / "split" / "server_test.csv", base.task,
                                default_modality=base.data.modality)
-        if args.pooled != "skip":
+        if args.pooled != "skip" and args.pooled_value is None:
             pcfg = _override(base, args.pooled)
             for seed in seeds:
                 t0 = time.perf_counter()
@@ -176,7 +178,8 @@ def main(argv: list[str] | None = None) -> str:
                 print(f"{name} seed {seed}: {key} {last['metric']:.4f} "
                       f"({time.perf_counter() - t0:.0f} s); rounds "
                       + " ".join(f"{a:.3f}/{b:.2f}" for a, b in r["curve"]), flush=True)
-    pooled = np.mean(rows["Pooled"]["values"]) if "Pooled" in rows else math.nan
+    pooled = (np.mean(rows["Pooled"]["values"]) if "Pooled" in rows
+              else args.pooled_value if args.pooled_value is not None else math.nan)
     lines = [f"| method | overrides | pooled-test {key} | / pooled | central {key}/loss by "
              "round (seed " + str(seeds[0]) + ") | s/seed |", "|---|---|---|---|---|---|"]
     for name, r in rows.items():

@@ -237,3 +237,33 @@ def test_resume_is_exact_with_scaffold_and_kept_client_optimizer_state(tmp_path)
     a, b = straight.evaluator.final_state, resumed.evaluator.final_state
     assert max(float((a[k] - b[k]).abs().max()) for k in a) == 0.0
     assert straight.evaluator.history[3] == resumed.evaluator.history[3]
+
+
+def test_fedbn_replies_carry_no_batchnorm_and_the_clinic_keeps_its_own(tiny_manifest):
+    import client.clinic as clinic_mod
+    from client.clinic import LOCAL_BN_KEY
+
+    cfg = _cfg(local_bn=True, local_steps=2)
+    model = build_global_model(cfg)
+    bn = {n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)}
+    start = model_arrays(model)
+    assert start and not any(k.rsplit(".", 1)[0] in bn for k in start)
+    ctx = _ctx(tiny_manifest)
+    r1 = client_app(_msg(cfg, start, 1), ctx)
+    assert not r1.has_error(), r1.error
+    assert set(r1.content["arrays"]) == set(start)  # no BatchNorm key leaves the clinic
+    own = {k: a.numpy().copy() for k, a in ctx.state[LOCAL_BN_KEY].items()}
+    assert any(k.endswith("layer4.1.bn2.running_mean") for k in own)
+    assert not np.allclose(own["layer4.1.bn2.running_mean"], 0)  # trained, not initial
+    clinic_mod._CLINICS.clear()  # a new ClientApp process: only context.state survives
+    ev = client_app(_msg(cfg, r1.content["arrays"], 1, kind="evaluate"), ctx)
+    assert not ev.has_error(), ev.error
+    (clinic,) = clinic_mod._CLINICS.values()
+    state = clinic.model.state_dict()
+    for k, v in own.items():
+        assert np.array_equal(state[k].numpy(), v), k
+    r2 = client_app(_msg(cfg, r1.content["arrays"], 2), ctx)
+    assert not r2.has_error(), r2.error
+    # round 2 started from the kept BatchNorm: its statistics moved on from round 1's
+    later = ctx.state[LOCAL_BN_KEY]["layer4.1.bn2.num_batches_tracked"].numpy()
+    assert int(later) == int(own["layer4.1.bn2.num_batches_tracked"]) + 2
