@@ -136,6 +136,8 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--out", help="write the table (markdown) here")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    logging.getLogger("dentfed.server").setLevel(logging.INFO)  # one line per round
+    logging.getLogger("flwr").setLevel(logging.WARNING)
     base = load_config(args.config)
     seeds = [int(s) for s in args.seeds.split(",")]
     variants = [(v.partition(":")[0], v.partition(":")[2]) for v in args.variant] or \

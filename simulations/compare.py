@@ -44,7 +44,7 @@ from shared.errors import ConfigError, DentfedError
 from shared.experiment import load_task_manifest, train_fold
 from shared.fedio import build_global_model
 from shared.metrics import headline
-from shared.models import resolve_device
+from shared.models import batch_statistics, local_prefixes, resolve_device
 from shared.report import write_json, write_text_atomic
 from shared.training import evaluate
 from simulations.partition import ClinicSplit
@@ -203,8 +203,9 @@ def score(model: torch.nn.Module, cfg: Config, loaders: dict[str, DataLoader]
     device = resolve_device(cfg.train.device)
     model.to(device)
     key = headline(cfg.task.type)
-    out = {name: float(evaluate(model, dl, None, cfg.task, device).get(key, math.nan))
-           for name, dl in loaders.items()}
+    with batch_statistics(model, local_prefixes(model)):  # FedBN: as the server evaluates
+        out = {name: float(evaluate(model, dl, None, cfg.task, device).get(key, math.nan))
+               for name, dl in loaders.items()}
     model.cpu()
     return out
 
