@@ -14,10 +14,16 @@ from flwr.clientapp import ClientApp
 
 from client.audit import audit_mod
 from client.central_dp import central_dp_mod
-from client.clinic import evaluate_values, get_clinic, local_training
+from client.clinic import bn_statistics, evaluate_values, get_clinic, local_training
 from client.secagg import secagg_mod
 from shared.config import Config
-from shared.fedio import SCAFFOLD_C_KEY, config_from_record, model_arrays
+from shared.fedio import (
+    BN_EXAMPLES_KEY,
+    BN_STATS_KEY,
+    SCAFFOLD_C_KEY,
+    config_from_record,
+    model_arrays,
+)
 from shared.privacy import PrivacyBudgetSpent
 from shared.upload import encode_update
 
@@ -90,7 +96,14 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 @private_errors
 def evaluate_local(msg: Message, context: Context) -> Message:
-    cfg, _ = _reply_config(msg)
+    cfg, server_round = _reply_config(msg)
     clinic = get_clinic(context, cfg)
-    metrics = MetricRecord(evaluate_values(clinic, msg.content["arrays"], context))
-    return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
+    values = evaluate_values(clinic, msg.content["arrays"], context)
+    content = RecordDict()
+    if cfg.federation.bn_recalibration:
+        stats, n = bn_statistics(clinic, context, msg.content["arrays"], server_round)
+        if len(stats):
+            content[BN_STATS_KEY] = stats
+            values[BN_EXAMPLES_KEY] = n
+    content["metrics"] = MetricRecord(values)
+    return Message(content=content, reply_to=msg)

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context
+from torch.utils.data import DataLoader
 
 from shared.config import Config
 from shared.data.dataset import make_loader
@@ -35,7 +36,7 @@ from shared.fedio import (
 )
 from shared.losses import make_loss
 from shared.metrics import headline
-from shared.models import resolve_device
+from shared.models import batchnorm_names, resolve_device, set_train_mode
 from shared.privacy import DpAccount, planned_steps
 from shared.training import (
     Trainer,
@@ -287,6 +288,38 @@ class _Scaffold:
         self.context.state[SCAFFOLD_CI_KEY] = ArrayRecord(
             {n: Array(v.cpu().numpy()) for n, v in new.items()})
         return ArrayRecord({n: Array((new[n] - self.ci[n]).cpu().numpy()) for n in new})
+
+
+@torch.no_grad()
+def bn_statistics(clinic: Clinic, context: Context, arrays: ArrayRecord, server_round: int
+                  ) -> tuple[ArrayRecord, int]:
+    """federation.bn_recalibration: the BatchNorm statistics the global model has on this
+    clinic's training images (one pass, cumulative averages, no weight changes; frozen stages
+    keep theirs): per-channel means and variances only, like the running statistics a
+    FedAvg update already carries."""
+    clinic.load(context, arrays)
+    model = clinic.model
+    names = set(batchnorm_names(model))
+    bns = {n: m for n, m in model.named_modules() if n in names}
+    saved = {n: m.momentum for n, m in bns.items()}
+    for m in bns.values():
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average over the pass
+    set_train_mode(model)
+    seed_everything(clinic.cfg.train.seed + 1000 * server_round + 500)  # augmentation
+    seen = 0
+    try:
+        for x, _ in DataLoader(clinic.train_loader.dataset,
+                               batch_size=clinic.train_loader.batch_size):
+            model(x.to(clinic.device))
+            seen += len(x)
+    finally:
+        for n, m in bns.items():
+            m.momentum = saved[n]
+        model.eval()
+    state = model.state_dict()
+    keys = [f"{n}.{s}" for n in bns for s in ("running_mean", "running_var")]
+    return ArrayRecord({k: Array(state[k].detach().cpu().numpy()) for k in keys}), seen
 
 
 def evaluate_values(clinic: Clinic, arrays: ArrayRecord, context: Context

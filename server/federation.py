@@ -35,6 +35,8 @@ from shared.data.dataset import make_loader
 from shared.data.manifest import read_manifest
 from shared.errors import DentfedError
 from shared.fedio import (
+    BN_EXAMPLES_KEY,
+    BN_STATS_KEY,
     SCAFFOLD_DELTA_KEY,
     arrays_nbytes,
     build_global_model,
@@ -43,6 +45,7 @@ from shared.fedio import (
     expected_shapes,
     full_model_nbytes,
     load_model_arrays,
+    mixture_statistics,
     model_arrays,
 )
 from shared.losses import make_loss
@@ -379,6 +382,8 @@ def run_federation(grid: Grid, cfg: Config, test_manifest: str | Path,
             replies = list(wgrid.send_and_receive(
                 strategy.configure_evaluate(rnd, arrays, ConfigRecord(dict(eval_cfg)), wgrid),
                 timeout=fed.round_timeout))
+            if fed.bn_recalibration:
+                arrays = recalibrated(arrays, replies, expected_shapes(model), rnd)
             if replies:
                 agg = strategy.aggregate_evaluate(rnd, replies)
                 if agg is not None:
@@ -406,6 +411,36 @@ def run_federation(grid: Grid, cfg: Config, test_manifest: str | Path,
     return FederationResult(cfg, evaluator, recorder, train_agg, eval_agg,
                             seconds_before + time.perf_counter() - t0, full_model_nbytes(model),
                             arrays_nbytes(arrays), stopped, central)
+
+
+def recalibrated(arrays: ArrayRecord, replies: list[Message],
+                 shapes: dict[str, tuple[int, ...]], rnd: int) -> ArrayRecord:
+    """federation.bn_recalibration: the global BatchNorm statistics set to those of the
+    union of the clinics' training images (`mixture_statistics` of the statistics each clinic
+    computed for this global model). The records are taken out of the replies; malformed ones
+    are ignored."""
+    stats, weights = [], []
+    for r in replies:
+        if r.has_error() or BN_STATS_KEY not in r.content.array_records:
+            continue
+        rec = r.content[BN_STATS_KEY]
+        del r.content[BN_STATS_KEY]
+        n = sum(float(mr.get(BN_EXAMPLES_KEY, 0)) for mr in r.content.metric_records.values())
+        for mr in r.content.metric_records.values():
+            if BN_EXAMPLES_KEY in mr:
+                del mr[BN_EXAMPLES_KEY]
+        if n > 0 and check_arrays(rec, {k: v for k, v in shapes.items() if k in rec}) is None \
+                and set(rec) <= set(shapes):
+            stats.append({k: a.numpy() for k, a in rec.items()})
+            weights.append(n)
+    if not stats or any(set(s) != set(stats[0]) for s in stats):
+        log.warning("round %d: no usable BatchNorm statistics from the clinics; the averaged "
+                    "ones are kept", rnd)
+        return arrays
+    new = ArrayRecord({k: Array(a.numpy()) for k, a in arrays.items()})
+    for k, v in mixture_statistics(stats, weights).items():
+        new[k] = Array(v)
+    return new
 
 
 def _train_round(strategy, grid: RecordingGrid, recorder: RoundRecorder, cfg: Config,

@@ -132,6 +132,11 @@ class FederationConfig(_Strict):
     # FedBN (Li et al. 2021): BatchNorm weights, biases and running statistics stay at each
     # clinic (never sent, never averaged); the clinic keeps its own between rounds.
     local_bn: bool = False
+    # BatchNorm re-estimation: with each round's evaluate message, every clinic recomputes the
+    # BatchNorm statistics of the new global model on its training images (forward passes
+    # only) and sends them; the server sets the global statistics to those of the pooled
+    # mixture. Averaged weights otherwise carry averaged statistics that match neither.
+    bn_recalibration: bool = False
     # Upload encoding of clinic updates: fp32 (exact), fp16, or int8 deltas with error feedback.
     upload: Literal["fp32", "fp16", "int8"] = "fp32"
     proximal_mu: float = Field(default=0.01, ge=0)
@@ -298,6 +303,9 @@ class Config(_Strict):
                 raise ValueError("privacy.secagg cannot be combined with dp_sgd or central yet "
                                  "(the SecAgg+ path reports no per-clinic epsilon and the server "
                                  "cannot clip what it cannot see)")
+        if f.local_bn and f.bn_recalibration:
+            raise ValueError("federation.local_bn keeps BatchNorm at the clinics: "
+                             "bn_recalibration has no global BatchNorm to re-estimate")
         if f.local_bn and (self.privacy.secagg is not None or c is not None):
             raise ValueError("federation.local_bn cannot be combined with privacy.secagg or "
                              "privacy.central yet")

@@ -30,6 +30,29 @@ EXAMPLES_KEY = "num-examples"
 # parameters only.
 SCAFFOLD_C_KEY = "scaffold-c"
 SCAFFOLD_DELTA_KEY = "scaffold-delta-c"
+# federation.bn_recalibration: a clinic's BatchNorm statistics of the global model (evaluate
+# reply) and the number of training images they were computed on (metric).
+BN_STATS_KEY = "bn-stats"
+BN_EXAMPLES_KEY = "bn-examples"
+
+
+def mixture_statistics(stats: list[dict[str, np.ndarray]], weights: list[float]
+                       ) -> dict[str, np.ndarray]:
+    """Per-channel mean and variance of the union of the clinics' images from each clinic's
+    own (`<bn>.running_mean`, `<bn>.running_var`): mean = sum w_i m_i,
+    var = sum w_i (v_i + m_i^2) - mean^2 (weights normalised)."""
+    w = np.asarray(weights, dtype=np.float64) / float(np.sum(weights))
+    out: dict[str, np.ndarray] = {}
+    for key in stats[0]:
+        if not key.endswith("running_mean"):
+            continue
+        vkey = key[:-len("running_mean")] + "running_var"
+        m = sum(wi * s[key].astype(np.float64) for wi, s in zip(w, stats, strict=True))
+        second = sum(wi * (s[vkey].astype(np.float64) + s[key].astype(np.float64) ** 2)
+                     for wi, s in zip(w, stats, strict=True))
+        out[key] = m.astype(np.float32)
+        out[vkey] = np.maximum(second - m ** 2, 0.0).astype(np.float32)
+    return out
 
 
 def exchanged_keys(model: nn.Module) -> list[str]:

@@ -267,3 +267,34 @@ def test_fedbn_replies_carry_no_batchnorm_and_the_clinic_keeps_its_own(tiny_mani
     # round 2 started from the kept BatchNorm: its statistics moved on from round 1's
     later = ctx.state[LOCAL_BN_KEY]["layer4.1.bn2.num_batches_tracked"].numpy()
     assert int(later) == int(own["layer4.1.bn2.num_batches_tracked"]) + 2
+
+
+def test_mixture_statistics_are_those_of_the_union():
+    from shared.fedio import mixture_statistics
+
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(1.0, 2.0, (300, 3)), rng.normal(-2.0, 0.5, (100, 3))
+    stats = [{"bn.running_mean": x.mean(0), "bn.running_var": x.var(0)} for x in (a, b)]
+    out = mixture_statistics(stats, [300, 100])
+    both = np.concatenate([a, b])
+    assert np.allclose(out["bn.running_mean"], both.mean(0), atol=1e-5)
+    assert np.allclose(out["bn.running_var"], both.var(0), atol=1e-4)
+    # the plain average of the variances misses the spread between the clinics' means
+    assert np.all(out["bn.running_var"] > 0.75 * a.var(0) + 0.25 * b.var(0) + 1.0)
+
+
+def test_bn_recalibration_clinic_sends_statistics_of_the_global_model(tiny_manifest):
+    cfg = _cfg(bn_recalibration=True)
+    model = build_global_model(cfg)
+    start = model_arrays(model)
+    reply = client_app(_msg(cfg, start, 1, kind="evaluate"), _ctx(tiny_manifest))
+    assert not reply.has_error(), reply.error
+    from shared.fedio import BN_EXAMPLES_KEY, BN_STATS_KEY
+
+    stats = reply.content[BN_STATS_KEY]
+    bn = [n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)
+          and not n.startswith(("bn1", "layer1", "layer2"))]  # freeze 3: trainable BN only
+    assert set(stats) == {f"{n}.{s}" for n in bn for s in ("running_mean", "running_var")}
+    assert reply.content["metrics"][BN_EXAMPLES_KEY] > 0
+    # recomputed for this model, not the initial (0, 1) statistics that were sent
+    assert not np.allclose(stats["layer4.1.bn2.running_var"].numpy(), 1.0)
