@@ -19,6 +19,7 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
+from client.clinic import evaluate_values, get_clinic, local_training
 from shared.config import config_from_yaml
 from shared.fedio import CONFIG_KEY, EXAMPLES_KEY, check_frozen, exchanged_keys, model_arrays
 
@@ -39,8 +40,6 @@ class ClinicNumPyClient(NumPyClient):
         self.context = context
 
     def _clinic(self, config: dict):
-        from client.app import get_clinic
-
         cfg = config_from_yaml(str(config[CONFIG_KEY]), source="server config")
         return get_clinic(self.context, cfg), int(config.get("server-round", 1))
 
@@ -53,12 +52,11 @@ class ClinicNumPyClient(NumPyClient):
                                                                        strict=True)})
 
     def fit(self, parameters, config):
-        from client.app import local_training
-
         try:
             clinic, rnd = self._clinic(config)
             check_frozen(config, clinic.cfg, clinic.model)  # as the Message-API train handler
-            values = local_training(clinic, self.context, self._record(clinic, parameters), rnd)
+            values, _ = local_training(clinic, self.context, self._record(clinic, parameters),
+                                       rnd)  # SecAgg+ runs plain FedAvg: no extra records
         except Exception as e:  # same rule as the Message-API handlers: type only
             log.exception("clinic fit (SecAgg+) failed")
             raise RuntimeError(f"fit failed at the clinic ({type(e).__name__}); details are "
@@ -68,11 +66,9 @@ class ClinicNumPyClient(NumPyClient):
         return [out[k].numpy() for k in exchanged_keys(clinic.model)], n, values
 
     def evaluate(self, parameters, config):
-        from client.app import evaluate_values
-
         try:
             clinic, _ = self._clinic(config)
-            values = evaluate_values(clinic, self._record(clinic, parameters))
+            values = evaluate_values(clinic, self._record(clinic, parameters), self.context)
         except Exception as e:
             log.exception("clinic evaluate (SecAgg+) failed")
             raise RuntimeError(f"evaluate failed at the clinic ({type(e).__name__}); details "

@@ -25,9 +25,11 @@ from shared.errors import DentfedError
 
 CHECKPOINT = "checkpoint.pt"
 FORMAT = 1
-# Strategy attributes that carry state between rounds (flwr 1.42 FedOpt family, FedAvgM, and
-# the clipping norm that Flower's adaptive-clipping DP wrappers move every round).
-STRATEGY_STATE = ("current_arrays", "m_t", "v_t", "momentum_vector", "clipping_norm")
+# Strategy attributes that carry state between rounds (flwr 1.42 FedOpt family, FedAvgM,
+# SCAFFOLD's control variate, and the clipping norm that Flower's adaptive-clipping DP
+# wrappers move every round).
+STRATEGY_STATE = ("current_arrays", "m_t", "v_t", "momentum_vector", "clipping_norm",
+                  "control")
 
 
 def _to_tensors(value: Any) -> Any:

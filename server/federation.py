@@ -35,6 +35,9 @@ from shared.data.manifest import read_manifest
 from shared.dp_sgd import declined_reason
 from shared.errors import DentfedError
 from shared.fedio import (
+    BN_EXAMPLES_KEY,
+    BN_STATS_KEY,
+    SCAFFOLD_DELTA_KEY,
     arrays_nbytes,
     build_global_model,
     check_arrays,
@@ -42,11 +45,12 @@ from shared.fedio import (
     expected_shapes,
     full_model_nbytes,
     load_model_arrays,
+    mixture_statistics,
     model_arrays,
 )
 from shared.losses import make_loss
 from shared.metrics import headline
-from shared.models import resolve_device
+from shared.models import batch_statistics, local_prefixes, resolve_device
 from shared.training import evaluate
 from shared.upload import SCALES_KEY, decode_update
 
@@ -230,8 +234,14 @@ class RecordingGrid:
         """Turn a (possibly quantised) update into fp32 weights in place for the strategy;
         a one-line reason when it is malformed."""
         records = dict(reply.content.array_records)
-        if "arrays" not in records or sent is None or set(records) - {"arrays", SCALES_KEY}:
+        extra = set(records) - {"arrays", SCALES_KEY, SCAFFOLD_DELTA_KEY}
+        if "arrays" not in records or sent is None or extra:
             return f"array records {sorted(records)}, expected 'arrays'"
+        if SCAFFOLD_DELTA_KEY in records:
+            delta = records.pop(SCAFFOLD_DELTA_KEY)
+            problem = check_arrays(delta, {k: s for k, s in self._shapes.items() if k in delta})
+            if problem:
+                return f"{SCAFFOLD_DELTA_KEY}: {problem}"
         try:
             decoded = decode_update(records, sent)
         except (ValueError, KeyError) as e:
@@ -280,7 +290,11 @@ class CentralEvaluator:
                            f"({problem}); the strategy diverged: lower federation.server_lr "
                            "or use another strategy")
         load_model_arrays(self.model, arrays)
-        res = evaluate(self.model, self.loader, self.loss_fn, self.cfg.task, self.device)
+        # FedBN: no clinic's BatchNorm ever reaches the server; each test batch is normalised
+        # by its own statistics (affine at its initial value). The clinics' evaluate replies,
+        # with their own BatchNorm, are the FedBN figures (docs/federated-quality.md).
+        with batch_statistics(self.model, local_prefixes(self.model)):
+            res = evaluate(self.model, self.loader, self.loss_fn, self.cfg.task, self.device)
         self.history[server_round] = res
         value = res.get(self.key, float("nan"))
         state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
@@ -383,6 +397,8 @@ def run_federation(grid: Grid, cfg: Config, test_manifest: str | Path,
             replies = list(wgrid.send_and_receive(
                 strategy.configure_evaluate(rnd, arrays, ConfigRecord(dict(eval_cfg)), wgrid),
                 timeout=fed.round_timeout))
+            if fed.bn_recalibration:
+                arrays = recalibrated(arrays, replies, expected_shapes(model), rnd)
             if replies:
                 agg = strategy.aggregate_evaluate(rnd, replies)
                 if agg is not None:
@@ -410,6 +426,36 @@ def run_federation(grid: Grid, cfg: Config, test_manifest: str | Path,
     return FederationResult(cfg, evaluator, recorder, train_agg, eval_agg,
                             seconds_before + time.perf_counter() - t0, full_model_nbytes(model),
                             arrays_nbytes(arrays), stopped, central)
+
+
+def recalibrated(arrays: ArrayRecord, replies: list[Message],
+                 shapes: dict[str, tuple[int, ...]], rnd: int) -> ArrayRecord:
+    """federation.bn_recalibration: the global BatchNorm statistics set to those of the
+    union of the clinics' training images (`mixture_statistics` of the statistics each clinic
+    computed for this global model). The records are taken out of the replies; malformed ones
+    are ignored."""
+    stats, weights = [], []
+    for r in replies:
+        if r.has_error() or BN_STATS_KEY not in r.content.array_records:
+            continue
+        rec = r.content[BN_STATS_KEY]
+        del r.content[BN_STATS_KEY]
+        n = sum(float(mr.get(BN_EXAMPLES_KEY, 0)) for mr in r.content.metric_records.values())
+        for mr in r.content.metric_records.values():
+            if BN_EXAMPLES_KEY in mr:
+                del mr[BN_EXAMPLES_KEY]
+        if n > 0 and check_arrays(rec, {k: v for k, v in shapes.items() if k in rec}) is None \
+                and set(rec) <= set(shapes):
+            stats.append({k: a.numpy() for k, a in rec.items()})
+            weights.append(n)
+    if not stats or any(set(s) != set(stats[0]) for s in stats):
+        log.warning("round %d: no usable BatchNorm statistics from the clinics; the averaged "
+                    "ones are kept", rnd)
+        return arrays
+    new = ArrayRecord({k: Array(a.numpy()) for k, a in arrays.items()})
+    for k, v in mixture_statistics(stats, weights).items():
+        new[k] = Array(v)
+    return new
 
 
 def _train_round(strategy, grid: RecordingGrid, recorder: RoundRecorder, cfg: Config,

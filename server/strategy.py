@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from flwr.app import Array, ArrayRecord, Message, MetricRecord
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp.strategy import (
     FedAdagrad,
     FedAdam,
@@ -20,6 +21,7 @@ from flwr.serverapp.strategy import (
 )
 
 from shared.config import FederationConfig
+from shared.fedio import SCAFFOLD_C_KEY, SCAFFOLD_DELTA_KEY
 
 BN_STATS = ("running_mean", "running_var")
 SERVER_OPTIMIZERS = ("fedadam", "fedyogi", "fedadagrad", "fedavgm")
@@ -59,6 +61,54 @@ def average_bn_statistics(strategy: FedAvg) -> FedAvg:
     return strategy
 
 
+class Scaffold(FedAvg):
+    """SCAFFOLD (Karimireddy et al. 2020, option II; Flower has none): the server keeps a
+    control variate c, one array per trainable parameter, and sends it with the global model;
+    each clinic corrects every local gradient by c - c_i (c_i: its own variate, kept in its
+    persistent state) and replies with its weights and delta c_i. The new global model is the
+    example-weighted mean of the clinics' weights (global step size 1), and
+    c <- c + (1/N) * sum of the replies' delta c_i, N = clinics connected this round.
+    `control` is checkpointed with the strategy, so a resumed run continues exactly."""
+
+    def __init__(self, **kwargs: object) -> None:
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+        self.control: dict[str, np.ndarray] | None = None
+        self.clinics_total = 0
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid) -> Iterable[Message]:
+        self.clinics_total = len(list(grid.get_node_ids()))
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        if self.control is not None:  # round 1: c = 0, and the clinics know it
+            record = ArrayRecord({k: Array(v) for k, v in self.control.items()})
+            for m in messages:
+                m.content[SCAFFOLD_C_KEY] = record
+        return messages
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        deltas = []
+        for r in replies:
+            if not r.has_error() and SCAFFOLD_DELTA_KEY in r.content.array_records:
+                deltas.append({k: a.numpy() for k, a in r.content[SCAFFOLD_DELTA_KEY].items()})
+                del r.content[SCAFFOLD_DELTA_KEY]
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        if arrays is not None and deltas:
+            self.control = update_control(self.control, deltas,
+                                          max(self.clinics_total, len(deltas)))
+        return arrays, metrics
+
+
+def update_control(control: dict[str, np.ndarray] | None, deltas: list[dict[str, np.ndarray]],
+                   clinics_total: int) -> dict[str, np.ndarray]:
+    """SCAFFOLD's server variate update: c + (1/N) * sum_i delta c_i (c = 0 when None)."""
+    keys = deltas[0].keys()
+    base = control or {k: np.zeros_like(deltas[0][k], dtype=np.float32) for k in keys}
+    return {k: (base[k] + sum(d[k] for d in deltas) / clinics_total).astype(np.float32)
+            for k in keys}
+
+
 def make_strategy(f: FederationConfig) -> Strategy:
     """The configured Flower strategy; node minimums are the config's clinic minimums."""
     common = dict(
@@ -71,6 +121,7 @@ def make_strategy(f: FederationConfig) -> Strategy:
     fedopt = dict(eta=server_lr(f), tau=f.tau)
     builders = {
         "fedavg": lambda: FedAvg(**common),
+        "scaffold": lambda: Scaffold(**common),
         "fedprox": lambda: FedProx(**common, proximal_mu=f.proximal_mu),
         "fedadam": lambda: FedAdam(**common, **fedopt, beta_1=f.beta_1, beta_2=f.beta_2),
         "fedyogi": lambda: FedYogi(**common, **fedopt, beta_1=f.beta_1, beta_2=f.beta_2),

@@ -76,14 +76,22 @@ class ModelConfig(_Strict):
     pretrained_sha256: str | None = None
     freeze: int = Field(default=0, ge=0)
     dropout: float = Field(default=0.0, ge=0, lt=1)
+    # Normalisation of the trainable CNN stages: torchvision's BatchNorm, or GroupNorm (no
+    # running statistics, nothing batch- or site-dependent to average in a federation).
+    norm: Literal["batch", "group"] = "batch"
     vit: VitConfig = VitConfig()
 
 
 class TrainConfig(_Strict):
     epochs: int = Field(default=10, ge=1)
+    # The optimiser of pooled training and of every clinic's local steps: AdamW, or SGD with
+    # momentum (the usual federated client optimiser; see docs/federated-quality.md).
+    optimizer: Literal["adamw", "sgd"] = "adamw"
     lr: float = Field(default=1e-3, gt=0)
+    momentum: float = Field(default=0.9, ge=0, lt=1)  # sgd only
+    nesterov: bool = False  # sgd only
     weight_decay: float = Field(default=1e-4, ge=0)
-    amsgrad: bool = False
+    amsgrad: bool = False  # adamw only
     # Default: "ce" for a multiclass task, "bce" for a multilabel one (filled in by Config).
     loss: Literal["bce", "weighted_bce", "focal", "dice", "ce"] = "bce"
     focal_gamma: float = Field(default=2.0, ge=0)
@@ -97,14 +105,14 @@ class TrainConfig(_Strict):
 
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedavgm",
-              "fedtrimmedavg", "fedmedian", "krum", "multikrum")
+              "fedtrimmedavg", "fedmedian", "krum", "multikrum", "scaffold")
 
 
 class FederationConfig(_Strict):
     """Rounds and aggregation (server side) plus what each clinic does per round."""
 
     strategy: Literal["fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedavgm",
-                      "fedtrimmedavg", "fedmedian", "krum", "multikrum"] = "fedavg"
+                      "fedtrimmedavg", "fedmedian", "krum", "multikrum", "scaffold"] = "fedavg"
     rounds: int = Field(default=3, ge=1)
     local_epochs: int = Field(default=1, ge=1)
     local_steps: int | None = Field(default=None, ge=1)
@@ -114,6 +122,22 @@ class FederationConfig(_Strict):
     min_evaluate_clinics: int = Field(default=2, ge=0)
     min_available_clinics: int = Field(default=2, ge=1)
     lr_decay: float = Field(default=1.0, gt=0, le=1)
+    # Clinic learning rate across rounds: train.lr * lr_decay^(round-1), times a linear
+    # warm-up over the first warmup_rounds and, with lr_schedule cosine, a cosine decay from
+    # the end of the warm-up to 0 after the last round (constant within a round).
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    warmup_rounds: int = Field(default=0, ge=0)
+    # Each clinic keeps its optimiser state (SGD momentum, Adam moments) from one round to the
+    # next in its own persistent Flower state; it never leaves the clinic.
+    keep_optimizer_state: bool = False
+    # FedBN (Li et al. 2021): BatchNorm weights, biases and running statistics stay at each
+    # clinic (never sent, never averaged); the clinic keeps its own between rounds.
+    local_bn: bool = False
+    # BatchNorm re-estimation: with each round's evaluate message, every clinic recomputes the
+    # BatchNorm statistics of the new global model on its training images (forward passes
+    # only) and sends them; the server sets the global statistics to those of the pooled
+    # mixture. Averaged weights otherwise carry averaged statistics that match neither.
+    bn_recalibration: bool = False
     # Upload encoding of clinic updates: fp32 (exact), fp16, or int8 deltas with error feedback.
     upload: Literal["fp32", "fp16", "int8"] = "fp32"
     proximal_mu: float = Field(default=0.01, ge=0)
@@ -293,11 +317,22 @@ class Config(_Strict):
                 raise ValueError("privacy.secagg cannot be combined with dp_sgd or central yet "
                                  "(the SecAgg+ path reports no per-clinic epsilon and the server "
                                  "cannot clip what it cannot see)")
+        if f.local_bn and f.bn_recalibration:
+            raise ValueError("federation.local_bn keeps BatchNorm at the clinics: "
+                             "bn_recalibration has no global BatchNorm to re-estimate")
+        if f.local_bn and (self.privacy.secagg is not None or c is not None):
+            raise ValueError("federation.local_bn cannot be combined with privacy.secagg or "
+                             "privacy.central yet")
         if self.privacy.dp_sgd is not None:
             if self.train.loss not in DP_LOSSES:
                 raise ValueError(f"train.loss '{self.train.loss}' cannot be used with "
                                  f"privacy.dp_sgd (use one of {', '.join(DP_LOSSES)}): its "
                                  "per-sample gradients are not bounded by clipping")
+            if f.strategy == "scaffold":
+                raise ValueError("privacy.dp_sgd with federation.strategy scaffold is not "
+                                 "supported: Opacus replaces the gradient with its clipped, "
+                                 "noised version, which would drop the control-variate "
+                                 "correction")
             if f.strategy == "fedprox":
                 raise ValueError("privacy.dp_sgd with federation.strategy fedprox is not "
                                  "supported: the proximal term's gradient would bypass the "

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import math
 from pathlib import Path
 
 import numpy as np
@@ -20,12 +21,47 @@ from torch import nn
 
 from shared.config import Config, config_from_yaml, dump_config
 from shared.errors import DentfedError
-from shared.models import build_model, sha256_of, trainable_state_keys
+from shared.models import (
+    batchnorm_names,
+    build_model,
+    local_prefixes,
+    mark_local,
+    sha256_of,
+    trainable_state_keys,
+)
 
 CONFIG_KEY = "dentfed-config"
 EXAMPLES_KEY = "num-examples"
 FROZEN_KEY = "frozen-sha256"
 PRETRAINED_KEY = "pretrained-sha256"
+# SCAFFOLD: the server's control variate (server -> clinic, with the global arrays) and a
+# clinic's change of its own variate (clinic -> server, with its weights); trainable
+# parameters only.
+SCAFFOLD_C_KEY = "scaffold-c"
+SCAFFOLD_DELTA_KEY = "scaffold-delta-c"
+# federation.bn_recalibration: a clinic's BatchNorm statistics of the global model (evaluate
+# reply) and the number of training images they were computed on (metric).
+BN_STATS_KEY = "bn-stats"
+BN_EXAMPLES_KEY = "bn-examples"
+
+
+def mixture_statistics(stats: list[dict[str, np.ndarray]], weights: list[float]
+                       ) -> dict[str, np.ndarray]:
+    """Per-channel mean and variance of the union of the clinics' images from each clinic's
+    own (`<bn>.running_mean`, `<bn>.running_var`): mean = sum w_i m_i,
+    var = sum w_i (v_i + m_i^2) - mean^2 (weights normalised)."""
+    w = np.asarray(weights, dtype=np.float64) / float(np.sum(weights))
+    out: dict[str, np.ndarray] = {}
+    for key in stats[0]:
+        if not key.endswith("running_mean"):
+            continue
+        vkey = key[:-len("running_mean")] + "running_var"
+        m = sum(wi * s[key].astype(np.float64) for wi, s in zip(w, stats, strict=True))
+        second = sum(wi * (s[vkey].astype(np.float64) + s[key].astype(np.float64) ** 2)
+                     for wi, s in zip(w, stats, strict=True))
+        out[key] = m.astype(np.float32)
+        out[vkey] = np.maximum(second - m ** 2, 0.0).astype(np.float32)
+    return out
 
 
 class FrozenStateMismatch(DentfedError):
@@ -34,8 +70,18 @@ class FrozenStateMismatch(DentfedError):
 
 def exchanged_keys(model: nn.Module) -> list[str]:
     """Trainable state minus BatchNorm step counters (ints that averaging would turn to floats
-    and that nothing uses with a fixed momentum)."""
-    return [k for k in trainable_state_keys(model) if not k.endswith("num_batches_tracked")]
+    and that nothing uses with a fixed momentum) and minus what stays local (FedBN: every
+    BatchNorm key)."""
+    local = local_prefixes(model)
+    return [k for k in trainable_state_keys(model) if not k.endswith("num_batches_tracked")
+            and not any(k.startswith(p + ".") for p in local)]
+
+
+def local_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state that never leaves the clinic under FedBN (BatchNorm of trainable stages)."""
+    local = local_prefixes(model)
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()
+            if any(k.startswith(p + ".") for p in local)}
 
 
 def model_arrays(model: nn.Module) -> ArrayRecord:
@@ -145,13 +191,26 @@ def config_from_record(record: ConfigRecord) -> Config:
 
 
 def round_lr(cfg: Config, server_round: int) -> float:
-    """Learning-rate schedule across rounds: lr * lr_decay^(round - 1)."""
-    return cfg.train.lr * cfg.federation.lr_decay ** max(server_round - 1, 0)
+    """The clinics' learning rate in `server_round` (1-based): train.lr * lr_decay^(round-1),
+    with a linear warm-up over federation.warmup_rounds and, with lr_schedule cosine, a cosine
+    decay over the remaining rounds (the last round trains at a small, non-zero rate)."""
+    fed = cfg.federation
+    r = max(server_round, 1)
+    lr = cfg.train.lr * fed.lr_decay ** (r - 1)
+    if r <= fed.warmup_rounds:
+        return lr * r / (fed.warmup_rounds + 1)
+    if fed.lr_schedule == "cosine":
+        span = max(fed.rounds - fed.warmup_rounds, 1)
+        lr *= 0.5 * (1 + math.cos(math.pi * (r - 1 - fed.warmup_rounds) / span))
+    return lr
 
 
 def build_global_model(cfg: Config) -> nn.Module:
     """The task model, seeded so every party builds identical frozen stages (Opacus-compatible
     normalisation under privacy.dp_sgd, so clinics and server exchange the same arrays)."""
     torch.manual_seed(cfg.train.seed)
-    return build_model(cfg.model, len(cfg.task.labels), cfg.data.image_size,
-                       dp_compatible=cfg.privacy.dp_sgd is not None)
+    model = build_model(cfg.model, len(cfg.task.labels), cfg.data.image_size,
+                        dp_compatible=cfg.privacy.dp_sgd is not None)
+    if cfg.federation.local_bn:
+        mark_local(model, batchnorm_names(model))
+    return model

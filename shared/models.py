@@ -8,7 +8,10 @@ exactly what a clinic would send.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -25,6 +28,7 @@ VIT_SIZES = {  # hidden_dim, depth, heads, mlp_dim (DeiT-style tiny/small, ViT-B
     "base": (768, 12, 12, 3072),
 }
 FROZEN_ATTR = "_dentfed_frozen_prefixes"
+LOCAL_ATTR = "_dentfed_local_prefixes"  # FedBN: modules whose state stays at each clinic
 
 
 def _vit(cfg: ModelConfig, image_size: int, num_outputs: int) -> VisionTransformer:
@@ -104,6 +108,36 @@ def probabilities(logits: torch.Tensor, task_type: str) -> torch.Tensor:
     """Scores from logits: a sigmoid per label (multilabel), a softmax over classes
     (multiclass). Training's evaluation, batch inference, serve and saliency all use this."""
     return torch.sigmoid(logits) if task_type == "multilabel" else torch.softmax(logits, 1)
+
+
+def batchnorm_names(model: nn.Module) -> list[str]:
+    """Names of the BatchNorm modules outside frozen stages (FedBN keeps these local)."""
+    frozen = list(frozen_prefixes(model))
+    return [n for n, m in model.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and not _under(n, frozen)]
+
+
+def mark_local(model: nn.Module, prefixes: list[str]) -> None:
+    setattr(model, LOCAL_ATTR, tuple(prefixes))
+
+
+def local_prefixes(model: nn.Module) -> tuple[str, ...]:
+    return getattr(model, LOCAL_ATTR, ())
+
+
+@contextlib.contextmanager
+def batch_statistics(model: nn.Module, names: list[str] | tuple[str, ...]) -> Iterator[None]:
+    """Within the block, the named BatchNorm modules normalise every batch by its own
+    statistics, also in eval mode (their running statistics are set aside and restored)."""
+    mods = [model.get_submodule(n) for n in names]
+    saved = [(m.running_mean, m.running_var) for m in mods]
+    try:
+        for m in mods:
+            m.running_mean, m.running_var = None, None
+        yield
+    finally:
+        for m, (mean, var) in zip(mods, saved, strict=True):
+            m.running_mean, m.running_var = mean, var
 
 
 def trainable_state_keys(model: nn.Module) -> list[str]:
@@ -218,6 +252,21 @@ def make_dp_compatible(model: nn.Module) -> nn.Module:
     return model
 
 
+def group_norm(model: nn.Module) -> nn.Module:
+    """`model.norm: group`: every BatchNorm of a trainable stage becomes GroupNorm with
+    gcd(32, C) groups (32 for ResNets, as Wu & He 2018), with default affine init.
+    BatchNorm in frozen stages stays (eval mode, fixed statistics). Call after freezing."""
+    frozen = list(frozen_prefixes(model))
+    for name, mod in list(model.named_modules()):
+        if name and isinstance(mod, nn.modules.batchnorm._BatchNorm) and not _under(name,
+                                                                                  frozen):
+            parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+            setattr(parent, name.rsplit(".", 1)[-1],
+                    nn.GroupNorm(math.gcd(32, mod.num_features), mod.num_features,
+                                 affine=mod.affine))
+    return model
+
+
 def build_model(cfg: ModelConfig, num_outputs: int, image_size: int = 224,
                 load_weights: bool = True, dp_compatible: bool = False) -> nn.Module:
     """Build the task model: architecture, local pretrained weights, new head, frozen stages;
@@ -247,6 +296,8 @@ def build_model(cfg: ModelConfig, num_outputs: int, image_size: int = 224,
         _replace_head(model, num_outputs, cfg.dropout)
     if cfg.freeze:
         freeze_stages(model, cfg.freeze)
+    if cfg.norm == "group":
+        group_norm(model)
     if dp_compatible:
         model = make_dp_compatible(model)
     return model

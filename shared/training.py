@@ -1,5 +1,6 @@
-"""The one training loop: every caller (pooled training, clinics, baselines) trains and evaluates
-through `train_one_epoch`, `predict`/`evaluate` and `fit`."""
+"""The one training loop: every caller (pooled training, clinics, baselines) trains through the
+`Trainer` driver (epochs/steps, DP-SGD wrapping) over `train_one_epoch`, and evaluates through
+`predict`/`evaluate`; `fit` is pooled training with early stopping on top of it."""
 
 from __future__ import annotations
 
@@ -18,7 +19,9 @@ from tqdm.auto import tqdm
 
 from shared.config import DpSgdConfig, TaskConfig, TrainConfig
 from shared.dp_sgd import (
+    DpAccount,
     PrivacyBudgetSpent,
+    PrivateTraining,
     check_budget,
     make_private,
     noise_for,
@@ -44,10 +47,39 @@ def _progress(iterable, enabled: bool, desc: str, total: int | None = None):
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig, lr: float | None = None
                    ) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters only (frozen ones get no optimizer state)."""
+    """`train.optimizer` (AdamW, or SGD with momentum) over the trainable parameters only
+    (frozen ones get no optimizer state)."""
     params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=lr or cfg.lr, momentum=cfg.momentum,
+                               nesterov=cfg.nesterov and cfg.momentum > 0,
+                               weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(params, lr=lr or cfg.lr, weight_decay=cfg.weight_decay,
                              amsgrad=cfg.amsgrad)
+
+
+def optimizer_state_arrays(optimizer: torch.optim.Optimizer) -> dict[str, np.ndarray]:
+    """The optimiser's per-parameter state (momentum buffers, Adam moments and step counts) as
+    named arrays '<param index>.<name>', e.g. for a clinic's persistent Flower state."""
+    out = {}
+    for i, st in optimizer.state_dict()["state"].items():
+        for name, v in st.items():
+            out[f"{i}.{name}"] = (v.detach().cpu().numpy().copy() if torch.is_tensor(v)
+                                  else np.asarray(v))
+    return out
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, arrays: dict[str, np.ndarray]
+                         ) -> None:
+    """Restore what `optimizer_state_arrays` saved; the optimiser's own hyper-parameters (this
+    round's learning rate) are kept."""
+    sd = optimizer.state_dict()
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, a in arrays.items():
+        i, name = key.split(".", 1)
+        state.setdefault(int(i), {})[name] = torch.from_numpy(np.array(a, copy=True))
+    sd["state"] = state
+    optimizer.load_state_dict(sd)
 
 
 def train_one_epoch(
@@ -59,11 +91,14 @@ def train_one_epoch(
     *,
     max_steps: int | None = None,
     proximal_mu: float = 0.0,
+    grad_correction: list[tuple[nn.Parameter, torch.Tensor]] | None = None,
     progress: bool = False,
     desc: str = "train",
 ) -> dict[str, float]:
     """One pass over `loader` (or `max_steps` batches). With proximal_mu > 0 the FedProx term
-    mu/2 * ||w - w_global||^2 is added, w_global being the weights at the start of the call."""
+    mu/2 * ||w - w_global||^2 is added, w_global being the weights at the start of the call.
+    `grad_correction` (parameter, tensor) pairs are added to the gradients before each step
+    (SCAFFOLD's c - c_i)."""
     set_train_mode(model)
     anchors = None
     if proximal_mu > 0:
@@ -80,6 +115,11 @@ def train_one_epoch(
             prox = sum(((p - a) ** 2).sum() for p, a in anchors)
             objective = loss + proximal_mu / 2 * prox
         objective.backward()
+        if grad_correction is not None:
+            with torch.no_grad():
+                for p, c in grad_correction:
+                    if p.grad is not None:
+                        p.grad.add_(c)
         optimizer.step()
         total += float(loss.detach()) * len(x)
         n += len(x)
@@ -120,6 +160,70 @@ def evaluate(model: nn.Module, loader: DataLoader, loss_fn: nn.Module | None, ta
     return {"loss": loss, **m}
 
 
+class Trainer:
+    """The one epoch/step driver, used by pooled training (`fit`) and by every clinic round:
+    optimiser steps through `train_one_epoch`, wrapped by Opacus (DP-SGD) when `privacy` is
+    given. `planned_steps` is what the noise is calibrated over when only target_epsilon is
+    configured. Use as a context manager (Opacus' hooks are removed on exit)."""
+
+    def __init__(self, model: nn.Module, loader: DataLoader, loss_fn: nn.Module,
+                 optimizer: torch.optim.Optimizer, device: torch.device, *,
+                 privacy: DpSgdConfig | None = None, planned_steps: int = 1,
+                 account: DpAccount | None = None, progress: bool = False) -> None:
+        self.model, self.loss_fn, self.device, self.progress = model, loss_fn, device, progress
+        self.privacy = privacy
+        self.private: PrivateTraining | None = None
+        self.step_model, self.loader, self.optimizer = model, loader, optimizer
+        if privacy is not None:
+            q = sample_rate_of(loader)
+            self.private = make_private(model, optimizer, loader, privacy,
+                                        noise_for(privacy, q, planned_steps), account)
+            self.step_model = self.private.module
+            self.loader, self.optimizer = self.private.loader, self.private.optimizer
+
+    def __enter__(self) -> Trainer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.private is not None:
+            self.private.close()
+            self.private = None
+
+    def check_budget(self, steps: int) -> None:
+        """PrivacyBudgetSpent when `steps` more DP-SGD steps would pass max_epsilon (no-op
+        without DP-SGD); call before training."""
+        if self.private is not None and self.privacy is not None:
+            check_budget(self.private.current(), self.privacy, self.private.noise_multiplier,
+                         self.private.sample_rate, steps)
+
+    def account(self) -> DpAccount | None:
+        """The DP-SGD account including every step taken so far (None without DP-SGD)."""
+        return self.private.current() if self.private is not None else None
+
+    def run(self, epochs: int = 1, max_steps: int | None = None, *, proximal_mu: float = 0.0,
+            grad_correction: list[tuple[nn.Parameter, torch.Tensor]] | None = None,
+            desc: str = "train") -> dict[str, float]:
+        """`epochs` passes over the loader, or, with `max_steps`, exactly that many steps
+        (as many passes as it takes). Returns mean loss, examples seen and steps taken."""
+        losses, seen, steps = 0.0, 0.0, 0
+        passes = epochs if max_steps is None else 10**6
+        for _ in range(passes):
+            left = None if max_steps is None else max_steps - steps
+            stats = train_one_epoch(self.step_model, self.loader, self.loss_fn, self.optimizer,
+                                    self.device, max_steps=left, proximal_mu=proximal_mu,
+                                    grad_correction=grad_correction, progress=self.progress,
+                                    desc=desc)
+            losses += stats["loss"] * stats["examples"]
+            seen += stats["examples"]
+            steps += int(stats["steps"])
+            if max_steps is not None and (steps >= max_steps or stats["steps"] == 0):
+                break
+        return {"loss": losses / max(seen, 1), "examples": seen, "steps": float(steps)}
+
+
 @dataclass
 class FitResult:
     history: list[dict[str, float]] = field(default_factory=list)
@@ -145,36 +249,28 @@ def fit(
     and each epoch's row carries the epsilon spent so far; an epoch that would pass max_epsilon
     is not started."""
     model.to(device)
-    opt = make_optimizer(model, cfg)
     result = FitResult()
     best_loss, best_state, bad = float("inf"), None, 0
-    private = None
-    step_model, step_loader, step_opt = model, train_loader, opt
-    if privacy is not None:
-        q = sample_rate_of(train_loader)
-        per_epoch = min(cfg.max_steps_per_epoch or len(train_loader), len(train_loader))
-        private = make_private(model, opt, train_loader, privacy,
-                               noise_for(privacy, q, cfg.epochs * per_epoch))
-        step_model, step_loader, step_opt = private.module, private.loader, private.optimizer
-        result.epsilon = 0.0
-    try:
+    per_epoch = min(cfg.max_steps_per_epoch or len(train_loader), len(train_loader))
+    with Trainer(model, train_loader, loss_fn, make_optimizer(model, cfg), device,
+                 privacy=privacy, planned_steps=cfg.epochs * per_epoch,
+                 progress=cfg.progress) as trainer:
+        if privacy is not None:
+            result.epsilon = 0.0
         for epoch in range(1, cfg.epochs + 1):
-            if private is not None:
-                try:
-                    check_budget(private.current(), privacy, private.noise_multiplier,
-                                 private.sample_rate, per_epoch)
-                except PrivacyBudgetSpent as e:
-                    log.warning("epoch %d not started: %s", epoch, e)
-                    result.stopped_early, result.stop_reason = True, str(e)
-                    break
-            tr = train_one_epoch(step_model, step_loader, loss_fn, step_opt, device,
-                                 max_steps=cfg.max_steps_per_epoch, progress=cfg.progress,
-                                 desc=f"epoch {epoch}/{cfg.epochs}")
+            try:
+                trainer.check_budget(per_epoch)
+            except PrivacyBudgetSpent as e:
+                log.warning("epoch %d not started: %s", epoch, e)
+                result.stopped_early, result.stop_reason = True, str(e)
+                break
+            tr = trainer.run(1, cfg.max_steps_per_epoch, desc=f"epoch {epoch}/{cfg.epochs}")
             val = evaluate(model, val_loader, loss_fn, task, device)
             row = {"epoch": float(epoch), "train_loss": tr["loss"],
                    **{f"val_{k}": v for k, v in val.items()}}
-            if private is not None:
-                result.epsilon = row["epsilon"] = private.current().epsilon(privacy.delta)
+            account = trainer.account()
+            if account is not None and privacy is not None:
+                result.epsilon = row["epsilon"] = account.epsilon(privacy.delta)
             result.history.append(row)
             if on_epoch:
                 on_epoch(row)
@@ -186,9 +282,6 @@ def fit(
                 if cfg.patience and bad >= cfg.patience:
                     result.stopped_early = True
                     break
-    finally:
-        if private is not None:
-            private.close()
     if best_state is not None:
         model.load_state_dict(best_state)
     return result

@@ -42,7 +42,7 @@ from shared.data.manifest import Manifest
 from shared.errors import ConfigError, DentfedError
 from shared.metrics import headline
 from shared.model_file import read_model_file
-from shared.models import resolve_device
+from shared.models import batch_statistics, local_prefixes, resolve_device
 from shared.report_tables import write_json
 from shared.training import evaluate
 from simulations.partition import ClinicSplit
@@ -202,8 +202,9 @@ def score(model: torch.nn.Module, cfg: Config, loaders: dict[str, DataLoader]
     device = resolve_device(cfg.train.device)
     model.to(device)
     key = headline(cfg.task.type)
-    out = {name: float(evaluate(model, dl, None, cfg.task, device).get(key, math.nan))
-           for name, dl in loaders.items()}
+    with batch_statistics(model, local_prefixes(model)):  # FedBN: as the server evaluates
+        out = {name: float(evaluate(model, dl, None, cfg.task, device).get(key, math.nan))
+               for name, dl in loaders.items()}
     model.cpu()
     return out
 

@@ -18,8 +18,8 @@ import yaml
 from flwr.app import Context, Message, RecordDict
 from torch import nn
 
-from client.app import DP_ACCOUNT_KEY
 from client.app import app as client_app
+from client.clinic import DP_ACCOUNT_KEY
 from shared.config import config_from_dict
 from shared.dp_sgd import (
     DECLINED_BUDGET,

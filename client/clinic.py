@@ -1,0 +1,338 @@
+"""A clinic's state and its training: the data, model and loaders built once per process, and
+one round of local training or evaluation from the global arrays. Imported by the Message-API
+handlers (`client/app.py`) and by the SecAgg+ legacy path (`client/secagg.py`), so neither
+imports the other.
+
+Where the data is: `node_config["manifest"]` on a real SuperNode (the clinic's own manifest
+with a train/val `split` column, or none and a patient-grouped val split is made), or
+`partition-id` plus the run's `split-dir` in simulation. Everything about the task, model and
+optimiser comes from the server's config record; only the device is decided locally.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context
+from torch.utils.data import DataLoader
+
+from shared.config import Config
+from shared.data.dataset import make_loader
+from shared.data.manifest import Manifest, read_manifest
+from shared.data.splits import hold_out
+from shared.fedio import (
+    EXAMPLES_KEY,
+    SCAFFOLD_DELTA_KEY,
+    build_global_model,
+    load_model_arrays,
+    local_state,
+    round_lr,
+)
+from shared.losses import make_loss
+from shared.metrics import headline
+from shared.models import batchnorm_names, resolve_device, set_train_mode
+from shared.privacy import DpAccount, planned_steps
+from shared.training import (
+    Trainer,
+    evaluate,
+    load_optimizer_state,
+    make_optimizer,
+    optimizer_state_arrays,
+    seed_everything,
+)
+
+# The clinic's own persistent Flower state (context.state), kept across rounds, never sent:
+DP_ACCOUNT_KEY = "dentfed-dp-account"  # DP-SGD history
+OPTIMIZER_KEY = "dentfed-optimizer-state"  # federation.keep_optimizer_state
+SCAFFOLD_CI_KEY = "dentfed-scaffold-ci"  # SCAFFOLD: the clinic's control variate c_i
+LOCAL_BN_KEY = "dentfed-local-bn"  # FedBN: the clinic's own BatchNorm state
+STATE_ROUND_KEY = "dentfed-state-round"  # the round after which those were saved
+ROUND_STATE = (OPTIMIZER_KEY, SCAFFOLD_CI_KEY, LOCAL_BN_KEY)
+log = logging.getLogger("dentfed.client")
+
+
+@dataclass
+class Clinic:
+    """A clinic's data and model, built once per process and reused across rounds (the image
+    cache makes rounds after the first much faster)."""
+
+    cfg: Config
+    train: Manifest
+    val: Manifest
+    model: torch.nn.Module
+    device: torch.device
+    train_loader: torch.utils.data.DataLoader
+    val_loader: torch.utils.data.DataLoader
+    loss_fn: torch.nn.Module
+    initial_local: dict[str, torch.Tensor]  # FedBN: the BatchNorm state before any round
+
+    def load(self, context: Context, arrays: ArrayRecord) -> None:
+        """The global arrays into the model, plus (FedBN) the clinic's own BatchNorm state
+        from its persistent state, or the initial one before its first round."""
+        load_model_arrays(self.model, arrays)
+        if self.initial_local:
+            own = (
+                {k: torch.from_numpy(a.numpy().copy())
+                 for k, a in context.state[LOCAL_BN_KEY].items()}
+                if LOCAL_BN_KEY in context.state.array_records else self.initial_local)
+            self.model.load_state_dict(own, strict=False)
+
+
+_CLINICS: dict[tuple[str, str], Clinic] = {}
+
+
+def clinic_manifest_path(context: Context) -> Path:
+    node = context.node_config
+    if "manifest" in node:
+        return Path(str(node["manifest"]))
+    if "partition-id" in node:
+        split_dir = str(context.run_config.get("split-dir", ""))
+        if not split_dir:
+            raise RuntimeError("simulation run without split-dir in the run config")
+        return Path(split_dir) / f"clinic_{int(node['partition-id'])}" / "manifest.csv"
+    raise RuntimeError("node config has neither 'manifest' nor 'partition-id'")
+
+
+def clinic_state_dir(context: Context) -> Path | None:
+    """Where the clinic mirrors its private round state on its own disk: node config
+    `state-dir` on a real SuperNode, `<split-dir>/clinic_<k>/state` in simulation."""
+    node = context.node_config
+    if "state-dir" in node:
+        return Path(str(node["state-dir"]))
+    split_dir = str(context.run_config.get("split-dir", ""))
+    if "partition-id" in node and split_dir:
+        return Path(split_dir) / f"clinic_{int(node['partition-id'])}" / "state"
+    return None
+
+
+def restore_round_state(context: Context, server_round: int) -> None:
+    """Before training round t, the clinic's optimiser state and SCAFFOLD variate must be
+    those after its last round before t. Flower's context.state holds them within one Flower
+    run; a resumed federation is a new Flower run (empty state), and a retried round must not
+    continue from the failed attempt: then the newest file saved after a round < t is read."""
+    rec = context.state.config_records.get(STATE_ROUND_KEY)
+    have = int(rec["round"]) if rec is not None else None
+    if have is not None and have < server_round:
+        return
+    for key in ROUND_STATE:
+        if key in context.state.array_records:
+            del context.state[key]
+    if STATE_ROUND_KEY in context.state.config_records:
+        del context.state[STATE_ROUND_KEY]
+    folder = clinic_state_dir(context)
+    saved = sorted((int(p.stem.rsplit("_", 1)[1]), p) for p in folder.glob("after_round_*.pt")
+                   ) if folder is not None and folder.is_dir() else []
+    saved = [(r, p) for r, p in saved if r < server_round]
+    if not saved:
+        if have is not None or server_round > 1:
+            log.warning("round %d: no saved clinic state from an earlier round; the "
+                        "optimiser/control variate start fresh", server_round)
+        return
+    r, path = saved[-1]
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for key, arrays in state.items():
+        context.state[key] = ArrayRecord({k: Array(t.numpy()) for k, t in arrays.items()})
+    context.state[STATE_ROUND_KEY] = ConfigRecord({"round": r})
+
+
+def save_round_state(context: Context, server_round: int) -> None:
+    """After training round t: mark the state with t and mirror it to the clinic's state
+    folder (atomic write; the last 3 rounds are kept)."""
+    context.state[STATE_ROUND_KEY] = ConfigRecord({"round": server_round})
+    folder = clinic_state_dir(context)
+    keys = [k for k in ROUND_STATE if k in context.state.array_records]
+    if folder is None or not keys:
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: {n: torch.from_numpy(a.numpy().copy()) for n, a in context.state[k].items()}
+             for k in keys}
+    tmp = folder / f".after_round_{server_round}.pt.tmp-{os.getpid()}"
+    torch.save(state, tmp)
+    os.replace(tmp, folder / f"after_round_{server_round}.pt")
+    for old in folder.glob("after_round_*.pt"):
+        if int(old.stem.rsplit("_", 1)[1]) <= server_round - 3:
+            old.unlink(missing_ok=True)
+
+
+def get_clinic(context: Context, cfg: Config) -> Clinic:
+    path = clinic_manifest_path(context)
+    key = (str(path), cfg.model_dump_json())
+    if key in _CLINICS:
+        return _CLINICS[key]
+    m = read_manifest(path, cfg.task, default_modality=cfg.data.modality)
+    seed = cfg.train.seed
+    if m.splits is not None and (m.splits == "val").any():
+        train, val = m.subset((m.splits == "train").nonzero()[0]), \
+            m.subset((m.splits == "val").nonzero()[0])
+    else:
+        rest, held = hold_out(m, np.arange(len(m)), cfg.data.val_fraction, seed)
+        train, val = m.subset(rest), m.subset(held)
+    device = resolve_device(cfg.train.device)
+    model = build_global_model(cfg).to(device)
+    clinic = Clinic(cfg, train, val, model, device,
+                    make_loader(train, cfg.data, train=True, seed=seed),
+                    make_loader(val, cfg.data, train=False),
+                    make_loss(cfg.task, cfg.train, train.targets,
+                              per_sample=cfg.privacy.dp_sgd is not None).to(device),
+                    local_state(model))
+    # One run per process: a new config drops the previous run's clinics. A simulation worker
+    # that plays several clinics keeps each one (and its image cache) across rounds.
+    for old in [k for k in _CLINICS if k[1] != key[1]]:
+        del _CLINICS[old]
+    _CLINICS[key] = clinic
+    return clinic
+
+
+def local_training(clinic: Clinic, context: Context, global_arrays: ArrayRecord,
+                   server_round: int, mu: float = 0.0, control: ArrayRecord | None = None
+                   ) -> tuple[dict[str, float], dict[str, ArrayRecord]]:
+    """One round of the clinic's training from the global arrays (the one driver; DP-SGD when
+    configured). Returns the scalar metrics the reply carries and any array records it carries
+    besides the model (SCAFFOLD's delta c_i). `control`: SCAFFOLD's server variate c (None in
+    round 1: zero)."""
+    cfg = clinic.cfg
+    # Seeds depend on the round only, not on how many rounds this process has already run:
+    # a SuperNode starts a fresh ClientApp process per message, a simulation reuses one, and a
+    # resumed federation must see the same batches as an uninterrupted one.
+    seed_everything(cfg.train.seed + 1000 * server_round)
+    if clinic.train_loader.generator is not None:
+        clinic.train_loader.generator.manual_seed(cfg.train.seed + 1000 * server_round)
+    fed, dp = cfg.federation, cfg.privacy.dp_sgd
+    keeps_state = fed.keep_optimizer_state or fed.strategy == "scaffold" or fed.local_bn
+    if keeps_state:
+        restore_round_state(context, server_round)
+    clinic.load(context, global_arrays)
+    clinic.model.to(clinic.device)
+    lr = round_lr(cfg, server_round)
+    opt = make_optimizer(clinic.model, cfg.train, lr=lr)
+    if fed.keep_optimizer_state and OPTIMIZER_KEY in context.state.array_records:
+        load_optimizer_state(opt, {k: a.numpy() for k, a in
+                                   context.state[OPTIMIZER_KEY].items()})
+    scaffold = _Scaffold(clinic, context, control) if fed.strategy == "scaffold" else None
+    steps = planned_steps(clinic.train_loader, fed.local_epochs, fed.local_steps)
+    account = None
+    if dp is not None:
+        # Accounted over every round this clinic trained in: the history lives in the node's
+        # persistent state. Checked before any step, so a clinic never passes max_epsilon.
+        account = DpAccount.from_record(context.state.config_records.get(DP_ACCOUNT_KEY))
+    t0 = time.perf_counter()
+    with Trainer(clinic.model, clinic.train_loader, clinic.loss_fn, opt, clinic.device,
+                 privacy=dp, planned_steps=steps * fed.rounds, account=account) as trainer:
+        trainer.check_budget(steps)
+        stats = trainer.run(fed.local_epochs, fed.local_steps, proximal_mu=mu,
+                            grad_correction=scaffold.correction if scaffold else None)
+        after = trainer.account()
+    if fed.keep_optimizer_state:
+        context.state[OPTIMIZER_KEY] = ArrayRecord(
+            {k: Array(v) for k, v in optimizer_state_arrays(opt).items()})
+    if fed.local_bn:
+        context.state[LOCAL_BN_KEY] = ArrayRecord(
+            {k: Array(v.numpy()) for k, v in local_state(clinic.model).items()})
+    records = {}
+    if scaffold is not None:
+        records[SCAFFOLD_DELTA_KEY] = scaffold.finish(int(stats["steps"]), lr)
+    if keeps_state:
+        save_round_state(context, server_round)
+    values = {
+        "train_loss": stats["loss"],
+        "train_seconds": time.perf_counter() - t0,
+        "examples_seen": stats["examples"],
+        EXAMPLES_KEY: len(clinic.train),
+    }
+    if after is not None and dp is not None and account is not None:
+        # The training loss and the Poisson batch sizes are computed from the training images
+        # outside the DP mechanism: under DP-SGD only the (private) update and epsilon go out.
+        del values["train_loss"], values["examples_seen"]
+        context.state[DP_ACCOUNT_KEY] = after.to_record()
+        values["epsilon"] = after.epsilon(dp.delta)
+        log.info("DP-SGD: %d steps this round, epsilon %.3f (delta %g) over %d steps in all",
+                 after.steps - account.steps, values["epsilon"], dp.delta, after.steps)
+    if cfg.privacy.central is not None:
+        # Client-level DP accounting needs equal weights (FedAvg of clipped updates); the
+        # clinic's dataset size then stays at the clinic.
+        values[EXAMPLES_KEY] = 1
+    return values, records
+
+
+class _Scaffold:
+    """The clinic's side of SCAFFOLD for one round: the gradient correction c - c_i, and after
+    K local steps at learning rate lr, c_i+ = c_i - c + (x - y_i) / (K lr) (option II of
+    Karimireddy et al. 2020); c_i+ stays in the clinic's state, c_i+ - c_i is sent."""
+
+    def __init__(self, clinic: Clinic, context: Context, control: ArrayRecord | None):
+        self.context = context
+        self.params = {n: p for n, p in clinic.model.named_parameters() if p.requires_grad}
+        self.start = {n: p.detach().clone() for n, p in self.params.items()}
+        zeros = {n: torch.zeros_like(p) for n, p in self.start.items()}
+
+        def tensors(record: ArrayRecord | None) -> dict[str, torch.Tensor]:
+            if record is None:
+                return zeros
+            return {n: torch.from_numpy(np.array(record[n].numpy(), copy=True)).to(p.device)
+                    for n, p in self.start.items()}
+
+        self.c = tensors(control)
+        self.ci = tensors(context.state[SCAFFOLD_CI_KEY]
+                          if SCAFFOLD_CI_KEY in context.state.array_records else None)
+        self.correction = [(p, self.c[n] - self.ci[n]) for n, p in self.params.items()]
+
+    def finish(self, steps: int, lr: float) -> ArrayRecord:
+        new = {n: self.ci[n] - self.c[n] + (self.start[n] - p.detach()) / (max(steps, 1) * lr)
+               for n, p in self.params.items()}
+        self.context.state[SCAFFOLD_CI_KEY] = ArrayRecord(
+            {n: Array(v.cpu().numpy()) for n, v in new.items()})
+        return ArrayRecord({n: Array((new[n] - self.ci[n]).cpu().numpy()) for n in new})
+
+
+@torch.no_grad()
+def bn_statistics(clinic: Clinic, context: Context, arrays: ArrayRecord, server_round: int
+                  ) -> tuple[ArrayRecord, int]:
+    """federation.bn_recalibration: the BatchNorm statistics the global model has on this
+    clinic's training images (one pass, cumulative averages, no weight changes; frozen stages
+    keep theirs): per-channel means and variances only, like the running statistics a
+    FedAvg update already carries."""
+    clinic.load(context, arrays)
+    model = clinic.model
+    names = set(batchnorm_names(model))
+    bns = {n: m for n, m in model.named_modules() if n in names}
+    saved = {n: m.momentum for n, m in bns.items()}
+    for m in bns.values():
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average over the pass
+    set_train_mode(model)
+    seed_everything(clinic.cfg.train.seed + 1000 * server_round + 500)  # augmentation
+    seen = 0
+    try:
+        for x, _ in DataLoader(clinic.train_loader.dataset,
+                               batch_size=clinic.train_loader.batch_size):
+            model(x.to(clinic.device))
+            seen += len(x)
+    finally:
+        for n, m in bns.items():
+            m.momentum = saved[n]
+        model.eval()
+    state = model.state_dict()
+    keys = [f"{n}.{s}" for n in bns for s in ("running_mean", "running_var")]
+    return ArrayRecord({k: Array(state[k].detach().cpu().numpy()) for k in keys}), seen
+
+
+def evaluate_values(clinic: Clinic, arrays: ArrayRecord, context: Context
+                    ) -> dict[str, float]:
+    """The global model (under FedBN with the clinic's own BatchNorm) on the clinic's
+    validation images: the scalars an evaluate reply carries."""
+    clinic.load(context, arrays)
+    res = evaluate(clinic.model, clinic.val_loader, clinic.loss_fn, clinic.cfg.task,
+                   clinic.device)
+    key = headline(clinic.cfg.task.type)
+    value = res.get(key, float("nan"))
+    return {
+        "val_loss": res["loss"],
+        f"val_{key}": -1.0 if value != value else value,  # -1: undefined on this clinic's val
+        EXAMPLES_KEY: len(clinic.val),
+    }

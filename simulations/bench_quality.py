@@ -1,0 +1,218 @@
+"""Federated vs pooled quality at equal sample-epochs (issue 13): a benchmark script, not a test.
+
+Every row trains on the same clinic split (`split` section of the config) and the same number of
+sample-epochs (federation.rounds x local_epochs, or rounds x local_steps batches):
+
+* `Pooled`: `train_fold` on the union of the clinics' train rows (`dentfed train`'s loop, the
+  config's optimiser, early stopping on the union of their val rows), scored on the pooled test
+  set (server_test.csv);
+* each variant: the config with some keys overridden (`--variant name:section.key=value,...`),
+  run through the real ServerApp loop (`server.federation.run_federation`) and the real
+  ClientApp (`client.app.app`) in this process, over an in-process grid (`InProcessGrid`):
+  no Flower processes, so a variant costs only its training. Its final global model is scored
+  on the same pooled test set. `--flower` runs the variants through `dentfed simulate` instead
+  (real Flower simulation runtime), which is what the README's command does.
+
+    python -m simulations.bench_quality --config configs/demo-photos.yaml --seeds 0,1 \\
+        --variant "fedavg-adamw:federation.strategy=fedavg" --variant "sgd:train.optimizer=sgd"
+
+Prints (and with --out writes as markdown) one row per method: final pooled-test metric as
+mean ± sd over seeds, federated / pooled, the central loss per round of the first seed, and the
+seconds per seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import tempfile
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import yaml
+from flwr.app import Context, Message, RecordDict
+
+from client.app import app as client_app
+from server.federation import run_federation
+from shared.config import Config, config_from_dict, load_config
+from shared.data.manifest import read_manifest
+from shared.experiment import load_task_manifest, train_fold
+from shared.metrics import headline
+from simulations.compare import budget_config
+from simulations.simulate import prepare_split, simulate
+
+log = logging.getLogger("dentfed.bench")
+
+
+class InProcessGrid:
+    """Just enough of Flower's Grid for `run_federation`: node i is clinic i of the split,
+    whose ClientApp (the real one, with its mods) is called in this process with its own
+    persistent Context, as a SuperNode keeps it."""
+
+    def __init__(self, split_dir: Path, n: int):
+        from flwr.supercore.task_identity import TaskIdentity
+
+
+        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+        self.app = client_app
+        self.contexts = {i + 1: Context(run_id=1, node_id=i + 1,
+                                        node_config={"partition-id": i},
+                                        state=RecordDict(),
+                                        run_config={"split-dir": str(split_dir)})
+                         for i in range(n)}
+        self.sent: list[Message] = []  # every message, both ways (tests audit them)
+        self._ids = 0
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.contexts)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None
+                         ) -> Iterable[Message]:
+        replies = []
+        for msg in messages:
+            self._ids += 1
+            msg.metadata.__dict__["_message_id"] = f"m{self._ids}"
+            node = msg.metadata.dst_node_id
+            reply = self.app(msg, self.contexts[node])
+            reply.metadata.__dict__["_src_node_id"] = node
+            self.sent += [msg, reply]
+            replies.append(reply)
+        return replies
+
+
+def _override(cfg: Config, spec: str) -> Config:
+    """'section.key=value,section.key=value' (values parsed as YAML) applied to cfg."""
+    raw = cfg.model_dump(mode="json")
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        key, _, value = part.partition("=")
+        *path, last = key.strip().split(".")
+        node = raw
+        for p in path:
+            if node.get(p) is None:
+                node[p] = {}
+            node = node[p]
+        node[last] = yaml.safe_load(value)
+    return config_from_dict(raw, source=f"variant {spec}")
+
+
+def run_in_process(cfg: Config, split_dir: Path) -> dict:
+    """One federation with the real server loop and real ClientApp, in this process: central
+    history per round (metric and loss)."""
+    grid = InProcessGrid(split_dir, cfg.split.clinics)
+    res = run_federation(grid, cfg, split_dir / "server_test.csv")
+    return {r: {"metric": h.get(res.evaluator.key, math.nan), "loss": h["loss"]}
+            for r, h in sorted(res.evaluator.history.items())}
+
+
+def run_flower(cfg: Config, manifest: Path, out: Path) -> dict:
+    data = simulate(cfg, manifest, out, echo=False)
+    key = data["headline"]
+    return {int(h["round"]): {"metric": h["server"].get(key, math.nan),
+                              "loss": h["server"]["loss"]} for h in data["history"]}
+
+
+def _cell(v: list[float]) -> str:
+    a = np.asarray(v, float)
+    return f"{a.mean():.3f}" + (f" ± {a.std(ddof=1):.3f}" if len(a) > 1 else "")
+
+
+def main(argv: list[str] | None = None) -> str:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--seeds", default="0")
+    ap.add_argument("--variant", action="append", default=[],
+                    help="name:section.key=value,... (repeatable); name alone = the config")
+    ap.add_argument("--pooled-value", type=float,
+                    help="the pooled figure from an earlier run of this script (same config, "
+                    "split and seeds): no pooled row is trained")
+    ap.add_argument("--pooled", default="",
+                    help="overrides for the pooled row (e.g. train.optimizer=sgd); "
+                    "'skip' = no pooled row")
+    ap.add_argument("--flower", action="store_true", help="variants via `dentfed simulate`")
+    ap.add_argument("--out", help="write the table (markdown) here")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    logging.getLogger("dentfed.server").setLevel(logging.INFO)  # one line per round
+    logging.getLogger("flwr").setLevel(logging.WARNING)
+    base = load_config(args.config)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    variants = [(v.partition(":")[0], v.partition(":")[2]) for v in args.variant] or \
+        [("config", "")]
+    key = headline(base.task.type)
+    m = load_task_manifest(base, None)
+    rows: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        split = prepare_split(base, m.source, Path(tmp) / "split")
+        parts = {s: np.concatenate([p[s] for p in split.clinics]) for s in ("train", "val")}
+        test_m = read_manifest(Path(tmp) / "split" / "server_test.csv", base.task,
+                               default_modality=base.data.modality)
+        if args.pooled != "skip" and args.pooled_value is None:
+            pcfg = _override(base, args.pooled)
+            for seed in seeds:
+                t0 = time.perf_counter()
+                bcfg = budget_config(pcfg, seed)
+                fold = _pooled(bcfg, m, parts, test_m, seed)
+                r = rows.setdefault("Pooled", {"values": [], "seconds": [], "curve": None,
+                                               "spec": args.pooled})
+                r["values"].append(fold[0])
+                r["seconds"].append(time.perf_counter() - t0)
+                r["curve"] = r["curve"] or fold[1]
+                print(f"Pooled seed {seed}: {key} {fold[0]:.4f} ({time.perf_counter() - t0:.0f} s)",
+                      flush=True)
+        for name, spec in variants:
+            for seed in seeds:
+                cfg = _override(base, (spec + "," if spec else "") + f"train.seed={seed}")
+                t0 = time.perf_counter()
+                if args.flower:
+                    hist = run_flower(cfg, m.source, Path(tmp) / f"{name}-{seed}")
+                else:
+                    hist = run_in_process(cfg, Path(tmp) / "split")
+                last = hist[max(hist)]
+                r = rows.setdefault(name, {"values": [], "seconds": [], "curve": None,
+                                           "spec": spec})
+                r["values"].append(last["metric"])
+                r["seconds"].append(time.perf_counter() - t0)
+                r["curve"] = r["curve"] or [(h["metric"], h["loss"]) for h in hist.values()]
+                print(f"{name} seed {seed}: {key} {last['metric']:.4f} "
+                      f"({time.perf_counter() - t0:.0f} s); rounds "
+                      + " ".join(f"{a:.3f}/{b:.2f}" for a, b in r["curve"]), flush=True)
+    pooled = (np.mean(rows["Pooled"]["values"]) if "Pooled" in rows
+              else args.pooled_value if args.pooled_value is not None else math.nan)
+    lines = [f"| method | overrides | pooled-test {key} | / pooled | central {key}/loss by "
+             "round (seed " + str(seeds[0]) + ") | s/seed |", "|---|---|---|---|---|---|"]
+    for name, r in rows.items():
+        ratio = np.mean(r["values"]) / pooled
+        curve = " ".join(f"{a:.2f}/{b:.2f}" for a, b in (r["curve"] or []))
+        lines.append(f"| {name} | `{r['spec'] or '-'}` | {_cell(r['values'])} | {ratio:.3f} | "
+                     f"{curve} | {np.mean(r['seconds']):.0f} |")
+    table = "\n".join(lines)
+    print(f"\nseeds {seeds}, config {args.config}, budget per seed: "
+          f"{base.federation.rounds} x {base.federation.local_epochs} (config)\n{table}")
+    if args.out:
+        Path(args.out).write_text(table + "\n")
+        Path(args.out).with_suffix(".json").write_text(json.dumps(rows, indent=1))
+    return table
+
+
+def _pooled(cfg: Config, m, parts: dict, test_m, seed: int) -> tuple[float, list]:
+    """Pooled training (train_fold's loop and early stopping) scored on the pooled test set;
+    also the per-epoch (val metric, val loss) curve."""
+    from shared.data.dataset import make_loader
+    from shared.models import resolve_device
+    from shared.training import evaluate
+
+    fold = train_fold(cfg, m, {**parts, "test": parts["val"]}, seed)
+    device = resolve_device(cfg.train.device)
+    res = evaluate(fold.model.to(device), make_loader(test_m, cfg.data, train=False), None,
+                   cfg.task, device)
+    k = headline(cfg.task.type)
+    return float(res.get(k, math.nan)), [(h.get(f"val_{k}", math.nan), h["val_loss"])
+                                         for h in fold.history]
+
+
+if __name__ == "__main__":
+    main()
