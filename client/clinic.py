@@ -26,6 +26,7 @@ from shared.config import Config
 from shared.data.dataset import make_loader
 from shared.data.manifest import Manifest, read_manifest
 from shared.data.splits import hold_out
+from shared.dp_sgd import DpAccount, planned_steps
 from shared.fedio import (
     EXAMPLES_KEY,
     SCAFFOLD_DELTA_KEY,
@@ -37,7 +38,6 @@ from shared.fedio import (
 from shared.losses import make_loss
 from shared.metrics import headline
 from shared.models import batchnorm_names, resolve_device, set_train_mode
-from shared.privacy import DpAccount, planned_steps
 from shared.training import (
     Trainer,
     evaluate,

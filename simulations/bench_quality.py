@@ -40,9 +40,9 @@ from client.app import app as client_app
 from server.federation import run_federation
 from shared.config import Config, config_from_dict, load_config
 from shared.data.manifest import read_manifest
-from shared.experiment import load_task_manifest, train_fold
 from shared.metrics import headline
 from simulations.compare import budget_config
+from simulations.pooled_training import load_task_manifest, train_fold
 from simulations.simulate import prepare_split, simulate
 
 log = logging.getLogger("dentfed.bench")
