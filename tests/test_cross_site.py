@@ -232,3 +232,23 @@ def test_real_simulation_cross_site_matrix_and_audited_replies(tmp_path):
                 assert all(isinstance(v, int | float) for v in rec["values"].values())
     assert sum(LOCAL_MODEL_KEY in e["records"] for e in evaluate) == 2
 
+
+
+def test_clinic_start_can_keep_its_local_model(tmp_path):
+    """`dentfed clinic start --no-share-local-model` puts the node-config key the ClientApp
+    reads (test above: share-local-model=false keeps the model) into Flower's node config."""
+    from flwr.common.config import parse_config_args
+
+    from dentfed import deploy
+
+    ca, key, manifest = (tmp_path / n for n in ("ca.crt", "clinic_0", "my data.csv"))
+    for p in (ca, key, manifest):
+        p.write_text("x")
+
+    def node_config(**kw) -> dict:
+        cmd = deploy.supernode_command("fed.example.org:9092", ca, key, manifest, **kw)
+        return parse_config_args([cmd[cmd.index("--node-config") + 1]])
+
+    assert node_config() == {"manifest": str(manifest)}
+    assert node_config(share_local_model=False) == {"manifest": str(manifest),
+                                                    "share-local-model": "false"}
