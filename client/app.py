@@ -14,17 +14,33 @@ from flwr.clientapp import ClientApp
 
 from client.audit import audit_mod
 from client.central_dp import central_dp_mod
-from client.clinic import bn_statistics, evaluate_values, get_clinic, local_training
+from client.clinic import (
+    Clinic,
+    bn_statistics,
+    evaluate_values,
+    get_clinic,
+    local_training,
+    personalise,
+    restore_round_state,
+)
 from client.secagg import secagg_mod
 from shared.config import Config
 from shared.dp_sgd import PrivacyBudgetSpent, declined_reply
 from shared.fedio import (
     BN_EXAMPLES_KEY,
     BN_STATS_KEY,
+    CROSS_SITE_KEY,
+    EXAMPLES_KEY,
+    GLOBAL_MODEL,
+    LOCAL_MODEL_KEY,
+    PERSONALISED_MODEL,
     SCAFFOLD_C_KEY,
+    SHARED_PREFIX,
     check_frozen,
     config_from_record,
+    load_model_arrays,
     model_arrays,
+    personal_keys,
 )
 from shared.upload import encode_update
 
@@ -96,6 +112,11 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate_local(msg: Message, context: Context) -> Message:
     cfg, server_round = _reply_config(msg)
     clinic = get_clinic(context, cfg)
+    phase = msg.content["config"].get(CROSS_SITE_KEY)
+    if phase is not None:
+        check_frozen(msg.content["config"], cfg, clinic.model)
+        content = cross_site(clinic, context, msg, str(phase), server_round)
+        return Message(content=content, reply_to=msg)
     values = evaluate_values(clinic, msg.content["arrays"], context)
     content = RecordDict()
     if cfg.federation.bn_recalibration:
@@ -105,3 +126,45 @@ def evaluate_local(msg: Message, context: Context) -> Message:
             values[BN_EXAMPLES_KEY] = n
     content["metrics"] = MetricRecord(values)
     return Message(content=content, reply_to=msg)
+
+
+def _prefixed(model: str, values: dict[str, float]) -> dict[str, float]:
+    return {f"{model}/{k}": v for k, v in values.items() if k != EXAMPLES_KEY}
+
+
+def cross_site(clinic: Clinic, context: Context, msg: Message, phase: str,
+               server_round: int) -> RecordDict:
+    """The end-of-run phases (federation.cross_site / personalize), on the evaluate path.
+
+    "own": the final global model on this clinic's validation images and, with personalize,
+    the clinic's fine-tuned model too; the personalised model is in the reply
+    (`local-model`) only with cross_site.share_local_models, and not when the clinic's own
+    node config says `share-local-model=false`. "shared": the other clinics'
+    local models (`personalised-<j>` records) on this clinic's validation images. Only scalars
+    ("<model>/val_loss", "<model>/val_<headline>", num-examples) leave otherwise."""
+    fed = clinic.cfg.federation
+    content = RecordDict()
+    if fed.local_bn:  # a resumed run's fresh process: the clinic's BatchNorm from its disk
+        restore_round_state(context, server_round + 1)
+    if phase == "own":
+        arrays = msg.content["arrays"]
+        values = _prefixed(GLOBAL_MODEL, evaluate_values(clinic, arrays, context))
+        if fed.personalize is not None:
+            personalise(clinic, context, arrays, server_round)
+            values.update(_prefixed(PERSONALISED_MODEL, evaluate_values(clinic, None, context)))
+            if fed.cross_site.share_local_models and str(context.node_config.get(
+                    "share-local-model", "true")).lower() not in ("false", "0", "no"):
+                content[LOCAL_MODEL_KEY] = model_arrays(clinic.model, personal_keys(clinic.model))
+    elif phase == "shared":
+        values = {}
+        keys = personal_keys(clinic.model)
+        for name, arrays in msg.content.array_records.items():
+            if not name.startswith(SHARED_PREFIX):
+                continue
+            load_model_arrays(clinic.model, arrays, keys)
+            values.update(_prefixed(name, evaluate_values(clinic, None, context)))
+    else:
+        raise ValueError(f"unknown {CROSS_SITE_KEY} phase {phase!r}")
+    values[EXAMPLES_KEY] = len(clinic.val)
+    content["metrics"] = MetricRecord(values)
+    return content

@@ -11,6 +11,7 @@ optimiser comes from the server's config record; only the device is decided loca
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -37,7 +38,8 @@ from shared.fedio import (
 )
 from shared.losses import make_loss
 from shared.metrics import headline
-from shared.models import batchnorm_names, resolve_device, set_train_mode
+from shared.model_file import save_model_file
+from shared.models import batchnorm_names, head_only, resolve_device, set_train_mode
 from shared.training import (
     Trainer,
     evaluate,
@@ -290,6 +292,34 @@ class _Scaffold:
         return ArrayRecord({n: Array((new[n] - self.ci[n]).cpu().numpy()) for n in new})
 
 
+def personalise(clinic: Clinic, context: Context, arrays: ArrayRecord, server_round: int
+                ) -> dict[str, float]:
+    """federation.personalize: the final global model (under FedBN with the clinic's own
+    BatchNorm) fine-tuned on this clinic's training images for `steps` optimiser steps, the
+    classifier head only or every trainable layer, through the one training driver. The
+    result stays in `clinic.model` and, when the clinic has a state folder, in
+    `personalised_model.pt` there (the one model-file format); it leaves the clinic only with
+    cross_site.share_local_models. Returns the training scalars."""
+    cfg, p = clinic.cfg, clinic.cfg.federation.personalize
+    assert p is not None
+    seed = cfg.train.seed + 1000 * server_round + 700
+    seed_everything(seed)
+    if clinic.train_loader.generator is not None:
+        clinic.train_loader.generator.manual_seed(seed)
+    clinic.load(context, arrays)
+    clinic.model.to(clinic.device)
+    with head_only(clinic.model) if p.scope == "head" else contextlib.nullcontext():
+        opt = make_optimizer(clinic.model, cfg.train, lr=p.lr or cfg.train.lr)
+        with Trainer(clinic.model, clinic.train_loader, clinic.loss_fn, opt,
+                     clinic.device) as trainer:
+            stats = trainer.run(max_steps=p.steps, desc="personalise")
+    folder = clinic_state_dir(context)
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+        save_model_file(folder / "personalised_model.pt", clinic.model, cfg, thresholds=None)
+    return stats
+
+
 @torch.no_grad()
 def bn_statistics(clinic: Clinic, context: Context, arrays: ArrayRecord, server_round: int
                   ) -> tuple[ArrayRecord, int]:
@@ -322,11 +352,14 @@ def bn_statistics(clinic: Clinic, context: Context, arrays: ArrayRecord, server_
     return ArrayRecord({k: Array(state[k].detach().cpu().numpy()) for k in keys}), seen
 
 
-def evaluate_values(clinic: Clinic, arrays: ArrayRecord, context: Context
+def evaluate_values(clinic: Clinic, arrays: ArrayRecord | None, context: Context
                     ) -> dict[str, float]:
     """The global model (under FedBN with the clinic's own BatchNorm) on the clinic's
-    validation images: the scalars an evaluate reply carries."""
-    clinic.load(context, arrays)
+    validation images: the scalars an evaluate reply carries. `arrays` None: the model as it
+    is (a personalised or another clinic's model already loaded)."""
+    if arrays is not None:
+        clinic.load(context, arrays)
+    clinic.model.to(clinic.device)
     res = evaluate(clinic.model, clinic.val_loader, clinic.loss_fn, clinic.cfg.task,
                    clinic.device)
     key = headline(clinic.cfg.task.type)

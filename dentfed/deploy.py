@@ -96,13 +96,19 @@ def run_command(config: Path, run_dir: Path, test_manifest: Path | None = None,
 
 
 def supernode_command(superlink: str, ca_cert: Path, private_key: Path, manifest: Path,
-                      port: int = 9094, max_retries: int | None = None) -> list[str]:
+                      port: int = 9094, max_retries: int | None = None,
+                      share_local_model: bool = True) -> list[str]:
     """flower-supernode for one clinic: TLS against `ca_cert`, authenticated with the
-    clinic's private key, its data named only in its own node config."""
+    clinic's private key, its data named only in its own node config. `share_local_model`
+    False: the clinic keeps its personalised model even when the federation's config lets
+    local models travel (federation.cross_site.share_local_models)."""
+    node = f'manifest="{_need(manifest, "manifest")}"'
+    if not share_local_model:
+        node += ' share-local-model="false"'
     cmd = [flower_bin("flower-supernode"), "--superlink", superlink,
            "--root-certificates", str(_need(ca_cert, "CA certificate")),
            "--auth-supernode-private-key", str(_need(private_key, "clinic private key")),
-           "--node-config", f'manifest="{_need(manifest, "manifest")}"',
+           "--node-config", node,
            "--port", str(port)]
     if max_retries is not None:
         cmd += ["--max-retries", str(max_retries)]

@@ -100,7 +100,8 @@ def _clinic_start(args: argparse.Namespace) -> int:
         m = read_manifest(manifest, cfg.task, default_modality=cfg.data.modality)
         print(f"manifest ok: {len(m)} images")
     cmd = deploy.supernode_command(args.superlink, Path(args.ca), Path(args.key), manifest,
-                                   port=args.port, max_retries=args.max_retries)
+                                   port=args.port, max_retries=args.max_retries,
+                                   share_local_model=not args.no_share_local_model)
     return deploy.run_foreground(cmd, deploy.flower_env())
 
 
@@ -159,4 +160,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     st.add_argument("--port", type=int, default=9094, help="local port for the SuperNode's "
                     "own ClientApp API")
     st.add_argument("--max-retries", type=int, help="give up after N failed connection tries")
+    st.add_argument("--no-share-local-model", action="store_true",
+                    help="never send this clinic's personalised model to other clinics, even "
+                    "when the federation's cross_site.share_local_models allows it")
     st.set_defaults(func=_clinic_start)

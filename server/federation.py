@@ -28,6 +28,7 @@ from server.checkpoint import (
     save_checkpoint,
     strategy_state,
 )
+from server.cross_site import cross_site_evaluation
 from server.strategy import make_strategy
 from shared.config import Config, dump_config
 from shared.data.dataset import make_loader
@@ -335,6 +336,7 @@ class FederationResult:
     exchanged_bytes: int
     stopped: str | None = None
     central_dp: CentralDpLedger | None = None  # client-level DP accountant (issue 6)
+    cross_site: dict | None = None  # federation.cross_site / personalize (server/cross_site.py)
 
 
 def _plain(mr: MetricRecord | None) -> dict[str, float]:
@@ -433,9 +435,14 @@ def run_federation(grid: Grid, cfg: Config, test_manifest: str | Path,
         stopped = f"client-level privacy budget spent: {e}"
     if not evaluator.history:
         raise DentfedError(stopped or "no round completed")
+    cross = None
+    if stopped is None and (fed.cross_site.enabled or fed.personalize is not None):
+        # The raw grid: these evaluate exchanges are not a round (RoundRecorder), and the
+        # clinics' local models are checked in cross_site_evaluation.
+        cross = cross_site_evaluation(grid, recorder.clinic, cfg, arrays, model)
     return FederationResult(cfg, evaluator, recorder, train_agg, eval_agg,
                             seconds_before + time.perf_counter() - t0, full_model_nbytes(model),
-                            arrays_nbytes(arrays), stopped, central)
+                            arrays_nbytes(arrays), stopped, central, cross)
 
 
 def recalibrated(arrays: ArrayRecord, replies: list[Message],

@@ -84,6 +84,7 @@ def summary(res: FederationResult) -> dict:
         "stopped": res.stopped,
         **({"privacy": p} if (p := privacy_summary(res.cfg, res.recorder.rounds)) else {}),
         **({"central_dp": res.central_dp.summary()} if res.central_dp else {}),
+        **({"cross_site": res.cross_site} if res.cross_site else {}),
     }
 
 
@@ -157,6 +158,44 @@ def clinic_counts(res: FederationResult) -> dict:
             "server_test_images": res.evaluator.n_test}
 
 
+def _cell(v: float | None) -> str:
+    return "-" if v is None else f"{v:.3f}"
+
+
+def cross_site_markdown(cs: dict) -> str:
+    """report.md: the models x clinics matrix with each model's mean and worst clinic, and
+    the personalisation summary."""
+    rows = {}
+    for model in cs["models"]:
+        name = ("global (final)" if model == "global"
+                else f"clinic {model.rsplit('-', 1)[1]} personalised")
+        s = cs["summary"][model]
+        rows[name] = {**{f"clinic {c}": _cell(v) for c, v in cs["matrix"][model].items()},
+                      "mean": _cell(s["mean"]),
+                      "worst (clinic)": "-" if s["worst"] is None else
+                      f"{s['worst']:.3f} ({s['worst_clinic']})"}
+    df = pd.DataFrame.from_dict(rows, orient="index")
+    df.index.name = "model"
+    where = ("each clinic's personalised model was also sent to and scored at every other "
+             "clinic (share_local_models)" if cs["share_local_models"] else
+             "no model left a clinic: each personalised model is scored at its own clinic only "
+             "(share_local_models off)")
+    text = (f"## Cross-site evaluation ({cs['metric']} on each clinic's validation images)\n\n"
+            "Scored at the clinics; only these scalars left them. '-': not scored there "
+            f"(or undefined on that clinic's validation set).\n\n{render_table(df)}\n")
+    p = cs.get("personalisation")
+    if p:
+        g, q = p["global"], p["personalised"]
+        text += (f"\nPersonalisation ({p['steps']} local steps, scope {p['scope']}; {where}): "
+                 f"mean over clinics {_cell(g['mean'])} global -> {_cell(q['mean'])} "
+                 f"personalised, worst clinic {_cell(g['worst'])} -> {_cell(q['worst'])}; "
+                 f"mean validation loss {_cell(p['mean_loss']['global'])} -> "
+                 f"{_cell(p['mean_loss']['personalised'])}.\n")
+    if cs["failed_replies"]:
+        text += f"\n{cs['failed_replies']} clinic replies failed in this phase.\n"
+    return text
+
+
 def write_run_folder(res: FederationResult, out: Path) -> dict:
     """Write every file atomically into the run folder (which also holds the checkpoint and,
     from `dentfed simulate`, the split, so it is not replaced as a whole), metrics.json (the
@@ -186,6 +225,8 @@ def write_run_folder(res: FederationResult, out: Path) -> dict:
         text += "\n" + privacy_markdown(data["privacy"], data["clinics"])
     if "central_dp" in data:
         text += "\n" + central_dp_markdown(data["central_dp"])
+    if "cross_site" in data:
+        text += "\n" + cross_site_markdown(data["cross_site"])
     if res.stopped:
         text = text.replace("\n\n", f"\n\n**Stopped early:** {res.stopped}\n\n", 1)
     write_text_atomic(out / "report.md", text)

@@ -104,6 +104,30 @@ class TrainConfig(_Strict):
     progress: bool = True
 
 
+class PersonalizeConfig(_Strict):
+    """After the last round each clinic fine-tunes the final global model on its own training
+    images for `steps` optimiser steps (the one training driver, train.optimizer) and reports
+    global vs personalised on its validation images; the personalised model stays at the
+    clinic (`cross_site.share_local_models` lets it travel)."""
+
+    steps: int = Field(default=20, ge=1)
+    # head: the classifier only (the rest frozen, BatchNorm statistics included); all: every
+    # trainable layer.
+    scope: Literal["head", "all"] = "head"
+    lr: float | None = Field(default=None, gt=0)  # default: train.lr
+
+
+class CrossSiteConfig(_Strict):
+    """NVIDIA FLARE-style cross-site evaluation at the end of the run: models x clinics'
+    validation sets, evaluated at the clinics; only scalar metrics leave a clinic."""
+
+    enabled: bool = False
+    # Each clinic's personalised model is sent (through the coordinator) to every other
+    # clinic and evaluated there. Off: no model leaves a clinic; the matrix is the global
+    # model x clinics plus each clinic's personalised model on its own validation set.
+    share_local_models: bool = False
+
+
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedavgm",
               "fedtrimmedavg", "fedmedian", "krum", "multikrum", "scaffold")
 
@@ -161,6 +185,10 @@ class FederationConfig(_Strict):
     # then skipped (global model unchanged).
     round_retries: int = Field(default=0, ge=0)
     test_manifest: str | None = None
+    # After the last round: per-clinic fine-tuning and a models x clinics evaluation matrix
+    # (metrics.json `cross_site`, report.md); both run in the coordinator's Message-API loop.
+    personalize: PersonalizeConfig | None = None
+    cross_site: CrossSiteConfig = CrossSiteConfig()
 
 
 class SplitConfig(_Strict):
@@ -337,6 +365,18 @@ class Config(_Strict):
         if f.local_bn and (self.privacy.secagg is not None or c is not None):
             raise ValueError("federation.local_bn cannot be combined with privacy.secagg or "
                              "privacy.central yet")
+        final = f.cross_site.enabled or f.personalize is not None
+        if f.cross_site.share_local_models and f.personalize is None:
+            raise ValueError("federation.cross_site.share_local_models needs "
+                             "federation.personalize: the clinics' local models are their "
+                             "personalised ones")
+        if final and self.privacy.secagg is not None:
+            raise ValueError("federation.cross_site / personalize cannot be combined with "
+                             "privacy.secagg yet (the SecAgg+ path has no final phase)")
+        if f.personalize is not None and (self.privacy.dp_sgd is not None or c is not None):
+            raise ValueError("federation.personalize cannot be combined with privacy.dp_sgd or "
+                             "privacy.central: its fine-tuning steps, and the metrics they "
+                             "produce, would fall outside the accounted privacy budget")
         if self.privacy.dp_sgd is not None:
             if self.train.loss not in DP_LOSSES:
                 raise ValueError(f"train.loss '{self.train.loss}' cannot be used with "

@@ -43,6 +43,21 @@ SCAFFOLD_DELTA_KEY = "scaffold-delta-c"
 # reply) and the number of training images they were computed on (metric).
 BN_STATS_KEY = "bn-stats"
 BN_EXAMPLES_KEY = "bn-examples"
+# End-of-run cross-site evaluation / personalisation (federation.cross_site, .personalize):
+# the evaluate message's config says which phase ("own": the global model, and the clinic's
+# personalised one, on its own validation set; "shared": the other clinics' models in the
+# `personalised-<j>` array records); reply metrics are named "<model>/<metric>".
+CROSS_SITE_KEY = "cross-site"
+LOCAL_MODEL_KEY = "local-model"  # a clinic's personalised model (share_local_models only)
+GLOBAL_MODEL = "global"
+PERSONALISED_MODEL = "personalised"
+SHARED_PREFIX = PERSONALISED_MODEL + "-"
+
+
+def shared_model_name(clinic: int) -> str:
+    """The record (and metric prefix) under which clinic `clinic`'s (anonymous index) local
+    model travels to the other clinics."""
+    return f"{SHARED_PREFIX}{clinic}"
 
 
 def mixture_statistics(stats: list[dict[str, np.ndarray]], weights: list[float]
@@ -84,14 +99,24 @@ def local_state(model: nn.Module) -> dict[str, torch.Tensor]:
             if any(k.startswith(p + ".") for p in local)}
 
 
-def model_arrays(model: nn.Module) -> ArrayRecord:
-    state = model.state_dict()
-    return ArrayRecord({k: state[k].detach().cpu() for k in exchanged_keys(model)})
+def personal_keys(model: nn.Module) -> list[str]:
+    """A clinic's whole model as a local model travels in cross-site evaluation: what
+    `exchanged_keys` names plus, under FedBN, the clinic's own BatchNorm."""
+    return [k for k in trainable_state_keys(model) if not k.endswith("num_batches_tracked")]
 
 
-def expected_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+def model_arrays(model: nn.Module, keys: list[str] | None = None) -> ArrayRecord:
+    """The model's `keys` (default: `exchanged_keys`) as an ArrayRecord."""
     state = model.state_dict()
-    return {k: tuple(state[k].shape) for k in exchanged_keys(model)}
+    return ArrayRecord({k: state[k].detach().cpu()
+                        for k in (exchanged_keys(model) if keys is None else keys)})
+
+
+def expected_shapes(model: nn.Module, keys: list[str] | None = None
+                    ) -> dict[str, tuple[int, ...]]:
+    state = model.state_dict()
+    return {k: tuple(state[k].shape)
+            for k in (exchanged_keys(model) if keys is None else keys)}
 
 
 def check_arrays(arrays: ArrayRecord, shapes: dict[str, tuple[int, ...]]) -> str | None:
@@ -109,9 +134,11 @@ def check_arrays(arrays: ArrayRecord, shapes: dict[str, tuple[int, ...]]) -> str
     return None
 
 
-def load_model_arrays(model: nn.Module, arrays: ArrayRecord) -> None:
-    """Copy exchanged arrays into the model; refuses wrong names, shapes or non-finite values."""
-    problem = check_arrays(arrays, expected_shapes(model))
+def load_model_arrays(model: nn.Module, arrays: ArrayRecord, keys: list[str] | None = None
+                      ) -> None:
+    """Copy exchanged arrays (or exactly `keys`) into the model; refuses wrong names, shapes
+    or non-finite values."""
+    problem = check_arrays(arrays, expected_shapes(model, keys))
     if problem:
         raise ValueError(problem)
     state = {k: torch.from_numpy(np.ascontiguousarray(a.numpy())) for k, a in arrays.items()}

@@ -140,6 +140,27 @@ def batch_statistics(model: nn.Module, names: list[str] | tuple[str, ...]) -> It
             m.running_mean, m.running_var = mean, var
 
 
+@contextlib.contextmanager
+def head_only(model: nn.Module) -> Iterator[None]:
+    """Within the block only the classifier head is trainable: every other parameter has
+    requires_grad False and every other module counts as frozen, so `set_train_mode` keeps it
+    in eval (BatchNorm statistics do not move). Restored on exit."""
+    head = list(head_prefixes(model))
+    saved_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+    saved_frozen = frozen_prefixes(model)
+    rest = [n for n, m in model.named_modules()
+            if n and not _under(n, head) and not any(h.startswith(n + ".") for h in head)]
+    try:
+        for n, p in model.named_parameters():
+            p.requires_grad_(saved_grad[n] and _under(n, head))
+        setattr(model, FROZEN_ATTR, tuple(rest))
+        yield
+    finally:
+        for n, p in model.named_parameters():
+            p.requires_grad_(saved_grad[n])
+        setattr(model, FROZEN_ATTR, saved_frozen)
+
+
 def trainable_state_keys(model: nn.Module) -> list[str]:
     """State-dict keys that training can change: trainable parameters, plus buffers (e.g.
     BatchNorm statistics) of modules outside the frozen stages. This is what a clinic sends."""
@@ -218,7 +239,8 @@ def load_pretrained(model: nn.Module, path: str | Path, prefix: str | None = Non
     return sorted(loadable)
 
 
-def _head_prefixes(model: nn.Module) -> tuple[str, ...]:
+def head_prefixes(model: nn.Module) -> tuple[str, ...]:
+    """Module-name prefixes of the classifier head (the last nn.Linear; a ViT's `heads`)."""
     last = None
     for n, mod in model.named_modules():
         if isinstance(mod, nn.Linear):
@@ -287,7 +309,7 @@ def build_model(cfg: ModelConfig, num_outputs: int, image_size: int = 224,
                               "efficientnet_b0, convnext_tiny)") from None
     if cfg.pretrained and load_weights:
         load_pretrained(model, cfg.pretrained, cfg.pretrained_prefix, cfg.pretrained_sha256,
-                        head_prefixes=_head_prefixes(model))
+                        head_prefixes=head_prefixes(model))
     if isinstance(model, VisionTransformer):
         if model.heads.head.out_features != num_outputs or cfg.dropout:
             model.heads = nn.Sequential(nn.Dropout(cfg.dropout) if cfg.dropout else nn.Identity(),
