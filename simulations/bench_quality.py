@@ -133,6 +133,8 @@ def main(argv: list[str] | None = None) -> str:
                     help="overrides for the pooled row (e.g. train.optimizer=sgd); "
                     "'skip' = no pooled row")
     ap.add_argument("--flower", action="store_true", help="variants via `dentfed simulate`")
+    ap.add_argument("--pooled-only", action="store_true",
+                    help="train only the pooled row (no federated variant)")
     ap.add_argument("--out", help="write the table (markdown) here")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
@@ -142,6 +144,10 @@ def main(argv: list[str] | None = None) -> str:
     seeds = [int(s) for s in args.seeds.split(",")]
     variants = [(v.partition(":")[0], v.partition(":")[2]) for v in args.variant] or \
         [("config", "")]
+    if args.pooled_only:
+        if args.pooled == "skip" or args.pooled_value is not None:
+            ap.error("--pooled-only trains the pooled row: drop --pooled skip / --pooled-value")
+        variants = []
     key = headline(base.task.type)
     m = load_task_manifest(base, None)
     rows: dict[str, dict] = {}
