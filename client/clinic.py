@@ -41,6 +41,7 @@ from shared.metrics import headline
 from shared.model_file import save_model_file
 from shared.models import batchnorm_names, head_only, resolve_device, set_train_mode
 from shared.training import (
+    GradCorrection,
     Trainer,
     evaluate,
     load_optimizer_state,
@@ -238,7 +239,7 @@ def local_training(clinic: Clinic, context: Context, global_arrays: ArrayRecord,
             {k: Array(v.numpy()) for k, v in local_state(clinic.model).items()})
     records = {}
     if scaffold is not None:
-        records[SCAFFOLD_DELTA_KEY] = scaffold.finish(int(stats["steps"]), lr)
+        records[SCAFFOLD_DELTA_KEY] = scaffold.finish()
     if keeps_state:
         save_round_state(context, server_round)
     values = {
@@ -264,29 +265,34 @@ def local_training(clinic: Clinic, context: Context, global_arrays: ArrayRecord,
 
 class _Scaffold:
     """The clinic's side of SCAFFOLD for one round: the gradient correction c - c_i, and after
-    K local steps at learning rate lr, c_i+ = c_i - c + (x - y_i) / (K lr) (option II of
-    Karimireddy et al. 2020); c_i+ stays in the clinic's state, c_i+ - c_i is sent."""
+    the local steps c_i+ = the mean of the clinic's raw minibatch gradients along its local
+    trajectory. For plain SGD this equals option II of Karimireddy et al. 2020,
+    c_i - c + (x - y_i) / (K lr); unlike that formula it stays right under momentum, weight
+    decay and Adam, which move the weights by more (or other) than lr x gradient (with SGD
+    momentum 0.9 option II overestimates the variate ~10x and the corrections swamp the
+    gradients). c_i+ stays in the clinic's state; c_i+ - c_i is sent."""
 
     def __init__(self, clinic: Clinic, context: Context, control: ArrayRecord | None):
         self.context = context
         self.params = {n: p for n, p in clinic.model.named_parameters() if p.requires_grad}
-        self.start = {n: p.detach().clone() for n, p in self.params.items()}
-        zeros = {n: torch.zeros_like(p) for n, p in self.start.items()}
+        start = {n: p.detach() for n, p in self.params.items()}
+        zeros = {n: torch.zeros_like(p) for n, p in start.items()}
 
         def tensors(record: ArrayRecord | None) -> dict[str, torch.Tensor]:
             if record is None:
                 return zeros
             return {n: torch.from_numpy(np.array(record[n].numpy(), copy=True)).to(p.device)
-                    for n, p in self.start.items()}
+                    for n, p in start.items()}
 
         self.c = tensors(control)
         self.ci = tensors(context.state[SCAFFOLD_CI_KEY]
                           if SCAFFOLD_CI_KEY in context.state.array_records else None)
-        self.correction = [(p, self.c[n] - self.ci[n]) for n, p in self.params.items()]
+        self.correction = GradCorrection([(p, self.c[n] - self.ci[n])
+                                          for n, p in self.params.items()])
 
-    def finish(self, steps: int, lr: float) -> ArrayRecord:
-        new = {n: self.ci[n] - self.c[n] + (self.start[n] - p.detach()) / (max(steps, 1) * lr)
-               for n, p in self.params.items()}
+    def finish(self) -> ArrayRecord:
+        k = max(self.correction.steps, 1)
+        new = {n: acc / k for n, acc in zip(self.params, self.correction.raw_sums, strict=True)}
         self.context.state[SCAFFOLD_CI_KEY] = ArrayRecord(
             {n: Array(v.cpu().numpy()) for n, v in new.items()})
         return ArrayRecord({n: Array((new[n] - self.ci[n]).cpu().numpy()) for n in new})

@@ -82,6 +82,25 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, arrays: dict[str, np.
     optimizer.load_state_dict(sd)
 
 
+class GradCorrection:
+    """A fixed tensor added to each parameter's gradient before every optimiser step
+    (SCAFFOLD's c - c_i), keeping the running sum of the raw (uncorrected) minibatch gradients
+    so the caller can form the mean gradient along the local trajectory."""
+
+    def __init__(self, pairs: list[tuple[nn.Parameter, torch.Tensor]]):
+        self.pairs = pairs
+        self.raw_sums = [torch.zeros_like(c) for _, c in pairs]
+        self.steps = 0
+
+    @torch.no_grad()
+    def apply(self) -> None:
+        for (p, c), acc in zip(self.pairs, self.raw_sums, strict=True):
+            if p.grad is not None:
+                acc.add_(p.grad)
+                p.grad.add_(c)
+        self.steps += 1
+
+
 def train_one_epoch(
     model: nn.Module,
     loader: DataLoader,
@@ -91,14 +110,13 @@ def train_one_epoch(
     *,
     max_steps: int | None = None,
     proximal_mu: float = 0.0,
-    grad_correction: list[tuple[nn.Parameter, torch.Tensor]] | None = None,
+    grad_correction: GradCorrection | None = None,
     progress: bool = False,
     desc: str = "train",
 ) -> dict[str, float]:
     """One pass over `loader` (or `max_steps` batches). With proximal_mu > 0 the FedProx term
     mu/2 * ||w - w_global||^2 is added, w_global being the weights at the start of the call.
-    `grad_correction` (parameter, tensor) pairs are added to the gradients before each step
-    (SCAFFOLD's c - c_i)."""
+    `grad_correction` is applied to the gradients before each step (SCAFFOLD's c - c_i)."""
     set_train_mode(model)
     anchors = None
     if proximal_mu > 0:
@@ -116,10 +134,7 @@ def train_one_epoch(
             objective = loss + proximal_mu / 2 * prox
         objective.backward()
         if grad_correction is not None:
-            with torch.no_grad():
-                for p, c in grad_correction:
-                    if p.grad is not None:
-                        p.grad.add_(c)
+            grad_correction.apply()
         optimizer.step()
         total += float(loss.detach()) * len(x)
         n += len(x)
@@ -204,7 +219,7 @@ class Trainer:
         return self.private.current() if self.private is not None else None
 
     def run(self, epochs: int = 1, max_steps: int | None = None, *, proximal_mu: float = 0.0,
-            grad_correction: list[tuple[nn.Parameter, torch.Tensor]] | None = None,
+            grad_correction: GradCorrection | None = None,
             desc: str = "train") -> dict[str, float]:
         """`epochs` passes over the loader, or, with `max_steps`, exactly that many steps
         (as many passes as it takes). Returns mean loss, examples seen and steps taken."""
