@@ -24,6 +24,7 @@ seconds per seed.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import math
@@ -135,12 +136,22 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--flower", action="store_true", help="variants via `dentfed simulate`")
     ap.add_argument("--pooled-only", action="store_true",
                     help="train only the pooled row (no federated variant)")
+    ap.add_argument("--dataset", help="a dental_datasets module (e.g. ufba425_panoramic): its "
+                    "build_manifest (absolute paths, patient_id, its natural `site`) replaces "
+                    "data.manifest")
+    ap.add_argument("--set", default="", help="overrides of the config itself, before the "
+                    "split (e.g. split.scheme=dirichlet,split.alpha=0.1): every row sees them")
+    ap.add_argument("--local", action="store_true",
+                    help="also train each clinic alone (its own train/val rows, the same "
+                    "epochs as pooled) and score it on the pooled test set")
     ap.add_argument("--out", help="write the table (markdown) here")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     logging.getLogger("dentfed.server").setLevel(logging.INFO)  # one line per round
     logging.getLogger("flwr").setLevel(logging.WARNING)
     base = load_config(args.config)
+    if args.set:
+        base = _override(base, args.set)
     seeds = [int(s) for s in args.seeds.split(",")]
     variants = [(v.partition(":")[0], v.partition(":")[2]) for v in args.variant] or \
         [("config", "")]
@@ -149,9 +160,13 @@ def main(argv: list[str] | None = None) -> str:
             ap.error("--pooled-only trains the pooled row: drop --pooled skip / --pooled-value")
         variants = []
     key = headline(base.task.type)
-    m = load_task_manifest(base, None)
     rows: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        if args.dataset:
+            module = importlib.import_module(f"dental_datasets.{args.dataset}")
+            built = module.build_manifest(Path(tmp) / "manifest.csv")
+            base = _override(base, f"data.manifest={built}")
+        m = load_task_manifest(base, None)
         split = prepare_split(base, m.source, Path(tmp) / "split")
         parts = {s: np.concatenate([p[s] for p in split.clinics]) for s in ("train", "val")}
         test_m = read_manifest(Path(tmp) / "split" / "server_test.csv", base.task,
@@ -160,7 +175,7 @@ def main(argv: list[str] | None = None) -> str:
             pcfg = _override(base, args.pooled)
             for seed in seeds:
                 t0 = time.perf_counter()
-                bcfg = budget_config(pcfg, seed)
+                bcfg = budget_config(pcfg, seed, clinics=len(split.clinics))
                 fold = _pooled(bcfg, m, parts, test_m, seed)
                 r = rows.setdefault("Pooled", {"values": [], "seconds": [], "curve": None,
                                                "spec": args.pooled})
@@ -169,6 +184,19 @@ def main(argv: list[str] | None = None) -> str:
                 r["curve"] = r["curve"] or fold[1]
                 print(f"Pooled seed {seed}: {key} {fold[0]:.4f} ({time.perf_counter() - t0:.0f} s)",
                       flush=True)
+        if args.local:
+            pcfg = _override(base, args.pooled if args.pooled != "skip" else "")
+            for c, clinic in enumerate(split.clinics):
+                for seed in seeds:
+                    t0 = time.perf_counter()
+                    fold = _pooled(budget_config(pcfg, seed), m,
+                                   {s: clinic[s] for s in ("train", "val")}, test_m, seed)
+                    r = rows.setdefault(f"Local clinic {c}", {
+                        "values": [], "seconds": [], "curve": None, "spec": args.pooled})
+                    r["values"].append(fold[0])
+                    r["seconds"].append(time.perf_counter() - t0)
+                    r["curve"] = r["curve"] or fold[1]
+                    print(f"Local clinic {c} seed {seed}: {key} {fold[0]:.4f}", flush=True)
         for name, spec in variants:
             for seed in seeds:
                 cfg = _override(base, (spec + "," if spec else "") + f"train.seed={seed}")

@@ -12,7 +12,8 @@ For each seed (train.seed: model init, data order, augmentation) the same clinic
 
 Compute budget: pooled and local models train for federation.rounds * federation.local_epochs
 epochs (with federation.local_steps set: federation.rounds epochs of at most local_steps
-batches each). They keep the config's own early stopping (train.patience on their validation
+batches each for a local model, local_steps x clinics for pooled: the batches the whole
+federation trains on). They keep the config's own early stopping (train.patience on their validation
 loss, best-validation-epoch weights restored), exactly as `dentfed train` does; nothing else is
 added. They use a constant train.lr, whereas clinics follow federation.lr_decay across rounds.
 Pooled/local and federated models of one seed start from the same initial weights.
@@ -92,14 +93,16 @@ def _variant(cfg: Config, **sections: dict) -> Config:
     return config_from_dict(raw, source="compare config")
 
 
-def budget_config(cfg: Config, seed: int) -> Config:
+def budget_config(cfg: Config, seed: int, clinics: int = 1) -> Config:
     """The config pooled and local baselines train with: the federated compute budget
-    (rounds * local_epochs epochs, or rounds epochs of local_steps batches) and train.seed."""
+    (rounds * local_epochs epochs, or rounds epochs of local_steps batches per clinic the
+    model stands for: `clinics` = all of them for pooled, 1 for a local model) and train.seed."""
     fed = cfg.federation
     if fed.local_steps is None:
         train = {"epochs": fed.rounds * fed.local_epochs, "seed": seed}
     else:
-        train = {"epochs": fed.rounds, "max_steps_per_epoch": fed.local_steps, "seed": seed}
+        train = {"epochs": fed.rounds, "max_steps_per_epoch": fed.local_steps * clinics,
+                 "seed": seed}
     return _variant(cfg, train=train)
 
 
@@ -264,10 +267,10 @@ def run_compare(cfg: Config, manifest: str | Path | None, out: str | Path,
             log.info("[seed %d] %s: done in %.1f s, %s", seed, method, seconds, _fmt(scores, key))
 
         for seed in seeds:
-            bcfg = budget_config(cfg, seed)
             baselines = [(POOLED, pooled_parts)] + [(f"Local {c}", p)
                                                     for c, p in enumerate(split.clinics)]
             for method, parts in baselines:
+                bcfg = budget_config(cfg, seed, clinics=n if method == POOLED else 1)
                 log.info("[seed %d] %s: training on %d images (%s)", seed, method,
                          len(parts["train"]), _budget_text(cfg))
                 t0 = time.perf_counter()
