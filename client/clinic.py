@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context
 from torch.utils.data import DataLoader
 
+from shared.atomic_files import torch_save_atomic
 from shared.config import Config
 from shared.data.dataset import make_loader
 from shared.data.manifest import Manifest, read_manifest
@@ -155,9 +155,7 @@ def save_round_state(context: Context, server_round: int) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: {n: torch.from_numpy(a.numpy().copy()) for n, a in context.state[k].items()}
              for k in keys}
-    tmp = folder / f".after_round_{server_round}.pt.tmp-{os.getpid()}"
-    torch.save(state, tmp)
-    os.replace(tmp, folder / f"after_round_{server_round}.pt")
+    torch_save_atomic(state, folder / f"after_round_{server_round}.pt")
     for old in folder.glob("after_round_*.pt"):
         if int(old.stem.rsplit("_", 1)[1]) <= server_round - 3:
             old.unlink(missing_ok=True)
@@ -178,8 +176,11 @@ def get_clinic(context: Context, cfg: Config) -> Clinic:
         train, val = m.subset(rest), m.subset(held)
     device = resolve_device(cfg.train.device)
     model = build_global_model(cfg).to(device)
+    local_data = cfg.data
+    if cfg.federation.batch_size is not None:  # the clinic's own local batch size (FedAvg's B)
+        local_data = cfg.data.model_copy(update={"batch_size": cfg.federation.batch_size})
     clinic = Clinic(cfg, train, val, model, device,
-                    make_loader(train, cfg.data, train=True, seed=seed),
+                    make_loader(train, local_data, train=True, seed=seed),
                     make_loader(val, cfg.data, train=False),
                     make_loss(cfg.task, cfg.train, train.targets,
                               per_sample=cfg.privacy.dp_sgd is not None).to(device),

@@ -140,6 +140,9 @@ class FederationConfig(_Strict):
     rounds: int = Field(default=3, ge=1)
     local_epochs: int = Field(default=1, ge=1)
     local_steps: int | None = Field(default=None, ge=1)
+    # The clinics' training batch size (FedAvg's B); default data.batch_size, which pooled
+    # training keeps. Small clinics take few steps per epoch: a smaller B gives them more.
+    batch_size: int | None = Field(default=None, ge=1)
     fraction_train: float = Field(default=1.0, gt=0, le=1)
     fraction_evaluate: float = Field(default=1.0, ge=0, le=1)
     min_train_clinics: int = Field(default=2, ge=1)

@@ -82,7 +82,9 @@ def test_parsers_and_budget():
     b = budget_config(cfg, seed=7)
     assert (b.train.epochs, b.train.seed, b.train.max_steps_per_epoch) == (6, 7, None)
     b = budget_config(_fed_config(rounds=3, local_steps=5), seed=0)
-    assert (b.train.epochs, b.train.max_steps_per_epoch) == (3, 5)
+    assert (b.train.epochs, b.train.max_steps_per_epoch) == (3, 5)  # one clinic (local)
+    b = budget_config(_fed_config(rounds=3, local_steps=5), seed=0, clinics=4)
+    assert (b.train.epochs, b.train.max_steps_per_epoch) == (3, 20)  # pooled: all 4 clinics
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):

@@ -203,9 +203,11 @@ def test_cross_site_config_rules():
 
 @pytest.mark.slow  # real Flower simulation
 def test_real_simulation_cross_site_matrix_and_audited_replies(tmp_path):
+    """Also (issue 13): each clinic's optimiser state persists across the 2 rounds in its own
+    state (mirrored to its state folder) and never appears in a message."""
     cfg_path, manifest = two_clinic_simulation(
-        tmp_path, rounds=1, local_steps=2, personalize={"steps": 3, "scope": "all"},
-        cross_site={"enabled": True, "share_local_models": True})
+        tmp_path, rounds=2, local_steps=2, personalize={"steps": 3, "scope": "all"},
+        cross_site={"enabled": True, "share_local_models": True}, keep_optimizer_state=True)
     out, audit = tmp_path / "run", tmp_path / "audit"
     env = {**os.environ, "DENTFED_AUDIT_DIR": str(audit)}
     r = subprocess.run([sys.executable, "-m", "dentfed.cli", "simulate", "--config",
@@ -219,9 +221,22 @@ def test_real_simulation_cross_site_matrix_and_audited_replies(tmp_path):
     assert cs["local_models_shared"] == [0, 1]
     assert "## Cross-site evaluation" in (out / "report.md").read_text()
     model = build_global_model(config_from_dict(yaml.safe_load(cfg_path.read_text())))
-    evaluate = [json.loads(p.read_text()) for p in audit.glob("*.json")]
-    evaluate = [e for e in evaluate if e["message_type"] == "evaluate"]
-    assert len(evaluate) == 2 + 2 + 2  # round 1, then the "own" and "shared" phases
+    sent = [json.loads(p.read_text()) for p in audit.glob("*.json")]
+    train = [e for e in sent if e["message_type"] == "train"]
+    assert len(train) == 2 * 2
+    for e in train:  # the model's trainable arrays and scalars, never the optimiser state
+        assert "error" not in e
+        arrays = [n for n, rec in e["records"].items() if rec["kind"] == "arrays"]
+        assert arrays == ["arrays"]
+        assert not any("momentum" in k or "exp_avg" in k
+                       for rec in e["records"].values() for k in rec.get("arrays", {}))
+    for k in (0, 1):  # the clinic's own disk: its optimiser moments after each round
+        state = out / "split" / f"clinic_{k}" / "state"
+        r1, r2 = (torch.load(state / f"after_round_{r}.pt") for r in (1, 2))
+        (opt_key,) = [key for key in r1 if "optimizer" in key]
+        assert any(not torch.equal(r1[opt_key][n], r2[opt_key][n]) for n in r1[opt_key])
+    evaluate = [e for e in sent if e["message_type"] == "evaluate"]
+    assert len(evaluate) == 2 * 2 + 2 + 2  # rounds 1-2, then the "own" and "shared" phases
     for e in evaluate:
         assert "error" not in e
         for name, rec in e["records"].items():

@@ -298,3 +298,15 @@ def test_bn_recalibration_clinic_sends_statistics_of_the_global_model(tiny_manif
     assert reply.content["metrics"][BN_EXAMPLES_KEY] > 0
     # recomputed for this model, not the initial (0, 1) statistics that were sent
     assert not np.allclose(stats["layer4.1.bn2.running_var"].numpy(), 1.0)
+
+
+def test_clinic_batch_size_is_its_own(tiny_manifest):
+    """federation.batch_size sets the clinics' local batch (FedAvg's B): a 2-step round then
+    sees 2 x 4 images, not 2 x data.batch_size; pooled training keeps data.batch_size."""
+    for fed_batch, expect in ((None, 2 * tiny_config().data.batch_size), (4, 8)):
+        cfg = _cfg(local_steps=2, batch_size=fed_batch)
+        reply = client_app(_msg(cfg, model_arrays(build_global_model(cfg))),
+                           _ctx(tiny_manifest))
+        assert not reply.has_error(), reply.error
+        (metrics,) = reply.content.metric_records.values()
+        assert metrics["examples_seen"] == expect
