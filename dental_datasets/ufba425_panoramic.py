@@ -27,6 +27,16 @@ INFO = DatasetInfo(
         Baseline("MobileNetV2 ImageNet features, 160 px, weighted BCE, 8 epochs, patience 4 "
                  "(seed 0, 85 test images)", "test macro_auc", 0.880,
                  "dentfed train --config configs/ufba-panoramic.yaml", "docs/explain.md"),
+        Baseline("pooled, 8 epochs at batch 32, the 4-clinic split's test set (seeds 0-2)",
+                 "pooled-test macro_auc", 0.938,
+                 "python -m simulations.bench_quality --config configs/ufba-panoramic.yaml "
+                 "--dataset ufba425_panoramic --seeds 0,1,2 --pooled-only",
+                 "docs/federated-quality.md"),
+        Baseline("FedAvg 8 x 1, 4 clinics by category, clinics at batch 8 (seeds 0-2)",
+                 "pooled-test macro_auc", 0.918,
+                 "python -m simulations.bench_quality --config configs/ufba-panoramic.yaml "
+                 "--dataset ufba425_panoramic --seeds 0,1,2 --pooled skip --variant b8:",
+                 "docs/federated-quality.md"),
     ),
 )
 
