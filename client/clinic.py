@@ -243,6 +243,7 @@ def local_training(clinic: Clinic, context: Context, global_arrays: ArrayRecord,
         save_round_state(context, server_round)
     values = {
         "train_loss": stats["loss"],
+        **{f"train_{k}": v for k, v in stats.items() if k.startswith("loss_")},  # detectors
         "train_seconds": time.perf_counter() - t0,
         "examples_seen": stats["examples"],
         EXAMPLES_KEY: len(clinic.train),

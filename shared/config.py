@@ -20,9 +20,10 @@ class _Strict(BaseModel):
 
 
 class TaskConfig(_Strict):
-    """What is predicted. Multi-label: one 0/1/blank column per label. Multi-class: one column."""
+    """What is predicted. Multi-label: one 0/1/blank column per label. Multi-class: one column.
+    Detection: boxes per image (`boxes` column), labels = the box class names."""
 
-    type: Literal["multilabel", "multiclass"]
+    type: Literal["multilabel", "multiclass", "detection"]
     labels: list[str] = Field(min_length=1)
     label_column: str | None = None
 
@@ -37,7 +38,7 @@ class TaskConfig(_Strict):
                 raise ValueError("a multiclass task needs at least 2 classes in task.labels")
         elif self.label_column is not None:
             raise ValueError("task.label_column is only for multiclass tasks (multilabel uses "
-                             "one column per label)")
+                             "one column per label, detection a boxes column)")
         return self
 
 
@@ -69,6 +70,18 @@ class VitConfig(_Strict):
     depth: int | None = Field(default=None, ge=1)
 
 
+class DetectionModelConfig(_Strict):
+    """Options of the detectors (model.name fasterrcnn_*, retinanet_*, ssdlite_*)."""
+
+    # Boxes scoring below this are dropped at inference (0.05: the usual mAP setting; a chart
+    # or a clinic-facing picture usually wants 0.5, see dentfed predict --min-score).
+    score_thresh: float = Field(default=0.05, ge=0, lt=1)
+    detections_per_img: int = Field(default=100, ge=1)
+    # Faster R-CNN's two-layer box head width (torchvision: 1024, about 13M of the 19M
+    # parameters a round sends; 256 cuts a round's traffic by about 3x).
+    box_head_size: int = Field(default=1024, ge=16)
+
+
 class ModelConfig(_Strict):
     name: str = "resnet18"
     pretrained: str | None = None
@@ -80,6 +93,7 @@ class ModelConfig(_Strict):
     # running statistics, nothing batch- or site-dependent to average in a federation).
     norm: Literal["batch", "group"] = "batch"
     vit: VitConfig = VitConfig()
+    detection: DetectionModelConfig = DetectionModelConfig()
 
 
 class TrainConfig(_Strict):
@@ -324,6 +338,18 @@ class Config(_Strict):
         if self.task.type == "multilabel" and self.train.loss == "ce":
             raise ValueError("train.loss 'ce' is for multiclass tasks; a multilabel task uses "
                              "bce, weighted_bce, focal or dice")
+        if self.task.type == "detection":
+            from shared.detectors import DETECTORS  # the factory's list, one source
+
+            if self.model.name.lower() not in DETECTORS:
+                raise ValueError(f"model.name '{self.model.name}' is not a detector; a "
+                                 f"detection task needs one of {', '.join(DETECTORS)}")
+            if self.privacy.dp_sgd is not None:
+                raise ValueError("privacy.dp_sgd is not supported for detection tasks (a "
+                                 "detector's losses mix the images of a batch)")
+            if self.federation.bn_recalibration or self.federation.local_bn:
+                raise ValueError("federation.bn_recalibration / local_bn are for "
+                                 "classification models; detectors use frozen BatchNorm")
         f = self.federation
         if f.min_train_clinics > f.min_available_clinics:
             raise ValueError("federation.min_train_clinics cannot exceed "
