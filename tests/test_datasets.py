@@ -13,11 +13,12 @@ from dental_datasets import (
     demo_radiographs,
     tooth_crops,
     ufba425_panoramic,
-    ufba425_teeth,
+    ufba425_teeth_detection,
 )
 from shared.config import load_config
 
-MODULES = [demo_photos, demo_radiographs, ufba425_panoramic, tooth_crops, ufba425_teeth]
+MODULES = [demo_photos, demo_radiographs, ufba425_panoramic, tooth_crops,
+           ufba425_teeth_detection]
 
 
 @pytest.mark.parametrize("mod", MODULES, ids=lambda m: m.INFO.name)
