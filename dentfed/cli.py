@@ -96,9 +96,10 @@ def _cmd_data_export_detection(args: argparse.Namespace) -> int:
 def _cmd_data_synth(args: argparse.Namespace) -> int:
     from dental_datasets import synth
 
-    gen = synth.generate_anomalies if args.task == "anomalies" else synth.generate_implants
     t0 = time.perf_counter()
-    path = gen(Path(args.out), n=args.n, seed=args.seed, image_size=args.image_size)
+    size = args.image_size or (256 if args.task == "implant-detection" else 128)
+    path = synth.GENERATORS[args.task](Path(args.out), n=args.n, seed=args.seed,
+                                       image_size=size)
     print(f"wrote {args.n} synthetic {args.task} images and {path} "
           f"in {time.perf_counter() - t0:.1f} s")
     return 0
@@ -309,10 +310,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = data.add_parser("synth", help="write a synthetic demo dataset with a manifest")
     s.add_argument("--out", required=True)
-    s.add_argument("--task", choices=["anomalies", "implants"], required=True)
+    s.add_argument("--task", choices=["anomalies", "implants", "implant-detection"],
+                   required=True, help="anomalies: multi-label photos; implants: one implant "
+                   "per radiograph, its system; implant-detection: 1-4 boxed implants per "
+                   "radiograph, labelled by system")
     s.add_argument("--n", type=int, default=600)
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--image-size", type=int, default=128)
+    s.add_argument("--image-size", type=int, help="default 128 (256 for implant-detection)")
     s.set_defaults(func=_cmd_data_synth)
 
     i = data.add_parser("import-folder", help="ImageFolder tree (one folder per class) -> "

@@ -66,7 +66,7 @@ class TaskConfig(_Strict):
 class SynthConfig(_Strict):
     """How to generate the synthetic demo set when `data.manifest` does not exist yet."""
 
-    task: Literal["anomalies", "implants"]
+    task: Literal["anomalies", "implants", "implant-detection"]
     n: int = Field(default=600, ge=1)
     seed: int = 0
     image_size: int = Field(default=128, ge=32)
