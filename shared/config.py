@@ -10,7 +10,14 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from shared.errors import ConfigError
 
@@ -21,11 +28,20 @@ class _Strict(BaseModel):
 
 class TaskConfig(_Strict):
     """What is predicted. Multi-label: one 0/1/blank column per label. Multi-class: one column.
-    Detection: boxes per image (`boxes` column), labels = the box class names."""
+    Detection: `labels` are the box class names (e.g. the 32 FDI numbers or implant systems),
+    boxes in the manifest's `boxes` column (shared/data/detection.py)."""
 
     type: Literal["multilabel", "multiclass", "detection"]
     labels: list[str] = Field(min_length=1)
     label_column: str | None = None
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _numbers_as_names(cls, v: object) -> object:
+        """YAML reads `[11, 12]` (FDI numbers) as ints; they are class names."""
+        if isinstance(v, list):
+            return [str(x) if isinstance(x, int) and not isinstance(x, bool) else x for x in v]
+        return v
 
     @model_validator(mode="after")
     def _check(self) -> TaskConfig:
@@ -38,14 +54,19 @@ class TaskConfig(_Strict):
                 raise ValueError("a multiclass task needs at least 2 classes in task.labels")
         elif self.label_column is not None:
             raise ValueError("task.label_column is only for multiclass tasks (multilabel uses "
-                             "one column per label, detection a boxes column)")
+                             "one column per label, detection the boxes column)")
+        if self.type == "detection":
+            blank = [lab for lab in self.labels if not lab.strip()]
+            if blank or "background" in self.labels:
+                raise ValueError("task.labels of a detection task are box class names: not "
+                                 "blank and not 'background' (index 0 is the background)")
         return self
 
 
 class SynthConfig(_Strict):
     """How to generate the synthetic demo set when `data.manifest` does not exist yet."""
 
-    task: Literal["anomalies", "implants"]
+    task: Literal["anomalies", "implants", "implant-detection"]
     n: int = Field(default=600, ge=1)
     seed: int = 0
     image_size: int = Field(default=128, ge=32)

@@ -64,8 +64,10 @@ def _detection_loader(manifest: Manifest, cfg: DataConfig, train: bool, seed: in
     assert manifest.boxes is not None
     frame = pd.DataFrame({"path": manifest.paths, "patient_id": manifest.patient_ids,
                           "boxes": [json.dumps(b) for b in manifest.boxes]})
+    modality = str(manifest.modalities[0]) if len(manifest) else cfg.modality
     ds = DetectionDataset(frame, manifest.source.parent, cfg.image_size, train,
-                          cfg.augment, list(manifest.task.labels))
+                          cfg.augment, list(manifest.task.labels), cache=cfg.cache,
+                          modality=modality)
     g = torch.Generator().manual_seed(seed)
     return DataLoader(ds, batch_size=cfg.batch_size, shuffle=train, generator=g,
                       num_workers=cfg.num_workers, drop_last=False,

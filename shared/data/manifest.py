@@ -212,7 +212,7 @@ def _detection_targets(path: Path, task: TaskConfig) -> tuple[list[list], np.nda
 
     from shared.data.detection import read_detection_manifest
 
-    frame = read_detection_manifest(path)
+    frame = read_detection_manifest(path, task.labels)
     index = {c: k for k, c in enumerate(task.labels)}
     boxes = [json.loads(b) if isinstance(b, str) else list(b) for b in frame["boxes"]]
     targets = np.zeros((len(boxes), len(task.labels)), dtype=np.float32)
