@@ -263,7 +263,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     res = run_predict(args.model, args.input, args.out, batch_size=args.batch_size,
                       workers=args.workers, precision=args.precision,
                       saliency=args.saliency, saliency_limit=args.saliency_limit,
-                      expect_task=expect)
+                      expect_task=expect, min_score=args.min_score)
     ok = res["images"] - res["failed"]
     print(f"predicted {ok} of {res['images']} images in {res['seconds']:.1f} s "
           f"({res['precision']}); predictions.csv and predictions.json in {args.out}")
@@ -419,6 +419,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="auto: bf16 autocast on CPUs with native bf16 for models whose bf16 "
                     "scores stay within 0.05 of fp32 on the first batch; images near a "
                     "threshold are recomputed in fp32, so decisions equal fp32's")
+    pr.add_argument("--min-score", type=float, default=0.5, help="detection models: boxes "
+                    "scoring below this are left out (default 0.5)")
     pr.set_defaults(func=_cmd_predict)
 
     sv = sub.add_parser("serve", help="upload page and JSON API for one saved model")

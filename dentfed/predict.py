@@ -10,9 +10,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
+from PIL import Image, ImageDraw
 
 from dentfed.inference import (
+    Detections,
     Inputs,
     LoadedModel,
     PredictDataset,
@@ -20,6 +23,7 @@ from dentfed.inference import (
     check_modality,
     check_task,
     collect_inputs,
+    detect_paths,
     load_model,
     predict_paths,
     predictions_table,
@@ -35,7 +39,8 @@ from dentfed.saliency import (
 )
 from shared.atomic_files import atomic_folder, write_text_atomic
 from shared.config import TaskConfig
-from shared.errors import DentfedError
+from shared.data.readers import read_image
+from shared.errors import DentfedError, ManifestError
 from shared.model_card import build_card, card_markdown
 from shared.report_tables import write_json
 
@@ -105,12 +110,89 @@ def write_saliency(loaded: LoadedModel, inputs: Inputs, pred: Predictions, out: 
     return sheet
 
 
+PALETTE = ((230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
+           (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212))
+
+
+def draw_boxes(image: Image.Image, findings: list[dict], labels: list[str]) -> Image.Image:
+    """The image with each box outlined and labelled '<class> <score>' (colour per class)."""
+    img = image.convert("RGB")
+    draw = ImageDraw.Draw(img)
+    width = max(1, round(max(img.size) / 300))
+    for f in findings:
+        colour = PALETTE[labels.index(f["class"]) % len(PALETTE)] if f["class"] in labels \
+            else PALETTE[0]
+        x1, y1, x2, y2 = f["box"]
+        draw.rectangle([x1, y1, x2, y2], outline=colour, width=width)
+        text = f"{f['class']} {f['score']:.2f}"
+        tx, ty = x1 + 1, max(0, y1 - 11)
+        draw.rectangle(draw.textbbox((tx, ty), text), fill=(0, 0, 0))
+        draw.text((tx, ty), text, fill=colour)
+    return img
+
+
+def detection_table(names: list[str], det: Detections) -> pd.DataFrame:
+    """One row per box (class, score, x1..y2 in original-image pixels); an image without
+    boxes, or unreadable, has one row with the class blank."""
+    rows = []
+    for i, name in enumerate(names):
+        base = {"image": name, "status": "unreadable" if det.errors[i] else "ok",
+                "error": det.errors[i]}
+        if not det.findings[i]:
+            rows.append({**base, "class": "", "score": None, "x1": None, "y1": None,
+                         "x2": None, "y2": None})
+        for f in det.findings[i]:
+            rows.append({**base, "class": f["class"], "score": round(f["score"], 4),
+                         **dict(zip(("x1", "y1", "x2", "y2"), f["box"], strict=True))})
+    return pd.DataFrame(rows, columns=["image", "status", "error", "class", "score", "x1",
+                                       "y1", "x2", "y2"])
+
+
+def run_detect(loaded: LoadedModel, inputs: Inputs, out: Path, *, batch_size: int,
+               workers: int, min_score: float, draw: bool = True) -> dict:
+    """`dentfed predict` for a detector: predictions.csv (one row per box), predictions.json
+    (per image its boxes), and per readable image boxes/<n>.png (the image with its boxes).
+    A broken image is listed as unreadable; the others are still written."""
+    t0 = time.perf_counter()
+    det = detect_paths(loaded, inputs.paths, batch_size=batch_size, workers=workers,
+                       min_score=min_score)
+    seconds = time.perf_counter() - t0
+    summary = {
+        "model": {"checkpoint": loaded.checkpoint.name, "architecture": loaded.cfg.model.name,
+                  "task": "detection", "labels": loaded.labels, "min_score": min_score},
+        "images": len(inputs.names), "failed": det.n_failed, "precision": "fp32",
+        "boxes": sum(len(f) for f in det.findings), "seconds": seconds,
+        "images_per_second": len(inputs.names) / seconds if seconds > 0 else None,
+    }
+    records = []
+    with atomic_folder(out) as tmp:
+        for i, name in enumerate(inputs.names):
+            rec = {"image": name, "status": "unreadable" if det.errors[i] else "ok",
+                   "error": det.errors[i] or None, "boxes": det.findings[i]}
+            if draw and not det.errors[i]:
+                try:
+                    pic = draw_boxes(read_image(inputs.paths[i]), det.findings[i],
+                                     loaded.labels)
+                except ManifestError as err:  # changed since it was read: still not fatal
+                    rec["status"], rec["error"] = "unreadable", str(err).split(": ", 1)[-1]
+                else:
+                    (tmp / "boxes").mkdir(exist_ok=True)
+                    rec["picture"] = f"boxes/{i + 1:04d}.png"
+                    pic.save(tmp / rec["picture"])
+            records.append(rec)
+        write_text_atomic(tmp / "predictions.csv",
+                          detection_table(inputs.names, det).to_csv(index=False))
+        write_json(tmp / "predictions.json", {**summary, "predictions": records})
+    return summary
+
+
 def run_predict(model_path: str | Path, target: str | Path, out: str | Path, *,
                 batch_size: int = 32, workers: int = 1, precision: str = "fp32",
                 saliency: bool = False, saliency_limit: int = 20,
-                expect_task: TaskConfig | None = None) -> dict:
+                expect_task: TaskConfig | None = None, min_score: float = 0.5) -> dict:
     """Predict every image of `target` and write predictions.csv / predictions.json (and the
-    saliency folder) to `out`; returns the JSON's summary fields."""
+    saliency folder) to `out`; returns the JSON's summary fields. A detector writes boxes
+    instead (`run_detect`; boxes scoring below `min_score` are left out)."""
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise DentfedError(f"output folder {out} exists and is not empty; choose another --out")
@@ -119,6 +201,12 @@ def run_predict(model_path: str | Path, target: str | Path, out: str | Path, *,
         check_task(loaded, expect_task)
     inputs = collect_inputs(target)
     check_modality(loaded, inputs)
+    if loaded.task_type == "detection":
+        if saliency or precision != "fp32":
+            raise DentfedError("--saliency and --precision are for classification models; "
+                               "this model is a detector")
+        return run_detect(loaded, inputs, out, batch_size=batch_size, workers=workers,
+                          min_score=min_score)
     t0 = time.perf_counter()
     pred = predict_paths(loaded, inputs.paths, batch_size=batch_size, workers=workers,
                          precision=precision)

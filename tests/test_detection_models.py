@@ -213,3 +213,38 @@ def test_real_two_clinic_federated_detection_run(tmp_path, det_manifest):
         assert h["bytes_received"] == 2 * fp32  # trainable arrays only
     assert data["upload_bytes_per_clinic_round"] < data["full_model_bytes"]
     assert (out / "model_final.pt").is_file()
+
+
+def test_predict_on_a_detector_writes_boxes_and_survives_a_broken_image(tmp_path,
+                                                                         det_manifest):
+    from dentfed.predict import run_predict
+    from shared.model_file import save_model_file
+
+    cfg = config_from_dict(det_config(model={"detection": {"box_head_size": 64,
+                                                           "score_thresh": 0.0}}))
+    torch.manual_seed(0)
+    model = build_model(cfg.model, 2, cfg.data.image_size)
+    save_model_file(tmp_path / "model.pt", model, cfg, thresholds=None)
+    images = tmp_path / "in"
+    images.mkdir()
+    for i in (0, 1):
+        (images / f"{i}.png").write_bytes((det_manifest.parent / "img" / f"{i}.png")
+                                          .read_bytes())
+    (images / "2.png").write_bytes(b"not a png at all")
+    out = tmp_path / "pred"
+    res = run_predict(tmp_path / "model.pt", images, out, batch_size=2, min_score=0.0)
+    assert res["images"] == 3 and res["failed"] == 1
+    data = json.loads((out / "predictions.json").read_text())
+    by_name = {p["image"]: p for p in data["predictions"]}
+    assert by_name["2.png"]["status"] == "unreadable" and by_name["2.png"]["error"]
+    for name in ("0.png", "1.png"):
+        rec = by_name[name]
+        assert rec["status"] == "ok" and (out / rec["picture"]).is_file()
+        for b in rec["boxes"]:  # original-image pixels (96 px images)
+            assert b["class"] in ("11", "21") and 0 <= b["score"] <= 1
+            assert all(-1 <= v <= 97 for v in b["box"])
+    table = pd.read_csv(out / "predictions.csv")
+    assert list(table.columns) == ["image", "status", "error", "class", "score", "x1", "y1",
+                                   "x2", "y2"]
+    assert set(table["image"]) == {"0.png", "1.png", "2.png"}
+    assert res["boxes"] == len(table.dropna(subset=["class"]))
