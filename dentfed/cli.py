@@ -263,7 +263,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     res = run_predict(args.model, args.input, args.out, batch_size=args.batch_size,
                       workers=args.workers, precision=args.precision,
                       saliency=args.saliency, saliency_limit=args.saliency_limit,
-                      expect_task=expect, min_score=args.min_score)
+                      expect_task=expect, min_score=args.min_score,
+                      numbering=not args.raw_numbers)
     ok = res["images"] - res["failed"]
     print(f"predicted {ok} of {res['images']} images in {res['seconds']:.1f} s "
           f"({res['precision']}); predictions.csv and predictions.json in {args.out}")
@@ -421,6 +422,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "threshold are recomputed in fp32, so decisions equal fp32's")
     pr.add_argument("--min-score", type=float, default=0.5, help="detection models: boxes "
                     "scoring below this are left out (default 0.5)")
+    pr.add_argument("--raw-numbers", action="store_true", help="FDI tooth detectors: keep "
+                    "the detector's own numbers (no anatomical renumbering)")
     pr.set_defaults(func=_cmd_predict)
 
     sv = sub.add_parser("serve", help="upload page and JSON API for one saved model")

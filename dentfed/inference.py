@@ -27,6 +27,7 @@ from shared.config import Config, TaskConfig
 from shared.data.readers import IMAGE_SUFFIXES, read_image
 from shared.data.transforms import resize_transform, tensor_transform
 from shared.errors import DentfedError, ManifestError
+from shared.fdi import finding
 from shared.model_card import read_card
 from shared.model_file import read_model_file
 from shared.models import probabilities
@@ -322,7 +323,7 @@ def _detect_collate(batch: list) -> tuple:
 class Detections:
     """Per image: the detector's boxes in original-image pixels, scores and class names."""
 
-    findings: list[list[dict]]  # per image: [{"class", "score", "box": [x1, y1, x2, y2]}]
+    findings: list[list[dict]]  # per image: shared.fdi.finding dicts (label, score, box)
     sizes: list[tuple[int, int]]  # per image (width, height); (0, 0) when unreadable
     errors: list[str]
 
@@ -345,8 +346,8 @@ def detect_images(loaded: LoadedModel, images: list[torch.Tensor],
                                    out["labels"].cpu(), strict=True):
             if float(score) < min_score or not 1 <= int(lab) <= len(loaded.labels):
                 continue
-            found.append({"class": loaded.labels[int(lab) - 1], "score": float(score),
-                          "box": [round(float(v), 2) for v in box * scale]})
+            found.append(finding(loaded.labels[int(lab) - 1],
+                                 [round(float(v), 2) for v in box * scale], float(score)))
         result.append(found)
     return result
 

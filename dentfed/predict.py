@@ -37,6 +37,7 @@ from dentfed.saliency import (
     overlay,
     write_sheet,
 )
+from shared import fdi
 from shared.atomic_files import atomic_folder, write_text_atomic
 from shared.config import TaskConfig
 from shared.data.readers import read_image
@@ -115,16 +116,16 @@ PALETTE = ((230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 13
 
 
 def draw_boxes(image: Image.Image, findings: list[dict], labels: list[str]) -> Image.Image:
-    """The image with each box outlined and labelled '<class> <score>' (colour per class)."""
+    """The image with each box outlined and labelled '<label> <score>' (colour per label)."""
     img = image.convert("RGB")
     draw = ImageDraw.Draw(img)
     width = max(1, round(max(img.size) / 300))
     for f in findings:
-        colour = PALETTE[labels.index(f["class"]) % len(PALETTE)] if f["class"] in labels \
+        colour = PALETTE[labels.index(f["label"]) % len(PALETTE)] if f["label"] in labels \
             else PALETTE[0]
         x1, y1, x2, y2 = f["box"]
         draw.rectangle([x1, y1, x2, y2], outline=colour, width=width)
-        text = f"{f['class']} {f['score']:.2f}"
+        text = f"{f['label']} {f['score']:.2f}"
         tx, ty = x1 + 1, max(0, y1 - 11)
         draw.rectangle(draw.textbbox((tx, ty), text), fill=(0, 0, 0))
         draw.text((tx, ty), text, fill=colour)
@@ -132,34 +133,44 @@ def draw_boxes(image: Image.Image, findings: list[dict], labels: list[str]) -> I
 
 
 def detection_table(names: list[str], det: Detections) -> pd.DataFrame:
-    """One row per box (class, score, x1..y2 in original-image pixels); an image without
-    boxes, or unreadable, has one row with the class blank."""
+    """One row per box (label, score, x1..y2 in original-image pixels); an image without
+    boxes, or unreadable, has one row with the label blank."""
     rows = []
     for i, name in enumerate(names):
         base = {"image": name, "status": "unreadable" if det.errors[i] else "ok",
                 "error": det.errors[i]}
         if not det.findings[i]:
-            rows.append({**base, "class": "", "score": None, "x1": None, "y1": None,
+            rows.append({**base, "label": "", "score": None, "x1": None, "y1": None,
                          "x2": None, "y2": None})
         for f in det.findings[i]:
-            rows.append({**base, "class": f["class"], "score": round(f["score"], 4),
+            rows.append({**base, "label": f["label"], "score": round(f["score"], 4),
                          **dict(zip(("x1", "y1", "x2", "y2"), f["box"], strict=True))})
-    return pd.DataFrame(rows, columns=["image", "status", "error", "class", "score", "x1",
+    return pd.DataFrame(rows, columns=["image", "status", "error", "label", "score", "x1",
                                        "y1", "x2", "y2"])
 
 
 def run_detect(loaded: LoadedModel, inputs: Inputs, out: Path, *, batch_size: int,
-               workers: int, min_score: float, draw: bool = True) -> dict:
+               workers: int, min_score: float, numbering: bool = True,
+               draw: bool = True) -> dict:
     """`dentfed predict` for a detector: predictions.csv (one row per box), predictions.json
     (per image its boxes), and per readable image boxes/<n>.png (the image with its boxes).
-    A broken image is listed as unreadable; the others are still written."""
+    When every label is an FDI tooth number and `numbering` is on, each image's teeth are
+    renumbered anatomically consistently first (at most one box per number, numbers in order
+    left to right per quadrant; `shared.fdi.consistent_numbering`). A broken image is listed as
+    unreadable; the others are still written."""
     t0 = time.perf_counter()
-    det = detect_paths(loaded, inputs.paths, batch_size=batch_size, workers=workers,
-                       min_score=min_score)
+    det = detect_paths(loaded, inputs.paths, batch_size=batch_size, workers=workers)
+    numbered = numbering and all(fdi.is_fdi(lab) for lab in loaded.labels)
+    for i, found in enumerate(det.findings):
+        if numbered:  # every candidate is evidence for the numbering, so before min_score
+            found = fdi.consistent_numbering(found)
+        det.findings[i] = [f for f in found if f["score"] >= min_score]
     seconds = time.perf_counter() - t0
     summary = {
         "model": {"checkpoint": loaded.checkpoint.name, "architecture": loaded.cfg.model.name,
-                  "task": "detection", "labels": loaded.labels, "min_score": min_score},
+                  "task": "detection", "labels": loaded.labels, "min_score": min_score,
+                  "fdi_numbering": "anatomically consistent (shared.fdi.consistent_numbering)"
+                  if numbered else "as detected"},
         "images": len(inputs.names), "failed": det.n_failed, "precision": "fp32",
         "boxes": sum(len(f) for f in det.findings), "seconds": seconds,
         "images_per_second": len(inputs.names) / seconds if seconds > 0 else None,
@@ -189,7 +200,8 @@ def run_detect(loaded: LoadedModel, inputs: Inputs, out: Path, *, batch_size: in
 def run_predict(model_path: str | Path, target: str | Path, out: str | Path, *,
                 batch_size: int = 32, workers: int = 1, precision: str = "fp32",
                 saliency: bool = False, saliency_limit: int = 20,
-                expect_task: TaskConfig | None = None, min_score: float = 0.5) -> dict:
+                expect_task: TaskConfig | None = None, min_score: float = 0.5,
+                numbering: bool = True) -> dict:
     """Predict every image of `target` and write predictions.csv / predictions.json (and the
     saliency folder) to `out`; returns the JSON's summary fields. A detector writes boxes
     instead (`run_detect`; boxes scoring below `min_score` are left out)."""
@@ -206,7 +218,7 @@ def run_predict(model_path: str | Path, target: str | Path, out: str | Path, *,
             raise DentfedError("--saliency and --precision are for classification models; "
                                "this model is a detector")
         return run_detect(loaded, inputs, out, batch_size=batch_size, workers=workers,
-                          min_score=min_score)
+                          min_score=min_score, numbering=numbering)
     t0 = time.perf_counter()
     pred = predict_paths(loaded, inputs.paths, batch_size=batch_size, workers=workers,
                          precision=precision)

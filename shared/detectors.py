@@ -23,13 +23,10 @@ import torchvision
 from torch import nn
 from torchvision.models.detection import FasterRCNN, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.backbone_utils import (
-    _mobilenet_extractor,
-    _resnet_fpn_extractor,
-)
+from torchvision.models.detection.backbone_utils import BackboneWithFPN, _resnet_fpn_extractor
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.ops import misc as misc_nn_ops
-from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
 if TYPE_CHECKING:
     from shared.config import ModelConfig
@@ -62,12 +59,22 @@ def _fpn_backbone(backbone: str, cfg: ModelConfig, retina: bool) -> nn.Module:
         # All layers trainable here; model.freeze freezes through shared.models.freeze_stages.
         return _resnet_fpn_extractor(body, 5, returned_layers=[2, 3, 4] if retina else None,
                                      extra_blocks=extra)
-    net = torchvision.models.get_model(backbone, weights=None, norm_layer=norm)
-    n_stages = 1 + sum(bool(getattr(b, "_is_cn", False)) for b in net.features) + 1
-    # Stride 8, 16 and 32 features: teeth and implant fixtures are small at CPU sizes.
-    return _mobilenet_extractor(net, True, n_stages,
-                                returned_layers=[n_stages - 3, n_stages - 2, n_stages - 1],
-                                extra_blocks=extra)
+    features = torchvision.models.get_model(backbone, weights=None, norm_layer=norm).features
+    # The last block of the stride 8, 16 and 32 stages (a block marked _is_cn starts a new
+    # stride): teeth and implant fixtures are small at CPU sizes, so stride 8 matters.
+    starts = [i for i, b in enumerate(features) if getattr(b, "_is_cn", False)]
+    ends = [s - 1 for s in starts[1:]] + [len(features) - 1]
+    chosen = ends[-3:]
+    channels = [_out_channels(features[i]) for i in chosen]
+    return BackboneWithFPN(features, {str(i): str(k) for k, i in enumerate(chosen)}, channels,
+                           256, extra_blocks=extra or LastLevelMaxPool())
+
+
+def _out_channels(block: nn.Module) -> int:
+    if hasattr(block, "out_channels"):
+        return int(block.out_channels)
+    convs = [m for m in block.modules() if isinstance(m, nn.Conv2d)]
+    return int(convs[-1].out_channels)
 
 
 def _anchors(image_size: int, levels: int, retina: bool) -> AnchorGenerator:
@@ -108,6 +115,7 @@ def build_detector(cfg: ModelConfig, num_classes: int, image_size: int) -> nn.Mo
     return FasterRCNN(body, None, rpn_anchor_generator=anchors,
                       box_head=TwoMLPHead(body.out_channels * 7 * 7, size),
                       box_predictor=FastRCNNPredictor(size, num_classes + 1),
+                      box_batch_size_per_image=det.box_batch_size_per_image,
                       box_score_thresh=det.score_thresh,
                       box_detections_per_img=common.pop("detections_per_img"), **common)
 

@@ -87,7 +87,8 @@ def numbering_scores(model: torch.nn.Module, cfg: Config, test_m: Manifest) -> d
     preds, targets, _ = predict_detections(model, dl, None, device)
     names = list(cfg.task.labels)
     raw = [fdi.findings_from_output(p, names) for p in preds]
-    truth = [fdi.findings_from_output({**t, "scores": torch.ones(len(t["labels"]))}, names)
+    truth = [[[names[int(k) - 1], *map(float, b)] for b, k in zip(t["boxes"], t["labels"],
+                                                                 strict=True)]
              for t in targets]
     for tag, found in (("raw", raw), ("post", [fdi.consistent_numbering(f) for f in raw])):
         m = fdi.numbering_metrics(found, truth)
@@ -135,8 +136,8 @@ def _cell(v: list[float]) -> str:
 COLUMNS = (("map_50", "mAP@0.5"), ("map", "mAP@0.5:0.95"),
            ("numbering_accuracy_raw", "FDI acc. (raw)"),
            ("numbering_accuracy_post", "FDI acc. (post-proc.)"),
-           ("present_accuracy_post", "present-teeth acc. (post)"),
-           ("recall_post", "tooth recall"), ("precision_post", "tooth precision"))
+           ("present_teeth_accuracy_post", "present-teeth acc. (post)"),
+           ("tooth_recall_post", "tooth recall"), ("tooth_precision_post", "tooth precision"))
 
 
 def main(argv: list[str] | None = None) -> str:

@@ -64,7 +64,7 @@ def det_config(**over) -> dict:
         "data": {"image_size": 96, "batch_size": 4, "augment": False, "val_fraction": 0.25,
                  "test_fraction": 0.25},
         "model": {"name": "fasterrcnn_mobilenet_v2_fpn", "freeze": 4,
-                  "detection": {"box_head_size": 64}},
+                  "detection": {"box_head_size": 64, "box_batch_size_per_image": 64}},
         "train": {"epochs": 1, "lr": 0.01, "optimizer": "sgd", "progress": False,
                   "max_steps_per_epoch": 3},
         "federation": {"rounds": 2, "local_steps": 2, "min_train_clinics": 2,
@@ -141,19 +141,20 @@ def test_one_training_loop_learns_boxes(det_manifest):
     from shared.data.manifest import read_manifest
     from shared.losses import make_loss
 
-    cfg = config_from_dict(det_config(train={"epochs": 4, "max_steps_per_epoch": 5,
+    cfg = config_from_dict(det_config(train={"epochs": 3, "max_steps_per_epoch": 3,
                                              "patience": None}))
     seed_everything(0)
     m = read_manifest(det_manifest, cfg.task)
     assert m.boxes is not None and m.targets.shape == (24, 2)
     train_dl = make_loader(m, cfg.data, train=True)
     model = build_model(cfg.model, 2, cfg.data.image_size)
-    res = fit(model, train_dl, make_loader(m, cfg.data, train=False),
+    val = m.subset(np.arange(4))
+    res = fit(model, train_dl, make_loader(val, cfg.data, train=False),
               make_loss(cfg.task, cfg.train), cfg.task, cfg.train, torch.device("cpu"))
     h = res.history
     assert h[-1]["train_loss"] < h[0]["train_loss"]
     assert {"train_loss_classifier", "train_loss_objectness"} <= set(h[0])
-    out = evaluate(model, make_loader(m, cfg.data, train=False), None, cfg.task,
+    out = evaluate(model, make_loader(val, cfg.data, train=False), None, cfg.task,
                    torch.device("cpu"))
     assert {"map_50", "map", "mar_100", "ap/11", "ar/21"} <= set(out)
     assert 0.0 <= out["map_50"] <= 1.0
@@ -221,7 +222,8 @@ def test_predict_on_a_detector_writes_boxes_and_survives_a_broken_image(tmp_path
     from shared.model_file import save_model_file
 
     cfg = config_from_dict(det_config(model={"detection": {"box_head_size": 64,
-                                                           "score_thresh": 0.0}}))
+                                                           "score_thresh": 0.0,
+                                                           "detections_per_img": 5}}))
     torch.manual_seed(0)
     model = build_model(cfg.model, 2, cfg.data.image_size)
     save_model_file(tmp_path / "model.pt", model, cfg, thresholds=None)
@@ -241,10 +243,10 @@ def test_predict_on_a_detector_writes_boxes_and_survives_a_broken_image(tmp_path
         rec = by_name[name]
         assert rec["status"] == "ok" and (out / rec["picture"]).is_file()
         for b in rec["boxes"]:  # original-image pixels (96 px images)
-            assert b["class"] in ("11", "21") and 0 <= b["score"] <= 1
+            assert b["label"] in ("11", "21") and 0 <= b["score"] <= 1
             assert all(-1 <= v <= 97 for v in b["box"])
     table = pd.read_csv(out / "predictions.csv")
-    assert list(table.columns) == ["image", "status", "error", "class", "score", "x1", "y1",
+    assert list(table.columns) == ["image", "status", "error", "label", "score", "x1", "y1",
                                    "x2", "y2"]
     assert set(table["image"]) == {"0.png", "1.png", "2.png"}
-    assert res["boxes"] == len(table.dropna(subset=["class"]))
+    assert res["boxes"] == len(table.dropna(subset=["label"]))
