@@ -234,7 +234,8 @@ def test_predict_on_a_detector_writes_boxes_and_survives_a_broken_image(tmp_path
                                           .read_bytes())
     (images / "2.png").write_bytes(b"not a png at all")
     out = tmp_path / "pred"
-    res = run_predict(tmp_path / "model.pt", images, out, batch_size=2, min_score=0.0)
+    res = run_predict(tmp_path / "model.pt", images, out, batch_size=2, min_score=0.0,
+                      numbering=False)
     assert res["images"] == 3 and res["failed"] == 1
     data = json.loads((out / "predictions.json").read_text())
     by_name = {p["image"]: p for p in data["predictions"]}
