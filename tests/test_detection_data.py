@@ -187,23 +187,3 @@ def test_flip_keeps_labels_that_are_not_teeth(tmp_path: Path) -> None:
     runs = _flip_runs(ds)
     assert any(r[0] >= 32 for r in runs) and {r[1] for r in runs} == {"system_b"}
 
-
-def test_loader_batches_lists_for_detection_models(tmp_path: Path) -> None:
-    from shared.data.detection import make_detection_loader
-
-    rows = []
-    for i in range(5):
-        _image(tmp_path / f"{i}.png", 48, 40, [(4, 4, 20, 30)])
-        rows.append({"path": f"{i}.png", "patient_id": f"P{i}",
-                     "boxes": "[]" if i == 3 else '[["38", 4, 4, 20, 30]]'})
-    df = read_detection_manifest(_manifest(tmp_path, rows), FDI4)
-    cfg = config_from_dict({"task": {"type": "detection", "labels": FDI4},
-                            "data": {"image_size": 32, "batch_size": 2,
-                                     "modality": "radiograph"}})
-    batches = list(make_detection_loader(df, tmp_path, cfg.data, FDI4, train=True))
-    assert [len(b[0]) for b in batches] == [2, 2, 1]
-    images = [x for b in batches for x in b[0]]
-    targets = [t for b in batches for t in b[1]]
-    assert all(x.shape == (3, 32, 32) for x in images)
-    assert sorted(len(t["labels"]) for t in targets) == [0, 1, 1, 1, 1]
-    assert {int(k) for t in targets for k in t["labels"]} <= {3, 4}  # 38, or 48 when flipped

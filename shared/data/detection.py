@@ -27,14 +27,13 @@ import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 from shared import fdi
 from shared.atomic_files import write_text_atomic
-from shared.config import DataConfig
 from shared.data.readers import is_dicom, read_image
 from shared.errors import ManifestError
 
@@ -349,15 +348,3 @@ def detection_collate(batch: Sequence[tuple[torch.Tensor, dict]]
     images, targets = zip(*batch, strict=True) if batch else ((), ())
     return list(images), list(targets)
 
-
-def make_detection_loader(frame: pd.DataFrame, root: str | Path, cfg: DataConfig,
-                          class_names: Sequence[str], train: bool, seed: int = 0
-                          ) -> DataLoader:
-    """The DataLoader for a detection split (the counterpart of `dataset.make_loader`): batches
-    of (list of images, list of targets); `root` is the manifest's folder."""
-    ds = DetectionDataset(frame, root, cfg.image_size, train, cfg.augment, class_names,
-                          cache=cfg.cache, modality=cfg.modality)
-    g = torch.Generator().manual_seed(seed)
-    return DataLoader(ds, batch_size=cfg.batch_size, shuffle=train, generator=g,
-                      num_workers=cfg.num_workers, collate_fn=detection_collate,
-                      drop_last=False, persistent_workers=cfg.num_workers > 0)
