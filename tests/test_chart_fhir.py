@@ -101,3 +101,25 @@ def test_fhir_rejects_what_is_not_valid() -> None:
             obs[path] = value                    # a misspelt element, a malformed instant
         with pytest.raises(ValueError, match=f"(?s)FHIR validation failed.*{path}"):
             validate_bundle(b)
+
+
+def test_clinic_outputs_for_a_tooth_model_and_an_implant_model(tmp_path) -> None:
+    import io
+
+    from dentfed.clinic_outputs import clinic_outputs, numbers_teeth, write_clinic_outputs
+    from shared import fdi
+
+    img = Image.new("L", (120, 80), 30)
+    teeth = [finding("16", [10, 10, 30, 40], 0.9), finding("26", [80, 10, 100, 40], 0.3)]
+    assert numbers_teeth(fdi.PERMANENT) and not numbers_teeth(["system_a"])
+    out = clinic_outputs(img, teeth, list(fdi.PERMANENT), model_name="m")
+    assert set(out) == {"boxes.png", "chart.png", "fhir.json"}
+    assert Image.open(io.BytesIO(out["boxes.png"])).size == (120, 80)
+    bundle = validate_bundle(json.loads(out["fhir.json"]))
+    codes = [e["resource"]["code"]["coding"][0]["code"] for e in bundle["entry"][1:]]
+    assert codes.count("tooth-present") == 1 and codes.count("tooth-missing") == 31  # 26 < 0.5
+    implants = [finding("system_b", [40, 20, 60, 70], 0.8)]
+    out = clinic_outputs(img, implants, ["system_a", "system_b", "system_c"])
+    assert set(out) == {"boxes.png", "fhir.json"}  # no tooth numbers: no chart
+    paths = write_clinic_outputs(out, tmp_path, "img1")
+    assert sorted(p.name for p in paths) == ["img1.boxes.png", "img1.fhir.json"]
