@@ -161,3 +161,10 @@ def test_ufba_teeth_yolo_round_trip(shared_data: Path, tmp_path: Path) -> None:
     m2 = read_detection_manifest(tmp_path / "again.csv", names)
     assert all(_same_boxes(a, b, 1e-6) for a, b in zip(m["boxes"], m2["boxes"], strict=True))
     assert m2["site"].tolist() == m["site"].tolist()
+    # and through COCO: same boxes, same grouping
+    coco = di.export_coco(out, tmp_path / "coco" / "teeth.json", names)
+    di.import_coco(coco, tmp_path / "from_coco.csv")
+    m3 = read_detection_manifest(tmp_path / "from_coco.csv", names)
+    assert all(_same_boxes(a, b, 1e-9) for a, b in zip(m["boxes"], m3["boxes"], strict=True))
+    assert m3["site"].tolist() == m["site"].tolist()
+    assert m3["patient_id"].tolist() == m["patient_id"].tolist()
