@@ -67,6 +67,11 @@ def mirror(name: object) -> str:
     return f"{_MIRROR_QUADRANT[q]}{p}"
 
 
+def _mirror_map() -> dict[str, str]:
+    return {f"{q}{p}": mirror(f"{q}{p}") for q, n in _MAX_POSITION.items()
+            for p in range(1, n + 1)}
+
+
 def image_order_key(name: object) -> float:
     """Left-to-right rank of a tooth in the dentist's view of its arch: 18 (-8) ... 11 (-1),
     21 (+1) ... 28 (+8); lower arch 48 (-8) ... 41, 31 ... 38 (+8)."""
@@ -101,6 +106,10 @@ def flip_permutation(class_names: Sequence[str]) -> list[int] | None:
         raise ValueError("a horizontal flip would need the contralateral tooth of "
                          + ", ".join(missing) + ", which is not among the task's classes")
     return perm
+
+
+# Every FDI number (permanent and deciduous) -> its contralateral tooth (18 -> 28, 55 -> 65).
+MIRROR: dict[str, str] = _mirror_map()
 
 
 # --------------------------------------------------------------------------- findings

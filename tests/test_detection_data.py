@@ -56,6 +56,8 @@ def test_fdi_basics_and_flip_permutation() -> None:
     assert [fdi.mirror(t) for t in ("18", "28", "48", "38", "11", "55")] == \
         ["28", "18", "38", "48", "21", "65"]
     assert fdi.quadrant("36") == 3 and fdi.position("36") == 6
+    assert len(fdi.MIRROR) == 52 and fdi.MIRROR["48"] == "38" and fdi.MIRROR["85"] == "75"
+    assert all(fdi.MIRROR[fdi.MIRROR[n]] == n for n in fdi.MIRROR)
     assert not fdi.is_fdi("19") and not fdi.is_fdi("56") and not fdi.is_fdi("implant")
     perm = fdi.flip_permutation(fdi.PERMANENT)
     flipped = [fdi.PERMANENT[perm[k]] for k in range(32)]
@@ -186,3 +188,4 @@ def test_flip_keeps_labels_that_are_not_teeth(tmp_path: Path) -> None:
                           class_names=names)
     runs = _flip_runs(ds)
     assert any(r[0] >= 32 for r in runs) and {r[1] for r in runs} == {"system_b"}
+

@@ -161,3 +161,31 @@ def test_ufba_teeth_yolo_round_trip(shared_data: Path, tmp_path: Path) -> None:
     m2 = read_detection_manifest(tmp_path / "again.csv", names)
     assert all(_same_boxes(a, b, 1e-6) for a, b in zip(m["boxes"], m2["boxes"], strict=True))
     assert m2["site"].tolist() == m["site"].tolist()
+    # and through COCO: same boxes, same grouping
+    coco = di.export_coco(out, tmp_path / "coco" / "teeth.json", names)
+    di.import_coco(coco, tmp_path / "from_coco.csv")
+    m3 = read_detection_manifest(tmp_path / "from_coco.csv", names)
+    assert all(_same_boxes(a, b, 1e-9) for a, b in zip(m["boxes"], m3["boxes"], strict=True))
+    assert m3["site"].tolist() == m["site"].tolist()
+    assert m3["patient_id"].tolist() == m["patient_id"].tolist()
+
+
+def test_roboflow_layout_with_splits_and_indexed_names(tmp_path: Path) -> None:
+    root = tmp_path / "rf"
+    for split, stems in (("train", ["p1_a", "p2_a"]), ("valid", ["p3_a"]), ("test", ["p1_b"])):
+        (root / split / "images").mkdir(parents=True)
+        (root / split / "labels").mkdir()
+        for stem in stems:
+            Image.fromarray(np.zeros((20, 40), np.uint8)).save(
+                root / split / "images" / f"{stem}.jpg")
+            (root / split / "labels" / f"{stem}.txt").write_text("1 0.5 0.5 0.5 0.5\n")
+    (root / "data.yaml").write_text(yaml.safe_dump({"names": {0: "a", 1: "b"}}))
+    df = di.import_yolo(root, tmp_path / "m.csv")
+    assert df.attrs["class_names"] == ["a", "b"]
+    assert sorted(df["split"]) == ["test", "train", "train", "val"]
+    assert df["boxes"].tolist()[0] == [["b", 10.0, 5.0, 30.0, 15.0]]
+    # a patient in two source splits: the split is kept only for reference
+    df = di.import_yolo(root, tmp_path / "m2.csv", patient_regex=r"^(p\d)_")
+    assert "split" not in df and sorted(set(df["source_split"])) == ["test", "train", "val"]
+    m = read_detection_manifest(tmp_path / "m2.csv", ["a", "b"])
+    assert m["patient_id"].tolist().count("p1") == 2

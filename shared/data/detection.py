@@ -347,3 +347,4 @@ def detection_collate(batch: Sequence[tuple[torch.Tensor, dict]]
     target dicts (images keep their own box counts)."""
     images, targets = zip(*batch, strict=True) if batch else ((), ())
     return list(images), list(targets)
+
