@@ -264,7 +264,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
                       workers=args.workers, precision=args.precision,
                       saliency=args.saliency, saliency_limit=args.saliency_limit,
                       expect_task=expect, min_score=args.min_score,
-                      numbering=not args.raw_numbers)
+                      numbering=not args.raw_numbers, fhir=args.fhir,
+                      patient_reference=args.fhir_patient)
     ok = res["images"] - res["failed"]
     print(f"predicted {ok} of {res['images']} images in {res['seconds']:.1f} s "
           f"({res['precision']}); predictions.csv and predictions.json in {args.out}")
@@ -424,6 +425,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "scoring below this are left out (default 0.5)")
     pr.add_argument("--raw-numbers", action="store_true", help="FDI tooth detectors: keep "
                     "the detector's own numbers (no anatomical renumbering)")
+    pr.add_argument("--fhir", action="store_true", help="detection models: also an HL7 FHIR "
+                    "Bundle per image (images/<n>.fhir.json)")
+    pr.add_argument("--fhir-patient", help="FHIR subject reference, e.g. Patient/123 (default: "
+                    "none; dentfed never writes a patient id it was not given)")
     pr.set_defaults(func=_cmd_predict)
 
     sv = sub.add_parser("serve", help="upload page and JSON API for one saved model")

@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image, ImageDraw
 
 from dentfed.inference import (
     Detections,
@@ -111,27 +110,6 @@ def write_saliency(loaded: LoadedModel, inputs: Inputs, pred: Predictions, out: 
     return sheet
 
 
-PALETTE = ((230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
-           (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212))
-
-
-def draw_boxes(image: Image.Image, findings: list[dict], labels: list[str]) -> Image.Image:
-    """The image with each box outlined and labelled '<label> <score>' (colour per label)."""
-    img = image.convert("RGB")
-    draw = ImageDraw.Draw(img)
-    width = max(1, round(max(img.size) / 300))
-    for f in findings:
-        colour = PALETTE[labels.index(f["label"]) % len(PALETTE)] if f["label"] in labels \
-            else PALETTE[0]
-        x1, y1, x2, y2 = f["box"]
-        draw.rectangle([x1, y1, x2, y2], outline=colour, width=width)
-        text = f"{f['label']} {f['score']:.2f}"
-        tx, ty = x1 + 1, max(0, y1 - 11)
-        draw.rectangle(draw.textbbox((tx, ty), text), fill=(0, 0, 0))
-        draw.text((tx, ty), text, fill=colour)
-    return img
-
-
 def detection_table(names: list[str], det: Detections) -> pd.DataFrame:
     """One row per box (label, score, x1..y2 in original-image pixels); an image without
     boxes, or unreadable, has one row with the label blank."""
@@ -150,14 +128,18 @@ def detection_table(names: list[str], det: Detections) -> pd.DataFrame:
 
 
 def run_detect(loaded: LoadedModel, inputs: Inputs, out: Path, *, batch_size: int,
-               workers: int, min_score: float, numbering: bool = True,
-               draw: bool = True) -> dict:
+               workers: int, min_score: float, numbering: bool = True, fhir: bool = False,
+               patient_reference: str | None = None) -> dict:
     """`dentfed predict` for a detector: predictions.csv (one row per box), predictions.json
-    (per image its boxes), and per readable image boxes/<n>.png (the image with its boxes).
-    When every label is an FDI tooth number and `numbering` is on, each image's teeth are
-    renumbered anatomically consistently first (at most one box per number, numbers in order
-    left to right per quadrant; `shared.fdi.consistent_numbering`). A broken image is listed as
-    unreadable; the others are still written."""
+    (per image its boxes) and, per readable image, `images/<n>.boxes.png` (the image with its
+    boxes), `images/<n>.chart.png` (a dental chart, for a tooth-numbering model) and with
+    `fhir` `images/<n>.fhir.json` (an HL7 FHIR Bundle; no patient unless `patient_reference`),
+    all from `dentfed.clinic_outputs`. When every label is an FDI tooth number and `numbering`
+    is on, each image's teeth are first renumbered anatomically consistently (at most one box
+    per number, numbers in order left to right per quadrant; `shared.fdi.consistent_numbering`).
+    A broken image is listed as unreadable; the others are still written."""
+    from dentfed.clinic_outputs import clinic_outputs, write_clinic_outputs
+
     t0 = time.perf_counter()
     det = detect_paths(loaded, inputs.paths, batch_size=batch_size, workers=workers)
     numbered = numbering and all(fdi.is_fdi(lab) for lab in loaded.labels)
@@ -176,21 +158,27 @@ def run_detect(loaded: LoadedModel, inputs: Inputs, out: Path, *, batch_size: in
         "images_per_second": len(inputs.names) / seconds if seconds > 0 else None,
     }
     records = []
+    keep = ("boxes.png", "chart.png", "fhir.json") if fhir else ("boxes.png", "chart.png")
     with atomic_folder(out) as tmp:
         for i, name in enumerate(inputs.names):
             rec = {"image": name, "status": "unreadable" if det.errors[i] else "ok",
                    "error": det.errors[i] or None, "boxes": det.findings[i]}
-            if draw and not det.errors[i]:
+            if not det.errors[i]:
                 try:
-                    pic = draw_boxes(read_image(inputs.paths[i]), det.findings[i],
-                                     loaded.labels)
+                    image = read_image(inputs.paths[i])
                 except ManifestError as err:  # changed since it was read: still not fatal
-                    rec["status"], rec["error"] = "unreadable", str(err).split(": ", 1)[-1]
+                    det.errors[i] = str(err).split(": ", 1)[-1]
+                    rec["status"], rec["error"] = "unreadable", det.errors[i]
                 else:
-                    (tmp / "boxes").mkdir(exist_ok=True)
-                    rec["picture"] = f"boxes/{i + 1:04d}.png"
-                    pic.save(tmp / rec["picture"])
+                    outs = clinic_outputs(image, det.findings[i], loaded.labels,
+                                          score_threshold=min_score,
+                                          model_name=loaded.cfg.model.name,
+                                          patient_reference=patient_reference)
+                    written = write_clinic_outputs({k: v for k, v in outs.items() if k in keep},
+                                                   tmp / "images", f"{i + 1:04d}")
+                    rec["files"] = [str(p.relative_to(tmp)) for p in written]
             records.append(rec)
+        summary["failed"] = det.n_failed
         write_text_atomic(tmp / "predictions.csv",
                           detection_table(inputs.names, det).to_csv(index=False))
         write_json(tmp / "predictions.json", {**summary, "predictions": records})
@@ -201,7 +189,8 @@ def run_predict(model_path: str | Path, target: str | Path, out: str | Path, *,
                 batch_size: int = 32, workers: int = 1, precision: str = "fp32",
                 saliency: bool = False, saliency_limit: int = 20,
                 expect_task: TaskConfig | None = None, min_score: float = 0.5,
-                numbering: bool = True) -> dict:
+                numbering: bool = True, fhir: bool = False,
+                patient_reference: str | None = None) -> dict:
     """Predict every image of `target` and write predictions.csv / predictions.json (and the
     saliency folder) to `out`; returns the JSON's summary fields. A detector writes boxes
     instead (`run_detect`; boxes scoring below `min_score` are left out)."""
@@ -218,7 +207,8 @@ def run_predict(model_path: str | Path, target: str | Path, out: str | Path, *,
             raise DentfedError("--saliency and --precision are for classification models; "
                                "this model is a detector")
         return run_detect(loaded, inputs, out, batch_size=batch_size, workers=workers,
-                          min_score=min_score, numbering=numbering)
+                          min_score=min_score, numbering=numbering, fhir=fhir,
+                          patient_reference=patient_reference)
     t0 = time.perf_counter()
     pred = predict_paths(loaded, inputs.paths, batch_size=batch_size, workers=workers,
                          precision=precision)

@@ -235,14 +235,17 @@ def test_predict_on_a_detector_writes_boxes_and_survives_a_broken_image(tmp_path
     (images / "2.png").write_bytes(b"not a png at all")
     out = tmp_path / "pred"
     res = run_predict(tmp_path / "model.pt", images, out, batch_size=2, min_score=0.0,
-                      numbering=False)
+                      numbering=False, fhir=True)
     assert res["images"] == 3 and res["failed"] == 1
     data = json.loads((out / "predictions.json").read_text())
     by_name = {p["image"]: p for p in data["predictions"]}
     assert by_name["2.png"]["status"] == "unreadable" and by_name["2.png"]["error"]
     for name in ("0.png", "1.png"):
         rec = by_name[name]
-        assert rec["status"] == "ok" and (out / rec["picture"]).is_file()
+        assert rec["status"] == "ok"
+        assert {Path(f).name.split(".", 1)[1] for f in rec["files"]} == \
+            {"boxes.png", "chart.png", "fhir.json"}  # FDI labels: a chart too
+        assert all((out / f).is_file() for f in rec["files"])
         for b in rec["boxes"]:  # original-image pixels (96 px images)
             assert b["label"] in ("11", "21") and 0 <= b["score"] <= 1
             assert all(-1 <= v <= 97 for v in b["box"])
