@@ -373,3 +373,30 @@ def detect_paths(loaded: LoadedModel, paths: list[Path], *, batch_size: int = 8,
         for k, f in zip(ok, found, strict=True):
             findings[idx[k]], sizes[idx[k]] = f, tuple(sz[k])
     return Detections(findings, sizes, errors)
+
+
+def finalise_findings(loaded: LoadedModel, found: list[dict], *, numbering: bool = True,
+                      min_score: float = 0.5) -> list[dict]:
+    """What a clinic sees of one image's detections (predict and serve alike): for a model
+    that numbers teeth (`numbers_teeth`, and `numbering`), anatomically consistent numbers
+    first (`shared.fdi.consistent_numbering`; every candidate is evidence, so before the score
+    cut-off), then the boxes scoring at least `min_score`."""
+    from shared import fdi
+
+    if numbering and numbers_teeth(loaded):
+        found = fdi.consistent_numbering(found)
+    return [f for f in found if f["score"] >= min_score]
+
+
+def numbers_teeth(loaded: LoadedModel) -> bool:
+    """A detector that numbers teeth: its classes include the 32 permanent FDI numbers (the
+    renumbering may give any of them, so a model that knows only some cannot be renumbered)."""
+    from shared import fdi
+
+    return loaded.task_type == "detection" and set(fdi.PERMANENT) <= set(loaded.labels)
+
+
+def detect_image(loaded: LoadedModel, image: Image.Image) -> list[dict]:
+    """One decoded image's raw detections (original pixels), e.g. an upload."""
+    x = resize_transform(loaded.cfg.data.image_size)(image).float() / 255.0
+    return detect_images(loaded, [x], [image.size])[0]

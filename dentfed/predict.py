@@ -23,7 +23,9 @@ from dentfed.inference import (
     check_task,
     collect_inputs,
     detect_paths,
+    finalise_findings,
     load_model,
+    numbers_teeth,
     predict_paths,
     predictions_table,
 )
@@ -36,7 +38,6 @@ from dentfed.saliency import (
     overlay,
     write_sheet,
 )
-from shared import fdi
 from shared.atomic_files import atomic_folder, write_text_atomic
 from shared.config import TaskConfig
 from shared.data.readers import read_image
@@ -142,11 +143,9 @@ def run_detect(loaded: LoadedModel, inputs: Inputs, out: Path, *, batch_size: in
 
     t0 = time.perf_counter()
     det = detect_paths(loaded, inputs.paths, batch_size=batch_size, workers=workers)
-    numbered = numbering and all(fdi.is_fdi(lab) for lab in loaded.labels)
-    for i, found in enumerate(det.findings):
-        if numbered:  # every candidate is evidence for the numbering, so before min_score
-            found = fdi.consistent_numbering(found)
-        det.findings[i] = [f for f in found if f["score"] >= min_score]
+    numbered = numbering and numbers_teeth(loaded)
+    det.findings = [finalise_findings(loaded, f, numbering=numbering, min_score=min_score)
+                    for f in det.findings]
     seconds = time.perf_counter() - t0
     summary = {
         "model": {"checkpoint": loaded.checkpoint.name, "architecture": loaded.cfg.model.name,

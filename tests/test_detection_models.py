@@ -235,7 +235,7 @@ def test_predict_on_a_detector_writes_boxes_and_survives_a_broken_image(tmp_path
     (images / "2.png").write_bytes(b"not a png at all")
     out = tmp_path / "pred"
     res = run_predict(tmp_path / "model.pt", images, out, batch_size=2, min_score=0.0,
-                      numbering=False, fhir=True)
+                      fhir=True)
     assert res["images"] == 3 and res["failed"] == 1
     data = json.loads((out / "predictions.json").read_text())
     by_name = {p["image"]: p for p in data["predictions"]}
@@ -254,3 +254,56 @@ def test_predict_on_a_detector_writes_boxes_and_survives_a_broken_image(tmp_path
                                    "x2", "y2"]
     assert set(table["image"]) == {"0.png", "1.png", "2.png"}
     assert res["boxes"] == len(table.dropna(subset=["label"]))
+
+
+def test_serve_shows_a_detectors_boxes_and_chart_without_storing(tmp_path, det_manifest):
+    from fastapi.testclient import TestClient
+
+    from dentfed.serve import create_app
+    from shared.model_file import save_model_file
+
+    cfg = config_from_dict(det_config(model={"detection": {"box_head_size": 64,
+                                                           "score_thresh": 0.0,
+                                                           "detections_per_img": 5}}))
+    torch.manual_seed(0)
+    save_model_file(tmp_path / "model.pt", build_model(cfg.model, 2, 96), cfg, None)
+    data = (det_manifest.parent / "img" / "0.png").read_bytes()
+    before = set(tmp_path.rglob("*"))
+    with TestClient(create_app(tmp_path / "model.pt")) as c:
+        page = c.get("/").text
+        assert "saliency" not in page  # no saliency option for a detector
+        r = c.post("/api/predict", files={"file": ("P001.png", data, "image/png")})
+        assert r.status_code == 200, r.text
+        res = r.json()
+        assert res["task"] == "detection" and not res["numbered"]  # 2 of the 32 FDI numbers
+        assert res["boxes_image"].startswith("data:image/png;base64,")
+        assert res["chart"].startswith("data:image/png;base64,")
+        assert res["fhir"]["resourceType"] == "Bundle" and "P001" not in r.text
+        assert all(len(b["box"]) == 4 and b["label"] in ("11", "21") for b in res["boxes"])
+        html_page = c.post("/predict", files={"file": ("x.png", data, "image/png")}).text
+        assert 'id="boxes"' in html_page and 'id="chart"' in html_page
+    assert set(tmp_path.rglob("*")) == before  # the upload was not written anywhere
+
+
+def test_predict_and_serve_renumber_a_tooth_models_findings_consistently():
+    """The wiring of shared.fdi.consistent_numbering (tested there on hand-made cases): a
+    32-tooth model's duplicate 16 is renumbered before the score cut-off; a model with other
+    classes keeps its labels."""
+    from types import SimpleNamespace
+
+    from dentfed.inference import finalise_findings, numbers_teeth
+    from shared import fdi
+
+    teeth = SimpleNamespace(task_type="detection", labels=list(fdi.PERMANENT))
+    other = SimpleNamespace(task_type="detection", labels=["11", "21"])
+    assert numbers_teeth(teeth) and not numbers_teeth(other)
+    # upper right quadrant, left to right in the image: 17 16 16 (the last one is 15)
+    found = [fdi.finding("17", [10, 10, 30, 60], 0.9), fdi.finding("16", [32, 10, 52, 60], 0.9),
+             fdi.finding("16", [54, 10, 74, 60], 0.8), fdi.finding("46", [10, 70, 30, 120], 0.9),
+             fdi.finding("11", [200, 10, 220, 60], 0.2)]
+    out = finalise_findings(teeth, found, min_score=0.5)
+    labels = [f["label"] for f in sorted(out, key=lambda f: f["box"][0]) if f["box"][1] < 65]
+    assert labels == ["17", "16", "15"]
+    assert all(f["score"] >= 0.5 for f in out)
+    assert [f["label"] for f in finalise_findings(other, found, min_score=0.5)] == \
+        ["17", "16", "16", "46"]
