@@ -91,6 +91,17 @@ class VitConfig(_Strict):
     depth: int | None = Field(default=None, ge=1)
 
 
+# The factory's detectors (shared/detectors.py): model.name -> (architecture, backbone).
+DETECTORS = {
+    "fasterrcnn_mobilenet_v2_fpn": ("fasterrcnn", "mobilenet_v2"),
+    "fasterrcnn_mobilenet_v3_large_fpn": ("fasterrcnn", "mobilenet_v3_large"),
+    "fasterrcnn_resnet18_fpn": ("fasterrcnn", "resnet18"),
+    "retinanet_mobilenet_v2_fpn": ("retinanet", "mobilenet_v2"),
+    "retinanet_resnet18_fpn": ("retinanet", "resnet18"),
+    "ssdlite_mobilenet_v3_large": ("ssdlite", "mobilenet_v3_large"),
+}
+
+
 class DetectionModelConfig(_Strict):
     """Options of the detectors (model.name fasterrcnn_*, retinanet_*, ssdlite_*)."""
 
@@ -369,8 +380,6 @@ class Config(_Strict):
             raise ValueError("train.loss 'ce' is for multiclass tasks; a multilabel task uses "
                              "bce, weighted_bce, focal or dice")
         if self.task.type == "detection":
-            from shared.detectors import DETECTORS  # the factory's list, one source
-
             if self.model.name.lower() not in DETECTORS:
                 raise ValueError(f"model.name '{self.model.name}' is not a detector; a "
                                  f"detection task needs one of {', '.join(DETECTORS)}")

@@ -17,8 +17,6 @@ Anchor sizes scale with the image size (32..512 at 512 px, torchvision's default
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torchvision
 from torch import nn
 from torchvision.models.detection import FasterRCNN, RetinaNet
@@ -28,18 +26,8 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.ops import misc as misc_nn_ops
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
-if TYPE_CHECKING:
-    from shared.config import ModelConfig
+from shared.config import DETECTORS, ModelConfig
 
-# name -> (architecture, backbone)
-DETECTORS = {
-    "fasterrcnn_mobilenet_v2_fpn": ("fasterrcnn", "mobilenet_v2"),
-    "fasterrcnn_mobilenet_v3_large_fpn": ("fasterrcnn", "mobilenet_v3_large"),
-    "fasterrcnn_resnet18_fpn": ("fasterrcnn", "resnet18"),
-    "retinanet_mobilenet_v2_fpn": ("retinanet", "mobilenet_v2"),
-    "retinanet_resnet18_fpn": ("retinanet", "resnet18"),
-    "ssdlite_mobilenet_v3_large": ("ssdlite", "mobilenet_v3_large"),
-}
 BODY = "backbone.body"  # where the backbone's features live in the FPN detectors
 
 

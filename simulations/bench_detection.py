@@ -63,6 +63,7 @@ def bench_config(labels: list[str], manifest: Path, shared: Path, args: argparse
                  "val_fraction": 0.15, "test_fraction": 0.2},
         "model": {"name": "fasterrcnn_mobilenet_v2_fpn", "pretrained": str(shared / WEIGHTS),
                   "freeze": args.freeze, "detection": {"box_head_size": args.box_head,
+                                                       "box_batch_size_per_image": 128,
                                                        "detections_per_img": 64}},
         "train": {"optimizer": "sgd", "lr": args.lr, "momentum": 0.9, "weight_decay": 1e-4,
                   "patience": None, "progress": False},
