@@ -115,6 +115,13 @@ class DetectionModelConfig(_Strict):
     # Faster R-CNN: proposals sampled per training image for the box head (torchvision: 512;
     # 128 is about 3x faster per step on a CPU and plenty for <= 32 objects per image).
     box_batch_size_per_image: int = Field(default=512, ge=16)
+    # Faster R-CNN: RoIAlign sampling points per bin side (torchvision: 2). Its CPU backward
+    # dominates a training step; 1 makes it about 4x cheaper.
+    roi_sampling_ratio: int = Field(default=2, ge=0)
+    # Faster R-CNN: region proposals kept after NMS per image (torchvision: 2000 in training,
+    # 1000 at inference; None keeps those). Tens of teeth or fixtures need far fewer, and at
+    # inference every proposal is scored for every class before NMS.
+    rpn_proposals: int | None = Field(default=None, ge=16)
 
 
 class ModelConfig(_Strict):

@@ -23,6 +23,7 @@ from torchvision.models.detection import FasterRCNN, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN, _resnet_fpn_extractor
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops import misc as misc_nn_ops
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
@@ -100,7 +101,15 @@ def build_detector(cfg: ModelConfig, num_classes: int, image_size: int) -> nn.Mo
                          score_thresh=det.score_thresh, **common)
     anchors = _anchors(image_size, levels, retina=False)
     size = det.box_head_size
-    return FasterRCNN(body, None, rpn_anchor_generator=anchors,
+    names = [*body.body.return_layers.values()]
+    roi_pool = MultiScaleRoIAlign(featmap_names=names, output_size=7,
+                                  sampling_ratio=det.roi_sampling_ratio)
+    n = det.rpn_proposals
+    proposals = {} if n is None else {
+        "rpn_pre_nms_top_n_train": 2 * n, "rpn_post_nms_top_n_train": n,
+        "rpn_pre_nms_top_n_test": 2 * n, "rpn_post_nms_top_n_test": n}
+    return FasterRCNN(body, None, rpn_anchor_generator=anchors, box_roi_pool=roi_pool,
+                      **proposals,
                       box_head=TwoMLPHead(body.out_channels * 7 * 7, size),
                       box_predictor=FastRCNNPredictor(size, num_classes + 1),
                       box_batch_size_per_image=det.box_batch_size_per_image,

@@ -44,8 +44,9 @@ from shared.data.dataset import make_loader
 from shared.data.manifest import Manifest, read_manifest
 from shared.fedio import build_global_model
 from shared.losses import make_loss
+from shared.metrics import detection_metrics
 from shared.models import resolve_device
-from shared.training import Trainer, evaluate, make_optimizer, predict_detections
+from shared.training import Trainer, make_optimizer, predict_detections
 from simulations.compare import budget_config
 from simulations.pooled_training import train_fold
 from simulations.simulate import prepare_split
@@ -64,6 +65,8 @@ def bench_config(labels: list[str], manifest: Path, shared: Path, args: argparse
         "model": {"name": "fasterrcnn_mobilenet_v2_fpn", "pretrained": str(shared / WEIGHTS),
                   "freeze": args.freeze, "detection": {"box_head_size": args.box_head,
                                                        "box_batch_size_per_image": 128,
+                                                       "roi_sampling_ratio": 1,
+                                                       "rpn_proposals": 300,
                                                        "detections_per_img": 64}},
         "train": {"optimizer": "sgd", "lr": args.lr, "momentum": 0.9, "weight_decay": 1e-4,
                   "patience": None, "progress": False},
@@ -83,10 +86,10 @@ def numbering_scores(model: torch.nn.Module, cfg: Config, test_m: Manifest) -> d
     device = resolve_device(cfg.train.device)
     model.to(device)
     dl = make_loader(test_m, cfg.data, train=False)
-    res = evaluate(model, dl, None, cfg.task, device)
-    out = {"map_50": res["map_50"], "map": res["map"], "mar_100": res["mar_100"]}
     preds, targets, _ = predict_detections(model, dl, None, device)
     names = list(cfg.task.labels)
+    res = detection_metrics(preds, targets, names)  # what evaluate() reports
+    out = {"map_50": res["map_50"], "map": res["map"], "mar_100": res["mar_100"]}
     raw = [fdi.findings_from_output(p, names) for p in preds]
     truth = [[[names[int(k) - 1], *map(float, b)] for b, k in zip(t["boxes"], t["labels"],
                                                                  strict=True)]
