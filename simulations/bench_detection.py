@@ -29,7 +29,6 @@ CUDA is used when present (train.device auto).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import tempfile
@@ -46,6 +45,7 @@ from shared.fedio import build_global_model
 from shared.losses import make_loss
 from shared.metrics import detection_metrics
 from shared.models import resolve_device
+from shared.report_tables import write_json
 from shared.training import Trainer, make_optimizer, predict_detections
 from simulations.compare import budget_config
 from simulations.pooled_training import train_fold
@@ -236,8 +236,8 @@ def main(argv: list[str] | None = None) -> str:
     print("\n" + table)
     if args.out:
         Path(args.out).write_text(table + "\n")
-        Path(args.out).with_suffix(".json").write_text(json.dumps(
-            {"info": info, "images_per_second": ips, "rows": rows}, indent=1))
+        write_json(Path(args.out).with_suffix(".json"),  # NaN (undefined) -> null
+                   {"info": info, "images_per_second": ips, "rows": rows})
     return table
 
 
