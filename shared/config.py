@@ -155,6 +155,10 @@ class TrainConfig(_Strict):
     label_smoothing: float = Field(default=0.0, ge=0, lt=1)
     patience: int | None = Field(default=5, ge=1)
     max_steps_per_epoch: int | None = Field(default=None, ge=1)
+    # Clip the gradient's global norm before each step (None: no clipping). Detectors trained
+    # without a learning-rate warm-up can blow up in their first steps; 10 keeps them stable.
+    # Not with privacy.dp_sgd (Opacus clips per sample itself).
+    grad_clip_norm: float | None = Field(default=None, gt=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = 0
     progress: bool = True

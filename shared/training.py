@@ -116,6 +116,7 @@ def train_one_epoch(
     grad_correction: list[tuple[nn.Parameter, torch.Tensor]] | None = None,
     progress: bool = False,
     desc: str = "train",
+    grad_clip_norm: float | None = None,
 ) -> dict[str, float]:
     """One pass over `loader` (or `max_steps` batches). With proximal_mu > 0 the FedProx term
     mu/2 * ||w - w_global||^2 is added, w_global being the weights at the start of the call.
@@ -145,6 +146,9 @@ def train_one_epoch(
                 for p, c in grad_correction:
                     if p.grad is not None:
                         p.grad.add_(c)
+        if grad_clip_norm is not None:
+            nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
+                                     grad_clip_norm)
         optimizer.step()
         total += float(loss.detach()) * len(x)
         n += len(x)
@@ -226,8 +230,10 @@ class Trainer:
     def __init__(self, model: nn.Module, loader: DataLoader, loss_fn: nn.Module,
                  optimizer: torch.optim.Optimizer, device: torch.device, *,
                  privacy: DpSgdConfig | None = None, planned_steps: int = 1,
-                 account: DpAccount | None = None, progress: bool = False) -> None:
+                 account: DpAccount | None = None, progress: bool = False,
+                 grad_clip_norm: float | None = None) -> None:
         self.model, self.loss_fn, self.device, self.progress = model, loss_fn, device, progress
+        self.grad_clip_norm = None if privacy is not None else grad_clip_norm
         self.privacy = privacy
         self.private: PrivateTraining | None = None
         self.step_model, self.loader, self.optimizer = model, loader, optimizer
@@ -273,7 +279,7 @@ class Trainer:
             stats = train_one_epoch(self.step_model, self.loader, self.loss_fn, self.optimizer,
                                     self.device, max_steps=left, proximal_mu=proximal_mu,
                                     grad_correction=grad_correction, progress=self.progress,
-                                    desc=desc)
+                                    desc=desc, grad_clip_norm=self.grad_clip_norm)
             for k, v in stats.items():
                 if k.startswith("loss"):
                     sums[k] = sums.get(k, 0.0) + v * stats["examples"]
@@ -316,7 +322,7 @@ def fit(
     per_epoch = min(cfg.max_steps_per_epoch or len(train_loader), len(train_loader))
     with Trainer(model, train_loader, loss_fn, make_optimizer(model, cfg), device,
                  privacy=privacy, planned_steps=cfg.epochs * per_epoch,
-                 progress=cfg.progress) as trainer:
+                 progress=cfg.progress, grad_clip_norm=cfg.grad_clip_norm) as trainer:
         if privacy is not None:
             result.epsilon = 0.0
         for epoch in range(1, cfg.epochs + 1):
