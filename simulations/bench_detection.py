@@ -68,7 +68,8 @@ def bench_config(labels: list[str], manifest: Path, shared: Path, args: argparse
                                                        "roi_sampling_ratio": 1,
                                                        "rpn_proposals": 300,
                                                        "detections_per_img": 64}},
-        "train": {"optimizer": "sgd", "lr": args.lr, "momentum": 0.9, "weight_decay": 1e-4,
+        "train": {"optimizer": args.optimizer, "lr": args.lr, "momentum": 0.9,
+                  "weight_decay": 1e-4,
                   "grad_clip_norm": 10.0, "patience": None, "progress": False},
         "federation": {"strategy": "fedavg", "rounds": args.rounds,
                        "local_steps": args.local_steps, "min_train_clinics": args.clinics,
@@ -154,7 +155,8 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--local-steps", type=int, default=20)
-    ap.add_argument("--lr", type=float, default=0.005)
+    ap.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
+    ap.add_argument("--lr", type=float, default=5e-4, help="(sgd: try 0.005)")
     ap.add_argument("--freeze", type=int, default=4, help="frozen backbone stages")
     ap.add_argument("--box-head", type=int, default=256, help="Faster R-CNN box head width")
     ap.add_argument("--strategy", action="append", default=[],
