@@ -227,7 +227,8 @@ def local_training(clinic: Clinic, context: Context, global_arrays: ArrayRecord,
         account = DpAccount.from_record(context.state.config_records.get(DP_ACCOUNT_KEY))
     t0 = time.perf_counter()
     with Trainer(clinic.model, clinic.train_loader, clinic.loss_fn, opt, clinic.device,
-                 privacy=dp, planned_steps=steps * fed.rounds, account=account) as trainer:
+                 privacy=dp, planned_steps=steps * fed.rounds, account=account,
+                 grad_clip_norm=cfg.train.grad_clip_norm) as trainer:
         trainer.check_budget(steps)
         stats = trainer.run(fed.local_epochs, fed.local_steps, proximal_mu=mu,
                             grad_correction=scaffold.correction if scaffold else None)
@@ -245,6 +246,7 @@ def local_training(clinic: Clinic, context: Context, global_arrays: ArrayRecord,
         save_round_state(context, server_round)
     values = {
         "train_loss": stats["loss"],
+        **{f"train_{k}": v for k, v in stats.items() if k.startswith("loss_")},  # detectors
         "train_seconds": time.perf_counter() - t0,
         "examples_seen": stats["examples"],
         EXAMPLES_KEY: len(clinic.train),
@@ -318,7 +320,7 @@ def personalise(clinic: Clinic, context: Context, arrays: ArrayRecord, server_ro
     with head_only(clinic.model) if p.scope == "head" else contextlib.nullcontext():
         opt = make_optimizer(clinic.model, cfg.train, lr=p.lr or cfg.train.lr)
         with Trainer(clinic.model, clinic.train_loader, clinic.loss_fn, opt,
-                     clinic.device) as trainer:
+                     clinic.device, grad_clip_norm=cfg.train.grad_clip_norm) as trainer:
             stats = trainer.run(max_steps=p.steps, desc="personalise")
     folder = clinic_state_dir(context)
     if folder is not None:

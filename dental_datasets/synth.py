@@ -572,45 +572,26 @@ def _implant_patient(r: np.random.Generator, site: dict[str, Any]) -> dict[str, 
     }
 
 
-def _render_radiograph(p: dict[str, Any], r: np.random.Generator, size: int) -> np.ndarray:
-    """One periapical-like view of a patient's implant, float grey (size, size)."""
-    R = 2 * size
-    xx, yy = _grid(R)
-    mag = r.uniform(0.93, 1.07) * R
-    L, r0, pitch, td = p["L"] * mag, p["r0"] * mag, p["pitch"] * mag, p["depth"] * p["r0"] * mag
-    x0 = R * r.uniform(0.4, 0.6)
-    crest_y = R * r.uniform(0.18, 0.3)
-    y0 = crest_y - R * r.uniform(-0.01, 0.04)
-    th = math.radians(r.uniform(-9, 9))
+def _draw_root(img: np.ndarray, xx: np.ndarray, yy: np.ndarray, rx: float, ry: float,
+               rw: float, rl: float, rt: float, R: float, r: np.random.Generator) -> np.ndarray:
+    """A natural tooth root: tapered, with a dark ligament line and a faint canal."""
+    dx, dy = xx - rx, yy - ry
+    yl = dx * math.sin(rt) + dy * math.cos(rt)
+    xl = np.abs(dx * math.cos(rt) - dy * math.sin(rt))
+    t = np.clip(yl / rl, 0, 1)
+    rad = rw * (1 - 0.75 * t ** 1.5)
+    inside = (yl > 0) & (yl < rl) & (xl < rad)
+    pdl = (yl > 0) & (yl < rl + 0.012 * R) & (xl >= rad) & (xl < rad + 0.014 * R)
+    img = img + inside * r.uniform(25, 45) - pdl * 22
+    return img - (inside & (xl < 0.012 * R)) * 15
 
-    # soft tissue above a wavy bone crest, trabecular bone below
-    knots = crest_y + R * 0.03 * r.standard_normal(6)
-    crest = np.interp(xx[0], np.linspace(0, R, 6), knots).astype(np.float32)
-    bone_m = 1 / (1 + np.exp(-(yy - crest[None, :]) / (0.012 * R)))
-    trab = np.tanh(1.5 * (0.5 * _noise(r, R, 6) + 0.4 * _noise(r, R, 22)
-                          + 0.3 * _noise(r, R, 56)))
-    bone = r.uniform(100, 140) * (1 + 0.16 * trab)
-    soft = r.uniform(40, 65) * (1 + 0.08 * _noise(r, R, 5)) * np.clip(0.55 + yy / R * 1.6, 0, 1)
-    img = soft + (bone - soft) * bone_m
 
-    # neighbouring roots: tapered, with a dark ligament line and a faint canal
-    for side in (-1.0, 1.0):
-        if r.random() < 0.75:
-            rx = x0 + side * R * r.uniform(0.3, 0.42)
-            rw = R * r.uniform(0.07, 0.1)
-            rl = R * r.uniform(0.55, 0.8)
-            ry = crest_y - R * r.uniform(0.15, 0.3)
-            rt = math.radians(r.uniform(-8, 8))
-            dx, dy = xx - rx, yy - ry
-            yl = dx * math.sin(rt) + dy * math.cos(rt)
-            xl = np.abs(dx * math.cos(rt) - dy * math.sin(rt))
-            t = np.clip(yl / rl, 0, 1)
-            rad = rw * (1 - 0.75 * t ** 1.5)
-            inside = (yl > 0) & (yl < rl) & (xl < rad)
-            pdl = (yl > 0) & (yl < rl + 0.012 * R) & (xl >= rad) & (xl < rad + 0.014 * R)
-            img = img + inside * r.uniform(25, 45) - pdl * 22
-            img = img - (inside & (xl < 0.012 * R)) * 15
-
+def _draw_fixture(img: np.ndarray, xx: np.ndarray, yy: np.ndarray, p: dict[str, Any],
+                  x0: float, y0: float, th: float, L: float, r0: float, pitch: float, td: float,
+                  R: float, r: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Draw one implant fixture (thread pitch, taper and apex of its system), with its
+    abutment and crown when the patient has them, its top at (x0, y0) tilted by th. Returns
+    the image and the fixture's own pixels (its box; abutment and crown not included)."""
     # implant fixture in local (along-axis) coordinates
     dx, dy = xx - x0, yy - y0
     yl = dx * math.sin(th) + dy * math.cos(th)
@@ -649,6 +630,41 @@ def _render_radiograph(p: dict[str, Any], r: np.random.Generator, size: int) -> 
         if p["crown"]:
             cr = (yl <= -ab_len) & (yl > -ab_len - 0.25 * R) & (xl < r0 * 2.0)
             img = np.where(cr, img * 0.3 + r.uniform(120, 160), img)
+    return img, inside
+
+
+def _render_radiograph(p: dict[str, Any], r: np.random.Generator, size: int) -> np.ndarray:
+    """One periapical-like view of a patient's implant, float grey (size, size)."""
+    R = 2 * size
+    xx, yy = _grid(R)
+    mag = r.uniform(0.93, 1.07) * R
+    L, r0, pitch, td = p["L"] * mag, p["r0"] * mag, p["pitch"] * mag, p["depth"] * p["r0"] * mag
+    x0 = R * r.uniform(0.4, 0.6)
+    crest_y = R * r.uniform(0.18, 0.3)
+    y0 = crest_y - R * r.uniform(-0.01, 0.04)
+    th = math.radians(r.uniform(-9, 9))
+
+    # soft tissue above a wavy bone crest, trabecular bone below
+    knots = crest_y + R * 0.03 * r.standard_normal(6)
+    crest = np.interp(xx[0], np.linspace(0, R, 6), knots).astype(np.float32)
+    bone_m = 1 / (1 + np.exp(-(yy - crest[None, :]) / (0.012 * R)))
+    trab = np.tanh(1.5 * (0.5 * _noise(r, R, 6) + 0.4 * _noise(r, R, 22)
+                          + 0.3 * _noise(r, R, 56)))
+    bone = r.uniform(100, 140) * (1 + 0.16 * trab)
+    soft = r.uniform(40, 65) * (1 + 0.08 * _noise(r, R, 5)) * np.clip(0.55 + yy / R * 1.6, 0, 1)
+    img = soft + (bone - soft) * bone_m
+
+    # neighbouring roots: tapered, with a dark ligament line and a faint canal
+    for side in (-1.0, 1.0):
+        if r.random() < 0.75:
+            rx = x0 + side * R * r.uniform(0.3, 0.42)
+            rw = R * r.uniform(0.07, 0.1)
+            rl = R * r.uniform(0.55, 0.8)
+            ry = crest_y - R * r.uniform(0.15, 0.3)
+            rt = math.radians(r.uniform(-8, 8))
+            img = _draw_root(img, xx, yy, rx, ry, rw, rl, rt, R, r)
+
+    img, _ = _draw_fixture(img, xx, yy, p, x0, y0, th, L, r0, pitch, td, R, r)
     if p["maxilla"]:
         img = img[::-1]
     pil = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
@@ -684,3 +700,128 @@ def generate_implants(out_dir: Path, n: int = 450, seed: int = 0, image_size: in
                          "modality": "radiograph",
                          "implant_system": IMPLANT_SYSTEMS[patient["system"]]})
     return _write_manifest(pd.DataFrame(rows), manifest)
+
+
+# --------------------------------------------------------------------------- implant detection
+
+_TAG_IDET = 7413
+
+
+def _implant_detection_patient(r: np.random.Generator, site: dict[str, Any]) -> dict[str, Any]:
+    """1-4 fixtures along one arch; mostly one system per patient (one surgeon, one kit),
+    sometimes a second one."""
+    k = int(r.choice(4, p=[0.3, 0.3, 0.25, 0.15])) + 1
+    first = int(r.choice(3, p=site["mix"]))
+    fixtures = []
+    for _ in range(k):
+        f = _implant_patient(r, site)
+        if r.random() < 0.75:  # same system as the first fixture: redraw its shape for it
+            f = _implant_patient_of(r, first)
+        fixtures.append(f)
+    return {"fixtures": fixtures, "maxilla": r.random() < 0.4,
+            "slots": np.sort(r.uniform(0, 1, k))}
+
+
+def _implant_patient_of(r: np.random.Generator, system: int) -> dict[str, Any]:
+    """A fixture of the given system (same parameter ranges as `_implant_patient`)."""
+    mix = np.zeros(3)
+    mix[system] = 1.0
+    return _implant_patient(r, {"mix": mix})
+
+
+def _render_implant_scene(p: dict[str, Any], r: np.random.Generator, size: int
+                          ) -> tuple[np.ndarray, list[list]]:
+    """A wide radiograph-like view of one arch with the patient's fixtures and natural roots
+    between them. Returns the float grey image (size, size) and [system, x1, y1, x2, y2] per
+    fixture in its pixels."""
+    R = 2 * size
+    xx, yy = _grid(R)
+    crest_y = R * r.uniform(0.22, 0.32)
+    knots = crest_y + R * 0.025 * r.standard_normal(8)
+    crest = np.interp(xx[0], np.linspace(0, R, 8), knots).astype(np.float32)
+    bone_m = 1 / (1 + np.exp(-(yy - crest[None, :]) / (0.01 * R)))
+    trab = np.tanh(1.5 * (0.5 * _noise(r, R, 8) + 0.4 * _noise(r, R, 30)
+                          + 0.3 * _noise(r, R, 72)))
+    bone = r.uniform(100, 140) * (1 + 0.16 * trab)
+    soft = r.uniform(40, 65) * (1 + 0.08 * _noise(r, R, 6)) * np.clip(0.55 + yy / R * 1.6, 0, 1)
+    img = soft + (bone - soft) * bone_m
+
+    k = len(p["fixtures"])
+    # fixture centres: the patient's slots spread over the width, kept apart
+    xs = R * (0.12 + 0.76 * (np.arange(k) + 0.5) / k)
+    xs = xs + R * 0.04 * (p["slots"] - 0.5) + R * r.uniform(-0.015, 0.015, k)
+    # natural roots in the gaps (and at the ends) not taken by a fixture
+    edges = np.concatenate([[0.0], xs, [float(R)]])
+    for a, b in zip(edges[:-1], edges[1:], strict=True):
+        gap = b - a
+        m = int(gap // (0.14 * R))
+        for j in range(m):
+            if r.random() < 0.8:
+                rx = a + gap * (j + 1) / (m + 1) + R * r.uniform(-0.01, 0.01)
+                img = _draw_root(img, xx, yy, rx, crest_y - R * r.uniform(0.1, 0.2),
+                                 R * r.uniform(0.035, 0.05), R * r.uniform(0.4, 0.55),
+                                 math.radians(r.uniform(-6, 6)), R, r)
+    boxes = []
+    mag = R * r.uniform(0.52, 0.6)
+    for f, x0 in zip(p["fixtures"], xs, strict=True):
+        L, r0 = f["L"] * mag, f["r0"] * mag
+        pitch, td = f["pitch"] * mag, f["depth"] * f["r0"] * mag
+        y0 = crest_y - R * r.uniform(-0.01, 0.03)
+        th = math.radians(r.uniform(-8, 8))
+        # abutment and crown lengths scale with the smaller fixture (its R)
+        img, inside = _draw_fixture(img, xx, yy, f, float(x0), y0, th, L, r0, pitch, td,
+                                    0.55 * R, r)
+        ys, xs_ = np.nonzero(inside)
+        boxes.append([f["system"], xs_.min() / 2, ys.min() / 2, (xs_.max() + 1) / 2,
+                      (ys.max() + 1) / 2])
+    if p["maxilla"]:
+        img = img[::-1]
+        boxes = [[s, x1, size - y2, x2, size - y1] for s, x1, y1, x2, y2 in boxes]
+    pil = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+    return np.asarray(pil.reduce(2), dtype=np.float32), boxes
+
+
+def generate_implant_detection(out_dir: Path, n: int = 300, seed: int = 0,
+                               image_size: int = 256, n_sites: int = 3,
+                               images_per_patient: tuple[int, int] = (1, 3)) -> Path:
+    """Write a SYNTHETIC implant detection set: wide radiograph-like grayscale views of one arch
+    with 1-4 implant fixtures of the three made-up systems (drawn as in `generate_implants`)
+    among natural roots, each fixture boxed and labelled with its system.
+
+    Writes out_dir/images/*.png ('L' mode) and out_dir/manifest.csv, a detection manifest
+    (path, patient_id, site, modality, boxes: JSON [system, x1, y1, x2, y2] in pixels); a
+    patient's images show the same fixtures from slightly different views. Returns the
+    manifest path."""
+    from shared.data.detection import boxes_to_json
+
+    _check(n, image_size, n_sites, images_per_patient)
+    if image_size < 96:
+        raise ValueError(f"image_size must be at least 96 pixels for implant detection "
+                         f"(got {image_size}): smaller fixtures lose their threads")
+    out_dir, manifest = _prepare(out_dir)
+    plan = _plan(_rng(seed, _TAG_IDET, _PLAN), n, n_sites, images_per_patient)
+    sites = [_implant_site(seed, s) for s in range(n_sites)]
+    rows: list[dict[str, Any]] = []
+    for pi, (site, k) in enumerate(plan):
+        pid = pi + 1
+        st = sites[site]
+        patient = _implant_detection_patient(_rng(seed, _TAG_IDET, _PATIENT, pid), st)
+        for j in range(k):
+            r = _rng(seed, _TAG_IDET, _IMAGE, pid, j)
+            img, boxes = _render_implant_scene(patient, r, image_size)
+            img = 255 * (np.clip(img, 0, 255) / 255) ** (st["gamma"] * r.uniform(0.92, 1.08))
+            img = img * st["gain"] * r.uniform(0.92, 1.08) + st["offset"]
+            out = _finish(img, r, st["blur"] + r.uniform(-0.2, 0.3),
+                          st["noise"] * r.uniform(0.8, 1.2), "L")
+            rel = f"images/p{pid:04d}_{j}.png"
+            out.save(out_dir / rel, format="PNG", compress_level=1)
+            rows.append({"path": rel, "patient_id": f"P{pid:04d}", "site": f"site_{site}",
+                         "modality": "radiograph",
+                         "boxes": boxes_to_json([[IMPLANT_SYSTEMS[s], *b]
+                                                 for s, *b in boxes])})
+    return _write_manifest(pd.DataFrame(rows), manifest)
+
+
+# What `dentfed data synth --task` and a config's `data.synth.task` generate.
+GENERATORS = {"anomalies": generate_anomalies, "implants": generate_implants,
+              "implant-detection": generate_implant_detection}

@@ -23,6 +23,8 @@ def _cmd_data_check(args: argparse.Namespace) -> int:
     from shared.report_tables import render_table
 
     cfg = load_config(args.config)
+    if cfg.task.type == "detection":
+        return _data_check_detection(args, cfg)
     m = read_manifest(args.manifest, cfg.task, default_modality=cfg.data.modality,
                       check_images=not args.skip_images)
     overview, counts = summarize(m)
@@ -33,12 +35,71 @@ def _cmd_data_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_check_detection(args: argparse.Namespace, cfg) -> int:
+    import pandas as pd
+
+    from shared.data.detection import class_counts, read_detection_manifest
+    from shared.report_tables import render_table
+
+    df = read_detection_manifest(args.manifest, cfg.task.labels,
+                                 check_images=not args.skip_images)
+    n_boxes = df["boxes"].map(len)
+    overview = {"images": len(df), "patients": df["patient_id"].nunique(),
+                "sites": df["site"].nunique(), "boxes": int(n_boxes.sum()),
+                "images without boxes": int((n_boxes == 0).sum())}
+    if "split" in df:
+        for s in ("train", "val", "test"):
+            overview[f"{s} images"] = int((df["split"] == s).sum())
+    print(render_table(pd.DataFrame({"value": overview})))
+    print()
+    print(render_table(class_counts(df, cfg.task.labels)))
+    print(f"\nok: {len(df)} images, {int(n_boxes.sum())} boxes" +
+          ("" if args.skip_images else ", all decoded, every box inside its image"))
+    return 0
+
+
+def _cmd_data_import_detection(args: argparse.Namespace) -> int:
+    from dental_datasets import detection_import as di
+
+    common = {"patient_regex": args.patient_regex, "site": args.site,
+              "site_from": args.site_from, "modality": args.modality}
+    if args.data_command == "import-yolo":
+        df = di.import_yolo(args.root, args.out, **common)
+    else:
+        df = di.import_coco(args.coco_json, args.out, images_root=args.images_root, **common)
+    names = df.attrs["class_names"]
+    sites = f", {df['site'].nunique()} sites" if "site" in df else ""
+    print(f"wrote {args.out}: {len(df)} images, {int(df['boxes'].map(len).sum())} boxes, "
+          f"{df['patient_id'].nunique()} patients{sites}"
+          + ("" if args.patient_regex else " (no --patient-regex: each image is its own "
+             "patient)"))
+    print(f"task.labels ({len(names)}): [{', '.join(names)}]")
+    return 0
+
+
+def _cmd_data_export_detection(args: argparse.Namespace) -> int:
+    from dental_datasets import detection_import as di
+
+    names = None
+    if args.config:
+        from shared.config import load_config
+
+        names = load_config(args.config).task.labels
+    if args.data_command == "export-yolo":
+        out = di.export_yolo(args.manifest, args.out, names)
+    else:
+        out = di.export_coco(args.manifest, args.out, names)
+    print(f"wrote {out}")
+    return 0
+
+
 def _cmd_data_synth(args: argparse.Namespace) -> int:
     from dental_datasets import synth
 
-    gen = synth.generate_anomalies if args.task == "anomalies" else synth.generate_implants
     t0 = time.perf_counter()
-    path = gen(Path(args.out), n=args.n, seed=args.seed, image_size=args.image_size)
+    size = args.image_size or (256 if args.task == "implant-detection" else 128)
+    path = synth.GENERATORS[args.task](Path(args.out), n=args.n, seed=args.seed,
+                                       image_size=size)
     print(f"wrote {args.n} synthetic {args.task} images and {path} "
           f"in {time.perf_counter() - t0:.1f} s")
     return 0
@@ -202,7 +263,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     res = run_predict(args.model, args.input, args.out, batch_size=args.batch_size,
                       workers=args.workers, precision=args.precision,
                       saliency=args.saliency, saliency_limit=args.saliency_limit,
-                      expect_task=expect)
+                      expect_task=expect, min_score=args.min_score,
+                      numbering=not args.raw_numbers, fhir=args.fhir,
+                      patient_reference=args.fhir_patient)
     ok = res["images"] - res["failed"]
     print(f"predicted {ok} of {res['images']} images in {res['seconds']:.1f} s "
           f"({res['precision']}); predictions.csv and predictions.json in {args.out}")
@@ -249,10 +312,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = data.add_parser("synth", help="write a synthetic demo dataset with a manifest")
     s.add_argument("--out", required=True)
-    s.add_argument("--task", choices=["anomalies", "implants"], required=True)
+    s.add_argument("--task", choices=["anomalies", "implants", "implant-detection"],
+                   required=True, help="anomalies: multi-label photos; implants: one implant "
+                   "per radiograph, its system; implant-detection: 1-4 boxed implants per "
+                   "radiograph, labelled by system")
     s.add_argument("--n", type=int, default=600)
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--image-size", type=int, default=128)
+    s.add_argument("--image-size", type=int, help="default 128 (256 for implant-detection)")
     s.set_defaults(func=_cmd_data_synth)
 
     i = data.add_parser("import-folder", help="ImageFolder tree (one folder per class) -> "
@@ -264,6 +330,32 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--site")
     i.add_argument("--modality", choices=["photo", "radiograph"])
     i.set_defaults(func=_cmd_data_import)
+
+    for kind, what in (("import-yolo", "a YOLO folder (images/, labels/*.txt, data.yaml)"),
+                       ("import-coco", "a COCO detection JSON")):
+        i = data.add_parser(kind, help=f"{what} -> detection manifest (path, patient_id, site, "
+                            "boxes); nothing is written unless every box is valid")
+        if kind == "import-yolo":
+            i.add_argument("root")
+        else:
+            i.add_argument("coco_json")
+            i.add_argument("--images-root", help="folder the file_names are relative to "
+                           "(default: the JSON's folder)")
+        i.add_argument("--out", required=True, help="manifest CSV to write")
+        i.add_argument("--patient-regex", help="regex on the file name; group 1 is the "
+                       "patient id (default: each image is its own patient)")
+        i.add_argument("--site", help="one site (clinic) for every image")
+        i.add_argument("--site-from", metavar="REGEX", help="regex on the file name; group 1 "
+                       "is the site, e.g. '^(cate\\d+)-' for UFBA-425's category")
+        i.add_argument("--modality", choices=["photo", "radiograph"], default="radiograph")
+        i.set_defaults(func=_cmd_data_import_detection)
+    for kind, what in (("export-yolo", "a YOLO folder (new)"), ("export-coco", "a COCO JSON")):
+        e = data.add_parser(kind, help=f"detection manifest -> {what}")
+        e.add_argument("manifest")
+        e.add_argument("--out", required=True)
+        e.add_argument("--config", help="class order from this config's task.labels "
+                       "(default: sorted box labels)")
+        e.set_defaults(func=_cmd_data_export_detection)
 
     sp = data.add_parser("split", help="split a manifest into virtual clinics (by patient)")
     sp.add_argument("manifest")
@@ -329,6 +421,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="auto: bf16 autocast on CPUs with native bf16 for models whose bf16 "
                     "scores stay within 0.05 of fp32 on the first batch; images near a "
                     "threshold are recomputed in fp32, so decisions equal fp32's")
+    pr.add_argument("--min-score", type=float, default=0.5, help="detection models: boxes "
+                    "scoring below this are left out (default 0.5)")
+    pr.add_argument("--raw-numbers", action="store_true", help="FDI tooth detectors: keep "
+                    "the detector's own numbers (no anatomical renumbering)")
+    pr.add_argument("--fhir", action="store_true", help="detection models: also an HL7 FHIR "
+                    "Bundle per image (images/<n>.fhir.json)")
+    pr.add_argument("--fhir-patient", help="FHIR subject reference, e.g. Patient/123 (default: "
+                    "none; dentfed never writes a patient id it was not given)")
     pr.set_defaults(func=_cmd_predict)
 
     sv = sub.add_parser("serve", help="upload page and JSON API for one saved model")

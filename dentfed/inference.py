@@ -27,6 +27,7 @@ from shared.config import Config, TaskConfig
 from shared.data.readers import IMAGE_SUFFIXES, read_image
 from shared.data.transforms import resize_transform, tensor_transform
 from shared.errors import DentfedError, ManifestError
+from shared.fdi import finding
 from shared.model_card import read_card
 from shared.model_file import read_model_file
 from shared.models import probabilities
@@ -291,3 +292,111 @@ def predictions_table(names: list[str], labels: list[str], pred: Predictions) ->
     for lab in labels:  # 0/1 with blanks for unreadable images, not 0.0/1.0
         df[f"pred_{lab}"] = df[f"pred_{lab}"].astype("Int64")
     return df
+
+
+class DetectImageDataset(Dataset):
+    """One image per item as a detector takes it: 0-1 RGB at image_size x image_size (the
+    model's own transform normalises), with the original (width, height) to scale boxes
+    back; an unreadable file gives a zero tensor and its reason."""
+
+    def __init__(self, paths: list[Path], image_size: int):
+        self.paths, self.size = paths, image_size
+        self.resize = resize_transform(image_size)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, str, tuple[int, int]]:
+        try:
+            img = read_image(self.paths[i])
+            return (self.resize(img).float() / 255.0, i, "", img.size)
+        except ManifestError as err:
+            reason = str(err).split(": ", 1)[-1]
+            return torch.zeros(3, self.size, self.size), i, reason, (0, 0)
+
+
+def _detect_collate(batch: list) -> tuple:
+    return tuple(list(col) for col in zip(*batch, strict=True))
+
+
+@dataclass
+class Detections:
+    """Per image: the detector's boxes in original-image pixels, scores and class names."""
+
+    findings: list[list[dict]]  # per image: shared.fdi.finding dicts (label, score, box)
+    sizes: list[tuple[int, int]]  # per image (width, height); (0, 0) when unreadable
+    errors: list[str]
+
+    @property
+    def n_failed(self) -> int:
+        return sum(1 for e in self.errors if e)
+
+
+def detect_images(loaded: LoadedModel, images: list[torch.Tensor],
+                  sizes: list[tuple[int, int]], min_score: float = 0.0) -> list[list[dict]]:
+    """Boxes for already resized 0-1 images, scaled back to each (width, height)."""
+    s = loaded.cfg.data.image_size
+    with torch.inference_mode():
+        outs = loaded.model(images)
+    result = []
+    for out, (w, h) in zip(outs, sizes, strict=True):
+        scale = torch.tensor([w / s, h / s, w / s, h / s])
+        found = []
+        for box, score, lab in zip(out["boxes"].cpu(), out["scores"].cpu(),
+                                   out["labels"].cpu(), strict=True):
+            if float(score) < min_score or not 1 <= int(lab) <= len(loaded.labels):
+                continue
+            found.append(finding(loaded.labels[int(lab) - 1],
+                                 [round(float(v), 2) for v in box * scale], float(score)))
+        result.append(found)
+    return result
+
+
+def detect_paths(loaded: LoadedModel, paths: list[Path], *, batch_size: int = 8,
+                 workers: int = 1, min_score: float = 0.0) -> Detections:
+    """A detector's boxes for every path (fp32); unreadable images are reported, not fatal."""
+    loaded.model.eval()
+    ds = DetectImageDataset(paths, loaded.cfg.data.image_size)
+    loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers,
+                        collate_fn=_detect_collate, persistent_workers=False)
+    n = len(paths)
+    findings: list[list[dict]] = [[] for _ in range(n)]
+    sizes: list[tuple[int, int]] = [(0, 0)] * n
+    errors = [""] * n
+    for x, idx, errs, sz in loader:
+        ok = [k for k, e in enumerate(errs) if not e]
+        for i, e in zip(idx, errs, strict=True):
+            errors[i] = e
+        if not ok:
+            continue
+        found = detect_images(loaded, [x[k] for k in ok], [sz[k] for k in ok], min_score)
+        for k, f in zip(ok, found, strict=True):
+            findings[idx[k]], sizes[idx[k]] = f, tuple(sz[k])
+    return Detections(findings, sizes, errors)
+
+
+def finalise_findings(loaded: LoadedModel, found: list[dict], *, numbering: bool = True,
+                      min_score: float = 0.5) -> list[dict]:
+    """What a clinic sees of one image's detections (predict and serve alike): for a model
+    that numbers teeth (`numbers_teeth`, and `numbering`), anatomically consistent numbers
+    first (`shared.fdi.consistent_numbering`; every candidate is evidence, so before the score
+    cut-off), then the boxes scoring at least `min_score`."""
+    from shared import fdi
+
+    if numbering and numbers_teeth(loaded):
+        found = fdi.consistent_numbering(found)
+    return [f for f in found if f["score"] >= min_score]
+
+
+def numbers_teeth(loaded: LoadedModel) -> bool:
+    """A detector that numbers teeth: its classes include the 32 permanent FDI numbers (the
+    renumbering may give any of them, so a model that knows only some cannot be renumbered)."""
+    from shared import fdi
+
+    return loaded.task_type == "detection" and set(fdi.PERMANENT) <= set(loaded.labels)
+
+
+def detect_image(loaded: LoadedModel, image: Image.Image) -> list[dict]:
+    """One decoded image's raw detections (original pixels), e.g. an upload."""
+    x = resize_transform(loaded.cfg.data.image_size)(image).float() / 255.0
+    return detect_images(loaded, [x], [image.size])[0]

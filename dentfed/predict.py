@@ -10,9 +10,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 
 from dentfed.inference import (
+    Detections,
     Inputs,
     LoadedModel,
     PredictDataset,
@@ -20,7 +22,10 @@ from dentfed.inference import (
     check_modality,
     check_task,
     collect_inputs,
+    detect_paths,
+    finalise_findings,
     load_model,
+    numbers_teeth,
     predict_paths,
     predictions_table,
 )
@@ -35,7 +40,8 @@ from dentfed.saliency import (
 )
 from shared.atomic_files import atomic_folder, write_text_atomic
 from shared.config import TaskConfig
-from shared.errors import DentfedError
+from shared.data.readers import read_image
+from shared.errors import DentfedError, ManifestError
 from shared.model_card import build_card, card_markdown
 from shared.report_tables import write_json
 
@@ -105,12 +111,88 @@ def write_saliency(loaded: LoadedModel, inputs: Inputs, pred: Predictions, out: 
     return sheet
 
 
+def detection_table(names: list[str], det: Detections) -> pd.DataFrame:
+    """One row per box (label, score, x1..y2 in original-image pixels); an image without
+    boxes, or unreadable, has one row with the label blank."""
+    rows = []
+    for i, name in enumerate(names):
+        base = {"image": name, "status": "unreadable" if det.errors[i] else "ok",
+                "error": det.errors[i]}
+        if not det.findings[i]:
+            rows.append({**base, "label": "", "score": None, "x1": None, "y1": None,
+                         "x2": None, "y2": None})
+        for f in det.findings[i]:
+            rows.append({**base, "label": f["label"], "score": round(f["score"], 4),
+                         **dict(zip(("x1", "y1", "x2", "y2"), f["box"], strict=True))})
+    return pd.DataFrame(rows, columns=["image", "status", "error", "label", "score", "x1",
+                                       "y1", "x2", "y2"])
+
+
+def run_detect(loaded: LoadedModel, inputs: Inputs, out: Path, *, batch_size: int,
+               workers: int, min_score: float, numbering: bool = True, fhir: bool = False,
+               patient_reference: str | None = None) -> dict:
+    """`dentfed predict` for a detector: predictions.csv (one row per box), predictions.json
+    (per image its boxes) and, per readable image, `images/<n>.boxes.png` (the image with its
+    boxes), `images/<n>.chart.png` (a dental chart, for a tooth-numbering model) and with
+    `fhir` `images/<n>.fhir.json` (an HL7 FHIR Bundle; no patient unless `patient_reference`),
+    all from `dentfed.clinic_outputs`. When every label is an FDI tooth number and `numbering`
+    is on, each image's teeth are first renumbered anatomically consistently (at most one box
+    per number, numbers in order left to right per quadrant; `shared.fdi.consistent_numbering`).
+    A broken image is listed as unreadable; the others are still written."""
+    from dentfed.clinic_outputs import clinic_outputs, write_clinic_outputs
+
+    t0 = time.perf_counter()
+    det = detect_paths(loaded, inputs.paths, batch_size=batch_size, workers=workers)
+    numbered = numbering and numbers_teeth(loaded)
+    det.findings = [finalise_findings(loaded, f, numbering=numbering, min_score=min_score)
+                    for f in det.findings]
+    seconds = time.perf_counter() - t0
+    summary = {
+        "model": {"checkpoint": loaded.checkpoint.name, "architecture": loaded.cfg.model.name,
+                  "task": "detection", "labels": loaded.labels, "min_score": min_score,
+                  "fdi_numbering": "anatomically consistent (shared.fdi.consistent_numbering)"
+                  if numbered else "as detected"},
+        "images": len(inputs.names), "failed": det.n_failed, "precision": "fp32",
+        "boxes": sum(len(f) for f in det.findings), "seconds": seconds,
+        "images_per_second": len(inputs.names) / seconds if seconds > 0 else None,
+    }
+    records = []
+    keep = ("boxes.png", "chart.png", "fhir.json") if fhir else ("boxes.png", "chart.png")
+    with atomic_folder(out) as tmp:
+        for i, name in enumerate(inputs.names):
+            rec = {"image": name, "status": "unreadable" if det.errors[i] else "ok",
+                   "error": det.errors[i] or None, "boxes": det.findings[i]}
+            if not det.errors[i]:
+                try:
+                    image = read_image(inputs.paths[i])
+                except ManifestError as err:  # changed since it was read: still not fatal
+                    det.errors[i] = str(err).split(": ", 1)[-1]
+                    rec["status"], rec["error"] = "unreadable", det.errors[i]
+                else:
+                    outs = clinic_outputs(image, det.findings[i], loaded.labels,
+                                          score_threshold=min_score,
+                                          model_name=loaded.cfg.model.name,
+                                          patient_reference=patient_reference)
+                    written = write_clinic_outputs({k: v for k, v in outs.items() if k in keep},
+                                                   tmp / "images", f"{i + 1:04d}")
+                    rec["files"] = [str(p.relative_to(tmp)) for p in written]
+            records.append(rec)
+        summary["failed"] = det.n_failed
+        write_text_atomic(tmp / "predictions.csv",
+                          detection_table(inputs.names, det).to_csv(index=False))
+        write_json(tmp / "predictions.json", {**summary, "predictions": records})
+    return summary
+
+
 def run_predict(model_path: str | Path, target: str | Path, out: str | Path, *,
                 batch_size: int = 32, workers: int = 1, precision: str = "fp32",
                 saliency: bool = False, saliency_limit: int = 20,
-                expect_task: TaskConfig | None = None) -> dict:
+                expect_task: TaskConfig | None = None, min_score: float = 0.5,
+                numbering: bool = True, fhir: bool = False,
+                patient_reference: str | None = None) -> dict:
     """Predict every image of `target` and write predictions.csv / predictions.json (and the
-    saliency folder) to `out`; returns the JSON's summary fields."""
+    saliency folder) to `out`; returns the JSON's summary fields. A detector writes boxes
+    instead (`run_detect`; boxes scoring below `min_score` are left out)."""
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise DentfedError(f"output folder {out} exists and is not empty; choose another --out")
@@ -119,6 +201,13 @@ def run_predict(model_path: str | Path, target: str | Path, out: str | Path, *,
         check_task(loaded, expect_task)
     inputs = collect_inputs(target)
     check_modality(loaded, inputs)
+    if loaded.task_type == "detection":
+        if saliency or precision != "fp32":
+            raise DentfedError("--saliency and --precision are for classification models; "
+                               "this model is a detector")
+        return run_detect(loaded, inputs, out, batch_size=batch_size, workers=workers,
+                          min_score=min_score, numbering=numbering, fhir=fhir,
+                          patient_reference=patient_reference)
     t0 = time.perf_counter()
     pred = predict_paths(loaded, inputs.paths, batch_size=batch_size, workers=workers,
                          precision=precision)

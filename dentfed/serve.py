@@ -12,7 +12,9 @@ under a random name). Nothing about an upload (its file name included) is logged
 
 from __future__ import annotations
 
+import base64
 import html
+import json
 import threading
 import uuid
 from pathlib import Path
@@ -23,7 +25,15 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartParser
 
-from dentfed.inference import LoadedModel, load_model, predict_batch, preprocess
+from dentfed.inference import (
+    LoadedModel,
+    detect_image,
+    finalise_findings,
+    load_model,
+    numbers_teeth,
+    predict_batch,
+    preprocess,
+)
 from dentfed.saliency import (
     SHEET_CSS,
     SheetRow,
@@ -64,8 +74,24 @@ def _form(loaded: LoadedModel, max_mb: float) -> str:
             "PNG, BMP, TIFF, WebP or DICOM. The image is analysed in memory and not stored.</p>"
             '<form id="upload" action="predict" method="post" enctype="multipart/form-data">'
             '<input id="file" type="file" name="file" accept="image/*,.dcm,.dicom"> '
-            '<label><input id="saliency" type="checkbox" name="saliency" value="1" checked> '
-            'saliency maps</label> <button id="submit" type="submit">Predict</button></form>')
+            + ('' if loaded.task_type == "detection" else
+               '<label><input id="saliency" type="checkbox" name="saliency" value="1" '
+               'checked> saliency maps</label> ')
+            + '<button id="submit" type="submit">Predict</button></form>')
+
+
+def _detection_body(res: dict[str, Any]) -> str:
+    rows = "".join(f"<tr><td>{html.escape(f['label'])}</td><td>{f['score']:.2f}</td>"
+                   f"<td>{', '.join(f'{v:.0f}' for v in f['box'])}</td></tr>"
+                   for f in res["boxes"])
+    chart = (f'<h2>Dental chart</h2><img id="chart" src="{res["chart"]}" alt="dental chart">'
+             if res.get("chart") else "")
+    return (f'<p id="result">{len(res["boxes"])} finding(s)'
+            f'{" (FDI numbers made anatomically consistent)" if res["numbered"] else ""}</p>'
+            f'<img id="boxes" src="{res["boxes_image"]}" alt="image with boxes" '
+            f'style="max-width:100%">{chart}'
+            f'<table id="findings"><tr><th>label</th><th>score</th><th>box (px)</th></tr>'
+            f'{rows}</table><p><a href="./">analyse another image</a></p>')
 
 
 def create_app(model_path: str | Path, *, max_bytes: int = 10 * 1024 * 1024,
@@ -73,7 +99,8 @@ def create_app(model_path: str | Path, *, max_bytes: int = 10 * 1024 * 1024,
     """The app for one model; `max_bytes` bounds an upload (413 above it)."""
     loaded = load_model(model_path)
     card = read_card(loaded.checkpoint.parent)
-    methods = methods_for(loaded.model)
+    detector = loaded.task_type == "detection"
+    methods = [] if detector else methods_for(loaded.model)
     lock = threading.Lock()  # captum hooks the model: one attribution at a time
     # Keep uploads in memory: Starlette would spool parts above 1 MB to a temporary file.
     MultiPartParser.spool_max_size = max(MultiPartParser.spool_max_size, max_bytes + 1024 * 1024)
@@ -112,11 +139,29 @@ def create_app(model_path: str | Path, *, max_bytes: int = 10 * 1024 * 1024,
             write_bytes_atomic(keep_uploads / f"{uuid.uuid4().hex}{suffix}", data)
         return data
 
+    def _detect(img: Any, min_score: float = 0.5) -> dict[str, Any]:
+        """A detector's boxes (FDI models: consistently numbered), the image with its boxes
+        and, for a tooth-numbering model, the dental chart, as data URIs; nothing stored."""
+        from dentfed.clinic_outputs import clinic_outputs
+
+        with lock:
+            found = detect_image(loaded, img)
+        found = finalise_findings(loaded, found, min_score=min_score)
+        outs = clinic_outputs(img, found, loaded.labels, score_threshold=min_score,
+                              model_name=loaded.cfg.model.name)
+        uri = {k: "data:image/png;base64," + base64.b64encode(v).decode("ascii")
+               for k, v in outs.items() if k.endswith(".png")}
+        return {"labels": loaded.labels, "task": "detection", "boxes": found,
+                "numbered": numbers_teeth(loaded), "boxes_image": uri["boxes.png"],
+                "chart": uri.get("chart.png"), "fhir": json.loads(outs["fhir.json"])}
+
     def _analyse(data: bytes, saliency: bool, with_input: bool = False) -> dict[str, Any]:
         try:
             img = decode_image_bytes(data)
         except ManifestError as err:
             raise UploadRejected(422, f"the file is not a readable image: {err}") from None
+        if detector:
+            return _detect(img)
         x = preprocess([img], loaded.cfg.data.image_size, loaded.cfg.data.modality)
         with lock:
             probs, dec = predict_batch(loaded, x)
@@ -174,6 +219,8 @@ def create_app(model_path: str | Path, *, max_bytes: int = 10 * 1024 * 1024,
             res = _analyse(await _read(file), saliency, with_input=True)
         except UploadRejected as err:
             return _error(request, err.status, err.message)
+        if detector:
+            return _page("dentfed: result", _detection_body(res))
         probs = res["probabilities"]
         shown = res["predicted"] or [max(probs, key=probs.get)]
         row = SheetRow(file.filename or "upload", res["input"], probs, res["predicted"],

@@ -10,7 +10,14 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from shared.errors import ConfigError
 
@@ -20,11 +27,21 @@ class _Strict(BaseModel):
 
 
 class TaskConfig(_Strict):
-    """What is predicted. Multi-label: one 0/1/blank column per label. Multi-class: one column."""
+    """What is predicted. Multi-label: one 0/1/blank column per label. Multi-class: one column.
+    Detection: `labels` are the box class names (e.g. the 32 FDI numbers or implant systems),
+    boxes in the manifest's `boxes` column (shared/data/detection.py)."""
 
-    type: Literal["multilabel", "multiclass"]
+    type: Literal["multilabel", "multiclass", "detection"]
     labels: list[str] = Field(min_length=1)
     label_column: str | None = None
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _numbers_as_names(cls, v: object) -> object:
+        """YAML reads `[11, 12]` (FDI numbers) as ints; they are class names."""
+        if isinstance(v, list):
+            return [str(x) if isinstance(x, int) and not isinstance(x, bool) else x for x in v]
+        return v
 
     @model_validator(mode="after")
     def _check(self) -> TaskConfig:
@@ -37,14 +54,19 @@ class TaskConfig(_Strict):
                 raise ValueError("a multiclass task needs at least 2 classes in task.labels")
         elif self.label_column is not None:
             raise ValueError("task.label_column is only for multiclass tasks (multilabel uses "
-                             "one column per label)")
+                             "one column per label, detection the boxes column)")
+        if self.type == "detection":
+            blank = [lab for lab in self.labels if not lab.strip()]
+            if blank or "background" in self.labels:
+                raise ValueError("task.labels of a detection task are box class names: not "
+                                 "blank and not 'background' (index 0 is the background)")
         return self
 
 
 class SynthConfig(_Strict):
     """How to generate the synthetic demo set when `data.manifest` does not exist yet."""
 
-    task: Literal["anomalies", "implants"]
+    task: Literal["anomalies", "implants", "implant-detection"]
     n: int = Field(default=600, ge=1)
     seed: int = 0
     image_size: int = Field(default=128, ge=32)
@@ -69,6 +91,39 @@ class VitConfig(_Strict):
     depth: int | None = Field(default=None, ge=1)
 
 
+# The factory's detectors (shared/detectors.py): model.name -> (architecture, backbone).
+DETECTORS = {
+    "fasterrcnn_mobilenet_v2_fpn": ("fasterrcnn", "mobilenet_v2"),
+    "fasterrcnn_mobilenet_v3_large_fpn": ("fasterrcnn", "mobilenet_v3_large"),
+    "fasterrcnn_resnet18_fpn": ("fasterrcnn", "resnet18"),
+    "retinanet_mobilenet_v2_fpn": ("retinanet", "mobilenet_v2"),
+    "retinanet_resnet18_fpn": ("retinanet", "resnet18"),
+    "ssdlite_mobilenet_v3_large": ("ssdlite", "mobilenet_v3_large"),
+}
+
+
+class DetectionModelConfig(_Strict):
+    """Options of the detectors (model.name fasterrcnn_*, retinanet_*, ssdlite_*)."""
+
+    # Boxes scoring below this are dropped at inference (0.05: the usual mAP setting; a chart
+    # or a clinic-facing picture usually wants 0.5, see dentfed predict --min-score).
+    score_thresh: float = Field(default=0.05, ge=0, lt=1)
+    detections_per_img: int = Field(default=100, ge=1)
+    # Faster R-CNN's two-layer box head width (torchvision: 1024, about 13M of the 19M
+    # parameters a round sends; 256 cuts a round's traffic by about 3x).
+    box_head_size: int = Field(default=1024, ge=16)
+    # Faster R-CNN: proposals sampled per training image for the box head (torchvision: 512;
+    # 128 is about 3x faster per step on a CPU and plenty for <= 32 objects per image).
+    box_batch_size_per_image: int = Field(default=512, ge=16)
+    # Faster R-CNN: RoIAlign sampling points per bin side (torchvision: 2). Its CPU backward
+    # dominates a training step; 1 makes it about 4x cheaper.
+    roi_sampling_ratio: int = Field(default=2, ge=0)
+    # Faster R-CNN: region proposals kept after NMS per image (torchvision: 2000 in training,
+    # 1000 at inference; None keeps those). Tens of teeth or fixtures need far fewer, and at
+    # inference every proposal is scored for every class before NMS.
+    rpn_proposals: int | None = Field(default=None, ge=16)
+
+
 class ModelConfig(_Strict):
     name: str = "resnet18"
     pretrained: str | None = None
@@ -80,6 +135,7 @@ class ModelConfig(_Strict):
     # running statistics, nothing batch- or site-dependent to average in a federation).
     norm: Literal["batch", "group"] = "batch"
     vit: VitConfig = VitConfig()
+    detection: DetectionModelConfig = DetectionModelConfig()
 
 
 class TrainConfig(_Strict):
@@ -99,6 +155,10 @@ class TrainConfig(_Strict):
     label_smoothing: float = Field(default=0.0, ge=0, lt=1)
     patience: int | None = Field(default=5, ge=1)
     max_steps_per_epoch: int | None = Field(default=None, ge=1)
+    # Clip the gradient's global norm before each step (None: no clipping). Detectors trained
+    # without a learning-rate warm-up can blow up in their first steps; 10 keeps them stable.
+    # Not with privacy.dp_sgd (Opacus clips per sample itself).
+    grad_clip_norm: float | None = Field(default=None, gt=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = 0
     progress: bool = True
@@ -311,7 +371,13 @@ class Config(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _default_loss(cls, data: object) -> object:
-        """train.loss not given: the task type's loss (ce for multiclass, bce for multilabel)."""
+        """train.loss not given: the task type's loss (ce for multiclass, bce for multilabel).
+        A detection task without model.name gets Faster R-CNN MobileNetV2-FPN."""
+        if isinstance(data, dict) and isinstance(data.get("task"), dict) \
+                and data["task"].get("type") == "detection":
+            model = data.get("model")
+            if model is None or (isinstance(model, dict) and "name" not in model):
+                data = {**data, "model": {**(model or {}), "name": "fasterrcnn_mobilenet_v2_fpn"}}
         if isinstance(data, dict) and isinstance(data.get("task"), dict) \
                 and data["task"].get("type") == "multiclass":
             train = data.get("train")
@@ -327,6 +393,16 @@ class Config(_Strict):
         if self.task.type == "multilabel" and self.train.loss == "ce":
             raise ValueError("train.loss 'ce' is for multiclass tasks; a multilabel task uses "
                              "bce, weighted_bce, focal or dice")
+        if self.task.type == "detection":
+            if self.model.name.lower() not in DETECTORS:
+                raise ValueError(f"model.name '{self.model.name}' is not a detector; a "
+                                 f"detection task needs one of {', '.join(DETECTORS)}")
+            if self.privacy.dp_sgd is not None:
+                raise ValueError("privacy.dp_sgd is not supported for detection tasks (a "
+                                 "detector's losses mix the images of a batch)")
+            if self.federation.bn_recalibration or self.federation.local_bn:
+                raise ValueError("federation.bn_recalibration / local_bn are for "
+                                 "classification models; detectors use frozen BatchNorm")
         f = self.federation
         if f.min_train_clinics > f.min_available_clinics:
             raise ValueError("federation.min_train_clinics cannot exceed "

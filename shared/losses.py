@@ -79,6 +79,15 @@ class MaskedSoftDice(nn.Module):
         return 1 - dice[known].mean()
 
 
+class DetectionLoss(nn.Module):
+    """A detector computes its own losses in training mode (RPN objectness and box regression,
+    box classification and regression for Faster R-CNN; focal classification and box regression
+    for RetinaNet; SSD's): the objective is their sum, as torchvision's reference recipes."""
+
+    def forward(self, losses: dict[str, torch.Tensor], targets: object = None) -> torch.Tensor:
+        return sum(losses.values(), torch.zeros((), device=next(iter(losses.values())).device))
+
+
 def pos_weight_from(targets: np.ndarray, max_weight: float = 100.0) -> torch.Tensor:
     """negatives / positives per label over known entries of the training targets."""
     pos = np.nansum(targets == 1, axis=0).astype(np.float64)
@@ -91,6 +100,8 @@ def make_loss(task: TaskConfig, train: TrainConfig,
               train_targets: np.ndarray | None = None, per_sample: bool = False) -> nn.Module:
     """The loss the config names; weighted BCE needs the training targets for pos_weight.
     per_sample (DP-SGD): multi-label losses average each sample's known labels separately."""
+    if task.type == "detection":
+        return DetectionLoss()
     if task.type == "multiclass":
         return nn.CrossEntropyLoss(label_smoothing=train.label_smoothing)
     if train.loss == "bce":

@@ -122,8 +122,43 @@ def multiclass_metrics(probs: np.ndarray, targets: np.ndarray,
     return out
 
 
+def detection_metrics(preds: list[dict[str, object]], targets: list[dict[str, object]],
+                      labels: list[str]) -> dict[str, float]:
+    """COCO-style box metrics from torchmetrics' MeanAveragePrecision (pycocotools backend):
+    `map_50` (mAP at IoU 0.5, the headline), `map` (mAP@0.5:0.95), `map_75`, `mar_100`, and per
+    label `ap/<label>` (AP@0.5:0.95) and `ar/<label>` (AR@100). `preds`: per image boxes [N, 4]
+    xyxy, scores, labels 1..K; `targets`: boxes and labels. NaN where undefined (no box of that
+    label in the targets)."""
+    import torch
+    from torchmetrics.detection import MeanAveragePrecision
+
+    metric = MeanAveragePrecision(iou_type="bbox", class_metrics=True, backend="pycocotools")
+    metric.update([{k: torch.as_tensor(v) for k, v in p.items()} for p in preds],
+                  [{k: torch.as_tensor(v) for k, v in t.items()} for t in targets])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = metric.compute()
+
+    def val(t: torch.Tensor) -> float:
+        v = float(t)
+        return NAN if v < 0 else v  # pycocotools' -1: undefined
+
+    out = {k: val(res[k]) for k in ("map_50", "map", "map_75", "mar_1", "mar_10", "mar_100")}
+    classes = [int(c) for c in torch.atleast_1d(res["classes"]).tolist()]
+    ap = torch.atleast_1d(res["map_per_class"]).tolist()
+    ar = torch.atleast_1d(res["mar_100_per_class"]).tolist()
+    per = {c: (a, r) for c, a, r in zip(classes, ap, ar, strict=True)}
+    for k, name in enumerate(labels, start=1):
+        a, r = per.get(k, (-1.0, -1.0))
+        out[f"ap/{name}"] = NAN if a < 0 else float(a)
+        out[f"ar/{name}"] = NAN if r < 0 else float(r)
+    return out
+
+
 def headline(task_type: str) -> str:
     """The metric a run is summarised (and models are compared) by."""
+    if task_type == "detection":
+        return "map_50"
     return "macro_auc" if task_type == "multilabel" else "balanced_accuracy"
 
 

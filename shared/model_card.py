@@ -26,7 +26,11 @@ STAGE_NAMES = {"resnet": ["stem (conv1, bn1)", "layer1", "layer2", "layer3", "la
 
 
 def label_counts(task_type: str, labels: list[str], targets: np.ndarray) -> dict[str, dict]:
-    """Per label: positive/negative/unknown counts (multilabel) or images per class."""
+    """Per label: positive/negative/unknown counts (multilabel), images per class, or images
+    with at least one box of the label (detection)."""
+    if task_type == "detection":
+        return {name: {"images": int(np.nansum(targets[:, j]))}
+                for j, name in enumerate(labels)}
     if task_type == "multilabel":
         out = {}
         for j, name in enumerate(labels):

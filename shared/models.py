@@ -20,6 +20,13 @@ from torch import nn
 from torchvision.models.vision_transformer import VisionTransformer
 
 from shared.config import ModelConfig
+from shared.detectors import (
+    build_detector,
+    default_prefix,
+    detector_stages,
+    is_detector,
+    pretrained_skip,
+)
 from shared.errors import ConfigError, WeightsError
 
 VIT_SIZES = {  # hidden_dim, depth, heads, mlp_dim (DeiT-style tiny/small, ViT-B)
@@ -59,6 +66,8 @@ def _replace_head(model: nn.Module, num_outputs: int, dropout: float) -> None:
 
 def stages(model: nn.Module) -> list[list[str]]:
     """Module-name prefixes of each freezable stage, in input-to-output order."""
+    if is_detection_model(model):
+        return detector_stages(model)
     if isinstance(model, torchvision.models.ResNet):
         return [["conv1", "bn1"], ["layer1"], ["layer2"], ["layer3"], ["layer4"]]
     if isinstance(model, VisionTransformer):
@@ -68,6 +77,16 @@ def stages(model: nn.Module) -> list[list[str]]:
     if isinstance(features, nn.Sequential):
         return [[f"features.{n}"] for n, _ in features.named_children()]
     return []
+
+
+def is_detection_model(model: nn.Module) -> bool:
+    """A torchvision detector (takes a list of images, returns boxes; losses in training)."""
+    from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
+    from torchvision.models.detection.retinanet import RetinaNet
+    from torchvision.models.detection.ssd import SSD
+
+    inner = model._module if isinstance(getattr(model, "_module", None), nn.Module) else model
+    return isinstance(inner, GeneralizedRCNN | RetinaNet | SSD)
 
 
 def _under(name: str, prefixes: list[str]) -> bool:
@@ -165,13 +184,16 @@ def trainable_state_keys(model: nn.Module) -> list[str]:
     """State-dict keys that training can change: trainable parameters, plus buffers (e.g.
     BatchNorm statistics) of modules outside the frozen stages. This is what a clinic sends."""
     prefixes = list(frozen_prefixes(model))
+    # FrozenBatchNorm2d (detector backbones): fixed buffers that training never changes.
+    fixed = [n for n, m in model.named_modules()
+             if isinstance(m, torchvision.ops.misc.FrozenBatchNorm2d)]
     params = dict(model.named_parameters())
     keys = []
     for key in model.state_dict():
         if key in params:
             if params[key].requires_grad:
                 keys.append(key)
-        elif not _under(key, prefixes):
+        elif not _under(key, prefixes) and not _under(key.rsplit(".", 1)[0], fixed):
             keys.append(key)
     return keys
 
@@ -213,6 +235,9 @@ def load_pretrained(model: nn.Module, path: str | Path, prefix: str | None = Non
         raise WeightsError(f"{path}: expected a state dict of tensors")
     state = {f"{prefix or ''}{k}": v for k, v in state.items()}
     own = model.state_dict()
+    # A BatchNorm file into FrozenBatchNorm2d (detector backbones): no step counter there.
+    state = {k: v for k, v in state.items()
+             if not (k.endswith("num_batches_tracked") and k not in own)}
     scope = [prefix.rstrip(".")] if prefix else None
 
     def is_head(k: str) -> bool:
@@ -240,7 +265,12 @@ def load_pretrained(model: nn.Module, path: str | Path, prefix: str | None = Non
 
 
 def head_prefixes(model: nn.Module) -> tuple[str, ...]:
-    """Module-name prefixes of the classifier head (the last nn.Linear; a ViT's `heads`)."""
+    """Module-name prefixes of the classifier head (the last nn.Linear; a ViT's `heads`; a
+    detector's box classification and regression layers)."""
+    if is_detection_model(model):
+        if hasattr(model, "roi_heads"):
+            return ("roi_heads.box_predictor",)
+        return tuple(f"head.{n}" for n, _ in model.head.named_children())
     last = None
     for n, mod in model.named_modules():
         if isinstance(mod, nn.Linear):
@@ -298,6 +328,8 @@ def build_model(cfg: ModelConfig, num_outputs: int, image_size: int = 224,
     head) without reading `cfg.pretrained`: for loading a saved checkpoint on a machine that
     lacks the original weights file."""
     name = cfg.name.lower()
+    if is_detector(name):
+        return _build_detector(cfg, num_outputs, image_size, load_weights, dp_compatible)
     if name == "vit":
         model: nn.Module = _vit(cfg, image_size, 1000 if cfg.pretrained else num_outputs)
     else:
@@ -322,6 +354,24 @@ def build_model(cfg: ModelConfig, num_outputs: int, image_size: int = 224,
         group_norm(model)
     if dp_compatible:
         model = make_dp_compatible(model)
+    return model
+
+
+def _build_detector(cfg: ModelConfig, num_classes: int, image_size: int, load_weights: bool,
+                    dp_compatible: bool) -> nn.Module:
+    """A detector for `num_classes` box classes (the factory's detection branch)."""
+    if dp_compatible:
+        raise ConfigError("DP-SGD is not supported for detectors")
+    model = build_detector(cfg, num_classes, image_size)
+    if cfg.pretrained and load_weights:
+        prefix = cfg.pretrained_prefix if cfg.pretrained_prefix is not None \
+            else default_prefix(model)
+        load_pretrained(model, cfg.pretrained, prefix, cfg.pretrained_sha256,
+                        head_prefixes=pretrained_skip(model))
+    if cfg.freeze:
+        freeze_stages(model, cfg.freeze)
+    if cfg.norm == "group":
+        group_norm(model)
     return model
 
 

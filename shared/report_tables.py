@@ -19,6 +19,7 @@ from shared.metrics import to_jsonable  # noqa: E402
 
 ML_COLUMNS = ("auc", "ap", "f1", "precision", "recall", "f1_tuned")
 MC_COLUMNS = ("sensitivity", "specificity", "accuracy", "auc")
+DET_COLUMNS = ("ap", "ar")  # per label: AP@0.5:0.95 and AR@100 (COCO)
 
 
 def write_json(path: Path, obj: object) -> None:
@@ -39,7 +40,7 @@ def write_json(path: Path, obj: object) -> None:
 def metrics_table(task: TaskConfig, mean: dict[str, float],
                   sd: dict[str, float] | None = None) -> pd.DataFrame:
     """Per-label (or per-class) rows plus a macro row; 'mean +- sd' strings when sd is given."""
-    cols = ML_COLUMNS if task.type == "multilabel" else MC_COLUMNS
+    cols = {"multilabel": ML_COLUMNS, "detection": DET_COLUMNS}.get(task.type, MC_COLUMNS)
     cols = tuple(c for c in cols if c != "f1_tuned" or "macro_f1_tuned" in mean)
 
     def cell(key: str) -> str:
@@ -51,13 +52,17 @@ def metrics_table(task: TaskConfig, mean: dict[str, float],
         return f"{v:.3f}"
 
     rows = {name: {c: cell(f"{c}/{name}") for c in cols} for name in task.labels}
-    rows["macro"] = {c: cell(f"macro_{c}") for c in cols}
+    if task.type == "detection":
+        rows["all"] = {"ap": f"{cell('map')} (mAP@0.5:0.95); {cell('map_50')} (mAP@0.5)",
+                       "ar": f"{cell('mar_100')} (mAR@100)"}
+    else:
+        rows["macro"] = {c: cell(f"macro_{c}") for c in cols}
     df = pd.DataFrame.from_dict(rows, orient="index")
     if task.type == "multiclass":
         extra = {k: cell(k) for k in ("accuracy", "balanced_accuracy", "macro_f1")}
         df.loc["overall"] = [extra["accuracy"], "", extra["balanced_accuracy"] + " (bal. acc)",
                              extra["macro_f1"] + " (macro-F1)"]
-    df.index.name = "label" if task.type == "multilabel" else "class"
+    df.index.name = "class" if task.type == "multiclass" else "label"
     return df
 
 

@@ -27,7 +27,7 @@ from shared.dp_sgd import (
     noise_for,
     sample_rate_of,
 )
-from shared.metrics import multiclass_metrics, multilabel_metrics
+from shared.metrics import detection_metrics, multiclass_metrics, multilabel_metrics
 from shared.models import probabilities, set_train_mode
 
 log = logging.getLogger(__name__)
@@ -101,6 +101,28 @@ class GradCorrection:
         self.steps += 1
 
 
+def is_detection_batch(y: object) -> bool:
+    """A detection batch's targets are a list/tuple of {"boxes", "labels"} dicts."""
+    return isinstance(y, list | tuple) and (not y or isinstance(y[0], dict))
+
+
+def _to_device(x: object, y: object, device: torch.device) -> tuple[object, object]:
+    if is_detection_batch(y):
+        return ([im.to(device, non_blocking=True) for im in x],
+                [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in y])
+    return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+
+def _forward_loss(model: nn.Module, loss_fn: nn.Module, x: object, y: object
+                  ) -> tuple[torch.Tensor, dict[str, float]]:
+    """The batch's loss and, for a detector (which takes the targets and returns its loss
+    dict in training mode), each loss component."""
+    if is_detection_batch(y):
+        losses = model(x, y)
+        return loss_fn(losses, y), {k: float(v.detach()) for k, v in losses.items()}
+    return loss_fn(model(x), y), {}
+
+
 def train_one_epoch(
     model: nn.Module,
     loader: DataLoader,
@@ -113,6 +135,7 @@ def train_one_epoch(
     grad_correction: GradCorrection | None = None,
     progress: bool = False,
     desc: str = "train",
+    grad_clip_norm: float | None = None,
 ) -> dict[str, float]:
     """One pass over `loader` (or `max_steps` batches). With proximal_mu > 0 the FedProx term
     mu/2 * ||w - w_global||^2 is added, w_global being the weights at the start of the call.
@@ -122,12 +145,15 @@ def train_one_epoch(
     if proximal_mu > 0:
         anchors = [(p, p.detach().clone()) for p in model.parameters() if p.requires_grad]
     total, n, steps = 0.0, 0, 0
+    parts: dict[str, float] = {}
     bar = _progress(loader, progress, desc,
                     total=min(len(loader), max_steps) if max_steps else len(loader))
     for x, y in bar:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        x, y = _to_device(x, y, device)
         optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(model(x), y)
+        loss, components = _forward_loss(model, loss_fn, x, y)
+        for k, v in components.items():
+            parts[k] = parts.get(k, 0.0) + v * len(x)
         objective = loss
         if anchors is not None:
             prox = sum(((p - a) ** 2).sum() for p, a in anchors)
@@ -135,13 +161,45 @@ def train_one_epoch(
         objective.backward()
         if grad_correction is not None:
             grad_correction.apply()
+        if grad_clip_norm is not None:
+            nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
+                                     grad_clip_norm)
         optimizer.step()
         total += float(loss.detach()) * len(x)
         n += len(x)
         steps += 1
         if max_steps and steps >= max_steps:
             break
-    return {"loss": total / max(n, 1), "examples": float(n), "steps": float(steps)}
+    out = {"loss": total / max(n, 1), "examples": float(n), "steps": float(steps)}
+    out.update({f"loss_{k.removeprefix('loss_')}": v / max(n, 1) for k, v in parts.items()})
+    if parts:
+        log.debug("%s: %s", desc, ", ".join(f"{k} {v:.4f}" for k, v in out.items()))
+    return out
+
+
+@torch.inference_mode()
+def predict_detections(model: nn.Module, loader: DataLoader, loss_fn: nn.Module | None,
+                       device: torch.device, progress: bool = False
+                       ) -> tuple[list[dict[str, torch.Tensor]], list[dict[str, torch.Tensor]],
+                                  float]:
+    """A detector's boxes (eval mode: boxes, scores, labels 1..K per image, on the CPU), the
+    targets, and with `loss_fn` the mean loss: the training-mode loss dict on the same batches
+    with BatchNorm kept in eval (detectors report losses only in training mode)."""
+    preds, targets, total, n = [], [], 0.0, 0
+    for x, y in _progress(loader, progress, "eval"):
+        x, y = _to_device(x, y, device)
+        if loss_fn is not None:
+            set_train_mode(model)
+            for m in model.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+            total += float(loss_fn(model(x, y), y)) * len(x)
+        model.eval()
+        n += len(x)
+        preds += [{k: v.cpu() for k, v in p.items()} for p in model(x)]
+        targets += [{k: v.cpu() for k, v in t.items()} for t in y]
+    model.eval()
+    return preds, targets, total / max(n, 1)
 
 
 @torch.inference_mode()
@@ -167,6 +225,9 @@ def evaluate(model: nn.Module, loader: DataLoader, loss_fn: nn.Module | None, ta
              device: torch.device, thresholds: list[float] | None = None,
              progress: bool = False) -> dict[str, float]:
     """Loss plus the task's full metric set on `loader`."""
+    if task.type == "detection":
+        preds, boxes, loss = predict_detections(model, loader, loss_fn, device, progress)
+        return {"loss": loss, **detection_metrics(preds, boxes, task.labels)}
     probs, targets, loss = predict(model, loader, loss_fn, device, task.type, progress)
     if task.type == "multilabel":
         m = multilabel_metrics(probs, targets, task.labels, thresholds)
@@ -184,8 +245,10 @@ class Trainer:
     def __init__(self, model: nn.Module, loader: DataLoader, loss_fn: nn.Module,
                  optimizer: torch.optim.Optimizer, device: torch.device, *,
                  privacy: DpSgdConfig | None = None, planned_steps: int = 1,
-                 account: DpAccount | None = None, progress: bool = False) -> None:
+                 account: DpAccount | None = None, progress: bool = False,
+                 grad_clip_norm: float | None = None) -> None:
         self.model, self.loss_fn, self.device, self.progress = model, loss_fn, device, progress
+        self.grad_clip_norm = None if privacy is not None else grad_clip_norm
         self.privacy = privacy
         self.private: PrivateTraining | None = None
         self.step_model, self.loader, self.optimizer = model, loader, optimizer
@@ -223,20 +286,25 @@ class Trainer:
             desc: str = "train") -> dict[str, float]:
         """`epochs` passes over the loader, or, with `max_steps`, exactly that many steps
         (as many passes as it takes). Returns mean loss, examples seen and steps taken."""
-        losses, seen, steps = 0.0, 0.0, 0
+        sums: dict[str, float] = {}  # loss and (detectors) its components, times examples
+        seen, steps = 0.0, 0
         passes = epochs if max_steps is None else 10**6
         for _ in range(passes):
             left = None if max_steps is None else max_steps - steps
             stats = train_one_epoch(self.step_model, self.loader, self.loss_fn, self.optimizer,
                                     self.device, max_steps=left, proximal_mu=proximal_mu,
                                     grad_correction=grad_correction, progress=self.progress,
-                                    desc=desc)
-            losses += stats["loss"] * stats["examples"]
+                                    desc=desc, grad_clip_norm=self.grad_clip_norm)
+            for k, v in stats.items():
+                if k.startswith("loss"):
+                    sums[k] = sums.get(k, 0.0) + v * stats["examples"]
             seen += stats["examples"]
             steps += int(stats["steps"])
             if max_steps is not None and (steps >= max_steps or stats["steps"] == 0):
                 break
-        return {"loss": losses / max(seen, 1), "examples": seen, "steps": float(steps)}
+        out = {k: v / max(seen, 1) for k, v in sums.items()}
+        out.setdefault("loss", 0.0)
+        return {**out, "examples": seen, "steps": float(steps)}
 
 
 @dataclass
@@ -269,7 +337,7 @@ def fit(
     per_epoch = min(cfg.max_steps_per_epoch or len(train_loader), len(train_loader))
     with Trainer(model, train_loader, loss_fn, make_optimizer(model, cfg), device,
                  privacy=privacy, planned_steps=cfg.epochs * per_epoch,
-                 progress=cfg.progress) as trainer:
+                 progress=cfg.progress, grad_clip_norm=cfg.grad_clip_norm) as trainer:
         if privacy is not None:
             result.epsilon = 0.0
         for epoch in range(1, cfg.epochs + 1):
@@ -282,6 +350,7 @@ def fit(
             tr = trainer.run(1, cfg.max_steps_per_epoch, desc=f"epoch {epoch}/{cfg.epochs}")
             val = evaluate(model, val_loader, loss_fn, task, device)
             row = {"epoch": float(epoch), "train_loss": tr["loss"],
+                   **{f"train_{k}": v for k, v in tr.items() if k.startswith("loss_")},
                    **{f"val_{k}": v for k, v in val.items()}}
             account = trainer.account()
             if account is not None and privacy is not None:

@@ -42,8 +42,8 @@ def resolve_manifest(cfg: Config, manifest: str | Path | None) -> Path:
         s = cfg.data.synth
         log.warning("demo manifest %s not found: generating the synthetic %s set (n=%d)",
                     path, s.task, s.n)
-        gen = synth.generate_anomalies if s.task == "anomalies" else synth.generate_implants
-        made = gen(path.parent, n=s.n, seed=s.seed, image_size=s.image_size)
+        made = synth.GENERATORS[s.task](path.parent, n=s.n, seed=s.seed,
+                                        image_size=s.image_size)
         if made.resolve() != path.resolve():
             raise ConfigError(f"data.manifest must be <folder>/manifest.csv for a synth set; "
                               f"generated {made}")

@@ -9,15 +9,17 @@ import pandas as pd
 import pytest
 
 from dental_datasets import (
+    demo_implant_detection,
     demo_photos,
     demo_radiographs,
     tooth_crops,
     ufba425_panoramic,
-    ufba425_teeth,
+    ufba425_teeth_detection,
 )
 from shared.config import load_config
 
-MODULES = [demo_photos, demo_radiographs, ufba425_panoramic, tooth_crops, ufba425_teeth]
+MODULES = [demo_photos, demo_radiographs, ufba425_panoramic, tooth_crops,
+           ufba425_teeth_detection, demo_implant_detection]
 
 
 @pytest.mark.parametrize("mod", MODULES, ids=lambda m: m.INFO.name)

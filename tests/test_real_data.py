@@ -9,9 +9,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from dental_datasets import tooth_crops, ufba425_panoramic, ufba425_teeth
+from dental_datasets import tooth_crops, ufba425_panoramic, ufba425_teeth_detection
 from dental_datasets.ufba425_panoramic import LABELS
+from shared import fdi
 from shared.config import config_from_dict, load_config
+from shared.data.detection import read_detection_manifest
 from shared.data.manifest import read_manifest
 from simulations.pooled_training import run_training
 
@@ -56,8 +58,11 @@ def test_ufba_manifest_builder_gives_the_category_as_natural_clinic(shared_data,
 
 
 def test_teeth_manifest_lists_every_image_with_its_boxes(shared_data, tmp_path):
-    df = pd.read_csv(ufba425_teeth.build_manifest(tmp_path / "teeth.csv", shared_data))
+    names = ufba425_teeth_detection.fdi_names(shared_data)
+    out = ufba425_teeth_detection.build_manifest(tmp_path / "teeth.csv", shared_data)
+    df = read_detection_manifest(out, names)
+    teeth = df.boxes.map(len)
     assert len(df) == 318 and df.patient_id.is_unique
-    assert (df.teeth == 0).sum() <= 1 and 20 <= df.teeth.median() <= 32  # cate6: > 32 teeth
+    assert (teeth == 0).sum() <= 1 and 20 <= teeth.median() <= 32  # cate6: > 32 teeth
     assert set(df.site) <= {f"cate{k}" for k in range(1, 11)}
-    assert ufba425_teeth.fdi_names(shared_data)[:2] == ["11", "12"]
+    assert names == list(fdi.PERMANENT)

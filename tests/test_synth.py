@@ -110,3 +110,34 @@ def test_bad_arguments(tmp_path: Path, gen) -> None:
     with pytest.raises(ValueError, match="image_size"):
         gen(tmp_path, n=5, image_size=16)
     assert not (tmp_path / "manifest.csv").exists()
+
+
+def test_implant_detection_boxes_sit_on_bright_fixtures(tmp_path: Path) -> None:
+
+    import numpy as np
+
+    from dental_datasets.synth import generate_implant_detection
+    from dentfed.cli import main
+    from shared.data.detection import read_detection_manifest
+
+    assert main(["data", "synth", "--task", "implant-detection", "--out", str(tmp_path / "d"),
+                 "--n", "30", "--seed", "2", "--image-size", "96"]) == 0
+    manifest = tmp_path / "d" / "manifest.csv"
+    df = read_detection_manifest(manifest, IMPLANT_SYSTEMS, check_images=True)
+    counts = df["boxes"].map(len)
+    assert len(df) == 30 and counts.between(1, 4).all() and counts.nunique() > 1
+    assert {b[0] for bs in df["boxes"] for b in bs} == set(IMPLANT_SYSTEMS)
+    assert df["site"].nunique() > 1 and df["patient_id"].nunique() < 30
+    for _, g in df.groupby("patient_id"):  # one patient's views show the same fixtures
+        assert len({tuple(b[0] for b in bs) for bs in g["boxes"]}) == 1
+    for rel, boxes in zip(df["path"], df["boxes"], strict=True):
+        arr = np.asarray(Image.open(manifest.parent / rel), dtype=np.float32)
+        assert arr.shape == (96, 96)
+        for _, x1, y1, x2, y2 in boxes:
+            inside = arr[int(y1) + 1:int(y2) - 1, int(x1) + 1:int(x2) - 1].mean()
+            assert x2 - x1 >= 6 and y2 - y1 >= 15
+            assert inside > arr.mean() + 20  # the fixture is the bright thing in its box
+    again = generate_implant_detection(tmp_path / "e", n=30, seed=2, image_size=96)
+    assert again.read_text() == manifest.read_text()
+    with pytest.raises(ValueError, match="at least 96"):
+        generate_implant_detection(tmp_path / "f", n=5, image_size=64)

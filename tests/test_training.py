@@ -79,3 +79,24 @@ def test_train_cli_writes_run_folder(tiny_manifest, tmp_path):
                            capture_output=True, text=True, timeout=300)
     assert again.returncode == 1 and "exists and is not empty" in again.stderr
     assert not list(tmp_path.glob(".run.partial-*"))
+
+
+def test_grad_clip_norm_bounds_each_step():
+    """train.grad_clip_norm: with plain SGD a clipped step moves the weights by at most
+    lr x clip, whatever the loss scale; unclipped it moves by the full gradient."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    x, y = torch.randn(8, 4) * 100, torch.randn(8, 1) * 100
+    loader = DataLoader(TensorDataset(x, y), batch_size=8)
+    moved = {}
+    for clip in (None, 1.0):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 1)
+        before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        train_one_epoch(model, loader, torch.nn.MSELoss(), opt, torch.device("cpu"),
+                        grad_clip_norm=clip)
+        after = torch.cat([p.detach().flatten() for p in model.parameters()])
+        moved[clip] = float((after - before).norm())
+    assert moved[1.0] <= 0.1 * 1.0 + 1e-6
+    assert moved[None] > 100 * moved[1.0]

@@ -41,10 +41,34 @@ class ImageDataset(Dataset):
 
 
 def make_loader(manifest: Manifest, cfg: DataConfig, train: bool, seed: int = 0) -> DataLoader:
-    """The DataLoader every caller uses (pooled training, clinics, baselines)."""
+    """The DataLoader every caller uses (pooled training, clinics, baselines). Detection:
+    batches of (list of 0-1 images, list of {"boxes", "labels"} targets)."""
+    if manifest.task.type == "detection":
+        return _detection_loader(manifest, cfg, train, seed)
     ds = ImageDataset(manifest, cfg.image_size, train=train, augment=cfg.augment,
                       cache=cfg.cache)
     g = torch.Generator().manual_seed(seed)
     return DataLoader(ds, batch_size=cfg.batch_size, shuffle=train, generator=g,
                       num_workers=cfg.num_workers, drop_last=False,
                       persistent_workers=cfg.num_workers > 0)
+
+
+def _detection_loader(manifest: Manifest, cfg: DataConfig, train: bool, seed: int
+                      ) -> DataLoader:
+    import json
+
+    import pandas as pd
+
+    from shared.data.detection import DetectionDataset, detection_collate
+
+    assert manifest.boxes is not None
+    frame = pd.DataFrame({"path": manifest.paths, "patient_id": manifest.patient_ids,
+                          "boxes": [json.dumps(b) for b in manifest.boxes]})
+    modality = str(manifest.modalities[0]) if len(manifest) else cfg.modality
+    ds = DetectionDataset(frame, manifest.source.parent, cfg.image_size, train,
+                          cfg.augment, list(manifest.task.labels), cache=cfg.cache,
+                          modality=modality)
+    g = torch.Generator().manual_seed(seed)
+    return DataLoader(ds, batch_size=cfg.batch_size, shuffle=train, generator=g,
+                      num_workers=cfg.num_workers, drop_last=False,
+                      collate_fn=detection_collate, persistent_workers=cfg.num_workers > 0)

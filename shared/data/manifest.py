@@ -43,6 +43,10 @@ class Manifest:
     targets: np.ndarray
     task: TaskConfig
     has_patient_ids: bool = True
+    # Detection: per row the list of [label, x1, y1, x2, y2] boxes (original-image pixels);
+    # `targets` is then float [N, L] with 1 where the image has a box of label L (0 else), so
+    # stratified splits and per-clinic label counts work as for a multi-label task.
+    boxes: list[list] | None = None
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -59,6 +63,7 @@ class Manifest:
             targets=self.targets[idx],
             task=self.task,
             has_patient_ids=self.has_patient_ids,
+            boxes=None if self.boxes is None else [self.boxes[i] for i in idx],
         )
 
 
@@ -93,7 +98,8 @@ def read_manifest(
     if len(df) == 0:
         raise ManifestError(f"{path}: manifest has a header but no rows")
 
-    label_cols = task.labels if task.type == "multilabel" else [task.label_column]
+    label_cols = (task.labels if task.type == "multilabel" else [] if task.type == "detection"
+                  else [task.label_column])
     missing = [c for c in label_cols if c not in df.columns]
     if missing:
         raise ManifestError(f"{path}: label column(s) named in the config but absent from the "
@@ -154,7 +160,10 @@ def read_manifest(
                     problems.append(f"{path}: patient '{pid}' is in two splits ({', '.join(sset)});"
                                     " a patient's images must all be in one split")
 
-    if task.type == "multilabel":
+    boxes = None
+    if task.type == "detection":
+        boxes, targets = _detection_targets(path, task)
+    elif task.type == "multilabel":
         targets = np.full((len(df), len(task.labels)), np.nan, dtype=np.float32)
         for j, col in enumerate(task.labels):
             vals = df[col].str.strip()
@@ -193,7 +202,27 @@ def read_manifest(
         raise ManifestError(problems)
     return Manifest(source=path, paths=abs_paths, patient_ids=pids, sites=sites,
                     modalities=modalities, splits=splits, targets=targets, task=task,
-                    has_patient_ids=has_pid)
+                    has_patient_ids=has_pid, boxes=boxes)
+
+
+def _detection_targets(path: Path, task: TaskConfig) -> tuple[list[list], np.ndarray]:
+    """Boxes per row through the detection manifest reader (which validates them) and the
+    per-label presence matrix."""
+    import json
+
+    from shared.data.detection import read_detection_manifest
+
+    frame = read_detection_manifest(path, task.labels)
+    index = {c: k for k, c in enumerate(task.labels)}
+    boxes = [json.loads(b) if isinstance(b, str) else list(b) for b in frame["boxes"]]
+    targets = np.zeros((len(boxes), len(task.labels)), dtype=np.float32)
+    for i, row in enumerate(boxes):
+        for b in row:
+            if str(b[0]) not in index:
+                raise ManifestError(f"{path} {_line(i)}: box label '{b[0]}' is not in "
+                                    f"task.labels")
+            targets[i, index[str(b[0])]] = 1.0
+    return boxes, targets
 
 
 def summarize(m: Manifest) -> tuple[pd.DataFrame, pd.DataFrame]:
