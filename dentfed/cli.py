@@ -216,6 +216,14 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from dentfed.predict import run_export
+
+    for kind, path in run_export(args.model, args.calibrate).items():
+        print(f"{kind}: {path}")
+    return 0
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     from dentfed.serve import serve
 
@@ -324,12 +332,22 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--saliency-limit", type=int, default=20, help="images with saliency maps "
                     "(default 20)")
     pr.add_argument("--batch-size", type=int, default=32)
-    pr.add_argument("--workers", type=int, default=1, help="decoding worker processes")
-    pr.add_argument("--precision", choices=["fp32", "bf16", "auto"], default="fp32",
-                    help="auto: bf16 autocast on CPUs with native bf16 for models whose bf16 "
-                    "scores stay within 0.05 of fp32 on the first batch; images near a "
-                    "threshold are recomputed in fp32, so decisions equal fp32's")
+    pr.add_argument("--workers", type=int, default=1, help="decoding threads (0: decode "
+                    "between batches)")
+    pr.add_argument("--precision", choices=["fp32", "bf16", "int8", "auto"], default="fp32",
+                    help="auto: reduced-scale JPEG decoding and the fastest of int8 (an int8 "
+                    "export and a CPU with VNNI), bf16 (native bf16) and fp32 whose scores stay "
+                    "within 0.05 of fp32 on the first batch; images near a threshold are "
+                    "decoded in full and recomputed in fp32, so decisions equal fp32's. fp32 "
+                    "runs in ONNX Runtime when `dentfed export` wrote an export of this model")
     pr.set_defaults(func=_cmd_predict)
+
+    ex = sub.add_parser("export", help="write the model as ONNX beside its model file (used by "
+                        "predict and serve), and as int8 with --calibrate")
+    ex.add_argument("model", help="run folder (model.pt or model_final.pt) or a checkpoint file")
+    ex.add_argument("--calibrate", help="images (an image, folder or manifest; the first 64 "
+                    "are used) to calibrate an int8 model on")
+    ex.set_defaults(func=_cmd_export)
 
     sv = sub.add_parser("serve", help="upload page and JSON API for one saved model")
     sv.add_argument("--model", required=True, help="run folder or checkpoint file")
