@@ -60,6 +60,9 @@ class DataConfig(_Strict):
     num_workers: int = Field(default=0, ge=0)
     augment: bool = True
     cache: bool = True
+    # a clinic's decoded, resized images on its own disk (<state-dir>/image_cache), reused
+    # across rounds and runs; only where the clinic has a state folder
+    disk_cache: bool = True
     synth: SynthConfig | None = None
 
 
