@@ -149,7 +149,8 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         data = simulate(cfg, args.manifest, out, echo=args.verbose)
     print((out / "report.md").read_text())
     print(f"{data['headline']} over rounds: " + " -> ".join(
-        f"{row['server'].get(data['headline'], float('nan')):.3f}" for row in data["history"]))
+        f"{row['server'].get(data['headline'], float('nan')):.3f}" for row in data["history"]
+        if row["server"] is not None))  # None: not evaluated (federation.evaluate_every)
     print(f"wall time {data['wall_seconds']:.0f} s; run folder: {out}")
     if data.get("stopped"):
         print(f"error: the run stopped early: {data['stopped']}", file=sys.stderr)
