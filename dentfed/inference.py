@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -261,7 +262,8 @@ def runners(loaded: LoadedModel) -> dict[str, Runner]:
     return out
 
 
-AUTO_MAX_DIFF = 0.05  # auto: a fast mode that moves scores more than this is not used
+AUTO_MAX_DIFF = 0.1  # auto: a fast mode that moves scores more than this is never used
+AUTO_MARGIN_FACTOR = 4  # re-check images within this x the first batch's max difference
 
 
 def borderline(probs: np.ndarray, task_type: str, thresholds: list[float],
@@ -274,9 +276,8 @@ def borderline(probs: np.ndarray, task_type: str, thresholds: list[float],
 
 
 def auto_modes(available: dict[str, Runner]) -> list[str]:
-    """Fast modes auto tries, fastest first, each with reduced-scale JPEG decoding: int8 (an
-    int8 export and a CPU with VNNI), bf16 (native bf16), and fp32 itself (only the decode is
-    then approximate)."""
+    """Fast modes auto considers: int8 (an int8 export and a CPU with VNNI) and bf16 (native
+    bf16). Either runs on reduced-scale JPEG decodes."""
     from dentfed.onnx_export import vnni_supported
 
     modes = []
@@ -284,7 +285,17 @@ def auto_modes(available: dict[str, Runner]) -> list[str]:
         modes.append("int8")
     if bf16_supported():
         modes.append("bf16")
-    return modes + ["fp32"]
+    return modes
+
+
+def choose_mode(tried: dict[str, dict], exact_seconds: float) -> str | None:
+    """The fast mode with the lowest estimated seconds per image (its own time plus the fp32
+    re-checks of the borderline share), if that beats fp32 itself; None: fp32."""
+    ok = {m: t for m, t in tried.items() if t["max_abs_prob_diff"] <= AUTO_MAX_DIFF}
+    best = min(ok, key=lambda m: ok[m]["estimated_s_per_image"], default=None)
+    if best is None or ok[best]["estimated_s_per_image"] >= exact_seconds:
+        return None
+    return best
 
 
 def predict_paths(loaded: LoadedModel, paths: list[Path], *, batch_size: int = 32,
@@ -293,11 +304,11 @@ def predict_paths(loaded: LoadedModel, paths: list[Path], *, batch_size: int = 3
     model.
 
     `precision`: fp32; bf16 (autocast everywhere); int8 (the ONNX int8 export); or auto, whose
-    decisions are those of fp32: the first batch runs exactly (full decode, fp32) and in the
-    fastest mode of `auto_modes` (reduced-scale decode, low precision); the first mode that moves
-    no score by more than AUTO_MAX_DIFF runs later batches, and every image with a score within
-    4x the observed difference (at least 0.01) of a decision boundary is decoded again in full
-    and recomputed in fp32."""
+    decisions are those of fp32: the first batch runs exactly (full decode, fp32) and in each
+    mode of `auto_modes` (reduced-scale decode, low precision), timed; later batches run in the
+    mode `choose_mode` estimates fastest (fp32 when none beats it), and every image with a score
+    within AUTO_MARGIN_FACTOR x that mode's largest first-batch difference (at least 0.01) of a
+    decision boundary is decoded again in full and recomputed in fp32."""
     if precision not in ("fp32", "bf16", "int8", "auto"):
         raise DentfedError(f"precision must be fp32, bf16, int8 or auto, not {precision}")
     model, task_type = loaded.model, loaded.task_type
@@ -322,20 +333,37 @@ def predict_paths(loaded: LoadedModel, paths: list[Path], *, batch_size: int = 3
             ok = np.array([not e for e in errs])
             if precision == "auto" and check is None and ok.any():
                 x_exact = _load_batch(exact_ds, list(idx))[0]
+                run["fp32"](x_exact[:2])  # warm-up: first calls allocate and compile kernels
+                t0 = time.perf_counter()
                 p = run["fp32"](x_exact)
+                exact_s = (time.perf_counter() - t0) / len(x)
                 tried = {}
                 for m in auto_modes(run):
-                    tried[m] = float(np.abs(p[ok] - run[m](x)[ok]).max())
-                    if tried[m] <= AUTO_MAX_DIFF:
-                        mode, margin = m, max(4 * tried[m], 0.01)
-                        break
+                    run[m](x[:2])
+                    t0 = time.perf_counter()
+                    pm = run[m](x)
+                    seconds = (time.perf_counter() - t0) / len(x)
+                    diff = float(np.abs(p[ok] - pm[ok]).max())
+                    share = float(borderline(p[ok], task_type, thr, max(
+                        AUTO_MARGIN_FACTOR * diff, 0.01)).mean())
+                    tried[m] = {"max_abs_prob_diff": diff, "s_per_image": seconds,
+                                "borderline_share": share,
+                                "estimated_s_per_image": seconds + share * exact_s}
+                chosen = choose_mode(tried, exact_s)
+                if chosen is not None:
+                    mode = chosen
+                    margin = max(AUTO_MARGIN_FACTOR * tried[mode]["max_abs_prob_diff"], 0.01)
                 check = {"used": margin is not None, "mode": mode + (
                              " (reduced-scale decode)" if margin is not None else ""),
-                         "images_compared": int(ok.sum()), "max_abs_prob_diff": tried,
+                         "images_compared": int(ok.sum()), "tried": tried,
+                         "fp32_s_per_image": exact_s,
                          "recheck_margin": margin, "rechecked_in_fp32": 0,
-                         "reason": "; ".join(f"{k} moved scores by at most {v:.4f}"
-                                             for k, v in tried.items())
-                         + ("" if margin is not None else f" (> {AUTO_MAX_DIFF}: fp32 kept)")}
+                         "reason": "; ".join(
+                             f"{k} moved scores by at most {v['max_abs_prob_diff']:.4f}, "
+                             f"{v['borderline_share']:.0%} borderline, est. "
+                             f"{v['estimated_s_per_image'] * 1e3:.1f} ms/image"
+                             for k, v in tried.items())
+                         + f"; fp32 {exact_s * 1e3:.1f} ms/image"}
                 if margin is None:  # no fast mode is close enough: decode in full from now on
                     ds.draft = None
             else:
@@ -366,10 +394,11 @@ def preprocess(images: list[Image.Image], image_size: int, modality: str) -> tor
 
 
 def predict_batch(loaded: LoadedModel, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """Probabilities and decisions for an already normalised batch (fp32)."""
+    """Probabilities and decisions for an already normalised batch (fp32; in ONNX Runtime
+    when the model has an export)."""
+    loaded.model.eval()
     with torch.inference_mode():
-        p = _forward(loaded.model, x.contiguous(memory_format=torch.channels_last),
-                     loaded.task_type, False).cpu().numpy()
+        p = runners(loaded)["fp32"](x)
     return p, decide(p, loaded.task_type, loaded.decision_thresholds())
 
 

@@ -158,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
                     chk = pred.auto_check or {}
                     auto_used = pred.precision + (
                         f", {chk['rechecked_in_fp32']} of {len(paths)} images decoded in full "
-                        f"and re-checked in fp32 ({chk['reason']})" if chk.get("used") else "")
+                        "and re-checked in fp32" if chk.get("used") else "") + (
+                        f" (first batch: {chk['reason']})" if chk else "")
     dec = {k: decide(v, task, thr) for k, v in outputs.items()}
 
     def agree(a: str, b: str) -> str:

@@ -242,7 +242,10 @@ def test_auto_precision_keeps_fp32_decisions(tiny_run: Path, monkeypatch):
     would make the test trivially true."""
     import sys
 
-    monkeypatch.setattr(sys.modules[predict_paths.__module__], "bf16_supported", lambda: True)
+    mod = sys.modules[predict_paths.__module__]
+    monkeypatch.setattr(mod, "bf16_supported", lambda: True)
+    # bf16 even where the timing says fp32 is as fast (a tiny model; emulated bf16)
+    monkeypatch.setattr(mod, "choose_mode", lambda tried, exact: "bf16")
     loaded = load_model(tiny_run)
     paths = sorted((tiny_run.parent / "data" / "img").glob("*.png"))
     fp32 = predict_paths(loaded, paths, batch_size=8, workers=0, precision="fp32")
