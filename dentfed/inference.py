@@ -264,6 +264,7 @@ def runners(loaded: LoadedModel) -> dict[str, Runner]:
 
 AUTO_MAX_DIFF = 0.1  # auto: a fast mode that moves scores more than this is never used
 AUTO_MARGIN_FACTOR = 4  # re-check images within this x the first batch's max difference
+AUTO_CHECK_IMAGES = 16  # images of the first batch auto compares and times the modes on
 
 
 def borderline(probs: np.ndarray, task_type: str, thresholds: list[float],
@@ -298,17 +299,55 @@ def choose_mode(tried: dict[str, dict], exact_seconds: float) -> str | None:
     return best
 
 
+def _auto_check(run: dict[str, Runner], x_fast: torch.Tensor, x_exact: torch.Tensor,
+                task_type: str, thr: list[float]
+                ) -> tuple[np.ndarray, str, float | None, dict]:
+    """auto's first look: fp32 on the full decodes of a few images, each fast mode on their
+    reduced-scale decodes, timed. Returns (the exact scores, the mode, its re-check margin or
+    None for fp32, the record of what was compared)."""
+    run["fp32"](x_exact[:2])  # warm-up: first calls allocate and compile kernels
+    t0 = time.perf_counter()
+    p = run["fp32"](x_exact)
+    exact_s = (time.perf_counter() - t0) / len(x_exact)
+    tried = {}
+    for m in auto_modes(run):
+        run[m](x_fast[:2])
+        t0 = time.perf_counter()
+        pm = run[m](x_fast)
+        seconds = (time.perf_counter() - t0) / len(x_fast)
+        diff = float(np.abs(p - pm).max())
+        share = float(borderline(p, task_type, thr,
+                                 max(AUTO_MARGIN_FACTOR * diff, 0.01)).mean())
+        tried[m] = {"max_abs_prob_diff": diff, "s_per_image": seconds,
+                    "borderline_share": share,
+                    "estimated_s_per_image": seconds + share * exact_s}
+    mode, margin = choose_mode(tried, exact_s), None
+    if mode is not None:
+        margin = max(AUTO_MARGIN_FACTOR * tried[mode]["max_abs_prob_diff"], 0.01)
+    check = {"used": margin is not None,
+             "mode": (mode + " (reduced-scale decode)") if mode else "fp32",
+             "images_compared": len(x_exact), "tried": tried, "fp32_s_per_image": exact_s,
+             "recheck_margin": margin, "rechecked_in_fp32": 0,
+             "reason": "; ".join(
+                 f"{k} moved scores by at most {v['max_abs_prob_diff']:.4f}, "
+                 f"{v['borderline_share']:.0%} borderline, est. "
+                 f"{v['estimated_s_per_image'] * 1e3:.1f} ms/image" for k, v in tried.items())
+             + f"; fp32 {exact_s * 1e3:.1f} ms/image"}
+    return p, mode or "fp32", margin, check
+
+
 def predict_paths(loaded: LoadedModel, paths: list[Path], *, batch_size: int = 32,
                   workers: int = 1, precision: str = "fp32") -> Predictions:
     """Probabilities and decisions for every path; `workers` decode threads run ahead of the
     model.
 
     `precision`: fp32; bf16 (autocast everywhere); int8 (the ONNX int8 export); or auto, whose
-    decisions are those of fp32: the first batch runs exactly (full decode, fp32) and in each
-    mode of `auto_modes` (reduced-scale decode, low precision), timed; later batches run in the
-    mode `choose_mode` estimates fastest (fp32 when none beats it), and every image with a score
-    within AUTO_MARGIN_FACTOR x that mode's largest first-batch difference (at least 0.01) of a
-    decision boundary is decoded again in full and recomputed in fp32."""
+    decisions are those of fp32: AUTO_CHECK_IMAGES images of the first batch run exactly (full
+    decode, fp32) and in each mode of `auto_modes` (reduced-scale decode, low precision),
+    timed; every other image runs in the mode `choose_mode` estimates fastest (fp32 when none
+    beats it), and every image with a score within AUTO_MARGIN_FACTOR x that mode's largest
+    difference on those images (at least 0.01) of a decision boundary is decoded again in full
+    and recomputed in fp32."""
     if precision not in ("fp32", "bf16", "int8", "auto"):
         raise DentfedError(f"precision must be fp32, bf16, int8 or auto, not {precision}")
     model, task_type = loaded.model, loaded.task_type
@@ -331,50 +370,25 @@ def predict_paths(loaded: LoadedModel, paths: list[Path], *, batch_size: int = 3
     with torch.inference_mode():
         for x, idx, errs, reduced in iter_batches(ds, batch_size, workers):
             ok = np.array([not e for e in errs])
+            checked = np.zeros(0, dtype=int)  # rows of this batch already computed exactly
             if precision == "auto" and check is None and ok.any():
-                x_exact = _load_batch(exact_ds, list(idx))[0]
-                run["fp32"](x_exact[:2])  # warm-up: first calls allocate and compile kernels
-                t0 = time.perf_counter()
-                p = run["fp32"](x_exact)
-                exact_s = (time.perf_counter() - t0) / len(x)
-                tried = {}
-                for m in auto_modes(run):
-                    run[m](x[:2])
-                    t0 = time.perf_counter()
-                    pm = run[m](x)
-                    seconds = (time.perf_counter() - t0) / len(x)
-                    diff = float(np.abs(p[ok] - pm[ok]).max())
-                    share = float(borderline(p[ok], task_type, thr, max(
-                        AUTO_MARGIN_FACTOR * diff, 0.01)).mean())
-                    tried[m] = {"max_abs_prob_diff": diff, "s_per_image": seconds,
-                                "borderline_share": share,
-                                "estimated_s_per_image": seconds + share * exact_s}
-                chosen = choose_mode(tried, exact_s)
-                if chosen is not None:
-                    mode = chosen
-                    margin = max(AUTO_MARGIN_FACTOR * tried[mode]["max_abs_prob_diff"], 0.01)
-                check = {"used": margin is not None, "mode": mode + (
-                             " (reduced-scale decode)" if margin is not None else ""),
-                         "images_compared": int(ok.sum()), "tried": tried,
-                         "fp32_s_per_image": exact_s,
-                         "recheck_margin": margin, "rechecked_in_fp32": 0,
-                         "reason": "; ".join(
-                             f"{k} moved scores by at most {v['max_abs_prob_diff']:.4f}, "
-                             f"{v['borderline_share']:.0%} borderline, est. "
-                             f"{v['estimated_s_per_image'] * 1e3:.1f} ms/image"
-                             for k, v in tried.items())
-                         + f"; fp32 {exact_s * 1e3:.1f} ms/image"}
-                if margin is None:  # no fast mode is close enough: decode in full from now on
+                checked = np.flatnonzero(ok)[:AUTO_CHECK_IMAGES]
+                p_checked, mode, margin, check = _auto_check(
+                    run, x[torch.from_numpy(checked)],
+                    _load_batch(exact_ds, list(idx[checked]))[0], task_type, thr)
+                if margin is None:  # fp32 it is: decode in full from now on
                     ds.draft = None
-            else:
-                if reduced and margin is None:  # decoded before auto fell back to fp32
-                    x = _load_batch(exact_ds, list(idx))[0]
-                p = run[mode](x)
-                if margin is not None:
-                    near = borderline(p, task_type, thr, margin) & ok
-                    if near.any():
-                        p[near] = run["fp32"](_load_batch(exact_ds, list(idx[near]))[0])
-                        check["rechecked_in_fp32"] += int(near.sum())
+            if reduced and margin is None:  # decoded before auto settled on fp32
+                x = _load_batch(exact_ds, list(idx))[0]
+            p = run[mode](x)
+            if len(checked):
+                p[checked] = p_checked
+            if margin is not None:
+                near = borderline(p, task_type, thr, margin) & ok
+                near[checked] = False
+                if near.any():
+                    p[near] = run["fp32"](_load_batch(exact_ds, list(idx[near]))[0])
+                    check["rechecked_in_fp32"] += int(near.sum())
             probs[idx[ok]] = p[ok]
             for i, e in zip(idx, errs, strict=True):
                 errors[int(i)] = e
