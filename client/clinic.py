@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 from shared.atomic_files import torch_save_atomic
 from shared.config import Config
 from shared.data.dataset import make_loader
+from shared.data.disk_cache import prepare_image_cache
 from shared.data.manifest import Manifest, read_manifest
 from shared.data.splits import hold_out
 from shared.dp_sgd import DpAccount, planned_steps
@@ -179,9 +180,12 @@ def get_clinic(context: Context, cfg: Config) -> Clinic:
     local_data = cfg.data
     if cfg.federation.batch_size is not None:  # the clinic's own local batch size (FedAvg's B)
         local_data = cfg.data.model_copy(update={"batch_size": cfg.federation.batch_size})
+    state = clinic_state_dir(context)
+    disk = (prepare_image_cache(state, path, cfg.data.image_size)
+            if state is not None and cfg.data.disk_cache else None)
     clinic = Clinic(cfg, train, val, model, device,
-                    make_loader(train, local_data, train=True, seed=seed),
-                    make_loader(val, cfg.data, train=False),
+                    make_loader(train, local_data, train=True, seed=seed, disk_cache=disk),
+                    make_loader(val, cfg.data, train=False, disk_cache=disk),
                     make_loss(cfg.task, cfg.train, train.targets,
                               per_sample=cfg.privacy.dp_sgd is not None).to(device),
                     local_state(model))

@@ -1,10 +1,12 @@
 """Batched inference with a saved model: load a run folder, read inputs, predict, decide.
 
 Works with both kinds of run folder: `dentfed train` (`model.pt`) and federated runs
-(`model_final.pt`, `model_best.pt`). Decoding and resizing run in DataLoader workers; the model
-runs under `torch.inference_mode` with channels_last tensors, optionally with bf16 autocast
-(`auto`: only for a model whose bf16 scores stay close to fp32's, with borderline images
-recomputed in fp32 so decisions do not change).
+(`model_final.pt`, `model_best.pt`). Decoding and resizing run in threads ahead of the model;
+the model runs in ONNX Runtime when `dentfed export` wrote an export of this checkpoint, else in
+PyTorch under `torch.inference_mode` with channels_last tensors; optionally in bf16 or int8
+(`auto`: reduced-scale JPEG decoding and the fastest low precision whose scores stay close to
+fp32's, with borderline images decoded in full and recomputed in fp32, so decisions do not
+change).
 
 Unreadable images do not stop a run: they are reported per image (reason only; the caller
 already knows which file it was) and counted.
@@ -12,7 +14,12 @@ already knows which file it was) and counted.
 
 from __future__ import annotations
 
+import itertools
 import logging
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,6 +52,7 @@ class LoadedModel:
     thresholds: list[float] | None
     checkpoint: Path
     card: dict | None = None
+    onnx: dict = field(default_factory=dict)  # "fp32"/"int8" -> ONNX model (onnx_export.py)
 
     @property
     def labels(self) -> list[str]:
@@ -60,9 +68,13 @@ class LoadedModel:
 
 
 def load_model(model_path: str | Path) -> LoadedModel:
-    """A run folder or model file (shared/model_file.py) ready for inference, with its card."""
+    """A run folder or model file (shared/model_file.py) ready for inference, with its card
+    and its ONNX exports (`dentfed export`) when they match the model file."""
+    from dentfed.onnx_export import load_exports
+
     mf = read_model_file(model_path)
-    return LoadedModel(mf.model, mf.cfg, mf.thresholds, mf.path, read_card(mf.path.parent))
+    return LoadedModel(mf.model, mf.cfg, mf.thresholds, mf.path, read_card(mf.path.parent),
+                       load_exports(mf.path, torch.get_num_threads()))
 
 
 def check_task(loaded: LoadedModel, expected: TaskConfig) -> None:
@@ -123,11 +135,14 @@ def check_modality(loaded: LoadedModel, inputs: Inputs) -> None:
 
 class PredictDataset(Dataset):
     """Decodes, resizes and normalises one image per item; an unreadable file gives a zero
-    tensor and its reason, so one bad file never stops a batch."""
+    tensor and its reason, so one bad file never stops a batch. `reduced`: JPEGs at least twice
+    the model's size are decoded at a reduced scale (faster; pixels differ slightly)."""
 
-    def __init__(self, paths: list[Path], image_size: int, modality: str):
+    def __init__(self, paths: list[Path], image_size: int, modality: str,
+                 reduced: bool = False):
         self.paths = paths
         self.image_size = image_size
+        self.draft = image_size if reduced else None
         self.resize = resize_transform(image_size)
         self.normalise = tensor_transform(modality, train=False)
 
@@ -135,11 +150,50 @@ class PredictDataset(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, str]:
+        return self.item(i, self.draft)
+
+    def item(self, i: int, draft: int | None) -> tuple[torch.Tensor, int, str]:
         try:
-            return self.normalise(self.resize(read_image(self.paths[i]))), i, ""
+            return self.normalise(self.resize(read_image(self.paths[i], draft))), i, ""
         except ManifestError as err:  # the message starts with the path: keep only the reason
             reason = str(err).split(": ", 1)[-1]
             return torch.zeros(3, self.image_size, self.image_size), i, reason
+
+
+Batch = tuple[torch.Tensor, np.ndarray, list[str], bool]
+
+
+def _load_batch(ds: PredictDataset, rows: range | list[int]) -> Batch:
+    """(normalised images, indices, reasons, whether decoded at reduced scale)."""
+    draft = ds.draft  # one value per batch, even if the caller switches it meanwhile
+    items = [ds.item(i, draft) for i in rows]
+    return (torch.stack([it[0] for it in items]), np.array([it[1] for it in items]),
+            [it[2] for it in items], draft is not None)
+
+
+def iter_batches(ds: PredictDataset, batch_size: int, threads: int) -> Iterator[Batch]:
+    """Batches (see _load_batch) in order. With `threads` > 0 the next batches are
+    decoded in threads while the model runs on this one (Pillow and torch release the GIL);
+    threads start in microseconds, unlike DataLoader worker processes, which pay a process
+    start and torch's import for every call."""
+    starts = iter(range(0, len(ds), batch_size))
+
+    def rows(s: int) -> range:
+        return range(s, min(s + batch_size, len(ds)))
+
+    if threads <= 0:
+        for s in starts:
+            yield _load_batch(ds, rows(s))
+        return
+    with ThreadPoolExecutor(threads) as pool:
+        pending = deque(pool.submit(_load_batch, ds, rows(s))
+                        for s in itertools.islice(starts, threads + 1))
+        while pending:
+            batch = pending.popleft().result()
+            s = next(starts, None)
+            if s is not None:
+                pending.append(pool.submit(_load_batch, ds, rows(s)))
+            yield batch
 
 
 def bf16_supported() -> bool:
@@ -168,8 +222,9 @@ class Predictions:
     probs: np.ndarray  # [N, L]; NaN rows for unreadable images
     decisions: np.ndarray  # [N, L] 0/1; -1 rows for unreadable images
     errors: list[str]  # "" = ok, else the reason
-    precision: str  # what was actually used: fp32, bf16, or "bf16 + fp32 re-check" (auto)
-    bf16_check: dict | None = None  # auto: the first-batch comparison and re-check count
+    precision: str  # what was used: fp32, bf16, int8, or "<fast mode> + fp32 re-check" (auto)
+    auto_check: dict | None = None  # auto: the first-batch comparison and re-check count
+    backend: str = "torch"  # of the fp32 (exact) model: torch, or onnx (an export exists)
 
     @property
     def n_failed(self) -> int:
@@ -183,14 +238,34 @@ def _forward(model: nn.Module, x: torch.Tensor, task_type: str, bf16: bool) -> t
     return probabilities(logits, task_type)
 
 
-def make_predict_loader(paths: list[Path], image_size: int, modality: str, batch_size: int,
-                        workers: int) -> DataLoader:
-    ds = PredictDataset(paths, image_size, modality)
-    return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers,
-                      persistent_workers=False, prefetch_factor=4 if workers else None)
+Runner = Callable[[torch.Tensor], np.ndarray]  # normalised batch -> probabilities
 
 
-AUTO_MAX_DIFF = 0.05  # auto: a model whose bf16 scores move more than this stays in fp32
+def runners(loaded: LoadedModel) -> dict[str, Runner]:
+    """Every way this model can run here: fp32 (ONNX Runtime when an export of this exact
+    checkpoint exists, else PyTorch), bf16 (PyTorch autocast), int8 (the ONNX int8 export)."""
+    model, task = loaded.model, loaded.task_type
+    device = next(model.parameters()).device
+
+    def torch_run(bf16: bool) -> Runner:
+        def run(x: torch.Tensor) -> np.ndarray:
+            x = x.to(device).contiguous(memory_format=torch.channels_last)
+            return _forward(model, x, task, bf16).cpu().numpy()
+        return run
+
+    def onnx_run(m: Callable[[torch.Tensor], torch.Tensor]) -> Runner:
+        return lambda x: probabilities(m(x).float(), task).numpy()
+
+    out = {"fp32": torch_run(False), "bf16": torch_run(True)}
+    if device.type == "cpu":
+        for kind, m in loaded.onnx.items():
+            out[kind] = onnx_run(m)
+    return out
+
+
+AUTO_MAX_DIFF = 0.1  # auto: a fast mode that moves scores more than this is never used
+AUTO_MARGIN_FACTOR = 4  # re-check images within this x the first batch's max difference
+AUTO_CHECK_IMAGES = 16  # images of the first batch auto compares and times the modes on
 
 
 def borderline(probs: np.ndarray, task_type: str, thresholds: list[float],
@@ -202,63 +277,129 @@ def borderline(probs: np.ndarray, task_type: str, thresholds: list[float],
     return (top2[:, -1] - top2[:, 0]) < 2 * margin
 
 
+def auto_modes(available: dict[str, Runner]) -> list[str]:
+    """Fast modes auto considers: int8 (an int8 export and a CPU with VNNI) and bf16 (native
+    bf16). Either runs on reduced-scale JPEG decodes."""
+    from dentfed.onnx_export import vnni_supported
+
+    modes = []
+    if "int8" in available and vnni_supported():
+        modes.append("int8")
+    if bf16_supported():
+        modes.append("bf16")
+    return modes
+
+
+def choose_mode(tried: dict[str, dict], exact_seconds: float) -> str | None:
+    """The fast mode with the lowest estimated seconds per image (its own time plus the fp32
+    re-checks of the borderline share), if that beats fp32 itself; None: fp32."""
+    ok = {m: t for m, t in tried.items() if t["max_abs_prob_diff"] <= AUTO_MAX_DIFF}
+    best = min(ok, key=lambda m: ok[m]["estimated_s_per_image"], default=None)
+    if best is None or ok[best]["estimated_s_per_image"] >= exact_seconds:
+        return None
+    return best
+
+
+def _auto_check(run: dict[str, Runner], x_fast: torch.Tensor, x_exact: torch.Tensor,
+                task_type: str, thr: list[float]
+                ) -> tuple[np.ndarray, str, float | None, dict]:
+    """auto's first look: fp32 on the full decodes of a few images, each fast mode on their
+    reduced-scale decodes, timed. Returns (the exact scores, the mode, its re-check margin or
+    None for fp32, the record of what was compared)."""
+    run["fp32"](x_exact[:2])  # warm-up: first calls allocate and compile kernels
+    t0 = time.perf_counter()
+    p = run["fp32"](x_exact)
+    exact_s = (time.perf_counter() - t0) / len(x_exact)
+    tried = {}
+    for m in auto_modes(run):
+        run[m](x_fast[:2])
+        t0 = time.perf_counter()
+        pm = run[m](x_fast)
+        seconds = (time.perf_counter() - t0) / len(x_fast)
+        diff = float(np.abs(p - pm).max())
+        share = float(borderline(p, task_type, thr,
+                                 max(AUTO_MARGIN_FACTOR * diff, 0.01)).mean())
+        tried[m] = {"max_abs_prob_diff": diff, "s_per_image": seconds,
+                    "borderline_share": share,
+                    "estimated_s_per_image": seconds + share * exact_s}
+    mode, margin = choose_mode(tried, exact_s), None
+    if mode is not None:
+        margin = max(AUTO_MARGIN_FACTOR * tried[mode]["max_abs_prob_diff"], 0.01)
+    check = {"used": margin is not None,
+             "mode": (mode + " (reduced-scale decode)") if mode else "fp32",
+             "images_compared": len(x_exact), "tried": tried, "fp32_s_per_image": exact_s,
+             "recheck_margin": margin, "rechecked_in_fp32": 0,
+             "reason": "; ".join(
+                 f"{k} moved scores by at most {v['max_abs_prob_diff']:.4f}, "
+                 f"{v['borderline_share']:.0%} borderline, est. "
+                 f"{v['estimated_s_per_image'] * 1e3:.1f} ms/image" for k, v in tried.items())
+             + f"; fp32 {exact_s * 1e3:.1f} ms/image"}
+    return p, mode or "fp32", margin, check
+
+
 def predict_paths(loaded: LoadedModel, paths: list[Path], *, batch_size: int = 32,
                   workers: int = 1, precision: str = "fp32") -> Predictions:
-    """Probabilities and decisions for every path.
+    """Probabilities and decisions for every path; `workers` decode threads run ahead of the
+    model.
 
-    `precision`: fp32; bf16 (autocast everywhere); or auto: on a CPU with native bf16, the
-    first batch runs in both; if bf16 moves no score by more than AUTO_MAX_DIFF, later batches
-    run in bf16 and every image with a score within 4x the observed difference (at least 0.01)
-    of a decision boundary is recomputed in fp32, so decisions stay those of fp32."""
-    if precision not in ("fp32", "bf16", "auto"):
-        raise DentfedError(f"precision must be fp32, bf16 or auto, not {precision}")
+    `precision`: fp32; bf16 (autocast everywhere); int8 (the ONNX int8 export); or auto, whose
+    decisions are those of fp32: AUTO_CHECK_IMAGES images of the first batch run exactly (full
+    decode, fp32) and in each mode of `auto_modes` (reduced-scale decode, low precision),
+    timed; every other image runs in the mode `choose_mode` estimates fastest (fp32 when none
+    beats it), and every image with a score within AUTO_MARGIN_FACTOR x that mode's largest
+    difference on those images (at least 0.01) of a decision boundary is decoded again in full
+    and recomputed in fp32."""
+    if precision not in ("fp32", "bf16", "int8", "auto"):
+        raise DentfedError(f"precision must be fp32, bf16, int8 or auto, not {precision}")
     model, task_type = loaded.model, loaded.task_type
     thr = loaded.decision_thresholds()
-    device = next(model.parameters()).device
     model.eval()
     model.to(memory_format=torch.channels_last)
+    run = runners(loaded)
+    if precision not in run and precision != "auto":
+        raise DentfedError(f"precision {precision} needs the model's int8 ONNX export: run "
+                           "`dentfed export RUN --calibrate IMAGES` first")
     n, nl = len(paths), len(loaded.labels)
     probs = np.full((n, nl), np.nan, dtype=np.float32)
     errors = [""] * n
-    use_bf16 = precision == "bf16"
-    margin = None  # auto with bf16 in use: re-check scores this close to a boundary in fp32
+    size, modality = loaded.cfg.data.image_size, loaded.cfg.data.modality
+    exact_ds = PredictDataset(paths, size, modality)  # full decode
+    mode = "fp32" if precision == "auto" else precision
+    margin = None  # auto with a fast mode in use: re-check scores this close to a boundary
     check: dict | None = None
-    if precision == "auto" and not bf16_supported():
-        check = {"used": False, "reason": "no native bf16 on this CPU"}
-    loader = make_predict_loader(paths, loaded.cfg.data.image_size, loaded.cfg.data.modality,
-                                 batch_size, workers)
+    ds = PredictDataset(paths, size, modality, reduced=precision == "auto")
     with torch.inference_mode():
-        for x, idx, errs in loader:
-            x = x.to(device).contiguous(memory_format=torch.channels_last)
+        for x, idx, errs, reduced in iter_batches(ds, batch_size, workers):
             ok = np.array([not e for e in errs])
-            p = _forward(model, x, task_type, use_bf16).cpu().numpy()
+            checked = np.zeros(0, dtype=int)  # rows of this batch already computed exactly
             if precision == "auto" and check is None and ok.any():
-                pb = _forward(model, x, task_type, True).cpu().numpy()
-                diff = float(np.abs(p[ok] - pb[ok]).max())
-                use_bf16 = diff <= AUTO_MAX_DIFF
-                margin = max(4 * diff, 0.01) if use_bf16 else None
-                check = {"used": use_bf16, "images_compared": int(ok.sum()),
-                         "max_abs_prob_diff": diff, "recheck_margin": margin,
-                         "rechecked_in_fp32": 0,
-                         "reason": f"bf16 moved scores by at most {diff:.4f} on the first batch"
-                         + ("" if use_bf16 else f" (> {AUTO_MAX_DIFF}: fp32 kept)")}
-            elif margin is not None:
+                checked = np.flatnonzero(ok)[:AUTO_CHECK_IMAGES]
+                p_checked, mode, margin, check = _auto_check(
+                    run, x[torch.from_numpy(checked)],
+                    _load_batch(exact_ds, list(idx[checked]))[0], task_type, thr)
+                if margin is None:  # fp32 it is: decode in full from now on
+                    ds.draft = None
+            if reduced and margin is None:  # decoded before auto settled on fp32
+                x = _load_batch(exact_ds, list(idx))[0]
+            p = run[mode](x)
+            if len(checked):
+                p[checked] = p_checked
+            if margin is not None:
                 near = borderline(p, task_type, thr, margin) & ok
+                near[checked] = False
                 if near.any():
-                    p[near] = _forward(model, x[torch.from_numpy(near)], task_type,
-                                       False).cpu().numpy()
+                    p[near] = run["fp32"](_load_batch(exact_ds, list(idx[near]))[0])
                     check["rechecked_in_fp32"] += int(near.sum())
-            ii = idx.numpy()
-            probs[ii[ok]] = p[ok]
-            for i, e in zip(ii, errs, strict=True):
+            probs[idx[ok]] = p[ok]
+            for i, e in zip(idx, errs, strict=True):
                 errors[int(i)] = e
     dec = np.full((n, nl), -1, dtype=np.int8)
     good = np.array([not e for e in errors], dtype=bool)
     if good.any():
         dec[good] = decide(probs[good], task_type, thr)
-    used = "bf16" if precision == "bf16" else ("bf16 + fp32 re-check" if margin is not None
-                                               else "fp32")
-    return Predictions(probs, dec, errors, used, check)
+    used = f"{mode} + fp32 re-check" if margin is not None else mode
+    return Predictions(probs, dec, errors, used, check,
+                       "onnx" if "fp32" in loaded.onnx else "torch")
 
 
 def preprocess(images: list[Image.Image], image_size: int, modality: str) -> torch.Tensor:
@@ -268,10 +409,11 @@ def preprocess(images: list[Image.Image], image_size: int, modality: str) -> tor
 
 
 def predict_batch(loaded: LoadedModel, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """Probabilities and decisions for an already normalised batch (fp32)."""
+    """Probabilities and decisions for an already normalised batch (fp32; in ONNX Runtime
+    when the model has an export)."""
+    loaded.model.eval()
     with torch.inference_mode():
-        p = _forward(loaded.model, x.contiguous(memory_format=torch.channels_last),
-                     loaded.task_type, False).cpu().numpy()
+        p = runners(loaded)["fp32"](x)
     return p, decide(p, loaded.task_type, loaded.decision_thresholds())
 
 

@@ -184,6 +184,27 @@ def run_detect(loaded: LoadedModel, inputs: Inputs, out: Path, *, batch_size: in
     return summary
 
 
+def run_export(model_path: str | Path, calibrate: str | Path | list[Path] | None = None,
+               n_calibration: int = 64) -> dict[str, Path]:
+    """`dentfed export`: ONNX exports beside the model file (dentfed/onnx_export.py); int8 too
+    when `calibrate` (an image, folder or manifest of the clinic's own images, or a list of
+    image paths) is given."""
+    from dentfed.onnx_export import export_onnx
+
+    loaded = load_model(model_path)
+    batches = None
+    if calibrate is not None:
+        cal = calibrate if isinstance(calibrate, list) else collect_inputs(calibrate).paths
+        ds = PredictDataset(cal[:n_calibration], loaded.cfg.data.image_size,
+                            loaded.cfg.data.modality)
+        items = [ds[i] for i in range(len(ds))]
+        good = [it[0] for it in items if not it[2]]
+        if not good:
+            raise DentfedError(f"{calibrate}: no readable calibration image")
+        batches = [torch.stack(good[s:s + 8]) for s in range(0, len(good), 8)]
+    return export_onnx(loaded.model, loaded.cfg.data.image_size, loaded.checkpoint, batches)
+
+
 def run_predict(model_path: str | Path, target: str | Path, out: str | Path, *,
                 batch_size: int = 32, workers: int = 1, precision: str = "fp32",
                 saliency: bool = False, saliency_limit: int = 20,
@@ -224,7 +245,8 @@ def run_predict(model_path: str | Path, target: str | Path, out: str | Path, *,
         "images": len(inputs.names),
         "failed": pred.n_failed,
         "precision": pred.precision,
-        "bf16_check": pred.bf16_check,
+        "backend": pred.backend,
+        "auto_check": pred.auto_check,
         "seconds": seconds,
         "images_per_second": len(inputs.names) / seconds if seconds > 0 else None,
     }

@@ -399,6 +399,8 @@ def run_federation(grid: Grid, cfg: Config, test_manifest: str | Path,
     train_cfg, eval_cfg = config_record(cfg, model), config_record(cfg)
     t0 = time.perf_counter()
     stopped = None
+    last_done = start - 1  # the last round whose aggregate is in `arrays`
+    diverged = False
     try:
         if start == 1:
             evaluator(0, arrays)
@@ -415,7 +417,9 @@ def run_federation(grid: Grid, cfg: Config, test_manifest: str | Path,
                 agg = strategy.aggregate_evaluate(rnd, replies)
                 if agg is not None:
                     eval_agg[rnd] = _plain(agg)
-            evaluator(rnd, arrays)
+            last_done = rnd
+            if rnd % fed.evaluate_every == 0 or rnd == fed.rounds:
+                evaluator(rnd, arrays)
             if run_dir is not None:
                 save_checkpoint(run_dir, {
                     "round": rnd, "config": dump_config(cfg),
@@ -429,10 +433,12 @@ def run_federation(grid: Grid, cfg: Config, test_manifest: str | Path,
                     "central_dp": central.state_dict() if central is not None else None})
     except (Diverged, NodeWaitTimeout) as e:  # keep what the completed rounds produced
         log.error("%s", e)
-        stopped = str(e)
+        stopped, diverged = str(e), isinstance(e, Diverged)
     except PrivacyBudgetExhausted as e:  # central DP: the next round would pass max_epsilon
         log.warning("stopped before the next round: %s", e)
         stopped = f"client-level privacy budget spent: {e}"
+    if stopped is not None and not diverged and last_done not in evaluator.history:
+        evaluator(last_done, arrays)  # stopped between evaluated rounds: score the last model
     if not evaluator.history:
         raise DentfedError(stopped or "no round completed")
     cross = None

@@ -23,9 +23,10 @@ from shared.report_tables import metrics_table, render_table, write_json  # noqa
 
 def _history(res: FederationResult) -> list[dict]:
     rows = []
-    for rnd in sorted(res.evaluator.history):
+    # every round: those the server evaluated (federation.evaluate_every) and those it ran
+    for rnd in sorted(set(res.evaluator.history) | set(res.recorder.rounds)):
         rec = res.recorder.rounds.get(rnd)
-        row = {"round": rnd, "server": res.evaluator.history[rnd]}
+        row = {"round": rnd, "server": res.evaluator.history.get(rnd)}
         if rec is not None:
             row.update({
                 "clinics_sampled": rec.sampled,
@@ -131,8 +132,9 @@ def rounds_table(res: FederationResult) -> pd.DataFrame:
                                        if used < rec.sampled else "")
         if rec is not None and rec.attempts > 1:
             note = f"{note}; {rec.attempts} attempts".lstrip("; ")
-        rows[r] = {f"central {res.evaluator.key}": row["server"].get(res.evaluator.key),
-                   "central loss": row["server"]["loss"],
+        central = row["server"] or {}  # {}: not evaluated (federation.evaluate_every)
+        rows[r] = {f"central {res.evaluator.key}": central.get(res.evaluator.key),
+                   "central loss": central.get("loss"),
                    "clinics used/sampled": f"{used}/{row['clinics_sampled']}"
                    if r and "clinics_sampled" in row else "-",  # SecAgg+: not recorded
                    "note": note,

@@ -99,7 +99,7 @@ COUNTERS = ("clinics_sampled", "clinics_replied", "clinics_failed", "clinics_no_
 
 def round_metrics(row: dict) -> dict[str, float]:
     """One federated round of metrics.json's history as MLflow metric name -> value."""
-    m = _numbers(("central",), row.get("server", {}))
+    m = _numbers(("central",), row.get("server") or {})  # None: round not evaluated
     for phase in ("clinics_train", "clinics_evaluate"):
         block = row.get(phase, {})
         m.update(_numbers(("clinics",), block.get("aggregated", {})))

@@ -82,6 +82,9 @@ class DataConfig(_Strict):
     num_workers: int = Field(default=0, ge=0)
     augment: bool = True
     cache: bool = True
+    # a clinic's decoded, resized images on its own disk (<state-dir>/image_cache), reused
+    # across rounds and runs; only where the clinic has a state folder
+    disk_cache: bool = True
     synth: SynthConfig | None = None
 
 
@@ -204,7 +207,13 @@ class FederationConfig(_Strict):
     # training keeps. Small clinics take few steps per epoch: a smaller B gives them more.
     batch_size: int | None = Field(default=None, ge=1)
     fraction_train: float = Field(default=1.0, gt=0, le=1)
+    # 0: no clinic-side evaluation rounds (the server's own test set still scores every
+    # evaluated round); bn_recalibration and FedBN's per-clinic figures need them.
     fraction_evaluate: float = Field(default=1.0, ge=0, le=1)
+    # Central evaluation on the server's test set after every k-th round (round 0, the
+    # initial model, included) and always after the last; the best model is chosen among the
+    # evaluated rounds. k > 1 saves the central evaluation's time in the other rounds.
+    evaluate_every: int = Field(default=1, ge=1)
     min_train_clinics: int = Field(default=2, ge=1)
     min_evaluate_clinics: int = Field(default=2, ge=0)
     min_available_clinics: int = Field(default=2, ge=1)

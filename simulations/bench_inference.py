@@ -19,8 +19,10 @@ from __future__ import annotations
 import argparse
 import os
 import resource
+import shutil
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -28,21 +30,28 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
-from dentfed.inference import LoadedModel, bf16_supported, decide, load_model, predict_paths
+from dentfed.inference import bf16_supported, decide, load_model, predict_paths
+from dentfed.onnx_export import vnni_supported
+from dentfed.predict import run_export
 from shared.config import config_from_dict
 from shared.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from shared.model_file import find_model_file, save_model_file
 from shared.models import build_model, probabilities
 
 
-def _images(n: int, shared: Path, tmp: Path) -> list[Path]:
+def _images(n: int, shared: Path, tmp: Path) -> tuple[list[Path], list[Path]]:
+    """(n images to predict, up to 64 others to calibrate the int8 model on; the benchmark's own
+    images when there are no others)."""
     ufba = shared / "data/ufba425_panoramic/images"
     if ufba.is_dir():
         files = sorted(ufba.glob("*.jpg"))
-        return [files[i % len(files)] for i in range(n)]
+        bench = [files[i % len(files)] for i in range(n)]
+        return bench, files[n:][-64:] or bench[:64]
     from dental_datasets import synth
 
     manifest = synth.generate_anomalies(tmp / "synth", n=n, seed=0, image_size=256)
-    return sorted(manifest.parent.rglob("*.png"))[:n]
+    bench = sorted(manifest.parent.rglob("*.png"))[:n]
+    return bench, bench[:64]
 
 
 def plain_loop(model: torch.nn.Module, paths: list[Path], size: int, batch: int,
@@ -79,9 +88,13 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", help="run folder; default: ResNet-18 (random init, 5 labels)")
     ap.add_argument("--image-size", type=int, default=224, help="for the default ResNet-18")
+    ap.add_argument("--head-std", type=float, default=0.5,
+                    help="std of the random ResNet-18 head's weights: 0.5 spreads the scores "
+                    "over about 0.1-0.9 like a trained model's; 0.05 puts all of them within "
+                    "0.1 of the 0.5 threshold, so auto re-checks most images in fp32")
     ap.add_argument("--n", type=int, default=256, help="images per measurement")
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--workers", type=int, default=1, help="decode threads")
     ap.add_argument("--repeats", type=int, default=2, help="interleaved; best time is kept")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                     help="torch intra-op threads (default: all cores)")
@@ -90,29 +103,41 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    if args.model:
-        loaded = load_model(args.model)
-    else:
-        cfg = config_from_dict({"task": {"type": "multilabel", "labels": list("abcde")},
-                                "data": {"image_size": args.image_size},
-                                "model": {"name": "resnet18"}})
-        model = build_model(cfg.model, 5, args.image_size).eval()
-        torch.nn.init.normal_(model.fc.weight, std=0.05)  # spread the scores a little
-        loaded = LoadedModel(model, cfg, None, Path("resnet18 (random init)"))
-    size, task = loaded.cfg.data.image_size, loaded.task_type
-    thr = loaded.decision_thresholds()
     with tempfile.TemporaryDirectory() as tmp:
-        paths = _images(args.n, args.shared, Path(tmp))
+        if args.model:
+            src = find_model_file(args.model)
+            ckpt = Path(tmp) / src.name  # the export goes beside a copy, not into the run
+            shutil.copy(src, ckpt)
+        else:
+            cfg = config_from_dict({"task": {"type": "multilabel", "labels": list("abcde")},
+                                    "data": {"image_size": args.image_size},
+                                    "model": {"name": "resnet18"}})
+            model = build_model(cfg.model, 5, args.image_size).eval()
+            torch.nn.init.normal_(model.fc.weight, std=args.head_std)
+            ckpt = Path(tmp) / "model.pt"
+            save_model_file(ckpt, model, cfg, None)
+        paths, calib = _images(args.n, args.shared, Path(tmp))
+        t0 = time.perf_counter()
+        run_export(ckpt, calib)
+        t_export = time.perf_counter() - t0
+        loaded = load_model(ckpt)  # with its ONNX exports (fp32 and int8)
+        torch_only = replace(loaded, onnx={})
+        size, task = loaded.cfg.data.image_size, loaded.task_type
+        thr = loaded.decision_thresholds()
         print(f"model {loaded.cfg.model.name} at {size} px, {len(paths)} images "
               f"({'UFBA JPEGs' if 'ufba' in str(paths[0]) else 'synthetic'}), batch "
-              f"{args.batch_size}, {args.threads} torch threads, {args.workers} decode worker(s), "
-              f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}, native bf16: "
-              f"{bf16_supported()}")
+              f"{args.batch_size}, {args.threads} torch threads, {args.workers} decode "
+              f"thread(s), {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}, native "
+              f"bf16: {bf16_supported()}, VNNI: {vnni_supported()}; ONNX export (fp32 + int8 "
+              f"calibrated on {len(calib)} other images) {t_export:.1f} s, once per model")
+        # (name, model, precision)
+        pipes = {"torch fp32": (torch_only, "fp32"), "onnx fp32": (loaded, "fp32"),
+                 "torch bf16": (torch_only, "bf16"), "onnx int8": (loaded, "int8"),
+                 "auto": (loaded, "auto")}
         warm = paths[:args.batch_size]
         plain_loop(loaded.model, warm, size, args.batch_size, task)
-        for precision in ("fp32", "bf16", "auto"):
-            predict_paths(loaded, warm, batch_size=args.batch_size, workers=0,
-                          precision=precision)
+        for lm, precision in pipes.values():
+            predict_paths(lm, warm, batch_size=args.batch_size, workers=0, precision=precision)
         # interleaved repeats, best time of each: a neighbour's burst hits all pipelines alike
         times: dict[str, float] = {}
         cpu: dict[str, float] = {}
@@ -122,18 +147,19 @@ def main(argv: list[str] | None = None) -> int:
                                                   task))
             times["plain"], outputs["plain"] = min(times.get("plain", t), t), ref
             cpu["plain"] = min(cpu.get("plain", c), c)
-            for precision in ("fp32", "bf16", "auto"):
-                pred, t, c = _timed(lambda p=precision: predict_paths(
-                    loaded, paths, batch_size=args.batch_size, workers=args.workers,
+            for key, (lm, precision) in pipes.items():
+                pred, t, c = _timed(lambda lm=lm, p=precision: predict_paths(
+                    lm, paths, batch_size=args.batch_size, workers=args.workers,
                     precision=p))
-                times[precision] = min(times.get(precision, t), t)
-                cpu[precision] = min(cpu.get(precision, c), c)
-                outputs[precision] = pred.probs
-                if precision == "auto":
+                times[key] = min(times.get(key, t), t)
+                cpu[key] = min(cpu.get(key, c), c)
+                outputs[key] = pred.probs
+                if key == "auto":
+                    chk = pred.auto_check or {}
                     auto_used = pred.precision + (
-                        f", {pred.bf16_check['rechecked_in_fp32']} of {len(paths)} images "
-                        "re-checked in fp32" if pred.bf16_check and pred.bf16_check["used"]
-                        else "")
+                        f", {chk['rechecked_in_fp32']} of {len(paths)} images decoded in full "
+                        "and re-checked in fp32" if chk.get("used") else "") + (
+                        f" (first batch: {chk['reason']})" if chk else "")
     dec = {k: decide(v, task, thr) for k, v in outputs.items()}
 
     def agree(a: str, b: str) -> str:
@@ -142,23 +168,25 @@ def main(argv: list[str] | None = None) -> int:
         return f"{same:7.1%} ({np.abs(outputs[a] - outputs[b]).max():.4f})"
 
     names = {"plain": "plain torchvision loop (fp32)",
-             "fp32": "dentfed predict (fp32, channels_last, inference_mode)",
-             "bf16": "dentfed predict (bf16 autocast, channels_last)",
-             "auto": "dentfed predict (auto: bf16, borderline in fp32)"}
-    print(f"\n{'pipeline':55s} {'images/s':>9s} {'img/CPU-s':>9s}  {'same as plain (max |dp|)':25s}"
-          f" {'same as dentfed fp32':20s}")
+             "torch fp32": "dentfed predict fp32, PyTorch (no export)",
+             "onnx fp32": "dentfed predict fp32, ONNX Runtime (exported)",
+             "torch bf16": "dentfed predict bf16 autocast",
+             "onnx int8": "dentfed predict int8, ONNX Runtime",
+             "auto": "dentfed predict auto (fast mode, borderline fp32)"}
+    print(f"\n{'pipeline':50s} {'images/s':>9s} {'img/CPU-s':>9s}  {'same as plain (max |dp|)':25s}"
+          f" {'same as torch fp32':20s}")
     for key, name in names.items():
-        print(f"{name:55s} {len(paths) / times[key]:9.1f} {len(paths) / cpu[key]:9.1f}  "
-              f"{agree(key, 'plain'):25s} {agree(key, 'fp32'):20s}")
+        print(f"{name:50s} {len(paths) / times[key]:9.1f} {len(paths) / cpu[key]:9.1f}  "
+              f"{agree(key, 'plain'):25s} {agree(key, 'torch fp32'):20s}")
     cores = os.cpu_count() or 1
     print(f"auto used: {auto_used}")
-    print(f"\nimages/s: wall clock; img/CPU-s: images per CPU-second of this process and its "
-          f"workers (x{cores} = what {cores} otherwise idle cores could do at best)")
+    print(f"\nimages/s: wall clock; img/CPU-s: images per CPU-second of this process "
+          f"(x{cores} = what {cores} otherwise idle cores could do at best)")
     t_plain = times["plain"]
-    print(f"speed-up fp32 {t_plain / times['fp32']:.2f}x, bf16 {t_plain / times['bf16']:.2f}x, "
-          f"auto {t_plain / times['auto']:.2f}x "
-          f"(same machine, same run, best of {args.repeats} interleaved repeats; load average "
-          f"now {os.getloadavg()[0]:.1f})")
+    print("speed-up vs plain: " + ", ".join(f"{k} {t_plain / times[k]:.2f}x"
+                                            for k in names if k != "plain")
+          + f" (same machine, same run, best of {args.repeats} interleaved repeats; load "
+          f"average now {os.getloadavg()[0]:.1f})")
     return 0
 
 

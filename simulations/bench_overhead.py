@@ -1,6 +1,7 @@
 """Where the time and bytes of a federated simulation go, measured side by side in one run.
 
-Runs the config's federated simulation once per upload encoding (same split, same seed) and
+Runs the config's federated simulation once per variant and upload encoding (same split, same
+seed; the variants: the config as it is, and a lean one that evaluates less) and
 pooled training on the union of the clinics' train rows for the same number of sample-epochs
 (rounds x local_epochs, no early stopping), then prints:
 
@@ -14,7 +15,7 @@ that costs accuracy shows it. Absolute times drift on a noisy machine; the ratio
 compare.
 
     .venv/bin/python -m simulations.bench_overhead --config configs/demo-photos.yaml \
-        --uploads fp32,int8 --out runs/bench
+        --uploads fp32 --variants baseline,lean --out runs/bench
 """
 
 from __future__ import annotations
@@ -41,7 +42,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default="configs/demo-photos.yaml")
     ap.add_argument("--manifest", default=None)
-    ap.add_argument("--uploads", default="fp32,int8", help="comma list of upload encodings")
+    ap.add_argument("--uploads", default="fp32", help="comma list of upload encodings")
+    ap.add_argument("--variants", default="baseline,lean",
+                    help="comma list: baseline (the config as it is, without the clinics' "
+                    "disk image cache) and lean (central evaluation only before round 1 and "
+                    "after the last, federation.evaluate_every = rounds; no clinic-side "
+                    "evaluation, fraction_evaluate 0; the disk image cache on)")
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--local-epochs", type=int, default=None)
     ap.add_argument("--out", type=Path,
@@ -58,11 +64,18 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=False)
     split = prepare_split(cfg, m.source, args.out / "split")
     rows, sims = [], {}
+    variants = {
+        "baseline": lambda c: _variant(c, data={"disk_cache": False}),
+        "lean": lambda c: _variant(c, data={"disk_cache": True}, federation={
+            "evaluate_every": c.federation.rounds, "fraction_evaluate": 0.0,
+            "min_evaluate_clinics": 0}),
+    }
     for enc in args.uploads.split(","):
-        run = args.out / f"sim-{enc}"
-        log.info("federated simulation, upload %s", enc)
-        sims[enc] = simulate(_variant(cfg, federation={"upload": enc}), m.source, run,
-                             echo=False)
+        for var in args.variants.split(","):
+            name = f"{var} {enc}"
+            log.info("federated simulation, %s, upload %s", var, enc)
+            sims[name] = simulate(variants[var](_variant(cfg, federation={"upload": enc})),
+                                  m.source, args.out / f"sim-{var}-{enc}", echo=False)
     log.info("pooled training, same sample-epochs")
     pooled_parts = {s: np.concatenate([p[s] for p in split.clinics])
                     for s in ("train", "val", "test")}
@@ -77,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         tb = d["time_breakdown"]
         wall = d["wall_seconds"]
         rows.append({
-            "upload": enc,
+            "run": enc,
             "sim wall s": wall,
             "start-up s": wall - d["seconds"],
             "clinic train phase s": tb["clinic_train_phase"],
@@ -89,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
             "upload / full model": d["upload_ratio"],
             f"final {headline}": d["final"].get(headline, float("nan")),
         })
-    table = pd.DataFrame(rows).set_index("upload").T
+    table = pd.DataFrame(rows).set_index("run").T
     pooled_metric = fold.test.get(headline, float("nan"))
     text = (f"config {args.config}: {split.n} clinics, {cfg.federation.rounds} rounds x "
             f"{cfg.federation.local_epochs} local epochs, task {cfg.task.type}\n"

@@ -113,7 +113,8 @@ def run_flower(cfg: Config, manifest: Path, out: Path) -> dict:
     data = simulate(cfg, manifest, out, echo=False)
     key = data["headline"]
     return {int(h["round"]): {"metric": h["server"].get(key, math.nan),
-                              "loss": h["server"]["loss"]} for h in data["history"]}
+                              "loss": h["server"]["loss"]} for h in data["history"]
+            if h["server"] is not None}  # None: not evaluated (federation.evaluate_every)
 
 
 def _cell(v: list[float]) -> str:

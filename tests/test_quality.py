@@ -310,3 +310,41 @@ def test_clinic_batch_size_is_its_own(tiny_manifest):
         assert not reply.has_error(), reply.error
         (metrics,) = reply.content.metric_records.values()
         assert metrics["examples_seen"] == expect
+
+
+@pytest.mark.slow
+def test_evaluate_every_and_no_clinic_evaluation_leave_training_unchanged(tmp_path):
+    """federation.evaluate_every 2 scores rounds 0, 2 and the last (3) on the server's test set;
+    fraction_evaluate 0 sends no evaluate message to any clinic. Neither changes training: the
+    final model is bit for bit the one of a run that evaluates everything, and the run folder
+    still lists every round."""
+    from server.federation import run_federation
+    from server.run_folder import write_run_folder
+    from simulations.bench_quality import InProcessGrid
+    from simulations.simulate import prepare_split
+    from tests.conftest import write_tiny_multilabel
+
+    manifest = write_tiny_multilabel(tmp_path / "data", n=48)
+
+    def run(name: str, **fed):
+        raw = _cfg(rounds=3, local_steps=2, **fed).model_dump(mode="json")
+        raw["split"] = {"clinics": 2, "scheme": "iid", "test_fraction": 0.25}
+        cfg = config_from_dict(raw)
+        prepare_split(cfg, manifest, tmp_path / name)
+        grid = InProcessGrid(tmp_path / name, 2)
+        return run_federation(grid, cfg, tmp_path / name / "server_test.csv"), grid
+
+    full, full_grid = run("full")
+    lean, lean_grid = run("lean", evaluate_every=2, fraction_evaluate=0.0)
+    assert sorted(full.evaluator.history) == [0, 1, 2, 3]
+    assert sorted(lean.evaluator.history) == [0, 2, 3]
+    kinds = [m.metadata.message_type for m in lean_grid.sent]
+    assert not [k for k in kinds if k.startswith("evaluate")] and "train" in kinds
+    assert [k for k in (m.metadata.message_type for m in full_grid.sent)
+            if k.startswith("evaluate")]
+    a, b = full.evaluator.final_state, lean.evaluator.final_state
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) == 0.0
+    assert full.evaluator.history[3] == lean.evaluator.history[3]
+    data = write_run_folder(lean, tmp_path / "run_lean")
+    assert [h["round"] for h in data["history"]] == [0, 1, 2, 3]
+    assert data["history"][1]["server"] is None and data["history"][1]["clinics_train"]

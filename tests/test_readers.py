@@ -168,3 +168,42 @@ def test_colour_dicom_matches_the_uncompressed_rgb_original():
                  "SC_rgb_jls_lossy_line.dcm", "SC_rgb_rle_2frame.dcm"):
         img = np.asarray(read_image(root / name), dtype=int)
         assert np.abs(img - ref).mean() < 2, name
+
+
+def _photo_like(h: int, w: int) -> np.ndarray:
+    """Smooth shading plus sharp edges and fine texture: what a dental photo or radiograph has,
+    and where a reduced-scale decode would differ most."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:h, 0:w]
+    img = np.stack([128 + 80 * np.sin(xx / 37.0), 128 + 80 * np.cos(yy / 23.0),
+                    (xx + yy) % 256 * 0.8], axis=-1)
+    img[h // 4:h // 2, w // 3:w // 2] = 240  # a bright block with hard edges
+    img += rng.normal(0, 6, img.shape)
+    return img.clip(0, 255).astype(np.uint8)
+
+
+def test_reduced_scale_jpeg_decode_keeps_the_shape_and_stays_close(tmp_path):
+    """Draft mode decodes a JPEG at least twice the model's size at 1/2, 1/4 or 1/8 scale;
+    after the usual resize the tensor has the same shape and its pixels stay within a few
+    grey levels of a full decode + resize. Smaller JPEGs and PNGs are decoded in full."""
+    import torch
+
+    from shared.data.transforms import resize_transform
+
+    resize = resize_transform(64)
+    big = tmp_path / "big.jpg"
+    Image.fromarray(_photo_like(300, 520)).save(big, quality=92)
+    full, reduced = read_image(big), read_image(big, draft_size=64)
+    assert full.size == (520, 300) and reduced.size == (130, 75)  # 1/4: the smaller side >= 64
+    a, b = resize(full).to(torch.int16), resize(reduced).to(torch.int16)
+    assert a.shape == b.shape == (3, 64, 64)
+    diff = (a - b).abs().float()
+    assert diff.mean() < 1.5 and diff.quantile(0.99) < 8, (diff.mean(), diff.max())
+    assert diff.max() > 0  # it did decode at a reduced scale
+    small = tmp_path / "small.jpg"  # under twice the size: decoded in full
+    Image.fromarray(_photo_like(100, 120)).save(small, quality=92)
+    assert np.array_equal(np.asarray(read_image(small, draft_size=64)),
+                          np.asarray(read_image(small)))
+    png = tmp_path / "big.png"
+    Image.fromarray(_photo_like(300, 520)).save(png)
+    assert read_image(png, draft_size=64).size == (520, 300)
