@@ -19,13 +19,14 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord
 from torch import nn
 
-from shared.config import Config, config_from_yaml, dump_config
+from shared.config import Config, PretrainConfig, config_from_yaml, dump_config
 from shared.errors import DentfedError
 from shared.models import (
     batchnorm_names,
     build_model,
     local_prefixes,
     mark_local,
+    resolve_pretrained,
     sha256_of,
     trainable_state_keys,
 )
@@ -178,7 +179,7 @@ def pretrained_sha256(cfg: Config) -> str | None:
     """sha256 of model.pretrained (cached per file version), None without one."""
     if not cfg.model.pretrained:
         return None
-    p = Path(cfg.model.pretrained)
+    p = resolve_pretrained(cfg.model.pretrained)
     st = p.stat()
     return _file_sha256(str(p.resolve()), st.st_mtime_ns, st.st_size)
 
@@ -232,12 +233,19 @@ def round_lr(cfg: Config, server_round: int) -> float:
     return lr
 
 
+def pretrain_of(cfg: Config) -> PretrainConfig | None:
+    """The `pretrain` section for a pretrain task (build_model then makes the masked-image
+    model), else None."""
+    return cfg.pretrain if cfg.task.type == "pretrain" else None
+
+
 def build_global_model(cfg: Config) -> nn.Module:
     """The task model, seeded so every party builds identical frozen stages (Opacus-compatible
     normalisation under privacy.dp_sgd, so clinics and server exchange the same arrays)."""
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model, len(cfg.task.labels), cfg.data.image_size,
-                        dp_compatible=cfg.privacy.dp_sgd is not None)
+                        dp_compatible=cfg.privacy.dp_sgd is not None,
+                        pretrain=pretrain_of(cfg))
     if cfg.federation.local_bn:
         mark_local(model, batchnorm_names(model))
     return model

@@ -140,6 +140,8 @@ def split_clinics(m: Manifest, raw: pd.DataFrame, cfg: Config) -> ClinicSplit:
 
 
 def _label_counts(m: Manifest, rows: np.ndarray) -> np.ndarray:
+    if m.task.type == "pretrain":
+        return np.zeros(0, dtype=int)
     if m.task.type == "multiclass":
         return np.bincount(m.targets[rows], minlength=len(m.task.labels))
     return np.nansum(m.targets[rows] == 1, axis=0)

@@ -17,10 +17,11 @@ class ImageDataset(Dataset):
     `cache` is set (per process), which makes later epochs several times faster on a CPU."""
 
     def __init__(self, manifest: Manifest, image_size: int, train: bool, augment: bool = True,
-                 cache: bool = True):
+                 cache: bool = True, policy: str | None = "default",
+                 noise_fraction: float = 0.06):
         self.m = manifest
         self.resize = resize_transform(image_size)
-        self.pipelines = {mod: tensor_transform(mod, train, augment)
+        self.pipelines = {mod: tensor_transform(mod, train, augment, policy, noise_fraction)
                           for mod in ("photo", "radiograph")}
         self.cache: dict[int, torch.Tensor] | None = {} if cache else None
 
@@ -43,7 +44,8 @@ class ImageDataset(Dataset):
 def make_loader(manifest: Manifest, cfg: DataConfig, train: bool, seed: int = 0) -> DataLoader:
     """The DataLoader every caller uses (pooled training, clinics, baselines)."""
     ds = ImageDataset(manifest, cfg.image_size, train=train, augment=cfg.augment,
-                      cache=cfg.cache)
+                      cache=cfg.cache, policy=cfg.augment_policy,
+                      noise_fraction=cfg.noise_fraction)
     g = torch.Generator().manual_seed(seed)
     return DataLoader(ds, batch_size=cfg.batch_size, shuffle=train, generator=g,
                       num_workers=cfg.num_workers, drop_last=False,
