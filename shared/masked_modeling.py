@@ -240,7 +240,7 @@ class PaperAugment(nn.Module):
         if self.noise_fraction > 0:
             frac = float(torch.rand(())) * self.noise_fraction
             hit = torch.rand(x.shape[-2:]) < frac
-            x = torch.where(hit, torch.rand_like(x), x)
+            x = torch.where(hit, torch.rand(x.shape[-2:]).expand_as(x), x)
         if torch.rand(()) < 0.5:
             x = x.flip(-1)
         if torch.rand(()) < 0.5:
