@@ -96,6 +96,10 @@ def read_model_file(model_path: str | Path) -> ModelFile:
         raise DentfedError(f"{path.name}: a pretrained encoder without a task head; fine-tune "
                            "it (model.pretrained) before predicting")
     cfg = config_from_dict(ckpt["config"], source=f"{path.name} config")
+    if cfg.task.type == "pretrain":
+        raise DentfedError(f"{path.name}: a pretraining run's model (encoder and decoder) "
+                           "predicts no labels; its encoder.pt initialises a classifier "
+                           "(model.pretrained: the run folder)")
     if list(ckpt["labels"]) != list(cfg.task.labels):
         raise DentfedError(f"{path.name}: labels {ckpt['labels']} differ from its config's "
                            f"task.labels {cfg.task.labels}")

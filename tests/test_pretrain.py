@@ -16,8 +16,10 @@ import yaml
 
 from dentfed.cli import main as cli_main
 from shared.config import config_from_dict
+from shared.errors import DentfedError
 from shared.fedio import build_global_model, exchanged_keys, model_arrays
 from shared.masked_modeling import MaskedImageModel, masked_count, patchify, random_masking
+from shared.model_file import read_model_file
 from shared.models import ENCODER_FILE, build_model, head_prefixes
 from shared.training import make_optimizer
 from tests.conftest import write_tiny_multilabel
@@ -132,6 +134,8 @@ def test_pooled_pretraining_encoder_initialises_the_classifier(tmp_path):
     for name in (ENCODER_FILE, "reconstructions.png", "model.pt", "report.md"):
         assert (run / name).is_file(), name
     assert "| epoch | train loss |" in (run / "report.md").read_text()
+    with pytest.raises(DentfedError, match="pretraining run"):
+        read_model_file(run)  # nothing to predict with
     enc = torch.load(run / ENCODER_FILE, weights_only=True)
     assert enc["kind"] == "encoder" and enc["labels"] == []
     state = enc["state_dict"]
