@@ -16,11 +16,11 @@ import yaml
 
 from dentfed.cli import main as cli_main
 from shared.config import config_from_dict
-from shared.errors import DentfedError
-from shared.fedio import build_global_model, exchanged_keys, model_arrays
+from shared.errors import DentfedError, WeightsError
+from shared.fedio import build_global_model, exchanged_keys, model_arrays, pretrained_sha256
 from shared.masked_modeling import MaskedImageModel, masked_count, patchify, random_masking
 from shared.model_file import read_model_file
-from shared.models import ENCODER_FILE, build_model, head_prefixes
+from shared.models import ENCODER_FILE, build_model, head_prefixes, sha256_of
 from shared.training import make_optimizer
 from tests.conftest import write_tiny_multilabel
 
@@ -141,11 +141,14 @@ def test_pooled_pretraining_encoder_initialises_the_classifier(tmp_path):
     state = enc["state_dict"]
     assert state and not any(k.startswith(("heads", "decoder", "teacher")) for k in state)
 
+    sha = sha256_of(run / ENCODER_FILE)
     for pretrained in (run, run / ENCODER_FILE):
         cfg = config_from_dict({"task": {"type": "multiclass", "labels": ["a", "b", "c"],
                                          "label_column": "y"},
                                 "data": {"image_size": 32},
-                                "model": {**VIT, "pretrained": str(pretrained), "freeze": 2}})
+                                "model": {**VIT, "pretrained": str(pretrained), "freeze": 2,
+                                          "pretrained_sha256": sha[:12]}})
+        assert pretrained_sha256(cfg) == sha  # what the coordinator and clinics compare
         torch.manual_seed(123)
         clf = build_model(cfg.model, 3, 32)
         own = clf.state_dict()
@@ -157,6 +160,9 @@ def test_pooled_pretraining_encoder_initialises_the_classifier(tmp_path):
         assert own["heads.1.weight"].shape == (3, 192)  # a new 3-class head
         assert not any(k.startswith("heads") for k in state)
         assert clf(torch.randn(2, 3, 32, 32)).shape == (2, 3)
+    bad = cfg.model.model_copy(update={"pretrained_sha256": "0" * 12})
+    with pytest.raises(WeightsError, match="sha256"):
+        build_model(bad, 3, 32)
         frozen = [n for n, p in clf.named_parameters() if not p.requires_grad]
         assert "conv_proj.weight" in frozen and "heads.1.weight" not in frozen
 
