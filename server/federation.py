@@ -309,8 +309,11 @@ class CentralEvaluator:
         if not math.isnan(value) and self.sign * value > self.best_value:
             self.best_round, self.best_value = server_round, self.sign * value
             self.best_state = state
-        log.info("round %d: central %s %.4f, loss %.4f", server_round, self.key, value,
-                 res["loss"])
+        if self.key == "loss":  # pretraining: the masked-modelling loss is the headline
+            log.info("round %d: central masked-modelling loss %.4f", server_round, value)
+        else:
+            log.info("round %d: central %s %.4f, loss %.4f", server_round, self.key, value,
+                     res["loss"])
         keep = {k: v for k, v in res.items() if (k == "loss" or k.startswith("macro_")
                 or "/" not in k) and not math.isnan(v)}
         return MetricRecord(keep)
