@@ -44,7 +44,7 @@ from dental_datasets import ufba425_panoramic as ufba
 from server.federation import run_federation
 from server.run_folder import write_run_folder
 from shared.atomic_files import write_text_atomic
-from shared.config import Config, TaskConfig, config_from_dict, load_config
+from shared.config import Config, TaskConfig, config_from_dict, load_config, with_overrides
 from shared.data.manifest import read_manifest
 from shared.models import ENCODER_FILE
 from simulations.bench_quality import InProcessGrid
@@ -94,14 +94,21 @@ def _federation(rounds: int, clinics: int) -> dict:
             "fraction_evaluate": 0.0}
 
 
+def demo_radiographs() -> tuple[Path, Config]:
+    """The demo implant radiographs (generated into the repo's data/ on first use) and their
+    config, wherever the script is started from."""
+    cfg = load_config(REPO / "configs" / "demo-radiographs.yaml")
+    cfg = with_overrides(cfg, {"data.manifest": str(REPO / str(cfg.data.manifest))})
+    return resolve_manifest(cfg, None), cfg
+
+
 def pretraining_manifest(shared: Path, work: Path, limit: int | None, seed: int) -> Path:
     """One unlabelled manifest: UFBA-425 panoramics, tooth crops and demo radiographs, with
     `source` (also the `site`) naming where each image comes from."""
-    demo_cfg = load_config(REPO / "configs" / "demo-radiographs.yaml")
     sources = {
         "ufba425": ufba.build_manifest(work / "ufba.csv", shared),
         "tooth_crops": tooth_crops.build_manifest(work / "crops.csv", shared),
-        "demo_radiographs": resolve_manifest(demo_cfg, None),
+        "demo_radiographs": demo_radiographs()[0],
     }
     rng = np.random.default_rng(seed)
     frames = []
@@ -126,8 +133,7 @@ def finetune_manifest(task: str, shared: Path, work: Path, limit: int | None, se
         path = ufba.build_manifest(work / "ufba-labelled.csv", shared)
         spec = {"type": "multilabel", "labels": list(ufba.LABELS)}
     else:
-        cfg = load_config(REPO / "configs" / "demo-radiographs.yaml")
-        path = resolve_manifest(cfg, None)
+        path, cfg = demo_radiographs()
         spec = cfg.task.model_dump(mode="json")
     if limit is not None:
         df = pd.read_csv(path, dtype=str, keep_default_na=False)
