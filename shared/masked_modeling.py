@@ -287,7 +287,7 @@ def reconstruction_figure(model: MaskedImageModel, images: torch.Tensor, path: P
         cos = F.cosine_similarity(parts["pred"], parts["target"], dim=-1)
         s = int(math.isqrt(model.num_patches))
         third = (cos * mask).reshape(-1, s, s).clamp(0, 1).cpu().numpy()
-        title = "MDE: cosine(pred, target), masked patches"
+        title = "MDE cosine(pred, target)"
     rows = [("original", show(x)), ("masked", show(masked)), (title, third)]
     n = len(x)
     fig, axes = plt.subplots(3, n, figsize=(1.6 * n, 5.2), squeeze=False)
