@@ -169,7 +169,8 @@ def pretrain(name: str, spec: tuple[str, float, bool], manifest: Path, args: arg
     res = run_federation(InProcessGrid(split_dir, args.clinics), cfg,
                          split_dir / "server_test.csv")
     write_run_folder(res, out)
-    return out, [res.evaluator.history[r]["loss"] for r in sorted(res.evaluator.history)]
+    # rounds 1..last, as the pooled curve's epochs 1..last (round 0 is the untrained model)
+    return out, [res.evaluator.history[r]["loss"] for r in sorted(res.evaluator.history) if r]
 
 
 def finetune(task: str, encoder: Path | None, manifest: Path, spec: dict,
@@ -222,7 +223,7 @@ def tables(results: dict, seeds: list[int]) -> str:
     implant per-class sensitivity/specificity of the federated fine-tuning."""
     head = ("| encoder | UFBA-425 macro-AUC, pooled FT | UFBA-425 macro-AUC, federated FT "
             "| implants bal. acc., pooled FT | implants bal. acc., federated FT "
-            "| pretraining loss (first -> last) |")
+            "| pretraining loss, epoch/round 1 -> last |")
     lines = [head, "|---|---|---|---|---|---|"]
     for name, r in results.items():
         cells = [_cell([s[t][mode].get(METRIC[t], math.nan) for s in r["seeds"].values()])
