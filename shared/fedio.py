@@ -19,13 +19,14 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord
 from torch import nn
 
-from shared.config import Config, PretrainConfig, config_from_yaml, dump_config
+from shared.config import Config, config_from_yaml, dump_config
 from shared.errors import DentfedError
 from shared.models import (
     batchnorm_names,
     build_model,
     local_prefixes,
     mark_local,
+    pretrain_of,
     resolve_pretrained,
     sha256_of,
     trainable_state_keys,
@@ -231,12 +232,6 @@ def round_lr(cfg: Config, server_round: int) -> float:
         span = max(fed.rounds - fed.warmup_rounds, 1)
         lr *= 0.5 * (1 + math.cos(math.pi * (r - 1 - fed.warmup_rounds) / span))
     return lr
-
-
-def pretrain_of(cfg: Config) -> PretrainConfig | None:
-    """The `pretrain` section for a pretrain task (build_model then makes the masked-image
-    model), else None."""
-    return cfg.pretrain if cfg.task.type == "pretrain" else None
 
 
 def build_global_model(cfg: Config) -> nn.Module:

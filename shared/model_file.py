@@ -18,8 +18,7 @@ from torch import nn
 from shared.atomic_files import torch_save_atomic
 from shared.config import Config, config_from_dict
 from shared.errors import DentfedError
-from shared.fedio import pretrain_of
-from shared.models import ENCODER_FILE, build_model, trainable_state_keys
+from shared.models import ENCODER_FILE, build_model, pretrain_of, trainable_state_keys
 
 # What a run folder holds, in the order a reader looks: a pooled run, then a federated run's
 # final model (`model_best.pt` is only used when named explicitly).

@@ -19,7 +19,7 @@ import torchvision
 from torch import nn
 from torchvision.models.vision_transformer import VisionTransformer
 
-from shared.config import ModelConfig, PretrainConfig
+from shared.config import Config, ModelConfig, PretrainConfig
 from shared.errors import ConfigError, WeightsError
 from shared.masked_modeling import MaskedImageModel
 
@@ -33,6 +33,12 @@ LOCAL_ATTR = "_dentfed_local_prefixes"  # FedBN: modules whose state stays at ea
 # What a pretraining run folder holds for fine-tuning: its ViT encoder (model-file format,
 # torchvision layout); `model.pretrained: RUN_DIR` reads this file.
 ENCODER_FILE = "encoder.pt"
+
+
+def pretrain_of(cfg: Config) -> PretrainConfig | None:
+    """The `pretrain` section for a pretrain task (build_model then makes the masked-image
+    model), else None."""
+    return cfg.pretrain if cfg.task.type == "pretrain" else None
 
 
 def resolve_pretrained(path: str | Path) -> Path:

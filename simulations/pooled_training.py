@@ -18,12 +18,11 @@ from shared.data.dataset import make_loader
 from shared.data.manifest import Manifest, read_manifest
 from shared.data.splits import Split, kfold_patients, split_patients
 from shared.errors import ConfigError, DentfedError
-from shared.fedio import pretrain_of
 from shared.losses import make_loss
 from shared.metrics import headline, tune_thresholds
 from shared.model_card import build_card, label_counts, write_card
 from shared.model_file import save_model_file
-from shared.models import build_model, resolve_device
+from shared.models import build_model, pretrain_of, resolve_device
 from shared.pretrain_outputs import loss_curve_markdown, write_pretrain_outputs
 from shared.report_tables import metrics_table, plot_learning_curves, render_table, write_json
 from shared.training import evaluate, fit, predict, seed_everything
