@@ -204,6 +204,9 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         cfg = load_config(args.config)
         cfg = _apply_overrides(cfg, args)
         if args.compare:
+            if cfg.task.type == "pretrain":
+                raise DentfedError("--compare compares classifiers; a pretrain task is compared "
+                                   "downstream (simulations/bench_pretrain.py)")
             return _simulate_compare(cfg, args)
         out = Path(args.out or
                    f"runs/sim-{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}")

@@ -50,7 +50,7 @@ from shared.fedio import (
     model_arrays,
 )
 from shared.losses import make_loss
-from shared.metrics import headline
+from shared.metrics import headline, higher_is_better
 from shared.models import batch_statistics, local_prefixes, resolve_device
 from shared.training import evaluate
 from shared.upload import SCALES_KEY, decode_update
@@ -271,11 +271,14 @@ class CentralEvaluator:
         self.device = resolve_device(cfg.train.device)
         self.model = model.to(self.device)
         m = read_manifest(test_manifest, cfg.task, default_modality=cfg.data.modality)
+        self.manifest = m
         self.n_test = len(m)
         self.loader = make_loader(m, cfg.data, train=False)
         self.loss_fn = make_loss(cfg.task, cfg.train, m.targets).to(self.device)
         self.key = headline(cfg.task.type)
         self.history: dict[int, dict[str, float]] = {}
+        # Best = highest headline, or lowest for a loss (pretraining); compared as sign * value.
+        self.sign = 1.0 if higher_is_better(self.key) else -1.0
         self.best_round, self.best_value, self.best_state = -1, -math.inf, None
         self.final_state: dict[str, torch.Tensor] | None = None
         self.seconds: dict[int, float] = {}
@@ -303,10 +306,14 @@ class CentralEvaluator:
         value = res.get(self.key, float("nan"))
         state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
         self.final_state = state
-        if not math.isnan(value) and value > self.best_value:
-            self.best_round, self.best_value, self.best_state = server_round, value, state
-        log.info("round %d: central %s %.4f, loss %.4f", server_round, self.key, value,
-                 res["loss"])
+        if not math.isnan(value) and self.sign * value > self.best_value:
+            self.best_round, self.best_value = server_round, self.sign * value
+            self.best_state = state
+        if self.key == "loss":  # pretraining: the masked-modelling loss is the headline
+            log.info("round %d: central masked-modelling loss %.4f", server_round, value)
+        else:
+            log.info("round %d: central %s %.4f, loss %.4f", server_round, self.key, value,
+                     res["loss"])
         keep = {k: v for k, v in res.items() if (k == "loss" or k.startswith("macro_")
                 or "/" not in k) and not math.isnan(v)}
         return MetricRecord(keep)

@@ -18,6 +18,7 @@ from shared.config import dump_config  # noqa: E402
 from shared.fedio import build_global_model  # noqa: E402
 from shared.model_card import build_card, write_card  # noqa: E402
 from shared.model_file import save_model_file  # noqa: E402
+from shared.pretrain_outputs import loss_curve_markdown, write_pretrain_outputs  # noqa: E402
 from shared.report_tables import metrics_table, render_table, write_json  # noqa: E402
 
 
@@ -119,6 +120,25 @@ def _checkpoint(res: FederationResult, state: dict, path: Path) -> None:
     model = build_global_model(res.cfg)
     model.load_state_dict(state)
     save_model_file(path, model, res.cfg, thresholds=None)  # no clinic validation scores here
+
+
+def pretrain_markdown(res: FederationResult, out: Path) -> str:
+    """A pretraining federation: encoder.pt of the final global model, the reconstruction
+    figure on the server's own test images, and the loss per round for report.md."""
+    cfg = res.cfg
+    model = build_global_model(cfg)
+    model.load_state_dict(res.evaluator.final_state)
+    write_pretrain_outputs(out, model, cfg, res.evaluator.manifest)
+    rows = [(r, res.train_aggregated.get(r, {}).get("train_loss"),
+             res.evaluator.history[r].get("loss")) for r in sorted(res.evaluator.history)]
+    return (f"\n## Pretraining ({cfg.pretrain.method}, mask ratio {cfg.pretrain.mask_ratio:g})"
+            "\n\nLoss on masked patches per round (train: the clinics' mean over their local "
+            "steps; evaluation: the global model on the server's test images, round 0 = "
+            "initial model):\n\n" + loss_curve_markdown(rows, "round")
+            + "\nencoder for fine-tuning: encoder.pt (model.pretrained: this folder); "
+            "exchanged each round: encoder and decoder; the MDE teacher is re-derived from the "
+            "global encoder at each clinic (docs/pretraining.md)\n\n"
+            "![reconstructions](reconstructions.png)\n")
 
 
 def rounds_table(res: FederationResult) -> pd.DataFrame:
@@ -229,6 +249,8 @@ def write_run_folder(res: FederationResult, out: Path) -> dict:
         text += "\n" + central_dp_markdown(data["central_dp"])
     if "cross_site" in data:
         text += "\n" + cross_site_markdown(data["cross_site"])
+    if res.cfg.task.type == "pretrain":
+        text += pretrain_markdown(res, out)
     if res.stopped:
         text = text.replace("\n\n", f"\n\n**Stopped early:** {res.stopped}\n\n", 1)
     write_text_atomic(out / "report.md", text)

@@ -29,10 +29,12 @@ class _Strict(BaseModel):
 class TaskConfig(_Strict):
     """What is predicted. Multi-label: one 0/1/blank column per label. Multi-class: one column.
     Detection: `labels` are the box class names (e.g. the 32 FDI numbers or implant systems),
-    boxes in the manifest's `boxes` column (shared/data/detection.py)."""
+    boxes in the manifest's `boxes` column (shared/data/detection.py). Pretrain: nothing
+    (self-supervised masked image modelling, section `pretrain`); the manifest needs no label
+    columns and any it has are ignored."""
 
-    type: Literal["multilabel", "multiclass", "detection"]
-    labels: list[str] = Field(min_length=1)
+    type: Literal["multilabel", "multiclass", "detection", "pretrain"]
+    labels: list[str] = Field(default_factory=list)
     label_column: str | None = None
 
     @field_validator("labels", mode="before")
@@ -45,6 +47,13 @@ class TaskConfig(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> TaskConfig:
+        if self.type == "pretrain":
+            if self.labels or self.label_column is not None:
+                raise ValueError("task.type pretrain takes no task.labels or label_column "
+                                 "(labels in the manifest are ignored)")
+            return self
+        if not self.labels:
+            raise ValueError(f"task.labels: a {self.type} task needs at least one label")
         if len(set(self.labels)) != len(self.labels):
             raise ValueError("task.labels has duplicates")
         if self.type == "multiclass":
@@ -81,6 +90,12 @@ class DataConfig(_Strict):
     batch_size: int = Field(default=32, ge=1)
     num_workers: int = Field(default=0, ge=0)
     augment: bool = True
+    # Training augmentation when `augment` is on. default: horizontal flip and +-10 degree
+    # rotation (plus colour jitter for photos). paper: the self-supervised implant paper's
+    # radiograph set (Almalki et al.): random noise on up to `noise_fraction` of the pixels,
+    # horizontal and vertical flips and 90-degree rotations; a pretrain task defaults to it.
+    augment_policy: Literal["default", "paper"] | None = None
+    noise_fraction: float = Field(default=0.06, ge=0, le=1)
     cache: bool = True
     # a clinic's decoded, resized images on its own disk (<state-dir>/image_cache), reused
     # across rounds and runs; only where the clinic has a state folder
@@ -165,6 +180,28 @@ class TrainConfig(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = 0
     progress: bool = True
+
+
+class PretrainConfig(_Strict):
+    """`task.type: pretrain`: masked image modelling on the factory's ViT
+    (shared/masked_modeling.py, docs/pretraining.md). mae reconstructs the pixels of masked
+    patches; mde (masked deep embedding) predicts the embeddings an EMA teacher encoder
+    computes for them, stop-gradient.
+    The decoder (and the teacher) are discarded; the run writes the encoder (`encoder.pt`)."""
+
+    method: Literal["mae", "mde"] = "mae"
+    mask_ratio: float = Field(default=0.25, gt=0, lt=1)
+    decoder_dim: int = Field(default=128, ge=8)
+    decoder_depth: int = Field(default=2, ge=1)
+    decoder_heads: int = Field(default=4, ge=1)
+    # mae: per-patch normalised pixel targets (MAE's norm_pix_loss)
+    norm_pix_loss: bool = False
+    # mde: the teacher is an exponential moving average of the encoder (momentum per step);
+    # the target of a patch is the layer-normed mean of the teacher's last `target_layers`
+    # block outputs (data2vec). Loss: mse or 1 - cosine between predicted and target.
+    ema_momentum: float = Field(default=0.996, ge=0, lt=1)
+    target_layers: int = Field(default=1, ge=1)
+    mde_loss: Literal["mse", "cosine"] = "mse"
 
 
 class PersonalizeConfig(_Strict):
@@ -376,6 +413,7 @@ class Config(_Strict):
     simulation: SimulationConfig = SimulationConfig()
     privacy: PrivacyConfig = PrivacyConfig()
     tracking: TrackingConfig = TrackingConfig()
+    pretrain: PretrainConfig = PretrainConfig()
 
     @model_validator(mode="before")
     @classmethod
@@ -396,7 +434,9 @@ class Config(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> Config:
-        if self.task.type == "multiclass" and self.train.loss != "ce":
+        if self.task.type == "pretrain":
+            self._check_pretrain()
+        elif self.task.type == "multiclass" and self.train.loss != "ce":
             raise ValueError(f"train.loss '{self.train.loss}' is for multilabel tasks; "
                              "a multiclass task uses 'ce'")
         if self.task.type == "multilabel" and self.train.loss == "ce":
@@ -480,6 +520,20 @@ class Config(_Strict):
                                  "supported: the proximal term's gradient would bypass the "
                                  "per-sample clipping and noise")
         return self
+
+    def _check_pretrain(self) -> None:
+        if self.model.name.lower() != "vit":
+            raise ValueError("task.type pretrain (masked image modelling) needs model.name vit")
+        if self.model.freeze or self.model.pretrained:
+            raise ValueError("task.type pretrain trains the whole ViT from scratch: "
+                             "model.freeze and model.pretrained are for fine-tuning")
+        if self.data.augment_policy is None:
+            object.__setattr__(self.data, "augment_policy", "paper")
+        f = self.federation
+        if self.privacy.dp_sgd is not None or f.personalize is not None \
+                or f.cross_site.enabled or f.bn_recalibration or f.local_bn:
+            raise ValueError("task.type pretrain cannot be combined with privacy.dp_sgd, "
+                             "federation.personalize, cross_site, bn_recalibration or local_bn")
 
 
 def config_from_yaml(text: str, source: str = "config") -> Config:

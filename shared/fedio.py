@@ -26,6 +26,8 @@ from shared.models import (
     build_model,
     local_prefixes,
     mark_local,
+    pretrain_of,
+    resolve_pretrained,
     sha256_of,
     trainable_state_keys,
 )
@@ -178,7 +180,7 @@ def pretrained_sha256(cfg: Config) -> str | None:
     """sha256 of model.pretrained (cached per file version), None without one."""
     if not cfg.model.pretrained:
         return None
-    p = Path(cfg.model.pretrained)
+    p = resolve_pretrained(cfg.model.pretrained)
     st = p.stat()
     return _file_sha256(str(p.resolve()), st.st_mtime_ns, st.st_size)
 
@@ -237,7 +239,8 @@ def build_global_model(cfg: Config) -> nn.Module:
     normalisation under privacy.dp_sgd, so clinics and server exchange the same arrays)."""
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model, len(cfg.task.labels), cfg.data.image_size,
-                        dp_compatible=cfg.privacy.dp_sgd is not None)
+                        dp_compatible=cfg.privacy.dp_sgd is not None,
+                        pretrain=pretrain_of(cfg))
     if cfg.federation.local_bn:
         mark_local(model, batchnorm_names(model))
     return model

@@ -102,6 +102,10 @@ def make_loss(task: TaskConfig, train: TrainConfig,
     per_sample (DP-SGD): multi-label losses average each sample's known labels separately."""
     if task.type == "detection":
         return DetectionLoss()
+    if task.type == "pretrain":  # the masked-image model's forward is its loss
+        from shared.masked_modeling import PretrainObjective
+
+        return PretrainObjective()
     if task.type == "multiclass":
         return nn.CrossEntropyLoss(label_smoothing=train.label_smoothing)
     if train.loss == "bce":

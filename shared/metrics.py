@@ -159,7 +159,13 @@ def headline(task_type: str) -> str:
     """The metric a run is summarised (and models are compared) by."""
     if task_type == "detection":
         return "map_50"
+    if task_type == "pretrain":
+        return "loss"  # the masked-modelling loss: lower is better (see higher_is_better)
     return "macro_auc" if task_type == "multilabel" else "balanced_accuracy"
+
+
+def higher_is_better(key: str) -> bool:
+    return key != "loss"
 
 
 def to_jsonable(metrics: dict[str, float]) -> dict[str, float | None]:

@@ -18,7 +18,7 @@ from torch import nn
 from shared.atomic_files import torch_save_atomic
 from shared.config import Config, config_from_dict
 from shared.errors import DentfedError
-from shared.models import build_model, trainable_state_keys
+from shared.models import ENCODER_FILE, build_model, pretrain_of, trainable_state_keys
 
 # What a run folder holds, in the order a reader looks: a pooled run, then a federated run's
 # final model (`model_best.pt` is only used when named explicitly).
@@ -49,6 +49,21 @@ def save_model_file(path: Path, model: nn.Module, cfg: Config,
     }, path)
 
 
+def save_encoder_file(path: Path, model: nn.Module, cfg: Config) -> None:
+    """A pretraining run's encoder (`encoder.pt`) in the one format: `state_dict` is the ViT
+    encoder in torchvision's VisionTransformer layout (no head, no decoder, no teacher),
+    `config` the pretraining config, `kind` "encoder". `model.pretrained` reads it (or the
+    run folder holding it) to initialise a classification ViT."""
+    torch_save_atomic({
+        "state_dict": model.encoder_state(),
+        "config": cfg.model_dump(mode="json"),
+        "labels": [],
+        "thresholds": None,
+        "trainable_keys": list(model.encoder_state()),
+        "kind": "encoder",
+    }, path)
+
+
 def find_model_file(model_path: str | Path) -> Path:
     """A run folder (model.pt, else model_final.pt) or a model file itself."""
     p = Path(model_path)
@@ -76,12 +91,19 @@ def read_model_file(model_path: str | Path) -> ModelFile:
     if not isinstance(ckpt, dict) or not set(REQUIRED_KEYS) <= set(ckpt):
         raise DentfedError(f"{path.name}: not a dentfed checkpoint (needs state_dict, config, "
                            "labels)")
+    if ckpt.get("kind") == "encoder" or path.name == ENCODER_FILE:
+        raise DentfedError(f"{path.name}: a pretrained encoder without a task head; fine-tune "
+                           "it (model.pretrained) before predicting")
     cfg = config_from_dict(ckpt["config"], source=f"{path.name} config")
+    if cfg.task.type == "pretrain":
+        raise DentfedError(f"{path.name}: a pretraining run's model (encoder and decoder) "
+                           "predicts no labels; its encoder.pt initialises a classifier "
+                           "(model.pretrained: the run folder)")
     if list(ckpt["labels"]) != list(cfg.task.labels):
         raise DentfedError(f"{path.name}: labels {ckpt['labels']} differ from its config's "
                            f"task.labels {cfg.task.labels}")
     model = build_model(cfg.model, len(cfg.task.labels), cfg.data.image_size, load_weights=False,
-                        dp_compatible=cfg.privacy.dp_sgd is not None)
+                        dp_compatible=cfg.privacy.dp_sgd is not None, pretrain=pretrain_of(cfg))
     try:
         model.load_state_dict(ckpt["state_dict"])
     except RuntimeError as err:

@@ -19,7 +19,7 @@ import torchvision
 from torch import nn
 from torchvision.models.vision_transformer import VisionTransformer
 
-from shared.config import ModelConfig
+from shared.config import Config, ModelConfig, PretrainConfig
 from shared.detectors import (
     build_detector,
     default_prefix,
@@ -28,6 +28,7 @@ from shared.detectors import (
     pretrained_skip,
 )
 from shared.errors import ConfigError, WeightsError
+from shared.masked_modeling import MaskedImageModel
 
 VIT_SIZES = {  # hidden_dim, depth, heads, mlp_dim (DeiT-style tiny/small, ViT-B)
     "tiny": (192, 12, 3, 768),
@@ -36,6 +37,26 @@ VIT_SIZES = {  # hidden_dim, depth, heads, mlp_dim (DeiT-style tiny/small, ViT-B
 }
 FROZEN_ATTR = "_dentfed_frozen_prefixes"
 LOCAL_ATTR = "_dentfed_local_prefixes"  # FedBN: modules whose state stays at each clinic
+# What a pretraining run folder holds for fine-tuning: its ViT encoder (model-file format,
+# torchvision layout); `model.pretrained: RUN_DIR` reads this file.
+ENCODER_FILE = "encoder.pt"
+
+
+def pretrain_of(cfg: Config) -> PretrainConfig | None:
+    """The `pretrain` section for a pretrain task (build_model then makes the masked-image
+    model), else None."""
+    return cfg.pretrain if cfg.task.type == "pretrain" else None
+
+
+def resolve_pretrained(path: str | Path) -> Path:
+    """model.pretrained: a weights file, or a pretraining run folder (its encoder.pt)."""
+    p = Path(path)
+    if p.is_dir():
+        if not (p / ENCODER_FILE).is_file():
+            raise WeightsError(f"model.pretrained {p} is a folder without {ENCODER_FILE} (a "
+                               "`task.type: pretrain` run folder has one)")
+        return p / ENCODER_FILE
+    return p
 
 
 def _vit(cfg: ModelConfig, image_size: int, num_outputs: int) -> VisionTransformer:
@@ -214,7 +235,7 @@ def load_pretrained(model: nn.Module, path: str | Path, prefix: str | None = Non
     sub-module. Keys of the head (replaced for the task) may be absent or mis-shaped and are
     skipped; any other missing, unexpected or mis-shaped key is an error. Returns loaded keys.
     """
-    path = Path(path)
+    path = resolve_pretrained(path)
     if not path.is_file():
         raise WeightsError(f"pretrained weights file not found: {path}")
     if sha256:
@@ -320,14 +341,24 @@ def group_norm(model: nn.Module) -> nn.Module:
 
 
 def build_model(cfg: ModelConfig, num_outputs: int, image_size: int = 224,
-                load_weights: bool = True, dp_compatible: bool = False) -> nn.Module:
+                load_weights: bool = True, dp_compatible: bool = False,
+                pretrain: PretrainConfig | None = None) -> nn.Module:
     """Build the task model: architecture, local pretrained weights, new head, frozen stages;
     with dp_compatible, normalisation layers that DP-SGD cannot clip per sample are replaced.
+    With `pretrain` (a `task.type: pretrain` run), the ViT without head inside a
+    masked-image model (shared/masked_modeling.py) whose forward returns the loss.
 
     `load_weights=False` builds the identical layout (a pretrained ViT gets the same replaced
     head) without reading `cfg.pretrained`: for loading a saved checkpoint on a machine that
     lacks the original weights file."""
     name = cfg.name.lower()
+    if pretrain is not None:
+        vit = _vit(cfg, image_size, 1)
+        vit.heads = nn.Identity()
+        try:
+            return MaskedImageModel(vit, pretrain)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
     if is_detector(name):
         return _build_detector(cfg, num_outputs, image_size, load_weights, dp_compatible)
     if name == "vit":

@@ -39,7 +39,12 @@ def write_json(path: Path, obj: object) -> None:
 
 def metrics_table(task: TaskConfig, mean: dict[str, float],
                   sd: dict[str, float] | None = None) -> pd.DataFrame:
-    """Per-label (or per-class) rows plus a macro row; 'mean +- sd' strings when sd is given."""
+    """Per-label (or per-class) rows plus a macro row; 'mean +- sd' strings when sd is given.
+    A pretrain task: the masked-modelling loss."""
+    if task.type == "pretrain":
+        v, s = mean.get("loss", float("nan")), (sd or {}).get("loss")
+        text = f"{v:.4f}" + (f" ± {s:.4f}" if s is not None and not math.isnan(s) else "")
+        return pd.DataFrame({"value": {"masked-modelling loss": text}}).rename_axis("metric")
     cols = {"multilabel": ML_COLUMNS, "detection": DET_COLUMNS}.get(task.type, MC_COLUMNS)
     cols = tuple(c for c in cols if c != "f1_tuned" or "macro_f1_tuned" in mean)
 

@@ -224,10 +224,19 @@ def predict(model: nn.Module, loader: DataLoader, loss_fn: nn.Module | None,
 def evaluate(model: nn.Module, loader: DataLoader, loss_fn: nn.Module | None, task: TaskConfig,
              device: torch.device, thresholds: list[float] | None = None,
              progress: bool = False) -> dict[str, float]:
-    """Loss plus the task's full metric set on `loader`."""
+    """Loss plus the task's full metric set on `loader` (a pretrain task: the masked-modelling
+    loss only, masks drawn by a fixed generator)."""
     if task.type == "detection":
         preds, boxes, loss = predict_detections(model, loader, loss_fn, device, progress)
         return {"loss": loss, **detection_metrics(preds, boxes, task.labels)}
+    if task.type == "pretrain":
+        model.eval()
+        total, n = 0.0, 0
+        with torch.inference_mode():
+            for x, _ in _progress(loader, progress, "eval"):
+                total += float(model(x.to(device))) * len(x)
+                n += len(x)
+        return {"loss": total / max(n, 1)}
     probs, targets, loss = predict(model, loader, loss_fn, device, task.type, progress)
     if task.type == "multilabel":
         m = multilabel_metrics(probs, targets, task.labels, thresholds)

@@ -140,6 +140,8 @@ def split_clinics(m: Manifest, raw: pd.DataFrame, cfg: Config) -> ClinicSplit:
 
 
 def _label_counts(m: Manifest, rows: np.ndarray) -> np.ndarray:
+    if m.task.type == "pretrain":
+        return np.zeros(0, dtype=int)
     if m.task.type == "multiclass":
         return np.bincount(m.targets[rows], minlength=len(m.task.labels))
     return np.nansum(m.targets[rows] == 1, axis=0)
@@ -169,7 +171,8 @@ def plot_distribution(m: Manifest, split: ClinicSplit, path: Path) -> None:
     ax.set(xticks=np.arange(split.n), xticklabels=[f"clinic {c}" for c in range(split.n)],
            ylabel="images (positives per label)" if m.task.type == "multilabel" else "images",
            title="Label distribution per clinic")
-    ax.legend(fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left")
+    if len(m.task.labels):  # a pretrain task has no labels to stack
+        ax.legend(fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left")
     fig.tight_layout()
     with atomic_file(path) as tmp:
         fig.savefig(tmp, dpi=110)

@@ -22,7 +22,8 @@ from shared.losses import make_loss
 from shared.metrics import headline, tune_thresholds
 from shared.model_card import build_card, label_counts, write_card
 from shared.model_file import save_model_file
-from shared.models import build_model, resolve_device
+from shared.models import build_model, pretrain_of, resolve_device
+from shared.pretrain_outputs import loss_curve_markdown, write_pretrain_outputs
 from shared.report_tables import metrics_table, plot_learning_curves, render_table, write_json
 from shared.training import evaluate, fit, predict, seed_everything
 
@@ -66,6 +67,7 @@ class FoldResult:
     sizes: dict[str, int]
     epsilon: float | None = None  # DP-SGD: privacy loss of this fold's training data
     stopped: str | None = None  # DP-SGD: why training stopped before cfg.train.epochs
+    test_manifest: Manifest | None = None  # pretrain: the reconstruction figure's images
 
 
 def train_fold(cfg: Config, m: Manifest, split: Split, seed: int) -> FoldResult:
@@ -76,7 +78,7 @@ def train_fold(cfg: Config, m: Manifest, split: Split, seed: int) -> FoldResult:
     train_m, val_m, test_m = (m.subset(split[s]) for s in ("train", "val", "test"))
     dp = cfg.privacy.dp_sgd
     model = build_model(cfg.model, len(cfg.task.labels), cfg.data.image_size,
-                        dp_compatible=dp is not None)
+                        dp_compatible=dp is not None, pretrain=pretrain_of(cfg))
     loss_fn = make_loss(cfg.task, cfg.train, train_m.targets, per_sample=dp is not None)
     train_dl = make_loader(train_m, cfg.data, train=True, seed=seed)
     val_dl = make_loader(val_m, cfg.data, train=False)
@@ -84,8 +86,9 @@ def train_fold(cfg: Config, m: Manifest, split: Split, seed: int) -> FoldResult:
 
     def show(row: dict[str, float]) -> None:
         key = f"val_{headline(cfg.task.type)}"
-        log.info("epoch %d  train_loss %.4f  val_loss %.4f  %s %.4f", row["epoch"],
-                 row["train_loss"], row["val_loss"], key, row.get(key, float("nan")))
+        more = "" if key == "val_loss" else f"  {key} {row.get(key, float('nan')):.4f}"
+        log.info("epoch %d  train_loss %.4f  val_loss %.4f%s", row["epoch"],
+                 row["train_loss"], row["val_loss"], more)
 
     res = fit(model, train_dl, val_dl, loss_fn, cfg.task, cfg.train, device, on_epoch=show,
               privacy=dp)
@@ -96,7 +99,7 @@ def train_fold(cfg: Config, m: Manifest, split: Split, seed: int) -> FoldResult:
     test = evaluate(model, test_dl, loss_fn, cfg.task, device, thresholds)
     sizes = {s: len(split[s]) for s in ("train", "val", "test")}
     return FoldResult(test, thresholds, res.history, res.best_epoch, model.cpu(),
-                      time.perf_counter() - t0, sizes, res.epsilon, res.stop_reason)
+                      time.perf_counter() - t0, sizes, res.epsilon, res.stop_reason, test_m)
 
 
 def data_summary(m: Manifest, split: Split, cv: int | None) -> dict:
@@ -177,9 +180,23 @@ def run_training(cfg: Config, manifest: str | Path | None, out_dir: str | Path,
         plot_learning_curves([fr.history for fr in folds], headline(cfg.task.type),
                              tmp / "learning_curve.png")
         title = f"{len(folds)}-fold patient-grouped CV, mean ± sd" if cv else "test split"
+        extra = ""
+        if cfg.task.type == "pretrain":
+            last = folds[-1]
+            assert last.test_manifest is not None
+            write_pretrain_outputs(tmp, last.model, cfg, last.test_manifest)
+            extra = (f"\n## Pretraining ({cfg.pretrain.method}, mask ratio "
+                     f"{cfg.pretrain.mask_ratio:g})\n\nLoss on masked patches per epoch"
+                     f"{' (last fold)' if cv else ''}:\n\n" + loss_curve_markdown(
+                         [(int(h["epoch"]), h["train_loss"], h["val_loss"])
+                          for h in last.history], "epoch")
+                     + "\n![loss curve](learning_curve.png)\n\nencoder for fine-tuning: "
+                     "encoder.pt (model.pretrained: this folder)\n\n"
+                     "![reconstructions](reconstructions.png)\n")
         write_text_atomic(tmp / "report.md", f"# dentfed train\n\n{title}\n\n"
                           f"{render_table(table)}\n\nheadline {result['headline']}: "
-                          f"{final[result['headline']]:.4f}\n{_privacy_line(cfg, folds)}")
+                          f"{final[result['headline']]:.4f}\n{_privacy_line(cfg, folds)}"
+                          + extra)
     log_run_folder(out_dir, "train", cfg)
     result["table"] = table
     return result

@@ -23,10 +23,11 @@ class ImageDataset(Dataset):
     is given, which makes the first epoch of later rounds and runs fast too."""
 
     def __init__(self, manifest: Manifest, image_size: int, train: bool, augment: bool = True,
-                 cache: bool = True, disk_cache: Path | None = None):
+                 cache: bool = True, disk_cache: Path | None = None,
+                 policy: str | None = "default", noise_fraction: float = 0.06):
         self.m = manifest
         self.resize = resize_transform(image_size)
-        self.pipelines = {mod: tensor_transform(mod, train, augment)
+        self.pipelines = {mod: tensor_transform(mod, train, augment, policy, noise_fraction)
                           for mod in ("photo", "radiograph")}
         self.cache: dict[int, torch.Tensor] | None = {} if cache else None
         self.disk = ImageDiskCache(disk_cache) if disk_cache is not None else None
@@ -70,7 +71,8 @@ def make_loader(manifest: Manifest, cfg: DataConfig, train: bool, seed: int = 0,
     if manifest.task.type == "detection":
         return _detection_loader(manifest, cfg, train, seed)
     ds = ImageDataset(manifest, cfg.image_size, train=train, augment=cfg.augment,
-                      cache=cfg.cache, disk_cache=disk_cache)
+                      cache=cfg.cache, disk_cache=disk_cache, policy=cfg.augment_policy,
+                      noise_fraction=cfg.noise_fraction)
     g = torch.Generator().manual_seed(seed)
     return DataLoader(ds, batch_size=cfg.batch_size, shuffle=train, generator=g,
                       num_workers=cfg.num_workers, drop_last=False,

@@ -98,9 +98,13 @@ def read_manifest(
     if len(df) == 0:
         raise ManifestError(f"{path}: manifest has a header but no rows")
 
-    label_cols = (task.labels if task.type == "multilabel" else [] if task.type == "detection"
-                  else [task.label_column])
+    label_cols = (task.labels if task.type == "multilabel" else
+                  [] if task.type in ("detection", "pretrain") else [task.label_column])
     missing = [c for c in label_cols if c not in df.columns]
+    if missing and len(missing) == len(label_cols):
+        raise ManifestError(f"{path}: no label column of this {task.type} task ("
+                            f"{', '.join(missing)}): an unlabelled manifest is for "
+                            "pretraining (task.type: pretrain), not for a labelled task")
     if missing:
         raise ManifestError(f"{path}: label column(s) named in the config but absent from the "
                             f"CSV: {', '.join(missing)}")
@@ -163,6 +167,8 @@ def read_manifest(
     boxes = None
     if task.type == "detection":
         boxes, targets = _detection_targets(path, task)
+    elif task.type == "pretrain":  # self-supervised: any label columns are ignored
+        targets = np.zeros(len(df), dtype=np.int64)
     elif task.type == "multilabel":
         targets = np.full((len(df), len(task.labels)), np.nan, dtype=np.float32)
         for j, col in enumerate(task.labels):
@@ -238,7 +244,9 @@ def summarize(m: Manifest) -> tuple[pd.DataFrame, pd.DataFrame]:
         for s in SPLITS:
             overview[f"{s} images"] = int(np.sum(m.splits == s))
     ov = pd.DataFrame({"value": overview})
-    if m.task.type == "multilabel":
+    if m.task.type == "pretrain":
+        counts = pd.DataFrame({"images": [len(m)]}, index=["unlabelled (pretraining)"])
+    elif m.task.type == "multilabel":
         t = m.targets
         counts = pd.DataFrame({
             "positive": np.nansum(t == 1, axis=0).astype(int),

@@ -1,0 +1,350 @@
+"""Self-supervised pretraining benchmark (issue 14): a script, not a test.
+
+Pretraining set: every image of ../shared UFBA-425 panoramics, ../shared tooth crops and the
+demo radiographs (labels ignored; `task.type: pretrain`). Encoders:
+
+* random init (no pretraining);
+* pooled MAE / pooled MDE: `dentfed train`'s `run_training` on the pretraining set;
+* federated MAE / federated MDE: the real ServerApp loop (`server.federation.run_federation`)
+  and the real ClientApp over an in-process grid (simulations/bench_quality.py), 4 non-IID
+  clinics (Dirichlet over the image source), 1 local epoch per round, rounds = pooled epochs;
+* MDE at mask ratio 0.75 (pooled and federated) against the default 0.25.
+
+Each encoder initialises the same ViT (`model.pretrained: <run folder>`) and is fine-tuned with
+the same budget, pooled (union of the clinics' train rows, early stopping on their val rows)
+and federated (FedAvg, 4 non-IID clinics, rounds = pooled epochs), on (a) UFBA-425's five
+labels (test macro-AUC) and (b) the demo implant systems (test balanced accuracy, per-class
+sensitivity/specificity). Every row of one seed shares the clinic splits and the test set (the
+union of the clinics' test rows). Seeds vary the splits and the initialisations.
+
+    python -m simulations.bench_pretrain --shared ../shared --seeds 0,1,2 --out runs/bench-pretrain
+    python -m simulations.bench_pretrain --quick --seeds 0      # CPU smoke: minutes
+
+`train.device: auto` uses CUDA when present (`--device cpu|cuda` forces one). Prints and writes
+(`--out`) pretrain.md (the tables) and pretrain.json (every figure, per seed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from dental_datasets import tooth_crops
+from dental_datasets import ufba425_panoramic as ufba
+from server.federation import run_federation
+from server.run_folder import write_run_folder
+from shared.atomic_files import write_text_atomic
+from shared.config import Config, TaskConfig, config_from_dict, load_config, with_overrides
+from shared.data.manifest import read_manifest
+from shared.models import ENCODER_FILE
+from simulations.bench_quality import InProcessGrid
+from simulations.pooled_training import resolve_manifest, run_training, train_fold
+from simulations.simulate import prepare_split
+
+log = logging.getLogger("dentfed.bench")
+REPO = Path(__file__).resolve().parents[1]
+
+# name -> (method, mask ratio, federated); None = random init
+ENCODERS: dict[str, tuple[str, float, bool] | None] = {
+    "random init": None,
+    "pooled MAE": ("mae", 0.25, False),
+    "pooled MDE": ("mde", 0.25, False),
+    "federated MAE": ("mae", 0.25, True),
+    "federated MDE": ("mde", 0.25, True),
+    "pooled MDE mask 0.75": ("mde", 0.75, False),
+    "federated MDE mask 0.75": ("mde", 0.75, True),
+}
+TASKS = ("ufba", "implants")
+METRIC = {"ufba": "macro_auc", "implants": "balanced_accuracy"}
+
+
+def _common(args: argparse.Namespace, seed: int) -> dict:
+    return {
+        "data": {"image_size": args.image_size, "modality": "radiograph",
+                 "batch_size": args.batch_size},
+        "train": {"lr": args.lr, "weight_decay": 0.05, "seed": seed, "device": args.device,
+                  "progress": False, "patience": None},
+        "tracking": {"enabled": False},
+    }
+
+
+def _vit(args: argparse.Namespace) -> dict:
+    return {"name": "vit", "vit": {"size": args.vit, "patch_size": args.patch,
+                                   **({"depth": args.depth} if args.depth else {})}}
+
+
+def _split(clinics: int, seed: int, by: str | None = None) -> dict:
+    return {"clinics": clinics, "scheme": "dirichlet", "alpha": 0.5, "seed": seed,
+            "test_fraction": 0.2, **({"by": by} if by else {})}
+
+
+def _federation(rounds: int, clinics: int) -> dict:
+    return {"rounds": rounds, "local_epochs": 1, "min_train_clinics": clinics,
+            "min_available_clinics": clinics, "min_evaluate_clinics": 0,
+            "fraction_evaluate": 0.0}
+
+
+def demo_radiographs() -> tuple[Path, Config]:
+    """The demo implant radiographs (generated into the repo's data/ on first use) and their
+    config, wherever the script is started from."""
+    cfg = load_config(REPO / "configs" / "demo-radiographs.yaml")
+    cfg = with_overrides(cfg, {"data.manifest": str(REPO / str(cfg.data.manifest))})
+    return resolve_manifest(cfg, None), cfg
+
+
+def pretraining_manifest(shared: Path, work: Path, limit: int | None, seed: int) -> Path:
+    """One unlabelled manifest: UFBA-425 panoramics, tooth crops and demo radiographs, with
+    `source` (also the `site`) naming where each image comes from."""
+    sources = {
+        "ufba425": ufba.build_manifest(work / "ufba.csv", shared),
+        "tooth_crops": tooth_crops.build_manifest(work / "crops.csv", shared),
+        "demo_radiographs": demo_radiographs()[0],
+    }
+    rng = np.random.default_rng(seed)
+    frames = []
+    for name, path in sources.items():
+        m = read_manifest(path, TaskConfig(type="pretrain"), default_modality="radiograph")
+        idx = np.arange(len(m))
+        if limit is not None and len(m) > limit:
+            idx = np.sort(rng.choice(len(m), limit, replace=False))
+        frames.append(pd.DataFrame({
+            "path": [m.paths[i] for i in idx],
+            "patient_id": [f"{name}:{m.patient_ids[i]}" for i in idx],
+            "site": name, "source": name, "modality": "radiograph"}))
+    out = work / "pretrain.csv"
+    write_text_atomic(out, pd.concat(frames).to_csv(index=False))
+    return out
+
+
+def finetune_manifest(task: str, shared: Path, work: Path, limit: int | None, seed: int
+                      ) -> tuple[Path, dict]:
+    """(manifest, task section) of a fine-tuning task."""
+    if task == "ufba":
+        path = ufba.build_manifest(work / "ufba-labelled.csv", shared)
+        spec = {"type": "multilabel", "labels": list(ufba.LABELS)}
+    else:
+        path, cfg = demo_radiographs()
+        spec = cfg.task.model_dump(mode="json")
+    if limit is not None:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+        if len(df) > limit:
+            df = df.sample(n=limit, random_state=seed)
+            root = Path(path).parent
+            df["path"] = [str(p if Path(p).is_absolute() else (root / p).resolve())
+                          for p in df["path"]]
+            path = work / f"{task}-subset.csv"
+            write_text_atomic(path, df.to_csv(index=False))
+    return Path(path), spec
+
+
+def pretrain(name: str, spec: tuple[str, float, bool], manifest: Path, args: argparse.Namespace,
+             seed: int, work: Path) -> tuple[Path, list[float]]:
+    """One pretraining run; returns its run folder (encoder.pt inside) and its loss curve."""
+    method, ratio, federated = spec
+    out = work / f"pre-{name.replace(' ', '-')}-s{seed}"
+    raw = {"task": {"type": "pretrain"}, **_common(args, seed), "model": _vit(args),
+           "pretrain": {"method": method, "mask_ratio": ratio,
+                        "decoder_dim": args.decoder_dim, "decoder_depth": args.decoder_depth}}
+    raw["train"]["epochs"] = args.pretrain_epochs
+    raw["train"]["lr"] = args.pretrain_lr
+    if not federated:
+        res = run_training(config_from_dict(raw, source=name), manifest, out)
+        return out, [h["val_loss"] for h in res["history"]]
+    raw["split"] = _split(args.clinics, seed, by="source")
+    raw["federation"] = _federation(args.pretrain_epochs, args.clinics)
+    cfg = config_from_dict(raw, source=name)
+    split_dir = work / f"split-pretrain-s{seed}"
+    if not split_dir.is_dir():
+        prepare_split(cfg, manifest, split_dir)
+    res = run_federation(InProcessGrid(split_dir, args.clinics), cfg,
+                         split_dir / "server_test.csv")
+    write_run_folder(res, out)
+    # rounds 1..last, as the pooled curve's epochs 1..last (round 0 is the untrained model)
+    return out, [res.evaluator.history[r]["loss"] for r in sorted(res.evaluator.history) if r]
+
+
+def finetune(task: str, encoder: Path | None, manifest: Path, spec: dict,
+             args: argparse.Namespace, seed: int, work: Path, federated: bool) -> dict:
+    """Fine-tune one encoder (None: random init); the test metrics of the final model."""
+    raw = {"task": spec, **_common(args, seed),
+           "model": {**_vit(args), "dropout": 0.1,
+                     **({"pretrained": str(encoder)} if encoder is not None else {})},
+           "split": _split(args.clinics, seed),
+           "federation": _federation(args.finetune_epochs, args.clinics)}
+    raw["train"]["epochs"] = args.finetune_epochs
+    raw["train"]["loss"] = "weighted_bce" if spec["type"] == "multilabel" else "ce"
+    cfg = config_from_dict(raw, source=f"fine-tune {task}")
+    split_dir = work / f"split-{task}-s{seed}"
+    if not split_dir.is_dir():
+        prepare_split(cfg, manifest, split_dir)
+    if federated:
+        res = run_federation(InProcessGrid(split_dir, args.clinics), cfg,
+                             split_dir / "server_test.csv")
+        return res.evaluator.history[max(res.evaluator.history)]
+    m = read_manifest(manifest, cfg.task, default_modality="radiograph")
+    split = _clinic_split(cfg, m, split_dir)
+    return train_fold(cfg, m, split, seed).test
+
+
+def _clinic_split(cfg: Config, m, split_dir: Path) -> dict[str, np.ndarray]:
+    """Row indices of the union of the clinics' train / val / test rows (the pooled row sees
+    exactly the federation's data and is scored on the same test set)."""
+    where = {p: i for i, p in enumerate(m.paths)}
+    parts: dict[str, list[int]] = {"train": [], "val": [], "test": []}
+    for c in range(cfg.split.clinics):
+        local = pd.read_csv(split_dir / f"clinic_{c}" / "manifest.csv", dtype=str,
+                            keep_default_na=False)
+        for s in ("train", "val"):
+            parts[s] += [where[p] for p in local.loc[local["split"] == s, "path"]]
+    test = pd.read_csv(split_dir / "server_test.csv", dtype=str, keep_default_na=False)
+    parts["test"] = [where[p] for p in test["path"]]
+    return {k: np.asarray(v, dtype=np.int64) for k, v in parts.items()}
+
+
+def _cell(values: list[float]) -> str:
+    a = np.asarray([v for v in values if v is not None and not math.isnan(v)], float)
+    if not len(a):
+        return "undef"
+    return f"{a.mean():.3f}" + (f" ± {a.std(ddof=1):.3f}" if len(a) > 1 else "")
+
+
+def tables(results: dict, seeds: list[int]) -> str:
+    """Markdown: one row per encoder, fine-tuned pooled and federated, per task; then the
+    implant per-class sensitivity/specificity of the federated fine-tuning."""
+    head = ("| encoder | UFBA-425 macro-AUC, pooled FT | UFBA-425 macro-AUC, federated FT "
+            "| implants bal. acc., pooled FT | implants bal. acc., federated FT "
+            "| pretraining loss, epoch/round 1 -> last |")
+    lines = [head, "|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        cells = [_cell([s[t][mode].get(METRIC[t], math.nan) for s in r["seeds"].values()])
+                 for t in TASKS for mode in ("pooled", "federated")]
+        curves = [s.get("pretrain_loss") for s in r["seeds"].values() if s.get("pretrain_loss")]
+        curve = (f"{np.mean([c[0] for c in curves]):.3f} -> {np.mean([c[-1] for c in curves]):.3f}"
+                 if curves else "-")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {curve} |")
+    text = "\n".join(lines) + "\n"
+    classes = sorted({k.split("/", 1)[1] for r in results.values()
+                      for s in r["seeds"].values() for k in s["implants"]["federated"]
+                      if k.startswith("sensitivity/")})
+    if classes:
+        text += ("\nDemo implant systems, federated fine-tuning: per-class sensitivity / "
+                 "specificity (mean over seeds)\n\n| encoder | " + " | ".join(classes)
+                 + " |\n|---|" + "---|" * len(classes) + "\n")
+        for name, r in results.items():
+            per = []
+            for c in classes:
+                sens = [s["implants"]["federated"].get(f"sensitivity/{c}", math.nan)
+                        for s in r["seeds"].values()]
+                spec = [s["implants"]["federated"].get(f"specificity/{c}", math.nan)
+                        for s in r["seeds"].values()]
+                per.append(f"{np.nanmean(sens):.2f} / {np.nanmean(spec):.2f}")
+            text += f"| {name} | " + " | ".join(per) + " |\n"
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shared", type=Path,
+                    default=Path(os.environ.get("DENTFED_SHARED", REPO.parent / "shared")))
+    ap.add_argument("--out", type=Path, default=Path("runs/bench-pretrain"))
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--quick", action="store_true",
+                    help="CPU smoke: 32 px, 2-block ViT, 2 pretraining and 2 fine-tuning "
+                    "epochs, at most 120 images per pretraining source")
+    ap.add_argument("--encoders", help="comma list of rows (default all): "
+                    + ", ".join(ENCODERS))
+    ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    ap.add_argument("--vit", choices=["tiny", "small"], default="tiny")
+    ap.add_argument("--image-size", type=int, default=64)
+    ap.add_argument("--patch", type=int, default=8)
+    ap.add_argument("--depth", type=int, help="ViT blocks (default: the size's 12)")
+    ap.add_argument("--decoder-dim", type=int, default=128)
+    ap.add_argument("--decoder-depth", type=int, default=2)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--clinics", type=int, default=4)
+    ap.add_argument("--pretrain-epochs", type=int, default=20)
+    ap.add_argument("--pretrain-lr", type=float, default=1e-3)
+    ap.add_argument("--finetune-epochs", type=int, default=10)
+    ap.add_argument("--lr", type=float, default=5e-4, help="fine-tuning learning rate")
+    ap.add_argument("--limit", type=int, help="at most this many images per pretraining source")
+    ap.add_argument("--finetune-limit", type=int,
+                    help="at most this many images per fine-tuning set (default all)")
+    ap.add_argument("--keep", action="store_true", help="keep the run folders under --out")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.image_size, args.depth = 32, args.depth or 2
+        args.pretrain_epochs, args.finetune_epochs = 2, 2
+        args.limit = args.limit or 120
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    logging.getLogger("dentfed.bench").setLevel(logging.INFO)
+    logging.getLogger("flwr").setLevel(logging.ERROR)  # "federated evaluation skipped" is meant
+    if not ufba.manifest_path(args.shared).is_file():
+        print(f"error: ../shared data not found under {args.shared} (--shared)", file=sys.stderr)
+        return 1
+    names = [n.strip() for n in args.encoders.split(",")] if args.encoders else list(ENCODERS)
+    unknown = [n for n in names if n not in ENCODERS]
+    if unknown:
+        ap.error(f"unknown --encoders {unknown}; choose from {list(ENCODERS)}")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    args.out.mkdir(parents=True, exist_ok=True)
+    work = args.out / "work"
+    results: dict = {n: {"seeds": {}} for n in names}
+    t_all = time.perf_counter()
+    for seed in seeds:
+        if work.exists():
+            shutil.rmtree(work)
+        work.mkdir(parents=True)
+        pre_manifest = pretraining_manifest(args.shared, work, args.limit, seed)
+        ft = {t: finetune_manifest(t, args.shared, work, args.finetune_limit, seed)
+              for t in TASKS}
+        for name in names:
+            t0 = time.perf_counter()
+            row: dict = {}
+            encoder = None
+            if ENCODERS[name] is not None:
+                run, curve = pretrain(name, ENCODERS[name], pre_manifest, args, seed, work)
+                encoder, row["pretrain_loss"] = run / ENCODER_FILE, curve
+                log.info("seed %d %s: pretraining loss %s (%.0f s)", seed, name,
+                         " ".join(f"{v:.3f}" for v in curve), time.perf_counter() - t0)
+            for task in TASKS:
+                manifest, spec = ft[task]
+                row[task] = {}
+                for mode in ("pooled", "federated"):
+                    res = finetune(task, encoder, manifest, spec, args, seed, work,
+                                   mode == "federated")
+                    row[task][mode] = {k: float(v) for k, v in res.items()
+                                       if isinstance(v, int | float)}
+                    log.info("seed %d %s: %s %s fine-tuning %s %.4f", seed, name, task, mode,
+                             METRIC[task], row[task][mode].get(METRIC[task], math.nan))
+            row["seconds"] = time.perf_counter() - t0
+            results[name]["seeds"][seed] = row
+        if args.keep:
+            shutil.move(str(work), str(args.out / f"runs-seed{seed}"))
+    shutil.rmtree(work, ignore_errors=True)
+    setting = (f"ViT-{args.vit} ({args.depth or 12} blocks), {args.image_size} px, patch "
+               f"{args.patch}; pretraining {args.pretrain_epochs} epochs/rounds (lr "
+               f"{args.pretrain_lr:g}), fine-tuning {args.finetune_epochs} epochs/rounds (lr "
+               f"{args.lr:g}), {args.clinics} clinics, seeds {seeds}"
+               + (f", at most {args.limit} images per source" if args.limit else "")
+               + (" [--quick smoke]" if args.quick else ""))
+    text = f"{setting}; {time.perf_counter() - t_all:.0f} s in all\n\n" + tables(results, seeds)
+    print(text)
+    write_text_atomic(args.out / "pretrain.md", text)
+    write_text_atomic(args.out / "pretrain.json", json.dumps(
+        {"setting": setting, "args": {k: str(v) for k, v in vars(args).items()},
+         "results": results}, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,251 @@
+"""Self-supervised pretraining (issue 14): masking, the MAE and MDE losses, the encoder file into
+the classifier, pooled and real federated pretraining runs, and `dentfed data check`."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from dentfed.cli import main as cli_main
+from shared.config import config_from_dict
+from shared.errors import DentfedError, WeightsError
+from shared.fedio import build_global_model, exchanged_keys, model_arrays, pretrained_sha256
+from shared.masked_modeling import MaskedImageModel, masked_count, patchify, random_masking
+from shared.model_file import read_model_file
+from shared.models import ENCODER_FILE, build_model, head_prefixes, sha256_of
+from shared.training import make_optimizer
+from tests.conftest import write_tiny_multilabel
+
+VIT = {"name": "vit", "vit": {"size": "tiny", "patch_size": 8, "depth": 2}}
+
+
+def _pretrain_cfg(method: str = "mae", **pre):
+    return config_from_dict({
+        "task": {"type": "pretrain"},
+        "data": {"image_size": 32, "batch_size": 16},
+        "model": VIT,
+        "train": {"epochs": 2, "lr": 0.002, "progress": False},
+        "pretrain": {"method": method, **pre},
+    })
+
+
+def _model(method: str = "mae", **pre) -> MaskedImageModel:
+    torch.manual_seed(0)
+    model = build_global_model(_pretrain_cfg(method, **pre))
+    assert isinstance(model, MaskedImageModel)
+    return model
+
+
+def _unlabelled(root: Path, n: int = 48) -> Path:
+    """The tiny set's images with path/patient_id/site only (no label column)."""
+    labelled = write_tiny_multilabel(root, n=n)
+    df = pd.read_csv(labelled)
+    df[["path", "patient_id", "site"]].to_csv(root / "unlabelled.csv", index=False)
+    return root / "unlabelled.csv"
+
+
+@pytest.mark.parametrize("ratio,patches", [(0.25, 16), (0.75, 16), (0.25, 196), (0.6, 49),
+                                           (0.01, 16), (0.99, 16)])
+def test_masking_keeps_exactly_round_ratio_patches_masked(ratio, patches):
+    mask, keep = random_masking(64, patches, ratio, torch.device("cpu"),
+                                torch.Generator().manual_seed(1))
+    want = min(max(round(ratio * patches), 1), patches - 1)
+    assert masked_count(patches, ratio) == want
+    assert (mask.sum(1) == want).all()
+    assert keep.shape == (64, patches - want)
+    assert not mask.gather(1, keep).any()  # the kept indices are exactly the unmasked ones
+    assert len({tuple(r) for r in mask.int().tolist()}) > 1  # a different mask per image
+
+
+def test_model_masks_round_ratio_of_its_patches():
+    model = _model(mask_ratio=0.25)
+    parts = model.forward_parts(torch.randn(5, 3, 32, 32))
+    assert model.num_patches == 16
+    assert (parts["mask"].sum(1) == 4).all()
+
+
+def test_mae_loss_counts_masked_patches_only(monkeypatch):
+    model = _model("mae").eval()
+    x = torch.randn(4, 3, 32, 32)
+    gen = lambda: torch.Generator().manual_seed(3)  # noqa: E731  same mask every call
+    mask = model.forward_parts(x, gen())["mask"]
+    target = patchify(x, 8)
+    m = mask[..., None].float()
+    noise = torch.randn_like(target) * 5
+
+    def decoded(pred: torch.Tensor):
+        monkeypatch.setattr(model.decoder, "forward", lambda *a, **k: pred)
+        return float(model.forward_parts(x, gen())["loss"])
+
+    # wrong everywhere except the masked patches: no loss; wrong on masked ones: loss
+    assert decoded(target + noise * (1 - m)) == pytest.approx(0.0, abs=1e-10)
+    wrong = decoded(target + noise * m)
+    assert wrong == pytest.approx(float(((noise * m) ** 2).mean(-1).sum() / mask.sum()),
+                                  rel=1e-5)
+    assert wrong > 1.0
+
+
+def test_mde_target_has_no_gradient_path_and_is_not_constant():
+    model = _model("mde", ema_momentum=0.9).train()
+    x = torch.randn(6, 3, 32, 32)
+    target = model.targets(x)
+    assert target.shape == (6, 16, 192)
+    assert not target.requires_grad and target.grad_fn is None
+    # not trivially constant: differs across patches and across images
+    assert float(target.std(dim=1).mean()) > 0.1 and float(target.std(dim=0).mean()) > 0.1
+    assert model.teacher is not None
+    assert not any(k.startswith("teacher") for k in model.state_dict())  # never exchanged
+    assert all(not p.requires_grad for p in model.teacher.parameters())
+    opt = make_optimizer(model, _pretrain_cfg().train)
+    loss = model(x)
+    loss.backward()
+    assert all(p.grad is None for p in model.teacher.parameters())
+    assert model.encoder.conv_proj.weight.grad is not None  # the student learns
+    teacher_before = model.teacher.conv_proj.weight.detach().clone()
+    opt.step()
+    model(x)  # the next training forward moves the teacher by EMA towards the student
+    moved = model.teacher.conv_proj.weight.detach()
+    student = model.encoder.conv_proj.weight.detach()
+    assert not torch.equal(moved, teacher_before)
+    expected = 0.9 * teacher_before + 0.1 * student
+    assert torch.allclose(moved, expected, atol=1e-6)
+    # loading weights (the global model at a clinic) re-derives the teacher from them
+    model.load_state_dict(model.state_dict())
+    assert torch.equal(model.teacher.conv_proj.weight, model.encoder.conv_proj.weight)
+
+
+def test_pooled_pretraining_encoder_initialises_the_classifier(tmp_path):
+    """`dentfed train` of a pretrain task writes encoder.pt; a ViT classifier with
+    model.pretrained = the run folder (or the file) uses every encoder key, its head new."""
+    from simulations.pooled_training import run_training
+
+    run = tmp_path / "pre"
+    res = run_training(_pretrain_cfg("mae"), _unlabelled(tmp_path / "d"), run)
+    hist = res["history"]
+    assert hist[-1]["train_loss"] < hist[0]["train_loss"]
+    for name in (ENCODER_FILE, "reconstructions.png", "model.pt", "report.md"):
+        assert (run / name).is_file(), name
+    assert "| epoch | train loss |" in (run / "report.md").read_text()
+    with pytest.raises(DentfedError, match="pretraining run"):
+        read_model_file(run)  # nothing to predict with
+    enc = torch.load(run / ENCODER_FILE, weights_only=True)
+    assert enc["kind"] == "encoder" and enc["labels"] == []
+    state = enc["state_dict"]
+    assert state and not any(k.startswith(("heads", "decoder", "teacher")) for k in state)
+
+    sha = sha256_of(run / ENCODER_FILE)
+    for pretrained in (run, run / ENCODER_FILE):
+        cfg = config_from_dict({"task": {"type": "multiclass", "labels": ["a", "b", "c"],
+                                         "label_column": "y"},
+                                "data": {"image_size": 32},
+                                "model": {**VIT, "pretrained": str(pretrained), "freeze": 2,
+                                          "pretrained_sha256": sha[:12]}})
+        assert pretrained_sha256(cfg) == sha  # what the coordinator and clinics compare
+        torch.manual_seed(123)
+        clf = build_model(cfg.model, 3, 32)
+        own = clf.state_dict()
+        head = head_prefixes(clf)
+        body = [k for k in own if not k.startswith(head)]
+        assert set(body) == set(state)  # every encoder key used, nothing left out
+        for k in body:
+            assert torch.equal(own[k], state[k]), k
+        assert own["heads.1.weight"].shape == (3, 192)  # a new 3-class head
+        assert not any(k.startswith("heads") for k in state)
+        assert clf(torch.randn(2, 3, 32, 32)).shape == (2, 3)
+    bad = cfg.model.model_copy(update={"pretrained_sha256": "0" * 12})
+    with pytest.raises(WeightsError, match="sha256"):
+        build_model(bad, 3, 32)
+        frozen = [n for n, p in clf.named_parameters() if not p.requires_grad]
+        assert "conv_proj.weight" in frozen and "heads.1.weight" not in frozen
+
+
+def test_data_check_unlabelled_manifest(tmp_path, capsys):
+    unlabelled = _unlabelled(tmp_path / "d", n=8)
+    pre = tmp_path / "pre.yaml"
+    pre.write_text(yaml.safe_dump(_pretrain_cfg().model_dump(mode="json")))
+    assert cli_main(["data", "check", str(unlabelled), "--config", str(pre)]) == 0
+    assert "ok: 8 images" in capsys.readouterr().out
+    # a labelled manifest with blank labels counts as unlabelled images for pretraining
+    labelled = tmp_path / "d" / "manifest.csv"
+    df = pd.read_csv(labelled, dtype=str, keep_default_na=False)
+    df.loc[:3, "bright"] = ""
+    df.to_csv(labelled, index=False)
+    assert cli_main(["data", "check", str(labelled), "--config", str(pre)]) == 0
+    assert re.search(r"unlabelled \(pretraining\) \|\s+8\s", capsys.readouterr().out)
+    task = tmp_path / "task.yaml"
+    task.write_text(yaml.safe_dump({"task": {"type": "multilabel", "labels": ["bright"]}}))
+    assert cli_main(["data", "check", str(unlabelled), "--config", str(task)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unlabelled manifest is for pretraining" in err[0]
+
+
+def test_pretrain_config_rules():
+    from shared.errors import ConfigError
+
+    cfg = _pretrain_cfg()
+    assert cfg.data.augment_policy == "paper" and cfg.pretrain.mask_ratio == 0.25
+    for bad in ({"model": {"name": "resnet18"}}, {"task": {"type": "pretrain", "labels": ["a"]}},
+                {"model": {**VIT, "freeze": 1}}):
+        raw = {**_pretrain_cfg().model_dump(mode="json", exclude_unset=True), **bad}
+        with pytest.raises(ConfigError):
+            config_from_dict(raw)
+    with pytest.raises(ConfigError, match="at least one label"):
+        config_from_dict({"task": {"type": "multilabel"}})
+
+
+def test_paper_augmentation_keeps_shape_and_changes_pixels():
+    from shared.masked_modeling import PaperAugment
+
+    torch.manual_seed(0)
+    x = torch.rand(3, 32, 32)
+    outs = [PaperAugment(0.06)(x) for _ in range(8)]
+    assert all(o.shape == x.shape for o in outs)
+    assert any(not torch.equal(o, x) for o in outs)
+    aug = PaperAugment(0.06)
+    views = [torch.rot90(v, k, dims=(-2, -1)) for v in (x, x.flip(-1)) for k in range(4)]
+    for _ in range(20):
+        y = aug(x)
+        # compared with the flip/rotation it is: at most 6% of the pixel positions replaced,
+        # all channels alike (a grey radiograph stays grey)
+        changed = min(float((y != v).any(0).float().mean()) for v in views)
+        assert changed <= 0.1
+        assert any(torch.equal((y != v).any(0), (y != v).all(0)) for v in views)
+
+
+@pytest.mark.slow  # real Flower simulation (~1-2 min on 2 cores)
+def test_federated_mde_pretraining_two_clinics_two_rounds(tmp_path):
+    unlabelled = _unlabelled(tmp_path / "d", n=64)
+    raw = _pretrain_cfg("mde").model_dump(mode="json")
+    raw["federation"] = {"rounds": 2, "local_steps": 4}
+    raw["split"] = {"clinics": 2, "scheme": "iid", "test_fraction": 0.25}
+    raw["simulation"] = {"client_cpus": 1, "max_concurrent": 2}
+    cfg_path = tmp_path / "fed.yaml"
+    cfg_path.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "dentfed.cli", "simulate", "--config",
+                        str(cfg_path), "--manifest", str(unlabelled), "--out", str(out)],
+                       capture_output=True, text=True, timeout=540)
+    assert r.returncode == 0, r.stderr[-3000:]
+    data = json.loads((out / "metrics.json").read_text())
+    losses = [h["server"]["loss"] for h in data["history"]]
+    assert [h["round"] for h in data["history"]] == [0, 1, 2]
+    assert losses[2] < losses[0], losses
+    for name in ("reconstructions.png", ENCODER_FILE, "model_final.pt", "report.md"):
+        assert (out / name).is_file(), name
+    assert "## Pretraining (mde" in (out / "report.md").read_text()
+    # only the trainable arrays travel: encoder + decoder, no teacher
+    model = build_global_model(config_from_dict(raw))
+    keys = exchanged_keys(model)
+    assert any(k.startswith("decoder.") for k in keys) and any(k.startswith("encoder.")
+                                                                for k in keys)
+    nbytes = sum(a.numpy().nbytes for a in model_arrays(model).values())
+    for h in data["history"][1:]:
+        assert h["clinics_replied"] == 2 and h["bytes_received"] == 2 * nbytes
