@@ -15,8 +15,9 @@ Split = dict[str, np.ndarray]
 
 def strata(m: Manifest, idx: np.ndarray) -> np.ndarray:
     """A class per row for stratification: the class (multiclass), or the rarest positive label
-    of the row (multilabel; -1 for none) so rare labels reach every split."""
-    if m.task.type != "multilabel":  # multiclass; pretrain (one stratum)
+    of the row (multilabel, and detection by its per-label presence; -1 for none) so rare
+    labels reach every split."""
+    if m.task.type in ("multiclass", "pretrain"):  # pretrain: one stratum
         return m.targets[idx]
     t = np.nan_to_num(m.targets[idx], nan=0.0)
     prevalence = t.sum(axis=0)
