@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from shared.atomic_files import torch_save_atomic
 from shared.config import Config
@@ -352,8 +352,12 @@ def bn_statistics(clinic: Clinic, context: Context, arrays: ArrayRecord, server_
     seed_everything(clinic.cfg.train.seed + 1000 * server_round + 500)  # augmentation
     seen = 0
     try:
-        for x, _ in DataLoader(clinic.train_loader.dataset,
-                               batch_size=clinic.train_loader.batch_size):
+        data = clinic.train_loader.dataset
+        cap = clinic.cfg.federation.bn_recalibration_images
+        if cap is not None and cap < len(data):
+            g = torch.Generator().manual_seed(clinic.cfg.train.seed + 1000 * server_round + 501)
+            data = Subset(data, torch.randperm(len(data), generator=g)[:cap].tolist())
+        for x, _ in DataLoader(data, batch_size=clinic.train_loader.batch_size):
             model(x.to(clinic.device))
             seen += len(x)
     finally:

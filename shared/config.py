@@ -271,6 +271,10 @@ class FederationConfig(_Strict):
     # only) and sends them; the server sets the global statistics to those of the pooled
     # mixture. Averaged weights otherwise carry averaged statistics that match neither.
     bn_recalibration: bool = False
+    # At most this many of the clinic's training images (a random sample, new every round)
+    # for the re-estimation pass; default all. Statistics need far fewer images than
+    # training does, and the pass is a forward over them every round.
+    bn_recalibration_images: int | None = Field(default=None, ge=1)
     # Upload encoding of clinic updates: fp32 (exact), fp16, or int8 deltas with error feedback.
     upload: Literal["fp32", "fp16", "int8"] = "fp32"
     proximal_mu: float = Field(default=0.01, ge=0)

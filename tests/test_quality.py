@@ -298,6 +298,12 @@ def test_bn_recalibration_clinic_sends_statistics_of_the_global_model(tiny_manif
     assert reply.content["metrics"][BN_EXAMPLES_KEY] > 0
     # recomputed for this model, not the initial (0, 1) statistics that were sent
     assert not np.allclose(stats["layer4.1.bn2.running_var"].numpy(), 1.0)
+    # bn_recalibration_images caps the pass at a sample of the clinic's training images
+    capped = client_app(_msg(_cfg(bn_recalibration=True, bn_recalibration_images=5), start, 1,
+                             kind="evaluate"), _ctx(tiny_manifest))
+    assert not capped.has_error(), capped.error
+    assert capped.content["metrics"][BN_EXAMPLES_KEY] == 5 < reply.content["metrics"][
+        BN_EXAMPLES_KEY]
 
 
 def test_clinic_batch_size_is_its_own(tiny_manifest):
