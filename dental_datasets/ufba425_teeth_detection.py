@@ -23,7 +23,7 @@ INFO = DatasetInfo(
            "them polygons read as their bounding box; data.yaml: the 32 FDI numbers)",
     natural_split="the UFBA category (`cate<k>` in the image id), written as `site`; one image "
                   "per patient (patient_id = image id)",
-    config=None,  # the detection config and its baselines come with the detection models
+    config="configs/ufba-teeth-detection.yaml",
     baselines=(),
 )
 
