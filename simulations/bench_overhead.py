@@ -79,8 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     log.info("pooled training, same sample-epochs")
     pooled_parts = {s: np.concatenate([p[s] for p in split.clinics])
                     for s in ("train", "val", "test")}
-    bcfg = _variant(budget_config(cfg, cfg.train.seed), train={"patience": None,
-                                                               "progress": False})
+    bcfg = _variant(budget_config(cfg, cfg.train.seed, clinics=split.n),
+                    train={"patience": None, "progress": False})
     t0 = time.perf_counter()
     fold = train_fold(bcfg, m, pooled_parts, cfg.train.seed)
     pooled_wall = time.perf_counter() - t0
@@ -104,8 +104,10 @@ def main(argv: list[str] | None = None) -> int:
         })
     table = pd.DataFrame(rows).set_index("run").T
     pooled_metric = fold.test.get(headline, float("nan"))
+    per_round = (f"{cfg.federation.local_epochs} local epochs" if cfg.federation.local_steps
+                 is None else f"{cfg.federation.local_steps} local steps")
     text = (f"config {args.config}: {split.n} clinics, {cfg.federation.rounds} rounds x "
-            f"{cfg.federation.local_epochs} local epochs, task {cfg.task.type}\n"
+            f"{per_round}, task {cfg.task.type}\n"
             f"pooled training (same sample-epochs): {pooled_wall:.1f} s, test {headline} "
             f"{pooled_metric:.3f} (same test rows as the server's)\n\n"
             + table.to_markdown(floatfmt=".3f") + "\n\ngoals: wall / clinic compute <= 1.15, "
