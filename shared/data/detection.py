@@ -34,7 +34,7 @@ from torchvision.transforms.v2 import functional as F
 
 from shared import fdi
 from shared.atomic_files import write_text_atomic
-from shared.data.readers import is_dicom, read_image
+from shared.data.readers import is_dicom, read_image, read_manifest_csv
 from shared.errors import ManifestError
 
 log = logging.getLogger(__name__)
@@ -143,15 +143,7 @@ def read_detection_manifest(path: str | Path, class_names: Sequence[str] | None 
     `check_images`: every image is decoded and boxes must lie inside it (`dentfed data
     check`); otherwise only that the files exist."""
     path = Path(path)
-    if not path.is_file():
-        raise ManifestError(f"{path}: manifest file not found")
-    try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
-    except pd.errors.EmptyDataError:
-        raise ManifestError(f"{path}: manifest is empty (no header, no rows)") from None
-    except (pd.errors.ParserError, UnicodeDecodeError) as err:
-        raise ManifestError(f"{path}: not a readable CSV ({str(err).splitlines()[0]})") from None
-    df.columns = [c.strip() for c in df.columns]
+    df = read_manifest_csv(path)
     missing = [c for c in REQUIRED if c not in df.columns]
     if missing:
         raise ManifestError(f"{path}: no {', '.join(repr(c) for c in missing)} column (a "

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from shared.config import TaskConfig
-from shared.data.readers import read_image
+from shared.data.readers import read_image, read_manifest_csv
 from shared.errors import ManifestError
 
 log = logging.getLogger(__name__)
@@ -83,15 +83,7 @@ def read_manifest(
     With `check_images`, every image is decoded (slow on big sets; `dentfed data check` does it).
     """
     path = Path(path)
-    if not path.is_file():
-        raise ManifestError(f"{path}: manifest file not found")
-    try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
-    except pd.errors.EmptyDataError:
-        raise ManifestError(f"{path}: manifest is empty (no header, no rows)") from None
-    except (pd.errors.ParserError, UnicodeDecodeError) as err:
-        raise ManifestError(f"{path}: not a readable CSV ({str(err).splitlines()[0]})") from None
-    df.columns = [c.strip() for c in df.columns]
+    df = read_manifest_csv(path)
     problems: list[str] = []
     if "path" not in df.columns:
         raise ManifestError(f"{path}: no 'path' column (columns are: {', '.join(df.columns)})")

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
+import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
 from shared.errors import ManifestError
@@ -160,3 +161,18 @@ def decode_image_bytes(data: bytes) -> Image.Image:
         return img.convert("RGB")
     except Exception as err:  # Pillow and pydicom raise many types on broken input
         raise ManifestError(f"unreadable or corrupt image ({one_line(err)})") from None
+
+
+def read_manifest_csv(path: Path) -> pd.DataFrame:
+    """A manifest CSV as strings (blanks kept as ''), header names stripped; one clear
+    ManifestError line when the file is missing, empty or not CSV."""
+    if not path.is_file():
+        raise ManifestError(f"{path}: manifest file not found")
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
+    except pd.errors.EmptyDataError:
+        raise ManifestError(f"{path}: manifest is empty (no header, no rows)") from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as err:
+        raise ManifestError(f"{path}: not a readable CSV ({str(err).splitlines()[0]})") from None
+    df.columns = [c.strip() for c in df.columns]
+    return df
