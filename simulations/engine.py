@@ -125,12 +125,17 @@ def simulation_superlink(work: Path, ray_address: str | None = None
            "DENTFED_SIM_TAG": tag,
            "FLWR_DISABLE_UPDATE_CHECK": "1",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    env.pop("RAY_ADDRESS", None)  # the embedded engine never joins a cluster by accident
-    if ray_address:
-        env["RAY_ADDRESS"] = ray_address
+    # The embedded engine never joins a cluster by accident: without an address, ray.init()
+    # would join the last cluster `ray start` left on this machine (/tmp/ray/ray_current_cluster);
+    # "local" always starts a private one.
+    env["RAY_ADDRESS"] = ray_address or "local"
     port = free_port()  # flwr >= 1.42 serves runtime, control and fleet APIs on one port
     log = work / "superlink.log"
+    # No runtime dependency installation: Flower would otherwise `uv sync` a fresh virtual
+    # environment for every run (seconds, an index to reach, and other package versions than
+    # the ones this environment was tested with).
     cmd = [_bin("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
+           "--disable-runtime-dependency-installation",
            "--host", "127.0.0.1", "--port", str(port)]
     with log.open("w") as fh:
         proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT,

@@ -30,8 +30,14 @@ from shared.fedio import (
     model_arrays,
     personal_keys,
 )
+from shared.upload import SCALES_KEY
 from tests.conftest import tiny_config
-from tests.test_federation import _task_identity, two_clinic_simulation
+from tests.test_federation import (
+    _pids_with_flwr_home_under,
+    _task_identity,
+    expected_shapes,
+    two_clinic_simulation,
+)
 
 __all__ = ["_task_identity"]  # the autouse fixture: messages need a run/node identity
 SCALAR_KEYS = {"val_loss", "val_macro_auc"}
@@ -201,20 +207,43 @@ def test_cross_site_config_rules():
         config_from_dict(raw)
 
 
-@pytest.mark.slow  # real Flower simulation
-def test_real_simulation_cross_site_matrix_and_audited_replies(tmp_path):
-    """Also (issue 13): each clinic's optimiser state persists across the 2 rounds in its own
-    state (mirrored to its state folder) and never appears in a message."""
+@pytest.mark.slow  # real Flower simulation (the suite's one plain `dentfed simulate` run)
+def test_real_simulation_two_clinics_int8_cross_site_and_audited_replies(tmp_path):
+    """One real 2-clinic, 2-round Flower simulation through the CLI checks (one engine start
+    instead of two): the run folder and history; int8 uploads of the trainable arrays only;
+    the cross-site matrix with personalised models; and (issue 13) each clinic's optimiser
+    state persisting across rounds in its own state (mirrored to its state folder), never in
+    a message."""
     cfg_path, manifest = two_clinic_simulation(
         tmp_path, rounds=2, local_steps=2, personalize={"steps": 3, "scope": "all"},
-        cross_site={"enabled": True, "share_local_models": True}, keep_optimizer_state=True)
+        cross_site={"enabled": True, "share_local_models": True}, keep_optimizer_state=True,
+        upload="int8")
     out, audit = tmp_path / "run", tmp_path / "audit"
     env = {**os.environ, "DENTFED_AUDIT_DIR": str(audit)}
     r = subprocess.run([sys.executable, "-m", "dentfed.cli", "simulate", "--config",
                         str(cfg_path), "--manifest", str(manifest), "--out", str(out)],
                        capture_output=True, text=True, timeout=540, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
-    cs = json.loads((out / "metrics.json").read_text())["cross_site"]
+    assert "macro_auc over rounds" in r.stdout
+    data = json.loads((out / "metrics.json").read_text())
+    assert [h["round"] for h in data["history"]] == [0, 1, 2]
+    assert data["clinics"] == 2 and "macro_auc" in data["final"]
+    cfg = yaml.safe_load(cfg_path.read_text())
+    shapes = expected_shapes(build_global_model(config_from_dict(cfg)))
+    int8_bytes = sum(int(np.prod(s)) for s in shapes.values()) + 4 * len(shapes)  # + scales
+    for h in data["history"][1:]:
+        assert h["clinics_replied"] == 2 and not h["clinics_rejected"]
+        assert set(h["clinics_train"]["per_clinic"]) == {"0", "1"}
+        assert h["bytes_received"] == 2 * int8_bytes  # int8 deltas; frozen stages never sent
+    assert data["upload_bytes_per_clinic_round"] < data["full_model_bytes"]
+    for name in ("config.yaml", "model_best.pt", "model_final.pt", "rounds.png", "report.md",
+                 "flower.log", "split/server_test.csv", "split/clinic_1/manifest.csv",
+                 "model_card.json", "model_card.md"):
+        assert (out / name).is_file(), name
+    assert torch.load(out / "model_final.pt", weights_only=False)["labels"] == [
+        "bright", "stripe"]
+    assert not _pids_with_flwr_home_under(tmp_path), "Flower processes left running"
+    cs = data["cross_site"]
     assert cs["clinics"] == [0, 1] and cs["failed_replies"] == 0
     assert cs["models"] == ["global", "personalised-0", "personalised-1"]
     assert all(v is not None for row in cs["loss"].values() for v in row.values())
@@ -227,7 +256,7 @@ def test_real_simulation_cross_site_matrix_and_audited_replies(tmp_path):
     for e in train:  # the model's trainable arrays and scalars, never the optimiser state
         assert "error" not in e
         arrays = [n for n, rec in e["records"].items() if rec["kind"] == "arrays"]
-        assert arrays == ["arrays"]
+        assert sorted(arrays) == ["arrays", SCALES_KEY]
         assert not any("momentum" in k or "exp_avg" in k
                        for rec in e["records"].values() for k in rec.get("arrays", {}))
     for k in (0, 1):  # the clinic's own disk: its optimiser moments after each round

@@ -22,6 +22,7 @@ import pytest
 import torch
 import yaml
 
+from shared.config import load_config
 from shared.errors import DentfedError
 from simulations.engine import check_ray_address, free_port, kill_tagged, stop_group
 from tests.test_federation import two_clinic_simulation
@@ -63,7 +64,9 @@ def local_ray_cluster(cpus_per_node: int = 1) -> Iterator[str]:
     env.pop("RAY_ADDRESS", None)
     temp = Path(tempfile.mkdtemp(prefix="ray-t-", dir="/tmp"))  # unix sockets: short path
     port = free_port()
-    base = random.randrange(20000, 40000, 200)
+    # Worker ports below Linux's ephemeral range (32768-60999), where free_port()'s picks for
+    # the other components land: the two can never collide.
+    base = random.randrange(20000, 32000, 200)
     common = ["--block", "--node-ip-address", "127.0.0.1", "--num-cpus", str(cpus_per_node),
               "--num-gpus", "0", "--object-store-memory", str(100 * 2**20),
               "--disable-usage-stats"]
@@ -121,8 +124,12 @@ def test_ray_address_must_be_a_listening_head():
         check_ray_address(f"127.0.0.1:{free_port()}", timeout=1)
 
 
-@pytest.mark.slow  # a 2-node Ray cluster and two real Flower simulations
+@pytest.mark.slow  # a 2-node Ray cluster and a real Flower simulation on it
 def test_simulation_on_a_two_node_ray_cluster_matches_the_embedded_engine(tmp_path):
+    """The reference is the in-process run of the same split, server loop and ClientApp, which
+    tests/test_resilience.py shows equal, bit for bit, to the embedded engine's run."""
+    from tests.test_resilience import _uninterrupted_in_process
+
     cfg_path, manifest = two_clinic_simulation(tmp_path, rounds=2)
     cfg = yaml.safe_load(cfg_path.read_text())
     cfg["split"]["clinics"] = 4
@@ -132,7 +139,7 @@ def test_simulation_on_a_two_node_ray_cluster_matches_the_embedded_engine(tmp_pa
     cfg["tracking"] = {"enabled": False}
     cfg_path.write_text(yaml.safe_dump(cfg))
 
-    _simulate(cfg_path, manifest, tmp_path / "embedded")
+    emb = _uninterrupted_in_process(load_config(cfg_path), manifest, tmp_path / "embedded")
     with local_ray_cluster(cpus_per_node=1) as address:
         before = cluster_state(address)
         assert len(before["nodes"]) == 2
@@ -146,19 +153,19 @@ def test_simulation_on_a_two_node_ray_cluster_matches_the_embedded_engine(tmp_pa
     # Nothing of the run is left on the cluster: every actor gone, the run's job finished.
     assert all(a["state"] == "DEAD" for a in after["actors"]), after["actors"]
     assert after["jobs"] and all(j["dead"] for j in after["jobs"]), after["jobs"]
-    emb, clu = (json.loads((tmp_path / r / "metrics.json").read_text())
-                for r in ("embedded", "cluster"))
+    clu = json.loads((tmp_path / "cluster" / "metrics.json").read_text())
     assert [h["clinics_replied"] for h in clu["history"][1:]] == [4, 4]
-    # Every clinic computed bit for bit what it computed on the embedded engine (the anonymous
-    # indices may be assigned in another order), and aggregation orders the updates by content,
-    # not arrival: the same metrics and the same final model, bit for bit.
-    for he, hc in zip(emb["history"], clu["history"], strict=True):
-        assert he["server"] == hc["server"]
+    # Every clinic computed bit for bit what it computed in process (the anonymous indices
+    # may be assigned in another order), and aggregation orders the updates by content, not
+    # arrival: the same metrics and the same final model, bit for bit.
+    for hc in clu["history"]:
+        assert json.loads(json.dumps(emb.evaluator.history[hc["round"]])) == hc["server"]
     for rnd in (1, 2):
-        losses = [sorted(c["train_loss"] for c in run["history"][rnd]["clinics_train"]
-                         ["per_clinic"].values()) for run in (emb, clu)]
-        assert losses[0] == losses[1]
-    a = torch.load(tmp_path / "embedded" / "model_final.pt", weights_only=False)["state_dict"]
+        ours = sorted(c["train_loss"] for c in emb.recorder.rounds[rnd].train.values())
+        theirs = sorted(c["train_loss"] for c in clu["history"][rnd]["clinics_train"]
+                        ["per_clinic"].values())
+        assert ours == theirs
+    a = emb.evaluator.final_state
     b = torch.load(tmp_path / "cluster" / "model_final.pt", weights_only=False)["state_dict"]
     assert a.keys() == b.keys()
     for k in a:
