@@ -14,7 +14,8 @@ from PIL import Image
 from shared.config import config_from_dict
 
 REPO = Path(__file__).resolve().parents[1]
-torch.set_num_threads(2)
+# Two cores: one torch thread per xdist worker (`pytest -n 2`), both when run alone.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 
 @pytest.fixture(scope="session", autouse=True)
