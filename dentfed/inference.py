@@ -337,6 +337,86 @@ def _auto_check(run: dict[str, Runner], x_fast: torch.Tensor, x_exact: torch.Ten
     return p, mode or "fp32", margin, check
 
 
+AUTO_VERIFY_IMAGES = 4  # a remembered choice is re-verified on this many images
+
+
+def auto_memory_path(loaded: LoadedModel) -> Path:
+    """Where auto remembers its choice for this model file (beside it, like the exports)."""
+    return loaded.checkpoint.with_name(loaded.checkpoint.stem + ".auto.json")
+
+
+def _auto_key(loaded: LoadedModel, modes: list[str]) -> dict:
+    """What a remembered choice depends on: this exact model (its exports carry its sha256),
+    the modes on offer, the CPU, the thread count and the library versions."""
+    from shared.models import sha256_of
+
+    shas = {m.sha() for m in loaded.onnx.values()} or {sha256_of(loaded.checkpoint)}
+    cpu = next((line.split(":", 1)[1].strip() for line in _cpuinfo().splitlines()
+                if line.startswith("model name")), "")
+    try:
+        import onnxruntime
+
+        ort_version = onnxruntime.__version__
+    except ImportError:
+        ort_version = None
+    return {"model_sha256": sorted(shas), "modes": modes, "cpu": cpu,
+            "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "onnxruntime": ort_version}
+
+
+def _cpuinfo() -> str:
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+
+
+def _recall_auto(loaded: LoadedModel, key: dict) -> dict | None:
+    import json
+
+    try:
+        saved = json.loads(auto_memory_path(loaded).read_text())
+    except (OSError, ValueError):
+        return None
+    return saved if isinstance(saved, dict) and saved.get("key") == key else None
+
+
+def _remember_auto(loaded: LoadedModel, key: dict, check: dict) -> None:
+    """Best effort: a read-only model folder just means the next run compares again."""
+    import json
+
+    from shared.atomic_files import write_text_atomic
+
+    keep = {k: check[k] for k in ("mode", "recheck_margin", "tried", "fp32_s_per_image",
+                                  "reason")}
+    try:
+        write_text_atomic(auto_memory_path(loaded), json.dumps({"key": key, **keep}, indent=1))
+    except OSError as err:
+        log.debug("auto choice not remembered: %s", err)
+
+
+def _auto_verify(run: dict[str, Runner], saved: dict, x_fast: torch.Tensor,
+                 x_exact: torch.Tensor) -> tuple[np.ndarray, str, float | None, dict | None]:
+    """A remembered choice, checked on a few images: (their exact scores, mode, margin,
+    record), or a None record when the mode now moves scores by more than twice the largest
+    difference it was chosen with (then auto compares afresh)."""
+    p = run["fp32"](x_exact)
+    mode = saved["mode"].split(" ")[0]
+    if mode == "fp32":
+        record = {**saved, "used": False, "reused": True, "images_compared": len(x_exact),
+                  "rechecked_in_fp32": 0, "reason": f"remembered choice fp32 ({saved['reason']})"}
+        return p, "fp32", None, record
+    allowed = saved["tried"][mode]["max_abs_prob_diff"]
+    diff = float(np.abs(p - run[mode](x_fast)).max())
+    if diff > 2 * allowed:
+        return p, "fp32", None, None
+    record = {**saved, "used": True, "reused": True, "images_compared": len(x_exact),
+              "verify_max_abs_prob_diff": diff, "rechecked_in_fp32": 0,
+              "reason": f"remembered choice {mode}: moved scores by at most {diff:.4f} on "
+                        f"{len(x_exact)} images (chosen at {allowed:.4f})"}
+    return p, mode, saved["recheck_margin"], record
+
+
 def predict_paths(loaded: LoadedModel, paths: list[Path], *, batch_size: int = 32,
                   workers: int = 1, precision: str = "fp32") -> Predictions:
     """Probabilities and decisions for every path; `workers` decode threads run ahead of the
@@ -348,7 +428,13 @@ def predict_paths(loaded: LoadedModel, paths: list[Path], *, batch_size: int = 3
     timed; every other image runs in the mode `choose_mode` estimates fastest (fp32 when none
     beats it), and every image with a score within AUTO_MARGIN_FACTOR x that mode's largest
     difference on those images (at least 0.01) of a decision boundary is decoded again in full
-    and recomputed in fp32."""
+    and recomputed in fp32.
+
+    The choice is remembered beside the model file (`auto_memory_path`) for this model, CPU,
+    thread count and library versions: a later run skips the comparison and only verifies
+    the remembered mode on AUTO_VERIFY_IMAGES images of its first batch (fp32 on full decodes
+    against the mode); if the mode moves their scores by more than twice what it did when it
+    was chosen, the full comparison runs again."""
     if precision not in ("fp32", "bf16", "int8", "auto"):
         raise DentfedError(f"precision must be fp32, bf16, int8 or auto, not {precision}")
     model, task_type = loaded.model, loaded.task_type
@@ -373,10 +459,19 @@ def predict_paths(loaded: LoadedModel, paths: list[Path], *, batch_size: int = 3
             ok = np.array([not e for e in errs])
             checked = np.zeros(0, dtype=int)  # rows of this batch already computed exactly
             if precision == "auto" and check is None and ok.any():
-                checked = np.flatnonzero(ok)[:AUTO_CHECK_IMAGES]
-                p_checked, mode, margin, check = _auto_check(
-                    run, x[torch.from_numpy(checked)],
-                    _load_batch(exact_ds, list(idx[checked]))[0], task_type, thr)
+                key = _auto_key(loaded, auto_modes(run))
+                saved = _recall_auto(loaded, key)
+                if saved is not None:
+                    checked = np.flatnonzero(ok)[:AUTO_VERIFY_IMAGES]
+                    p_checked, mode, margin, check = _auto_verify(
+                        run, saved, x[torch.from_numpy(checked)],
+                        _load_batch(exact_ds, list(idx[checked]))[0])
+                if check is None:
+                    checked = np.flatnonzero(ok)[:AUTO_CHECK_IMAGES]
+                    p_checked, mode, margin, check = _auto_check(
+                        run, x[torch.from_numpy(checked)],
+                        _load_batch(exact_ds, list(idx[checked]))[0], task_type, thr)
+                    _remember_auto(loaded, key, check)
                 if margin is None:  # fp32 it is: decode in full from now on
                     ds.draft = None
             if reduced and margin is None:  # decoded before auto settled on fp32

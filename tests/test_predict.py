@@ -229,10 +229,12 @@ def test_bench_inference_runs_and_compares_with_the_plain_loop(tmp_path: Path, c
     out = capsys.readouterr().out
     assert "6 images (synthetic)" in out
     rows = [line for line in out.splitlines() if line.startswith(("plain", "dentfed"))]
-    assert len(rows) == 6 and rows[1].split()[-2] == "100.0%"  # torch fp32 = itself
+    assert len(rows) == 7 and rows[1].split()[-2] == "100.0%"  # torch fp32 = itself
     assert rows[2].split()[-2] == "100.0%"  # the ONNX export decides as torch does
     assert rows[5].split()[-2] == "100.0%"  # auto: decisions of fp32
+    assert rows[6].split()[-2] == "100.0%"  # auto with its remembered choice, too
     assert rows[3].count("%") == 2 and "auto used: " in out
+    assert "auto remembered used: " in out
 
 
 def test_auto_precision_keeps_fp32_decisions(tiny_run: Path, monkeypatch):
