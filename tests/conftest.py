@@ -18,6 +18,13 @@ REPO = Path(__file__).resolve().parents[1]
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 
+def pytest_collection_modifyitems(config, items) -> None:
+    """Slow tests first (in file order), then the rest: with `-n 2 --dist load` the two
+    workers take the long real-process runs in turns from the start and the short tests fill
+    the end, instead of one worker finishing alone on a long run at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _one_tracking_store(tmp_path_factory) -> None:
     """Every run a test starts is tracked (the default), into one SQLite store per session:
