@@ -415,17 +415,21 @@ def run_federation(grid: Grid, cfg: Config, test_manifest: str | Path,
             log.info("[ROUND %d/%d]", rnd, fed.rounds)
             arrays = _train_round(strategy, wgrid, recorder, cfg, rnd, arrays,
                                   ConfigRecord(dict(train_cfg)), train_agg)
+            # Clinics evaluate (and re-estimate BatchNorm statistics) only in the rounds the
+            # server evaluates too: running statistics never enter training (BatchNorm uses
+            # the batch's own in train mode), so the other rounds' would be unused work.
+            evaluated = rnd % fed.evaluate_every == 0 or rnd == fed.rounds
             replies = list(wgrid.send_and_receive(
                 strategy.configure_evaluate(rnd, arrays, ConfigRecord(dict(eval_cfg)), wgrid),
-                timeout=fed.round_timeout))
-            if fed.bn_recalibration:
+                timeout=fed.round_timeout)) if evaluated else []
+            if fed.bn_recalibration and evaluated:
                 arrays = recalibrated(arrays, replies, expected_shapes(model), rnd)
             if replies:
                 agg = strategy.aggregate_evaluate(rnd, replies)
                 if agg is not None:
                     eval_agg[rnd] = _plain(agg)
             last_done = rnd
-            if rnd % fed.evaluate_every == 0 or rnd == fed.rounds:
+            if evaluated:
                 evaluator(rnd, arrays)
             if run_dir is not None:
                 save_checkpoint(run_dir, {

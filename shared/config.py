@@ -247,9 +247,10 @@ class FederationConfig(_Strict):
     # 0: no clinic-side evaluation rounds (the server's own test set still scores every
     # evaluated round); bn_recalibration and FedBN's per-clinic figures need them.
     fraction_evaluate: float = Field(default=1.0, ge=0, le=1)
-    # Central evaluation on the server's test set after every k-th round (round 0, the
-    # initial model, included) and always after the last; the best model is chosen among the
-    # evaluated rounds. k > 1 saves the central evaluation's time in the other rounds.
+    # Evaluation after every k-th round (round 0, the initial model, included centrally) and
+    # always after the last: the server's test set and the clinics' validation images (with
+    # bn_recalibration's statistics); the best model is chosen among the evaluated rounds.
+    # k > 1 saves both evaluations' time in the other rounds and changes no trained weight.
     evaluate_every: int = Field(default=1, ge=1)
     min_train_clinics: int = Field(default=2, ge=1)
     min_evaluate_clinics: int = Field(default=2, ge=0)

@@ -320,10 +320,11 @@ def test_clinic_batch_size_is_its_own(tiny_manifest):
 
 @pytest.mark.slow
 def test_evaluate_every_and_no_clinic_evaluation_leave_training_unchanged(tmp_path):
-    """federation.evaluate_every 2 scores rounds 0, 2 and the last (3) on the server's test set;
+    """federation.evaluate_every 2 scores rounds 0, 2 and the last (3) on the server's test set
+    and has the clinics evaluate (and re-estimate BatchNorm statistics) in rounds 2 and 3 only;
     fraction_evaluate 0 sends no evaluate message to any clinic. Neither changes training: the
-    final model is bit for bit the one of a run that evaluates everything, and the run folder
-    still lists every round."""
+    evaluated models are bit for bit those of a run that evaluates everything, and the run
+    folder still lists every round."""
     from server.federation import run_federation
     from server.run_folder import write_run_folder
     from simulations.bench_quality import InProcessGrid
@@ -340,17 +341,30 @@ def test_evaluate_every_and_no_clinic_evaluation_leave_training_unchanged(tmp_pa
         grid = InProcessGrid(tmp_path / name, 2)
         return run_federation(grid, cfg, tmp_path / name / "server_test.csv"), grid
 
-    full, full_grid = run("full")
+    def evaluate_rounds(grid) -> list[int]:
+        return sorted({int(m.content["config"]["server-round"]) for m in grid.sent
+                       if m.metadata.message_type.startswith("evaluate")
+                       and "config" in m.content.config_records})
+
+    # BatchNorm re-estimation every round, versus only in the evaluated rounds 2 and 3 (the
+    # clinics evaluate when the server does): the same evaluated models, bit for bit.
+    full, full_grid = run("full", bn_recalibration=True)
+    every2, every2_grid = run("every2", bn_recalibration=True, evaluate_every=2)
     lean, lean_grid = run("lean", evaluate_every=2, fraction_evaluate=0.0)
     assert sorted(full.evaluator.history) == [0, 1, 2, 3]
-    assert sorted(lean.evaluator.history) == [0, 2, 3]
+    assert sorted(every2.evaluator.history) == sorted(lean.evaluator.history) == [0, 2, 3]
+    assert evaluate_rounds(full_grid) == [1, 2, 3] and evaluate_rounds(every2_grid) == [2, 3]
     kinds = [m.metadata.message_type for m in lean_grid.sent]
     assert not [k for k in kinds if k.startswith("evaluate")] and "train" in kinds
-    assert [k for k in (m.metadata.message_type for m in full_grid.sent)
-            if k.startswith("evaluate")]
-    a, b = full.evaluator.final_state, lean.evaluator.final_state
+    a, b = full.evaluator.final_state, every2.evaluator.final_state
     assert max(float((a[k] - b[k]).abs().max()) for k in a) == 0.0
-    assert full.evaluator.history[3] == lean.evaluator.history[3]
+    for rnd in (2, 3):
+        assert full.evaluator.history[rnd] == every2.evaluator.history[rnd]
+    # Without any clinic evaluation the trained weights are still the same (only the
+    # BatchNorm running statistics, which nobody re-estimated, differ).
+    c = lean.evaluator.final_state
+    weights = [k for k in a if not k.endswith(("running_mean", "running_var"))]
+    assert max(float((a[k] - c[k]).abs().max()) for k in weights) == 0.0
     data = write_run_folder(lean, tmp_path / "run_lean")
     assert [h["round"] for h in data["history"]] == [0, 1, 2, 3]
     assert data["history"][1]["server"] is None and data["history"][1]["clinics_train"]
