@@ -23,12 +23,16 @@ Central evaluation on the server is server compute and printed apart (not in the
 With DENTFED_TIMING_DIR set on the clinics, each ClientApp process records where its own
 seconds went (client/timing.py); the medians over all messages are printed as a breakdown.
 
-Variants (`--variants`, each a full deployment):
-  cold    `dentfed clinic start --no-image-cache`: every message decodes its images again
-  cache   the default `dentfed clinic start`: decoded images in the clinic's disk cache
+Variants (`--variants`, each a full deployment, run one after another):
+  cold    `dentfed clinic start --cold-clientapp --no-image-cache`: Flower's SuperExec starts
+          every ClientApp process from scratch and every message decodes its images again
+  cache   `--cold-clientapp` with the clinic's disk image cache
+  warm    the default `dentfed clinic start`: the warm ClientApp worker (processes forked with
+          torch, torchvision and Flower already imported) and the image cache
+The server polls the SuperLink for replies every 0.2 s in every variant (server/federation.py).
 
     .venv/bin/python -m simulations.bench_deploy --clinics 3 --rounds 3 \
-        --manifest data/demo-photos/manifest.csv --variants cold,cache
+        --manifest data/demo-photos/manifest.csv --variants cold,cache,warm
 """
 
 from __future__ import annotations
@@ -51,10 +55,13 @@ from simulations.simulate import prepare_split
 
 log = logging.getLogger("dentfed.bench")
 
-VARIANTS: dict[str, list[str]] = {  # extra `dentfed clinic start` arguments; {k}: the clinic
-    "cold": ["--no-image-cache"],
-    "cache": ["--cache-dir", "{root}/cache_{k}"],
-    "base": [],
+VARIANTS: dict[str, list[str]] = {  # extra `dentfed clinic start` arguments
+    # Flower's own SuperExec starts every ClientApp from scratch, no image cache: as before
+    "cold": ["--cold-clientapp", "--no-image-cache"],
+    # the same with the clinic's disk image cache
+    "cache": ["--cold-clientapp", "--cache-dir", "{root}/cache_{k}"],
+    # the default: warm ClientApp worker (dentfed/clinic_worker.py) and the image cache
+    "warm": ["--cache-dir", "{root}/cache_{k}"],
 }
 # Consecutive marks of client/timing.py and what the seconds between them are.
 STAGES = [("process_start", "app_loaded", "start-up: interpreter, Flower, FAB, message, imports"),
@@ -137,6 +144,10 @@ def run_variant(name: str, extra: list[str], root: Path, manifests: list[Path],
 
 def report(results: list[dict], header: str) -> str:
     lines = [header, ""]
+    failed = [r for r in results if "failed" in r]
+    results = [r for r in results if "failed" not in r]
+    for res in failed:
+        lines += [f"### {res['name']}: FAILED", "", "```", res["failed"], "```", ""]
     for res in results:
         lines += [f"### {res['name']}: `dentfed clinic start` "
                   f"{' '.join(VARIANTS[res['name']]) or '(defaults)'}; whole run "
@@ -172,9 +183,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--manifest", default=None, help="default: the config's data.manifest")
     ap.add_argument("--clinics", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--variants", default="cold,cache",
+    ap.add_argument("--variants", default="cold,cache,warm",
                     help=f"comma list of {', '.join(VARIANTS)}")
     ap.add_argument("--timeout", type=float, default=900, help="seconds per run")
+    ap.add_argument("--round-timeout", type=float, default=300,
+                    help="federation.round_timeout: a clinic that has not replied by then "
+                    "counts as failed for the round")
     ap.add_argument("--out", type=Path,
                     default=Path(f"runs/bench-deploy-{time.strftime('%Y%m%d-%H%M%S')}"))
     args = ap.parse_args(argv)
@@ -188,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
                    split={"clinics": n, "scheme": "iid"},
                    federation={"rounds": args.rounds, "min_available_clinics": n,
                                "min_train_clinics": n, "min_evaluate_clinics": n,
-                               "node_wait_timeout": 120})
+                               "node_wait_timeout": 120,
+                               "round_timeout": args.round_timeout})
     args.out = args.out.resolve()
     args.out.mkdir(parents=True, exist_ok=False)
     split_dir = args.out / "split"
@@ -200,8 +215,12 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for name in args.variants.split(","):
         log.info("variant %s: deployment with %d clinics, %d rounds", name, n, args.rounds)
-        results.append(run_variant(name, VARIANTS[name], args.out / name, manifests,
-                                   split_dir / "server_test.csv", config, args.timeout))
+        try:
+            results.append(run_variant(name, VARIANTS[name], args.out / name, manifests,
+                                       split_dir / "server_test.csv", config, args.timeout))
+        except (RuntimeError, AssertionError, TimeoutError) as e:  # report the others anyway
+            log.error("variant %s failed: %s", name, e)
+            results.append({"name": name, "failed": str(e)[-500:]})
     per = (f"{cfg.federation.local_epochs} local epochs" if cfg.federation.local_steps is None
            else f"{cfg.federation.local_steps} local steps")
     header = (f"config {args.config}: {n} clinics (iid split), {args.rounds} rounds x {per}, "

@@ -51,7 +51,8 @@ class Federation(LocalFederation):
         self.test_manifest = write_tiny_multilabel(root / "server_test", n=24, seed=99)
 
     def start_clinic(self, k: int, *extra: str) -> subprocess.Popen:  # type: ignore[override]
-        return super().start_clinic(k, self.manifests[k], *extra)
+        return super().start_clinic(k, self.manifests[k], "--cache-dir",
+                                    str(self.root / f"cache_{k}"), *extra)
 
     def config(self, **fed) -> Path:
         cfg = _fed_config(local_steps=2, fraction_evaluate=0.0, min_evaluate_clinics=0,
