@@ -29,6 +29,10 @@ Variants (`--variants`, each a full deployment, run one after another):
   cache   `--cold-clientapp` with the clinic's disk image cache
   warm    the default `dentfed clinic start`: the warm ClientApp worker (processes forked with
           torch, torchvision and Flower already imported) and the image cache
+  warm-nostate  diagnosis only, it changes the training: `warm` with
+          federation.keep_optimizer_state false, i.e. without the clinic's AdamW moments
+          (2 x the model) in Flower's context.state, which the SuperNode and every ClientApp
+          process send each other with every message
 The server polls the SuperLink for replies every 0.2 s in every variant (server/federation.py).
 
     .venv/bin/python -m simulations.bench_deploy --clinics 3 --rounds 3 \
@@ -62,7 +66,11 @@ VARIANTS: dict[str, list[str]] = {  # extra `dentfed clinic start` arguments
     "cache": ["--cold-clientapp", "--cache-dir", "{root}/cache_{k}"],
     # the default: warm ClientApp worker (dentfed/clinic_worker.py) and the image cache
     "warm": ["--cache-dir", "{root}/cache_{k}"],
+    # diagnosis only (changes the training): warm, without the clinics' AdamW state in
+    # Flower's context.state, which travels SuperNode <-> ClientApp with every message
+    "warm-nostate": ["--cache-dir", "{root}/cache_{k}"],
 }
+CONFIG_OVERRIDES: dict[str, dict] = {"warm-nostate": {"keep_optimizer_state": False}}
 # Consecutive marks of client/timing.py and what the seconds between them are.
 STAGES = [("process_start", "app_loaded", "start-up: interpreter, Flower, FAB, message, imports"),
           ("app_loaded", "handler_start", "mods"),
@@ -149,8 +157,10 @@ def report(results: list[dict], header: str) -> str:
     for res in failed:
         lines += [f"### {res['name']}: FAILED", "", "```", res["failed"], "```", ""]
     for res in results:
+        extra = CONFIG_OVERRIDES.get(res["name"])
         lines += [f"### {res['name']}: `dentfed clinic start` "
-                  f"{' '.join(VARIANTS[res['name']]) or '(defaults)'}; whole run "
+                  f"{' '.join(VARIANTS[res['name']]) or '(defaults)'}"
+                  f"{f', federation {extra}' if extra else ''}; whole run "
                   f"{res['wall']:.1f} s", "",
                   "| round | train wall s | eval wall s | clinic compute s (train+eval) "
                   "| overhead s | central eval s |", "|--:|--:|--:|---|--:|--:|"]
@@ -215,9 +225,14 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for name in args.variants.split(","):
         log.info("variant %s: deployment with %d clinics, %d rounds", name, n, args.rounds)
+        vconfig = config
+        if name in CONFIG_OVERRIDES:
+            vconfig = args.out / f"fed-{name}.yaml"
+            vconfig.write_text(yaml.safe_dump(_variant(
+                cfg, federation=CONFIG_OVERRIDES[name]).model_dump(mode="json")))
         try:
             results.append(run_variant(name, VARIANTS[name], args.out / name, manifests,
-                                       split_dir / "server_test.csv", config, args.timeout))
+                                       split_dir / "server_test.csv", vconfig, args.timeout))
         except (RuntimeError, AssertionError, TimeoutError) as e:  # report the others anyway
             log.error("variant %s failed: %s", name, e)
             results.append({"name": name, "failed": str(e)[-500:]})
