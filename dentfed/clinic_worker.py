@@ -31,6 +31,9 @@ WARM_MODULES = ("numpy", "torch", "torchvision", "pandas", "PIL.Image", "sklearn
                 "flwr.app", "flwr.clientapp", "flwr.supernode.runtime.run_clientapp")
 
 
+FORCE_EXIT_SECONDS = 120
+
+
 def warm_up() -> None:
     import importlib
 
@@ -52,7 +55,16 @@ def _run_child(address: str, token: str, parent_pid: int | None) -> None:
     """In the forked child: one ClientApp task, as `flwr-clientapp --token` runs it."""
     code = 1
     try:
+        import flwr.supercore.exit.exit as flwr_exit_module
         from flwr.supernode.runtime.run_clientapp import run_clientapp
+
+        # Flower's flwr_exit gives the ClientApp's exit handlers 5 s before os._exit; one of
+        # them pushes the task's Context back to the SuperNode, and with AdamW state kept in
+        # context.state (2 x the model) that push took longer on a loaded 2-core machine: the
+        # process died mid-request (SuperNode log: push-task-output ClientDisconnect), the
+        # clinic's state for the next round was lost and the SuperNode sent a second, error
+        # reply. This child exits right after anyway; give the push time to finish.
+        flwr_exit_module.FORCE_EXIT_TIMEOUT_SECONDS = FORCE_EXIT_SECONDS
 
         run_clientapp(runtime_api_address=address, token=token, insecure=True,
                       certificates=None, parent_pid=parent_pid,
