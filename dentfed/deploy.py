@@ -15,6 +15,7 @@ import os
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from shared.atomic_files import write_text_atomic
@@ -141,14 +142,23 @@ def worker_command(runtime_port: int, supernode_pid: int) -> list[str]:
 
 def run_with_worker(cmd: list[str], env: dict[str, str], runtime_port: int) -> int:
     """Run a SuperNode (`cmd`, with `--isolation process`) in the foreground together with
-    its warm ClientApp worker; stop the worker when the SuperNode ends; Ctrl-C stops both."""
+    its warm ClientApp worker; stop the worker when the SuperNode ends, and the SuperNode when
+    the worker dies (it would accept messages nobody runs); Ctrl-C stops both."""
     show(cmd)
     node = subprocess.Popen(cmd, env=env)
     wcmd = worker_command(runtime_port, node.pid)
     show(wcmd)
     worker = subprocess.Popen(wcmd, env=env)
     try:
-        return node.wait()
+        while node.poll() is None:
+            if worker.poll() is not None:
+                print(f"dentfed: the ClientApp worker exited with code {worker.returncode}; "
+                      "stopping the SuperNode", file=sys.stderr, flush=True)
+                node.terminate()
+                node.wait()
+                return worker.returncode or 1
+            time.sleep(1)
+        return node.returncode
     except KeyboardInterrupt:
         node.terminate()
         return node.wait()
