@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import time
 from collections.abc import Callable
 
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
@@ -24,6 +25,7 @@ from client.clinic import (
     restore_round_state,
 )
 from client.secagg import secagg_mod
+from client.timing import mark, timing_mod
 from shared.config import Config
 from shared.dp_sgd import PrivacyBudgetSpent, declined_reply
 from shared.fedio import (
@@ -50,7 +52,9 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 # audit_mod: a no-op unless the clinic sets DENTFED_AUDIT_DIR; outermost, so it records exactly
 # what leaves. secagg_mod: SecAgg+ runs take Flower's legacy path (client/secagg.py).
 # central_dp_mod: clips the update when the coordinator asks for client-side DP.
-app = ClientApp(mods=[audit_mod, secagg_mod, central_dp_mod])
+# timing_mod: a no-op unless DENTFED_TIMING_DIR is set (the deployment benchmark).
+app = ClientApp(mods=[timing_mod, audit_mod, secagg_mod, central_dp_mod])
+mark("app_loaded")
 log = logging.getLogger("dentfed.client")
 
 
@@ -95,6 +99,7 @@ def train(msg: Message, context: Context) -> Message:
     values, extra = local_training(clinic, context, global_arrays, server_round,
                                    float(msg.content["config"].get("proximal-mu", 0.0)),
                                    control)
+    mark("computed")
     metrics = MetricRecord(values)
     residual = (context.state[RESIDUAL_KEY] if RESIDUAL_KEY in context.state.array_records
                 else None)
@@ -112,6 +117,7 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate_local(msg: Message, context: Context) -> Message:
     cfg, server_round = _reply_config(msg)
     clinic = get_clinic(context, cfg)
+    t0 = time.perf_counter()
     phase = msg.content["config"].get(CROSS_SITE_KEY)
     if phase is not None:
         check_frozen(msg.content["config"], cfg, clinic.model)
@@ -124,6 +130,9 @@ def evaluate_local(msg: Message, context: Context) -> Message:
         if len(stats):
             content[BN_STATS_KEY] = stats
             values[BN_EXAMPLES_KEY] = n
+    mark("computed")
+    # The clinic's compute for this reply, as train_seconds for training (set-up excluded):
+    values["evaluate_seconds"] = time.perf_counter() - t0
     content["metrics"] = MetricRecord(values)
     return Message(content=content, reply_to=msg)
 

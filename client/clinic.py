@@ -22,6 +22,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context
 from torch.utils.data import DataLoader, Subset
 
+from client.timing import mark
 from shared.atomic_files import torch_save_atomic
 from shared.config import Config
 from shared.data.dataset import make_loader
@@ -115,6 +116,16 @@ def clinic_state_dir(context: Context) -> Path | None:
     return None
 
 
+def clinic_cache_dir(context: Context) -> Path | None:
+    """Where the clinic keeps its cache of decoded images (shared/data/disk_cache.py): node
+    config `cache-dir` (`dentfed clinic start` sets one per manifest), else its state
+    folder."""
+    node = context.node_config
+    if "cache-dir" in node:
+        return Path(str(node["cache-dir"]))
+    return clinic_state_dir(context)
+
+
 def restore_round_state(context: Context, server_round: int) -> None:
     """Before training round t, the clinic's optimiser state and SCAFFOLD variate must be
     those after its last round before t. Flower's context.state holds them within one Flower
@@ -168,6 +179,7 @@ def get_clinic(context: Context, cfg: Config) -> Clinic:
     if key in _CLINICS:
         return _CLINICS[key]
     m = read_manifest(path, cfg.task, default_modality=cfg.data.modality)
+    mark("manifest_read")
     seed = cfg.train.seed
     if m.splits is not None and (m.splits == "val").any():
         train, val = m.subset((m.splits == "train").nonzero()[0]), \
@@ -177,18 +189,20 @@ def get_clinic(context: Context, cfg: Config) -> Clinic:
         train, val = m.subset(rest), m.subset(held)
     device = resolve_device(cfg.train.device)
     model = build_global_model(cfg).to(device)
+    mark("model_built")
     local_data = cfg.data
     if cfg.federation.batch_size is not None:  # the clinic's own local batch size (FedAvg's B)
         local_data = cfg.data.model_copy(update={"batch_size": cfg.federation.batch_size})
-    state = clinic_state_dir(context)
-    disk = (prepare_image_cache(state, path, cfg.data.image_size)
-            if state is not None and cfg.data.disk_cache else None)
+    cache = clinic_cache_dir(context)
+    disk = (prepare_image_cache(cache, path, cfg.data.image_size)
+            if cache is not None and cfg.data.disk_cache else None)
     clinic = Clinic(cfg, train, val, model, device,
                     make_loader(train, local_data, train=True, seed=seed, disk_cache=disk),
                     make_loader(val, cfg.data, train=False, disk_cache=disk),
                     make_loss(cfg.task, cfg.train, train.targets,
                               per_sample=cfg.privacy.dp_sgd is not None).to(device),
                     local_state(model))
+    mark("loaders_ready")
     # One run per process: a new config drops the previous run's clinics. A simulation worker
     # that plays several clinics keeps each one (and its image cache) across rounds.
     for old in [k for k in _CLINICS if k[1] != key[1]]:

@@ -10,10 +10,12 @@ SuperLink state in a SQLite file so that registered clinics survive a coordinato
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from shared.atomic_files import write_text_atomic
@@ -95,14 +97,28 @@ def run_command(config: Path, run_dir: Path, test_manifest: Path | None = None,
             *(["--stream"] if stream else [])]
 
 
+def default_cache_dir(manifest: Path) -> Path:
+    """The clinic's image cache folder for this manifest (one per manifest, so two clinics on
+    one machine never share one): ~/.dentfed/clinic-cache/<hash of the manifest's path>."""
+    digest = hashlib.sha256(str(Path(manifest).resolve()).encode()).hexdigest()[:16]
+    return Path.home() / ".dentfed" / "clinic-cache" / digest
+
+
 def supernode_command(superlink: str, ca_cert: Path, private_key: Path, manifest: Path,
                       port: int = 9094, max_retries: int | None = None,
-                      share_local_model: bool = True) -> list[str]:
+                      share_local_model: bool = True,
+                      cache_dir: Path | None = None, warm: bool = False) -> list[str]:
     """flower-supernode for one clinic: TLS against `ca_cert`, authenticated with the
     clinic's private key, its data named only in its own node config. `share_local_model`
     False: the clinic keeps its personalised model even when the federation's config lets
-    local models travel (federation.cross_site.share_local_models)."""
+    local models travel (federation.cross_site.share_local_models). `cache_dir`: where its
+    ClientApp keeps decoded images between messages and runs (node config `cache-dir`; a
+    SuperNode starts a fresh ClientApp process for every message, so without it every
+    message decodes its images again). `warm`: `--isolation process`, for the warm ClientApp
+    worker (dentfed/clinic_worker.py) instead of Flower's SuperExec."""
     node = f'manifest="{_need(manifest, "manifest")}"'
+    if cache_dir is not None:
+        node += f' cache-dir="{Path(cache_dir).resolve()}"'
     if not share_local_model:
         node += ' share-local-model="false"'
     cmd = [flower_bin("flower-supernode"), "--superlink", superlink,
@@ -110,9 +126,48 @@ def supernode_command(superlink: str, ca_cert: Path, private_key: Path, manifest
            "--auth-supernode-private-key", str(_need(private_key, "clinic private key")),
            "--node-config", node,
            "--port", str(port)]
+    if warm:
+        cmd += ["--isolation", "process"]
     if max_retries is not None:
         cmd += ["--max-retries", str(max_retries)]
     return cmd
+
+
+def worker_command(runtime_port: int, supernode_pid: int) -> list[str]:
+    """The warm ClientApp worker (dentfed/clinic_worker.py) for a SuperNode started with
+    `--isolation process` and Runtime API port `runtime_port`."""
+    return [sys.executable, "-m", "dentfed.clinic_worker", "--runtime-api-address",
+            f"127.0.0.1:{runtime_port}", "--parent-pid", str(supernode_pid)]
+
+
+def run_with_worker(cmd: list[str], env: dict[str, str], runtime_port: int) -> int:
+    """Run a SuperNode (`cmd`, with `--isolation process`) in the foreground together with
+    its warm ClientApp worker; stop the worker when the SuperNode ends, and the SuperNode when
+    the worker dies (it would accept messages nobody runs); Ctrl-C stops both."""
+    show(cmd)
+    node = subprocess.Popen(cmd, env=env)
+    wcmd = worker_command(runtime_port, node.pid)
+    show(wcmd)
+    worker = subprocess.Popen(wcmd, env=env)
+    try:
+        while node.poll() is None:
+            if worker.poll() is not None:
+                print(f"dentfed: the ClientApp worker exited with code {worker.returncode}; "
+                      "stopping the SuperNode", file=sys.stderr, flush=True)
+                node.terminate()
+                node.wait()
+                return worker.returncode or 1
+            time.sleep(1)
+        return node.returncode
+    except KeyboardInterrupt:
+        node.terminate()
+        return node.wait()
+    finally:
+        worker.terminate()
+        try:
+            worker.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            worker.kill()
 
 
 def show(cmd: list[str]) -> None:

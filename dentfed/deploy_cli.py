@@ -99,10 +99,18 @@ def _clinic_start(args: argparse.Namespace) -> int:
         cfg = load_config(args.config)
         m = read_manifest(manifest, cfg.task, default_modality=cfg.data.modality)
         print(f"manifest ok: {len(m)} images")
+    cache = None
+    if not args.no_image_cache:
+        cache = Path(args.cache_dir).expanduser() if args.cache_dir else \
+            deploy.default_cache_dir(manifest)
+        cache.mkdir(parents=True, exist_ok=True, mode=0o700)  # decoded images: this user only
     cmd = deploy.supernode_command(args.superlink, Path(args.ca), Path(args.key), manifest,
                                    port=args.port, max_retries=args.max_retries,
-                                   share_local_model=not args.no_share_local_model)
-    return deploy.run_foreground(cmd, deploy.flower_env())
+                                   share_local_model=not args.no_share_local_model,
+                                   cache_dir=cache, warm=not args.cold_clientapp)
+    if args.cold_clientapp:
+        return deploy.run_foreground(cmd, deploy.flower_env())
+    return deploy.run_with_worker(cmd, deploy.flower_env(), args.port)
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -163,4 +171,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     st.add_argument("--no-share-local-model", action="store_true",
                     help="never send this clinic's personalised model to other clinics, even "
                     "when the federation's cross_site.share_local_models allows it")
+    st.add_argument("--cache-dir", help="this clinic's cache of decoded, resized images, "
+                    "reused across messages and runs, never sent (default "
+                    "~/.dentfed/clinic-cache/<hash of the manifest path>)")
+    st.add_argument("--no-image-cache", action="store_true",
+                    help="decode every image again for every message")
+    st.add_argument("--cold-clientapp", action="store_true",
+                    help="let Flower's own SuperExec start every ClientApp process from "
+                    "scratch (--isolation subprocess), instead of the warm worker that forks "
+                    "them with torch already imported (dentfed/clinic_worker.py)")
     st.set_defaults(func=_clinic_start)

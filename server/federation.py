@@ -157,6 +157,9 @@ class RoundRecorder:
             self.rounds[int(r["round"])] = RoundRecord(**r)
 
 
+REPLY_POLL_SECONDS = 0.2  # how often the server asks the SuperLink for clinic replies
+
+
 class NodeWaitTimeout(DentfedError):
     """Too few clinics connected for longer than federation.node_wait_timeout."""
 
@@ -209,7 +212,7 @@ class RecordingGrid:
                          ) -> Iterable[Message]:
         sent = list(messages)
         t0 = time.perf_counter()
-        replies = list(self._grid.send_and_receive(sent, timeout=timeout))
+        replies = self._exchange(sent, timeout)
         self._recorder.record(sent, replies, time.perf_counter() - t0)
         if not sent or not sent[0].metadata.message_type.startswith("train"):
             return replies
@@ -233,6 +236,26 @@ class RecordingGrid:
         # give the same global model bit for bit (on any engine or cluster).
         return sorted(kept, key=_content_order)
 
+
+    def _exchange(self, sent: list[Message], timeout: float | None) -> list[Message]:
+        """Flower's send_and_receive (push, then pull until every reply is in or `timeout`
+        has passed), but polling every REPLY_POLL_SECONDS: the deployment Grid sleeps 3 s
+        between pulls, so a round waited up to 3 s for replies that were already in. Other
+        grid objects (tests' stand-ins) keep their own send_and_receive."""
+        if not isinstance(self._grid, Grid):
+            return list(self._grid.send_and_receive(sent, timeout=timeout))
+        ids = set(self._grid.push_messages(sent))
+        end = None if timeout is None else time.time() + timeout
+        interval = min(float(getattr(self._grid, "pull_interval", REPLY_POLL_SECONDS)),
+                       REPLY_POLL_SECONDS)
+        replies: list[Message] = []
+        while True:
+            got = list(self._grid.pull_messages(ids))
+            replies += got
+            ids -= {m.metadata.reply_to_message_id for m in got}
+            if not ids or (end is not None and time.time() >= end):
+                return replies
+            time.sleep(interval)
 
     def _decode(self, reply: Message, sent: ArrayRecord | None) -> str | None:
         """Turn a (possibly quantised) update into fp32 weights in place for the strategy;

@@ -10,7 +10,6 @@ import os
 import socket
 import ssl
 import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -21,100 +20,39 @@ import yaml
 
 from client.audit import AUDIT_ENV
 from dentfed import deploy
-from dentfed.pki import make_certificates
 from server.checkpoint import CHECKPOINT, load_checkpoint
 from shared.config import load_config
 from shared.fedio import build_global_model, expected_shapes
-from simulations.engine import free_port, kill_tagged
+from simulations.engine import free_port
+from simulations.local_deployment import LocalFederation, wait_process
 from tests.conftest import write_tiny_multilabel
 from tests.test_federation import _fed_config
 
 pytestmark = pytest.mark.slow  # real SuperLink/SuperNode processes over TLS
 
-DENTFED = [sys.executable, "-m", "dentfed.cli"]
 
-
-class Federation:
-    """A coordinator and clinics on this machine, as separate process trees."""
+class Federation(LocalFederation):
+    """A LocalFederation whose clinics hold tiny manifests with distinctive patient ids (to
+    grep for afterwards) and record every reply they send (the audit folder); one key more
+    than clinics, for a clinic that is never registered."""
 
     def __init__(self, root: Path, clinics: int):
-        self.root = root
-        self.certs = make_certificates(root / "certs", clinics=clinics + 1)  # +1 unregistered
-        self.home = root / "coordinator-home"
-        self.port = free_port()
-        self.address = f"127.0.0.1:{self.port}"
-        self.tags: dict[str, str] = {}
-        self.procs: dict[str, subprocess.Popen] = {}
-        self.logs: dict[str, Path] = {}
+        self.audit = root / "audit"
+        super().__init__(root, keys=clinics + 1,
+                         env={"OMP_NUM_THREADS": "1", AUDIT_ENV: str(self.audit)})
         self.manifests = [write_tiny_multilabel(root / f"clinic_{k}", n=32, seed=k)
                           for k in range(clinics + 1)]
         self.patient_ids: list[str] = []
-        for k, m in enumerate(self.manifests):  # distinctive ids, to grep for afterwards
+        for k, m in enumerate(self.manifests):
             df = pd.read_csv(m)
             df["patient_id"] = [f"PAT-{k}-{uuid.uuid4().hex[:8]}-{p}" for p in df["patient_id"]]
             df.to_csv(m, index=False)
             self.patient_ids += list(df["patient_id"].unique())
-        self.audit = root / "audit"
         self.test_manifest = write_tiny_multilabel(root / "server_test", n=24, seed=99)
 
-    def start(self, name: str, cmd: list[str]) -> subprocess.Popen:
-        tag = self.tags.setdefault(name, uuid.uuid4().hex)
-        self.logs[name] = self.root / f"{name}.log"
-        env = {**deploy.flower_env(), "DENTFED_SIM_TAG": tag, "OMP_NUM_THREADS": "1",
-               AUDIT_ENV: str(self.audit)}  # clinics record every reply they send
-        with self.logs[name].open("w") as fh:
-            self.procs[name] = subprocess.Popen(cmd, env=env, stdout=fh,
-                                                stderr=subprocess.STDOUT,
-                                                start_new_session=True)
-        return self.procs[name]
-
-    def log(self, name: str) -> str:
-        return self.logs[name].read_text(errors="replace")
-
-    def kill(self, name: str) -> None:
-        kill_tagged(self.tags[name], grace=0.0)
-        self.procs[name].wait(timeout=30)
-
-    def close(self) -> None:
-        for tag in self.tags.values():
-            kill_tagged(tag, grace=2.0)
-
-    def start_coordinator(self) -> None:
-        self.start("superlink", DENTFED + ["coordinator", "start", "--certs",
-                                           str(self.root / "certs"), "--address", self.address,
-                                           "--home", str(self.home)])
-        deadline = time.monotonic() + 90
-        while "Uvicorn running on https://" not in self.log("superlink"):
-            assert self.procs["superlink"].poll() is None, self.log("superlink")[-2000:]
-            assert time.monotonic() < deadline, "SuperLink did not start"
-            time.sleep(0.3)
-
-    def register(self, k: int) -> None:
-        r = subprocess.run(DENTFED + ["coordinator", "register",
-                                      str(self.certs.clinic_keys[k]) + ".pub",
-                                      "--home", str(self.home)],
-                           capture_output=True, text=True, timeout=120, env=deploy.flower_env())
-        assert r.returncode == 0 and "registered successfully" in r.stdout, r.stdout + r.stderr
-
-    def start_clinic(self, k: int) -> subprocess.Popen:
-        return self.start(f"clinic{k}", DENTFED + [
-            "clinic", "start", "--superlink", self.address,
-            "--ca", str(self.certs.ca_cert), "--key", str(self.certs.clinic_keys[k]),
-            "--manifest", str(self.manifests[k]), "--port", str(free_port()),
-            "--max-retries", "3"])
-
-    def online(self) -> int:
-        r = subprocess.run([deploy.flower_bin("flwr"), "supernode", "list", deploy.CONNECTION,
-                            "--format", "json"], capture_output=True, text=True, timeout=120,
-                           env=deploy.flower_env(self.home))
-        assert r.returncode == 0, r.stdout + r.stderr
-        return sum(n.get("status") == "online" for n in json.loads(r.stdout)["nodes"])
-
-    def wait_online(self, n: int, timeout: float = 90) -> None:
-        deadline = time.monotonic() + timeout
-        while self.online() < n:
-            assert time.monotonic() < deadline, f"fewer than {n} clinics came online"
-            time.sleep(1)
+    def start_clinic(self, k: int, *extra: str) -> subprocess.Popen:  # type: ignore[override]
+        return super().start_clinic(k, self.manifests[k], "--cache-dir",
+                                    str(self.root / f"cache_{k}"), *extra)
 
     def config(self, **fed) -> Path:
         cfg = _fed_config(local_steps=2, fraction_evaluate=0.0, min_evaluate_clinics=0,
@@ -123,10 +61,8 @@ class Federation:
         path.write_text(yaml.safe_dump(cfg))
         return path
 
-    def run(self, config: Path, run_dir: Path) -> subprocess.Popen:
-        return self.start("run", DENTFED + ["coordinator", "run", "--config", str(config),
-                                            "--run-dir", str(run_dir), "--test-manifest",
-                                            str(self.test_manifest), "--home", str(self.home)])
+    def run(self, config: Path, run_dir: Path) -> subprocess.Popen:  # type: ignore[override]
+        return super().run(config, run_dir, self.test_manifest)
 
 
 @pytest.fixture
@@ -140,13 +76,6 @@ def federation(tmp_path):
     yield make
     for f in feds:
         f.close()
-
-
-def _wait(proc: subprocess.Popen, timeout: float, what: str) -> int:
-    try:
-        return proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        raise AssertionError(f"{what} did not finish within {timeout} s") from None
 
 
 def test_tls_and_supernode_auth_two_clinics_two_rounds(federation, tmp_path):
@@ -182,12 +111,12 @@ def test_tls_and_supernode_auth_two_clinics_two_rounds(federation, tmp_path):
     with socket.create_connection(("127.0.0.1", fed.port), timeout=10) as raw, \
             ctx.wrap_socket(raw, server_hostname="localhost") as tls:
         assert tls.version() in ("TLSv1.2", "TLSv1.3")
-    assert _wait(stranger, 120, "unregistered SuperNode") != 0
+    assert wait_process(stranger, 120, "unregistered SuperNode") != 0
     assert "Failed to activate SuperNode" in fed.log("clinic2")
-    assert _wait(plain, 120, "plain-text SuperNode") != 0
+    assert wait_process(plain, 120, "plain-text SuperNode") != 0
     assert fed.online() == 2
 
-    assert _wait(proc, 400, "the federated run") == 0, fed.log("run")[-3000:]
+    assert wait_process(proc, 400, "the federated run") == 0, fed.log("run")[-3000:]
     data = json.loads((run_dir / "metrics.json").read_text())
     assert [h["round"] for h in data["history"]] == [0, 1, 2]
     assert all(h["clinics_replied"] == 2 for h in data["history"][1:])
@@ -234,7 +163,7 @@ def test_killing_one_of_three_clinics_mid_round_does_not_stop_the_run(federation
         assert time.monotonic() < deadline, "round 1 did not finish"
         time.sleep(0.2)
     fed.kill("clinic2")  # round 2 has just been sent out
-    assert _wait(proc, 400, "the federated run") == 0, fed.log("run")[-3000:]
+    assert wait_process(proc, 400, "the federated run") == 0, fed.log("run")[-3000:]
     data = json.loads((run_dir / "metrics.json").read_text())
     hist = {h["round"]: h for h in data["history"]}
     assert sorted(hist) == [0, 1, 2, 3]

@@ -89,3 +89,33 @@ def test_each_clinic_reads_only_its_own_cache(tmp_path: Path):
     assert ds1.disk.misses == 1 and ds1.disk.hits == 0
     assert torch.equal(x1, x0) and int(x1.max()) > 0
     assert len(list(ds1.disk.folder.glob("*.npy"))) == 1
+
+
+def test_a_supernode_clinic_uses_the_cache_folder_dentfed_clinic_start_gives_it(tmp_path: Path):
+    """On a real SuperNode the clinic has no split folder: `dentfed clinic start` names a cache
+    folder per manifest in its node config, and the ClientApp fills and reads that one (it
+    used none before, so every message decoded its images again)."""
+    from client.clinic import _CLINICS
+    from dentfed import deploy
+
+    a = write_tiny_multilabel(tmp_path / "a", n=8)
+    b = write_tiny_multilabel(tmp_path / "b", n=8)
+    assert deploy.default_cache_dir(a) == deploy.default_cache_dir(a)
+    assert deploy.default_cache_dir(a) != deploy.default_cache_dir(b)  # one per clinic
+    cache = tmp_path / "cache_a"
+    cmd = deploy.supernode_command("127.0.0.1:9092", a, a, a, cache_dir=cache, warm=True)
+    node = cmd[cmd.index("--node-config") + 1]
+    assert node == f'manifest="{a.resolve()}" cache-dir="{cache.resolve()}"'
+    assert cmd[cmd.index("--isolation") + 1] == "process"  # the warm worker is its SuperExec
+    assert "--isolation" not in deploy.supernode_command("h:1", a, a, a)
+
+    _CLINICS.clear()  # a fresh ClientApp process, as on a SuperNode
+    ctx = Context(run_id=1, node_id=1, node_config={"manifest": str(a), "cache-dir": str(cache)},
+                  state=RecordDict(), run_config={})
+    ds = get_clinic(ctx, tiny_config()).train_loader.dataset
+    assert ds.disk.folder == cache / "image_cache" / "32px"
+    ds._load(0)
+    _CLINICS.clear()
+    again = get_clinic(ctx, tiny_config()).train_loader.dataset  # the next message's process
+    again._load(0)
+    assert again.disk.hits == 1 and again.disk.misses == 0

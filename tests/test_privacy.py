@@ -210,7 +210,7 @@ def test_real_simulation_audit_dp_epsilon_per_round_and_budget(tmp_path):
     kinds = [e["message_type"] for e in entries]
     assert kinds.count("train") == 6 and kinds.count("evaluate") == 6, kinds
     known = {"train": {"train_seconds", "num-examples", "epsilon"},
-             "evaluate": {"val_loss", "val_macro_auc", "num-examples"}}
+             "evaluate": {"val_loss", "val_macro_auc", "evaluate_seconds", "num-examples"}}
     declines = 0
     for e in entries:
         assert "error" not in e, e

@@ -1,0 +1,256 @@
+"""Deployment overhead: a real TLS deployment on 127.0.0.1, round wall time vs clinic compute.
+
+Splits the config's manifest (the demo photos by default) into N clinics, starts a SuperLink
+with TLS and SuperNode authentication (`dentfed coordinator start`), registers and starts one
+SuperNode per clinic (`dentfed clinic start`), runs a few rounds (`dentfed coordinator run`),
+all through simulations/local_deployment.py (the same harness as tests/test_deploy.py), once
+per variant, one after another in the same invocation, and prints per round:
+
+  train wall     the server's train exchange: train messages sent -> last reply in (the
+                 ServerApp's Grid timing, metrics.json `round_seconds`)
+  eval wall      the same for the clinic evaluate exchange (`clinic_evaluate_seconds`; the demo
+                 config asks every clinic for BatchNorm statistics every round)
+  compute k      clinic k's own seconds for the round: `train_seconds` + `evaluate_seconds`
+                 from its replies (the training loop, or the evaluation/statistics pass; a
+                 fresh process's first decode of the images it touches is inside them)
+  overhead       (train wall - max_k train_seconds_k) + (eval wall - max_k evaluate_seconds_k):
+                 the seconds a round of clinic exchanges takes beyond the slowest clinic's
+                 compute, i.e. the per-round overhead each clinic sees (message transport,
+                 Flower's polling, the SuperNode starting a fresh ClientApp process per
+                 message, imports, manifest, model build). Goal (issue 16): <= 2 s.
+
+Central evaluation on the server is server compute and printed apart (not in the overhead).
+With DENTFED_TIMING_DIR set on the clinics, each ClientApp process records where its own
+seconds went (client/timing.py); the medians over all messages are printed as a breakdown.
+
+Variants (`--variants`, each a full deployment, run one after another):
+  cold    `dentfed clinic start --cold-clientapp --no-image-cache`: Flower's SuperExec starts
+          every ClientApp process from scratch and every message decodes its images again
+  cache   `--cold-clientapp` with the clinic's disk image cache
+  warm    the default `dentfed clinic start`: the warm ClientApp worker (processes forked with
+          torch, torchvision and Flower already imported) and the image cache
+  warm-nostate  diagnosis only, it changes the training: `warm` with
+          federation.keep_optimizer_state false, i.e. without the clinic's AdamW moments
+          (2 x the model) in Flower's context.state, which the SuperNode and every ClientApp
+          process send each other with every message
+The server polls the SuperLink for replies every 0.2 s in every variant (server/federation.py).
+
+    .venv/bin/python -m simulations.bench_deploy --clinics 3 --rounds 3 \
+        --manifest data/demo-photos/manifest.csv --variants cold,cache,warm
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import time
+from pathlib import Path
+
+import yaml
+
+from shared.atomic_files import write_text_atomic
+from shared.config import load_config
+from simulations.compare import _variant
+from simulations.local_deployment import LocalFederation, wait_process
+from simulations.simulate import prepare_split
+
+log = logging.getLogger("dentfed.bench")
+
+VARIANTS: dict[str, list[str]] = {  # extra `dentfed clinic start` arguments
+    # Flower's own SuperExec starts every ClientApp from scratch, no image cache: as before
+    "cold": ["--cold-clientapp", "--no-image-cache"],
+    # the same with the clinic's disk image cache
+    "cache": ["--cold-clientapp", "--cache-dir", "{root}/cache_{k}"],
+    # the default: warm ClientApp worker (dentfed/clinic_worker.py) and the image cache
+    "warm": ["--cache-dir", "{root}/cache_{k}"],
+    # diagnosis only (changes the training): warm, without the clinics' AdamW state in
+    # Flower's context.state, which travels SuperNode <-> ClientApp with every message
+    "warm-nostate": ["--cache-dir", "{root}/cache_{k}"],
+}
+CONFIG_OVERRIDES: dict[str, dict] = {"warm-nostate": {"keep_optimizer_state": False}}
+# Consecutive marks of client/timing.py and what the seconds between them are.
+STAGES = [("process_start", "app_loaded", "start-up: interpreter, Flower, FAB, message, imports"),
+          ("app_loaded", "handler_start", "mods"),
+          ("handler_start", "manifest_read", "manifest read"),
+          ("manifest_read", "model_built", "model build"),
+          ("model_built", "loaders_ready", "data loaders (and disk cache check)"),
+          ("loaders_ready", "computed", "compute (train / evaluate)"),
+          ("handler_start", "computed", "handler to computed (set-up + compute)"),
+          ("computed", "reply", "encoding the reply"),
+          ("process_start", "reply", "whole process up to the reply")]
+
+
+def per_round(metrics: dict) -> list[dict]:
+    """Per round: walls, each clinic's compute and the overhead (see the module docstring)."""
+    rows = []
+    for h in metrics["history"]:
+        if h["round"] == 0:
+            continue
+        train = h["clinics_train"]["per_clinic"]
+        ev = h["clinics_evaluate"]["per_clinic"]
+        t_max = max((c.get("train_seconds", 0.0) for c in train.values()), default=0.0)
+        e_max = max((c.get("evaluate_seconds", 0.0) for c in ev.values()), default=0.0)
+        compute = {k: train.get(k, {}).get("train_seconds", 0.0)
+                   + ev.get(k, {}).get("evaluate_seconds", 0.0)
+                   for k in sorted(set(train) | set(ev), key=int)}
+        overhead = (h["round_seconds"] - t_max) + (
+            h["clinic_evaluate_seconds"] - e_max if ev else 0.0)
+        rows.append({"round": h["round"], "train_wall": h["round_seconds"],
+                     "eval_wall": h["clinic_evaluate_seconds"],
+                     "central_eval": h.get("central_eval_seconds", 0.0),
+                     "compute": compute, "overhead": overhead,
+                     "replied": h["clinics_replied"]})
+    return rows
+
+
+def breakdown(folder: Path) -> dict[str, dict[str, float]]:
+    """Median seconds per stage over the ClientApp processes' timing files, per message
+    type."""
+    out: dict[str, dict[str, float]] = {}
+    records = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
+    for kind in sorted({r["message_type"] for r in records}):
+        stages: dict[str, list[float]] = {}
+        for r in (r for r in records if r["message_type"] == kind):
+            t = {name: ts for name, ts in r["marks"]}
+            if r.get("process_start"):
+                t["process_start"] = r["process_start"]
+            for a, b, label in STAGES:
+                if a in t and b in t:
+                    stages.setdefault(label, []).append(t[b] - t[a])
+        out[kind] = {label: statistics.median(v) for label, v in stages.items()}
+        out[kind]["messages"] = float(sum(r["message_type"] == kind for r in records))
+    return out
+
+
+def run_variant(name: str, extra: list[str], root: Path, manifests: list[Path],
+                test_manifest: Path, config: Path, timeout: float) -> dict:
+    root.mkdir(parents=True)
+    timing = root / "timing"
+    fed = LocalFederation(root, keys=len(manifests),
+                          env={"OMP_NUM_THREADS": "1", "DENTFED_TIMING_DIR": str(timing)})
+    try:
+        fed.start_coordinator()
+        for k, m in enumerate(manifests):
+            fed.register(k)
+            fed.start_clinic(k, m, *(a.format(root=root, k=k) for a in extra))
+        fed.wait_online(len(manifests))
+        t0 = time.perf_counter()
+        proc = fed.run(config, root / "run", test_manifest)
+        rc = wait_process(proc, timeout, f"variant {name}: the federated run")
+        wall = time.perf_counter() - t0
+        if rc != 0:
+            raise RuntimeError(f"variant {name}: run failed:\n" + fed.log("run")[-3000:])
+    finally:
+        fed.close()
+    metrics = json.loads((root / "run" / "metrics.json").read_text())
+    return {"name": name, "wall": wall, "rounds": per_round(metrics),
+            "breakdown": breakdown(timing) if timing.is_dir() else {}}
+
+
+def report(results: list[dict], header: str) -> str:
+    lines = [header, ""]
+    failed = [r for r in results if "failed" in r]
+    results = [r for r in results if "failed" not in r]
+    for res in failed:
+        lines += [f"### {res['name']}: FAILED", "", "```", res["failed"], "```", ""]
+    for res in results:
+        extra = CONFIG_OVERRIDES.get(res["name"])
+        lines += [f"### {res['name']}: `dentfed clinic start` "
+                  f"{' '.join(VARIANTS[res['name']]) or '(defaults)'}"
+                  f"{f', federation {extra}' if extra else ''}; whole run "
+                  f"{res['wall']:.1f} s", "",
+                  "| round | train wall s | eval wall s | clinic compute s (train+eval) "
+                  "| overhead s | central eval s |", "|--:|--:|--:|---|--:|--:|"]
+        for r in res["rounds"]:
+            comp = ", ".join(f"{v:.2f}" for v in r["compute"].values())
+            lines.append(f"| {r['round']} | {r['train_wall']:.2f} | {r['eval_wall']:.2f} | "
+                         f"{comp} | **{r['overhead']:.2f}** | {r['central_eval']:.2f} |")
+        ov = [r["overhead"] for r in res["rounds"]]
+        lines += ["", f"overhead per round per clinic: mean {statistics.mean(ov):.2f} s, "
+                  f"max {max(ov):.2f} s (goal <= 2 s)", ""]
+        for kind, stages in res["breakdown"].items():
+            lines.append(f"ClientApp process, {kind} messages "
+                         f"({int(stages.pop('messages'))}), median s: "
+                         + "; ".join(f"{k} {v:.2f}" for k, v in stages.items()))
+        lines.append("")
+    if len(results) > 1:
+        lines += ["| variant | mean overhead s | max overhead s | mean round wall s "
+                  "(train + eval) |", "|---|--:|--:|--:|"]
+        for res in results:
+            ov = [r["overhead"] for r in res["rounds"]]
+            rw = [r["train_wall"] + r["eval_wall"] for r in res["rounds"]]
+            lines.append(f"| {res['name']} | {statistics.mean(ov):.2f} | {max(ov):.2f} | "
+                         f"{statistics.mean(rw):.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", default="configs/demo-photos.yaml")
+    ap.add_argument("--manifest", default=None, help="default: the config's data.manifest")
+    ap.add_argument("--clinics", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--variants", default="cold,cache,warm",
+                    help=f"comma list of {', '.join(VARIANTS)}")
+    ap.add_argument("--timeout", type=float, default=900, help="seconds per run")
+    ap.add_argument("--round-timeout", type=float, default=300,
+                    help="federation.round_timeout: a clinic that has not replied by then "
+                    "counts as failed for the round")
+    ap.add_argument("--out", type=Path,
+                    default=Path(f"runs/bench-deploy-{time.strftime('%Y%m%d-%H%M%S')}"))
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    unknown = set(args.variants.split(",")) - set(VARIANTS)
+    if unknown:
+        ap.error(f"unknown variants {sorted(unknown)}")
+
+    n = args.clinics
+    cfg = _variant(load_config(args.config),
+                   split={"clinics": n, "scheme": "iid"},
+                   federation={"rounds": args.rounds, "min_available_clinics": n,
+                               "min_train_clinics": n, "min_evaluate_clinics": n,
+                               "node_wait_timeout": 120,
+                               "round_timeout": args.round_timeout})
+    args.out = args.out.resolve()
+    args.out.mkdir(parents=True, exist_ok=False)
+    split_dir = args.out / "split"
+    prepare_split(cfg, args.manifest, split_dir)
+    config = args.out / "fed.yaml"
+    config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    manifests = [split_dir / f"clinic_{k}" / "manifest.csv" for k in range(n)]
+    load = os.getloadavg()
+    results = []
+    for name in args.variants.split(","):
+        log.info("variant %s: deployment with %d clinics, %d rounds", name, n, args.rounds)
+        vconfig = config
+        if name in CONFIG_OVERRIDES:
+            vconfig = args.out / f"fed-{name}.yaml"
+            vconfig.write_text(yaml.safe_dump(_variant(
+                cfg, federation=CONFIG_OVERRIDES[name]).model_dump(mode="json")))
+        try:
+            results.append(run_variant(name, VARIANTS[name], args.out / name, manifests,
+                                       split_dir / "server_test.csv", vconfig, args.timeout))
+        except (RuntimeError, AssertionError, TimeoutError) as e:  # report the others anyway
+            log.error("variant %s failed: %s", name, e)
+            results.append({"name": name, "failed": str(e)[-500:]})
+    per = (f"{cfg.federation.local_epochs} local epochs" if cfg.federation.local_steps is None
+           else f"{cfg.federation.local_steps} local steps")
+    header = (f"config {args.config}: {n} clinics (iid split), {args.rounds} rounds x {per}, "
+              f"{cfg.model.name} at {cfg.data.image_size} px; {os.cpu_count()} CPUs; load "
+              f"average before {load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f}, after "
+              + "/".join(f"{x:.1f}" for x in os.getloadavg()) + "\n\n"
+              "overhead = (train wall - slowest clinic's train_seconds) + (eval wall - slowest "
+              "clinic's evaluate_seconds): what a round of clinic exchanges takes beyond the "
+              "slowest clinic's own compute")
+    text = report(results, header)
+    print(text)
+    write_text_atomic(args.out / "bench.md", text)
+    write_text_atomic(args.out / "bench.json", json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
