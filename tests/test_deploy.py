@@ -78,25 +78,29 @@ def federation(tmp_path):
         f.close()
 
 
-def test_tls_and_supernode_auth_two_clinics_two_rounds(federation, tmp_path):
-    fed = federation(2)
+def test_tls_auth_audit_and_a_clinic_killed_mid_round(federation, tmp_path):
+    """One deployment (one coordinator start instead of two): 3 registered clinics over TLS
+    with SuperNode authentication; while the run goes on, an unregistered clinic and a
+    plain-text client are refused, and one clinic is killed mid-round, which must not stop the
+    run; every reply the clinics sent is audited and nothing of their manifests reaches the
+    coordinator."""
+    fed = federation(3)
     fed.start_coordinator()
-    fed.register(0)
-    fed.register(1)
-    fed.start_clinic(0)
-    fed.start_clinic(1)
-
-    fed.wait_online(2)
+    for k in range(3):
+        fed.register(k)
+        fed.start_clinic(k)
+    fed.wait_online(3)
     run_dir = tmp_path / "run"
-    proc = fed.run(fed.config(rounds=2), run_dir)
+    proc = fed.run(fed.config(rounds=3, round_timeout=60, min_available_clinics=2,
+                              min_train_clinics=2), run_dir)
 
     # While the run goes on: a clinic whose key was never registered is refused...
-    stranger = fed.start_clinic(2)
+    stranger = fed.start_clinic(3)
     # ... a plain-text client gets nowhere ...
     plain = fed.start("plaintext", [deploy.flower_bin("flower-supernode"), "--insecure",
                                     "--superlink", fed.address, "--max-retries", "2",
                                     "--max-wait-time", "10", "--port", str(free_port()),
-                                    "--node-config", f'manifest="{fed.manifests[2]}"'])
+                                    "--node-config", f'manifest="{fed.manifests[3]}"'])
     with socket.create_connection(("127.0.0.1", fed.port), timeout=10) as s:
         s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         try:
@@ -111,23 +115,39 @@ def test_tls_and_supernode_auth_two_clinics_two_rounds(federation, tmp_path):
     with socket.create_connection(("127.0.0.1", fed.port), timeout=10) as raw, \
             ctx.wrap_socket(raw, server_hostname="localhost") as tls:
         assert tls.version() in ("TLSv1.2", "TLSv1.3")
+
+    deadline = time.monotonic() + 300
+    while not ((run_dir / CHECKPOINT).is_file() and load_checkpoint(run_dir)["round"] >= 1):
+        assert proc.poll() is None, fed.log("run")[-3000:]
+        assert time.monotonic() < deadline, "round 1 did not finish"
+        time.sleep(0.2)
+    fed.kill("clinic2")  # round 2 has just been sent out
+
     assert wait_process(stranger, 120, "unregistered SuperNode") != 0
-    assert "Failed to activate SuperNode" in fed.log("clinic2")
+    assert "Failed to activate SuperNode" in fed.log("clinic3")
     assert wait_process(plain, 120, "plain-text SuperNode") != 0
-    assert fed.online() == 2
 
     assert wait_process(proc, 400, "the federated run") == 0, fed.log("run")[-3000:]
     data = json.loads((run_dir / "metrics.json").read_text())
-    assert [h["round"] for h in data["history"]] == [0, 1, 2]
-    assert all(h["clinics_replied"] == 2 for h in data["history"][1:])
-    assert data["clinics"] == 2
+    hist = {h["round"]: h for h in data["history"]}
+    assert sorted(hist) == [0, 1, 2, 3]
+    assert hist[1]["clinics_replied"] == 3  # the stranger never took part
+    assert hist[2]["clinics_sampled"] == 3 and hist[2]["clinics_replied"] == 2
+    assert all(hist[r]["skipped"] is None for r in (1, 2, 3))
+    assert hist[3]["clinics_replied"] == 2
+    assert data["clinics"] == 3
+    report = (run_dir / "report.md").read_text()
+    assert "2/3" in report and "fewer clinic" in report
     for name in ("config.yaml", "model_final.pt", "report.md", "rounds.png", CHECKPOINT):
         assert (run_dir / name).is_file(), name
+    assert os.path.getsize(run_dir / "model_final.pt") > 0
+
     # Privacy audit over the network: every reply the clinics sent (their own records).
     shapes = {k: list(v) for k, v in
               expected_shapes(build_global_model(load_config(run_dir / "config.yaml"))).items()}
     entries = [json.loads(p.read_text()) for p in fed.audit.glob("*.json")]
-    assert [e["message_type"] for e in entries].count("train") == 4  # 2 clinics x 2 rounds
+    replied = sum(hist[r]["clinics_replied"] for r in (1, 2, 3))
+    assert [e["message_type"] for e in entries].count("train") == replied == 7
     for e in entries:
         assert "error" not in e, e
         assert set(e["records"]) <= {"arrays", "metrics"}
@@ -145,33 +165,3 @@ def test_tls_and_supernode_auth_two_clinics_two_rounds(federation, tmp_path):
     secrets = fed.patient_ids + [str(m.parent) for m in fed.manifests]
     for blob in written:
         assert not [s for s in secrets if s.encode() in blob]
-
-
-def test_killing_one_of_three_clinics_mid_round_does_not_stop_the_run(federation, tmp_path):
-    fed = federation(3)
-    fed.start_coordinator()
-    for k in range(3):
-        fed.register(k)
-        fed.start_clinic(k)
-    fed.wait_online(3)
-    run_dir = tmp_path / "run"
-    proc = fed.run(fed.config(rounds=3, round_timeout=60, min_available_clinics=2,
-                              min_train_clinics=2), run_dir)
-    deadline = time.monotonic() + 300
-    while not ((run_dir / CHECKPOINT).is_file() and load_checkpoint(run_dir)["round"] >= 1):
-        assert proc.poll() is None, fed.log("run")[-3000:]
-        assert time.monotonic() < deadline, "round 1 did not finish"
-        time.sleep(0.2)
-    fed.kill("clinic2")  # round 2 has just been sent out
-    assert wait_process(proc, 400, "the federated run") == 0, fed.log("run")[-3000:]
-    data = json.loads((run_dir / "metrics.json").read_text())
-    hist = {h["round"]: h for h in data["history"]}
-    assert sorted(hist) == [0, 1, 2, 3]
-    assert hist[1]["clinics_replied"] == 3
-    assert hist[2]["clinics_sampled"] == 3 and hist[2]["clinics_replied"] == 2
-    assert all(hist[r]["skipped"] is None for r in (1, 2, 3))
-    assert hist[3]["clinics_replied"] == 2
-    assert data["clinics"] == 3
-    report = (run_dir / "report.md").read_text()
-    assert "2/3" in report and "fewer clinic" in report
-    assert os.path.getsize(run_dir / "model_final.pt") > 0
