@@ -106,6 +106,21 @@ def test_factory_builds_detectors_that_train_and_predict(name):
     assert len(out) == 2 and set(out[0]) == {"boxes", "scores", "labels"}
 
 
+def test_anchor_aspect_ratios_from_the_config():
+    """Tall anchors (height/width 4) for implant fixtures; the RPN head predicts per anchor."""
+    cfg = config_from_dict(det_config(model={"detection": {
+        "anchor_aspect_ratios": [1.0, 2.0, 4.0]}})).model
+    model = build_model(cfg, 2, 64)
+    gen = model.rpn.anchor_generator
+    assert all(tuple(r) == (1.0, 2.0, 4.0) for r in gen.aspect_ratios)
+    cell = gen.cell_anchors[-1]  # the largest level's 3 anchors, centred on 0
+    h, w = cell[:, 3] - cell[:, 1], cell[:, 2] - cell[:, 0]
+    assert torch.allclose(h / w, torch.tensor([1.0, 2.0, 4.0]), rtol=0.1)
+    assert model.rpn.head.cls_logits.out_channels == 3
+    with pytest.raises(Exception, match="anchor_aspect_ratios"):
+        config_from_dict(det_config(model={"detection": {"anchor_aspect_ratios": [0.0]}}))
+
+
 def test_backbone_weights_from_a_local_file_and_frozen_bn_never_travel(shared_data):
     path = shared_data / WEIGHTS
     cfg = config_from_dict(det_config(model={"pretrained": str(path), "freeze": 0})).model
