@@ -19,6 +19,7 @@ for clinical use.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -679,17 +680,35 @@ def generate_implants(out_dir: Path, n: int = 450, seed: int = 0, image_size: in
     site, modality, implant_system); returns the manifest path.
     """
     _check(n, image_size, n_sites, images_per_patient)
+
+    def render(patient: dict[str, Any], r: np.random.Generator) -> tuple[np.ndarray, dict]:
+        return (_render_radiograph(patient, r, image_size),
+                {"implant_system": IMPLANT_SYSTEMS[patient["system"]]})
+
+    return _radiograph_set(out_dir, seed, _TAG_IMPL, n, n_sites, images_per_patient,
+                           _implant_patient, render)
+
+
+def _radiograph_set(out_dir: Path, seed: int, tag: int, n: int, n_sites: int,
+                    images_per_patient: tuple[int, int],
+                    make_patient: Callable[[np.random.Generator, dict[str, Any]], dict[str, Any]],
+                    render: Callable[[dict[str, Any], np.random.Generator],
+                                     tuple[np.ndarray, dict[str, Any]]]) -> Path:
+    """The loop both implant sets share: patients planned over the implant sites, each image
+    rendered (`render` -> float grey image and the row's label columns), given its site's
+    exposure (gamma, gain, offset), blur and noise, and written as an 'L' PNG; returns the
+    manifest path."""
     out_dir, manifest = _prepare(out_dir)
-    plan = _plan(_rng(seed, _TAG_IMPL, _PLAN), n, n_sites, images_per_patient)
+    plan = _plan(_rng(seed, tag, _PLAN), n, n_sites, images_per_patient)
     sites = [_implant_site(seed, s) for s in range(n_sites)]
     rows: list[dict[str, Any]] = []
     for pi, (site, k) in enumerate(plan):
         pid = pi + 1
         st = sites[site]
-        patient = _implant_patient(_rng(seed, _TAG_IMPL, _PATIENT, pid), st)
+        patient = make_patient(_rng(seed, tag, _PATIENT, pid), st)
         for j in range(k):
-            r = _rng(seed, _TAG_IMPL, _IMAGE, pid, j)
-            img = _render_radiograph(patient, r, image_size)
+            r = _rng(seed, tag, _IMAGE, pid, j)
+            img, labels = render(patient, r)
             img = 255 * (np.clip(img, 0, 255) / 255) ** (st["gamma"] * r.uniform(0.92, 1.08))
             img = img * st["gain"] * r.uniform(0.92, 1.08) + st["offset"]
             out = _finish(img, r, st["blur"] + r.uniform(-0.2, 0.3),
@@ -697,8 +716,7 @@ def generate_implants(out_dir: Path, n: int = 450, seed: int = 0, image_size: in
             rel = f"images/p{pid:04d}_{j}.png"
             out.save(out_dir / rel, format="PNG", compress_level=1)
             rows.append({"path": rel, "patient_id": f"P{pid:04d}", "site": f"site_{site}",
-                         "modality": "radiograph",
-                         "implant_system": IMPLANT_SYSTEMS[patient["system"]]})
+                         "modality": "radiograph", **labels})
     return _write_manifest(pd.DataFrame(rows), manifest)
 
 
@@ -798,28 +816,13 @@ def generate_implant_detection(out_dir: Path, n: int = 300, seed: int = 0,
     if image_size < 96:
         raise ValueError(f"image_size must be at least 96 pixels for implant detection "
                          f"(got {image_size}): smaller fixtures lose their threads")
-    out_dir, manifest = _prepare(out_dir)
-    plan = _plan(_rng(seed, _TAG_IDET, _PLAN), n, n_sites, images_per_patient)
-    sites = [_implant_site(seed, s) for s in range(n_sites)]
-    rows: list[dict[str, Any]] = []
-    for pi, (site, k) in enumerate(plan):
-        pid = pi + 1
-        st = sites[site]
-        patient = _implant_detection_patient(_rng(seed, _TAG_IDET, _PATIENT, pid), st)
-        for j in range(k):
-            r = _rng(seed, _TAG_IDET, _IMAGE, pid, j)
-            img, boxes = _render_implant_scene(patient, r, image_size)
-            img = 255 * (np.clip(img, 0, 255) / 255) ** (st["gamma"] * r.uniform(0.92, 1.08))
-            img = img * st["gain"] * r.uniform(0.92, 1.08) + st["offset"]
-            out = _finish(img, r, st["blur"] + r.uniform(-0.2, 0.3),
-                          st["noise"] * r.uniform(0.8, 1.2), "L")
-            rel = f"images/p{pid:04d}_{j}.png"
-            out.save(out_dir / rel, format="PNG", compress_level=1)
-            rows.append({"path": rel, "patient_id": f"P{pid:04d}", "site": f"site_{site}",
-                         "modality": "radiograph",
-                         "boxes": boxes_to_json([[IMPLANT_SYSTEMS[s], *b]
-                                                 for s, *b in boxes])})
-    return _write_manifest(pd.DataFrame(rows), manifest)
+
+    def render(patient: dict[str, Any], r: np.random.Generator) -> tuple[np.ndarray, dict]:
+        img, boxes = _render_implant_scene(patient, r, image_size)
+        return img, {"boxes": boxes_to_json([[IMPLANT_SYSTEMS[s], *b] for s, *b in boxes])}
+
+    return _radiograph_set(out_dir, seed, _TAG_IDET, n, n_sites, images_per_patient,
+                           _implant_detection_patient, render)
 
 
 # What `dentfed data synth --task` and a config's `data.synth.task` generate.

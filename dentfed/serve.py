@@ -1,6 +1,7 @@
 """`dentfed serve`: a small FastAPI app around one saved model, for a dentist's browser.
 
-- `GET /`: upload page (one image; JPEG, PNG, BMP, TIFF, WebP or DICOM).
+- `GET /`: upload page (one image; JPEG, PNG, BMP, TIFF, WebP or DICOM), or a frame taken
+  with the device's camera, sent through the same form.
 - `POST /predict`: the same page with probabilities, decisions and saliency overlays.
 - `POST /api/predict`: JSON (`?saliency=true` adds overlays as PNG data URIs).
 - `GET /api/model`: the model card.
@@ -77,7 +78,76 @@ def _form(loaded: LoadedModel, max_mb: float) -> str:
             + ('' if loaded.task_type == "detection" else
                '<label><input id="saliency" type="checkbox" name="saliency" value="1" '
                'checked> saliency maps</label> ')
-            + '<button id="submit" type="submit">Predict</button></form>')
+            + '<button id="submit" type="submit">Predict</button></form>' + CAMERA_HTML)
+
+
+# Live camera input (an intraoral camera or a phone): the browser shows the camera's video,
+# "Capture" draws the current frame on a canvas, encodes it as JPEG and submits it through the
+# upload form above, so a frame takes exactly the path of an uploaded file (decoded in memory,
+# never stored). The camera is opened only when the user asks; getUserMedia needs a secure
+# context (https, or http on localhost). Phones without getUserMedia get the file picker's
+# `capture` input, which opens the camera app and hands the photo to the same form.
+CAMERA_HTML = """
+<h2>Or take a picture with the camera</h2>
+<p><button id="camera-start" type="button">Use camera</button>
+<button id="capture" type="button" disabled>Capture and predict</button>
+<label>or a phone's camera app: <input id="camera-file" type="file" accept="image/*"
+capture="environment"></label></p>
+<p id="camera-error" class="err"></p>
+<video id="camera" autoplay playsinline muted style="max-width:100%;display:none"></video>
+<canvas id="frame" style="display:none"></canvas>
+<script>
+(() => {
+  const form = document.getElementById("upload"), fileInput = document.getElementById("file");
+  const video = document.getElementById("camera"), capture = document.getElementById("capture");
+  const err = document.getElementById("camera-error");
+  let stream = null;
+  function submitFile(file) {
+    const dt = new DataTransfer();
+    dt.items.add(file);
+    fileInput.files = dt.files;
+    // form.submit is shadowed by the button with id "submit": call the form's own method
+    HTMLFormElement.prototype.submit.call(form);
+  }
+  document.getElementById("camera-start").addEventListener("click", async () => {
+    err.textContent = "";
+    if (!navigator.mediaDevices || !navigator.mediaDevices.getUserMedia) {
+      err.textContent = "no camera access here (the page needs https or localhost)";
+      return;
+    }
+    try {
+      stream = await navigator.mediaDevices.getUserMedia(
+        {video: {facingMode: "environment"}, audio: false});
+    } catch (e) {
+      err.textContent = "camera not available: " + e.name;
+      return;
+    }
+    video.srcObject = stream;
+    video.style.display = "block";
+    video.onloadeddata = () => { capture.disabled = false; };
+  });
+  capture.addEventListener("click", () => {
+    if (!video.videoWidth) return;
+    const canvas = document.getElementById("frame");
+    canvas.width = video.videoWidth;
+    canvas.height = video.videoHeight;
+    canvas.getContext("2d").drawImage(video, 0, 0);
+    capture.disabled = true;
+    canvas.toBlob((blob) => {
+      if (stream) stream.getTracks().forEach((t) => t.stop());
+      try {
+        submitFile(new File([blob], "camera.jpg", {type: "image/jpeg"}));
+      } catch (e) {
+        err.textContent = "could not send the picture: " + e;
+      }
+    }, "image/jpeg", 0.92);
+  });
+  document.getElementById("camera-file").addEventListener("change", (ev) => {
+    if (ev.target.files.length) submitFile(ev.target.files[0]);
+  });
+})();
+</script>
+"""
 
 
 def _detection_body(res: dict[str, Any]) -> str:

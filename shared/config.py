@@ -14,6 +14,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PositiveFloat,
     ValidationError,
     field_validator,
     model_validator,
@@ -140,6 +141,10 @@ class DetectionModelConfig(_Strict):
     # 1000 at inference; None keeps those). Tens of teeth or fixtures need far fewer, and at
     # inference every proposal is scored for every class before NMS.
     rpn_proposals: int | None = Field(default=None, ge=16)
+    # Anchor shapes (height / width) of the FPN detectors at every level. torchvision's
+    # (0.5, 1, 2) leave a tall, narrow object (an implant fixture, about 3:1) with no anchor
+    # at the RPN's IoU 0.7; (1, 2, 4) fit it.
+    anchor_aspect_ratios: tuple[PositiveFloat, ...] = Field(default=(0.5, 1.0, 2.0), min_length=1)
 
 
 class ModelConfig(_Strict):

@@ -66,13 +66,14 @@ def _out_channels(block: nn.Module) -> int:
     return int(convs[-1].out_channels)
 
 
-def _anchors(image_size: int, levels: int, retina: bool) -> AnchorGenerator:
+def _anchors(image_size: int, levels: int, retina: bool,
+             ratios: tuple[float, ...] = (0.5, 1.0, 2.0)) -> AnchorGenerator:
     base = [max(4, round(image_size / 2 ** (4 - i))) for i in range(levels)]
     if retina:  # RetinaNet: 3 scales per level
         sizes = tuple((s, round(s * 2 ** (1 / 3)), round(s * 2 ** (2 / 3))) for s in base)
     else:
         sizes = tuple((s,) for s in base)
-    return AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * levels)
+    return AnchorGenerator(sizes, (tuple(ratios),) * levels)
 
 
 def build_detector(cfg: ModelConfig, num_classes: int, image_size: int) -> nn.Module:
@@ -96,10 +97,10 @@ def build_detector(cfg: ModelConfig, num_classes: int, image_size: int) -> nn.Mo
     with_pool = 1
     levels = len(body.body.return_layers) + (2 if arch == "retinanet" else with_pool)
     if arch == "retinanet":
-        anchors = _anchors(image_size, levels, retina=True)
+        anchors = _anchors(image_size, levels, retina=True, ratios=det.anchor_aspect_ratios)
         return RetinaNet(body, num_classes + 1, anchor_generator=anchors,
                          score_thresh=det.score_thresh, **common)
-    anchors = _anchors(image_size, levels, retina=False)
+    anchors = _anchors(image_size, levels, retina=False, ratios=det.anchor_aspect_ratios)
     size = det.box_head_size
     names = [*body.body.return_layers.values()]
     roi_pool = MultiScaleRoIAlign(featmap_names=names, output_size=7,

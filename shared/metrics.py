@@ -5,7 +5,8 @@ Multi-label: per label `f1/<label>`, `precision/<label>`, `recall/<label>`, `auc
 validation, and `macro_*` means over the labels where the metric is defined. Unknown (NaN)
 targets are masked. A label with no known positive in the split is undefined (NaN), not 0.
 Multi-class: accuracy, balanced accuracy, macro-F1, one-vs-rest ROC-AUC, per-class
-sensitivity, specificity and accuracy.
+sensitivity, specificity and accuracy. Detection: COCO mAP/mAR (torchmetrics) and, at one
+operating point, per-class sensitivity and specificity of the boxes (`box_classification`).
 """
 
 from __future__ import annotations
@@ -152,7 +153,74 @@ def detection_metrics(preds: list[dict[str, object]], targets: list[dict[str, ob
         a, r = per.get(k, (-1.0, -1.0))
         out[f"ap/{name}"] = NAN if a < 0 else float(a)
         out[f"ar/{name}"] = NAN if r < 0 else float(r)
+    out.update(box_classification(preds, targets, labels))
     return out
+
+
+def _one_box_per_object(boxes: np.ndarray, scores: np.ndarray, iou: float) -> np.ndarray:
+    """Indices kept by class-agnostic greedy NMS: a detector may put two boxes of different
+    classes on one object; the best-scored one is its decision."""
+    from shared.fdi import box_iou
+
+    order = np.argsort(-scores, kind="stable")
+    keep: list[int] = []
+    for i in order:
+        if not keep or box_iou(boxes[i:i + 1], boxes[keep]).max() < iou:
+            keep.append(int(i))
+    return np.asarray(keep, dtype=int)
+
+
+def box_classification(preds: list[dict[str, object]], targets: list[dict[str, object]],
+                       labels: list[str], *, iou: float = 0.5,
+                       score_threshold: float = 0.5) -> dict[str, float]:
+    """Per-class sensitivity and specificity of a detector at one operating point, as the
+    implant papers report them (fixture found and its system named).
+
+    Per image, detections scoring >= `score_threshold` are reduced to one per object
+    (class-agnostic NMS at `iou`) and matched one-to-one to the true boxes at IoU >= `iou`
+    (Hungarian). Every true box is then an object with a true class and a called class (the
+    matched detection's label, or none when missed), and every unmatched detection an object
+    of true class 'none' called its label (a false alarm). For class c:
+    `sensitivity/c` = true c boxes called c / true c boxes; `specificity/c` = objects not of
+    class c (other classes' boxes and false alarms) not called c / such objects. Also
+    `box_recall` (true boxes found, any class), `box_precision` (kept detections that match
+    a true box) and `box_accuracy` (found boxes called by their class)."""
+    from shared.fdi import match_teeth
+
+    pairs: list[tuple[int, int]] = []  # (true, called) class indices 1..k; 0 = none
+    for p, t in zip(preds, targets, strict=True):
+        pb = np.asarray(_np(p["boxes"]), dtype=float).reshape(-1, 4)
+        ps, pl = np.asarray(_np(p["scores"]), dtype=float), np.asarray(_np(p["labels"]), int)
+        tb = np.asarray(_np(t["boxes"]), dtype=float).reshape(-1, 4)
+        tl = np.asarray(_np(t["labels"]), dtype=int)
+        ok = ps >= score_threshold
+        pb, ps, pl = pb[ok], ps[ok], pl[ok]
+        if len(pb):
+            keep = _one_box_per_object(pb, ps, iou)
+            pb, pl = pb[keep], pl[keep]
+        matched = match_teeth(pb, tb, iou) if len(pb) and len(tb) else []
+        called = {ti: int(pl[pi]) for pi, ti in matched}
+        pairs += [(int(c), called.get(j, 0)) for j, c in enumerate(tl)]
+        hit = {pi for pi, _ in matched}
+        pairs += [(0, int(pl[i])) for i in range(len(pb)) if i not in hit]
+    arr = np.asarray(pairs, dtype=int).reshape(-1, 2)
+    true, called = arr[:, 0], arr[:, 1]
+    out: dict[str, float] = {}
+    for c, name in enumerate(labels, start=1):
+        pos, neg = true == c, true != c
+        out[f"sensitivity/{name}"] = float((called[pos] == c).mean()) if pos.any() else NAN
+        out[f"specificity/{name}"] = float((called[neg] != c).mean()) if neg.any() else NAN
+    real, found = true > 0, called > 0
+    out["box_recall"] = float(found[real].mean()) if real.any() else NAN
+    out["box_precision"] = float(real[found].mean()) if found.any() else NAN
+    both = real & found
+    out["box_accuracy"] = float((true[both] == called[both]).mean()) if both.any() else NAN
+    return out
+
+
+def _np(x: object) -> np.ndarray:
+    detach = getattr(x, "detach", None)
+    return detach().cpu().numpy() if detach is not None else np.asarray(x)
 
 
 def headline(task_type: str) -> str:

@@ -19,7 +19,9 @@ from shared.metrics import to_jsonable  # noqa: E402
 
 ML_COLUMNS = ("auc", "ap", "f1", "precision", "recall", "f1_tuned")
 MC_COLUMNS = ("sensitivity", "specificity", "accuracy", "auc")
-DET_COLUMNS = ("ap", "ar")  # per label: AP@0.5:0.95 and AR@100 (COCO)
+# per label: AP@0.5:0.95 and AR@100 (COCO), and sensitivity/specificity of the boxes at
+# IoU 0.5 and score 0.5 (shared.metrics.box_classification)
+DET_COLUMNS = ("ap", "ar", "sensitivity", "specificity")
 
 
 def write_json(path: Path, obj: object) -> None:
@@ -59,7 +61,10 @@ def metrics_table(task: TaskConfig, mean: dict[str, float],
     rows = {name: {c: cell(f"{c}/{name}") for c in cols} for name in task.labels}
     if task.type == "detection":
         rows["all"] = {"ap": f"{cell('map')} (mAP@0.5:0.95); {cell('map_50')} (mAP@0.5)",
-                       "ar": f"{cell('mar_100')} (mAR@100)"}
+                       "ar": f"{cell('mar_100')} (mAR@100)",
+                       "sensitivity": f"{cell('box_recall')} (boxes found); "
+                                      f"{cell('box_accuracy')} (found boxes' class right)",
+                       "specificity": f"{cell('box_precision')} (box precision)"}
     else:
         rows["macro"] = {c: cell(f"macro_{c}") for c in cols}
     df = pd.DataFrame.from_dict(rows, orient="index")

@@ -25,7 +25,7 @@ from shared.fedio import (
     expected_shapes,
     model_arrays,
 )
-from shared.metrics import detection_metrics
+from shared.metrics import box_classification, detection_metrics
 from shared.models import build_model, frozen_prefixes, trainable_state_keys
 from shared.training import evaluate, fit, seed_everything
 
@@ -106,6 +106,21 @@ def test_factory_builds_detectors_that_train_and_predict(name):
     assert len(out) == 2 and set(out[0]) == {"boxes", "scores", "labels"}
 
 
+def test_anchor_aspect_ratios_from_the_config():
+    """Tall anchors (height/width 4) for implant fixtures; the RPN head predicts per anchor."""
+    cfg = config_from_dict(det_config(model={"detection": {
+        "anchor_aspect_ratios": [1.0, 2.0, 4.0]}})).model
+    model = build_model(cfg, 2, 64)
+    gen = model.rpn.anchor_generator
+    assert all(tuple(r) == (1.0, 2.0, 4.0) for r in gen.aspect_ratios)
+    cell = gen.cell_anchors[-1]  # the largest level's 3 anchors, centred on 0
+    h, w = cell[:, 3] - cell[:, 1], cell[:, 2] - cell[:, 0]
+    assert torch.allclose(h / w, torch.tensor([1.0, 2.0, 4.0]), rtol=0.1)
+    assert model.rpn.head.cls_logits.out_channels == 3
+    with pytest.raises(Exception, match="anchor_aspect_ratios"):
+        config_from_dict(det_config(model={"detection": {"anchor_aspect_ratios": [0.0]}}))
+
+
 def test_backbone_weights_from_a_local_file_and_frozen_bn_never_travel(shared_data):
     path = shared_data / WEIGHTS
     cfg = config_from_dict(det_config(model={"pretrained": str(path), "freeze": 0})).model
@@ -133,6 +148,29 @@ def test_detection_metrics_perfect_and_missed():
     m = detection_metrics(half, t, ["11", "21"])
     assert m["ap/11"] == pytest.approx(1.0) and m["ap/21"] == pytest.approx(0.0)
     assert m["map_50"] == pytest.approx(0.5)
+
+
+def test_box_sensitivity_and_specificity_per_class_on_a_hand_made_image():
+    """Three true fixtures a, b, c: a found twice (a 0.9 and b 0.6 on the same box: one
+    decision, a), b found but called a, c scored below 0.5 (missed), one false alarm called c."""
+    A, B, C, D = [0.0, 0, 10, 20], [30, 0, 40, 20], [60, 0, 70, 20], [90, 0, 99, 20]
+    t = [{"boxes": torch.tensor([A, B, C]), "labels": torch.tensor([1, 2, 3])}]
+    p = [{"boxes": torch.tensor([A, A, B, C, D]),
+          "scores": torch.tensor([0.9, 0.6, 0.8, 0.3, 0.7]),
+          "labels": torch.tensor([1, 2, 1, 3, 3])}]
+    m = box_classification(p, t, ["a", "b", "c"])
+    assert m["sensitivity/a"] == 1.0 and m["sensitivity/b"] == 0.0
+    assert m["sensitivity/c"] == 0.0
+    # negatives of a: the b box (called a), the c box (missed), the false alarm (called c)
+    assert m["specificity/a"] == pytest.approx(2 / 3)
+    assert m["specificity/b"] == 1.0  # nothing was called b once the duplicate was merged
+    assert m["specificity/c"] == pytest.approx(2 / 3)  # the false alarm
+    assert m["box_recall"] == pytest.approx(2 / 3) and m["box_precision"] == pytest.approx(2 / 3)
+    assert m["box_accuracy"] == 0.5
+    perfect = [{"boxes": t[0]["boxes"], "scores": torch.tensor([0.9, 0.9, 0.9]),
+                "labels": t[0]["labels"]}]
+    m = detection_metrics(perfect, t, ["a", "b", "c"])  # part of every detection evaluation
+    assert all(m[f"{k}/{c}"] == 1.0 for k in ("sensitivity", "specificity") for c in "abc")
 
 
 def test_one_training_loop_learns_boxes(det_manifest):

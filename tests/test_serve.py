@@ -125,7 +125,9 @@ def test_upload_page_in_headless_chromium(live_server: str, tiny_run: Path, tmp_
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                f"--user-data-dir={tmp_path / 'profile'}"):
+                f"--user-data-dir={tmp_path / 'profile'}",
+                # a fake camera (a moving test pattern) that the page may open without asking
+                "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"):
         opts.add_argument(arg)
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
     try:
@@ -151,5 +153,24 @@ def test_upload_page_in_headless_chromium(live_server: str, tiny_run: Path, tmp_
         driver.find_element(By.ID, "submit").click()
         WebDriverWait(driver, 30).until(ec.presence_of_element_located((By.ID, "error")))
         assert "unsupported file type" in driver.find_element(By.ID, "error").text
+
+        # A picture straight from the device's camera: open it, capture a frame, and the frame
+        # (a 640x480 JPEG of the fake camera's pattern) gets a prediction on the result page.
+        driver.get(live_server)
+        capture = driver.find_element(By.ID, "capture")
+        assert not capture.is_enabled()  # nothing to capture before the camera is opened
+        driver.find_element(By.ID, "camera-start").click()
+        WebDriverWait(driver, 30).until(lambda d: d.execute_script(
+            "return document.getElementById('camera').videoWidth") > 0 and capture.is_enabled())
+        assert driver.find_element(By.ID, "camera-error").text == ""
+        capture.click()
+        WebDriverWait(driver, 60).until(ec.presence_of_element_located((By.ID, "result")))
+        text = driver.find_element(By.TAG_NAME, "body").text
+        assert "Predicted:" in text and "bright: 0." in text and "stripe: 0." in text
+        assert "camera.jpg" in text  # the page's name for a captured frame: it came from there
+        shown = [i for i in driver.find_elements(By.TAG_NAME, "img")
+                 if i.get_attribute("src").startswith("data:image/png")]
+        assert shown and driver.execute_script("return arguments[0].naturalWidth",
+                                               shown[0]) == 224
     finally:
         driver.quit()
