@@ -140,33 +140,3 @@ def test_real_compare_run_two_clinics(tmp_path):
     runs = {(x["method"], x["seed"]): x for x in data["runs"]}
     assert runs[("Pooled", 0)]["epochs_run"] == 1  # the budget: 1 round x 1 local epoch
     assert runs[("Local 0", 0)]["train_images"] < runs[("Pooled", 0)]["train_images"]
-
-
-@pytest.mark.slow  # real Flower simulation (detection)
-def test_real_compare_run_on_a_detection_task(tmp_path):
-    """Pooled, local-only and FedAvg detectors on one 2-clinic split of tiny box images, scored
-    with mAP@0.5 on each clinic's test set and the pooled one."""
-    from tests.test_detection_models import det_config, write_tiny_detection
-
-    manifest = write_tiny_detection(tmp_path / "det", n=16, size=64)
-    raw = det_config(data={"image_size": 64}, federation={"rounds": 1, "local_steps": 1})
-    cfg_path = tmp_path / "det.yaml"
-    cfg_path.write_text(yaml.safe_dump(raw))
-    out = tmp_path / "cmp"
-    r = subprocess.run([sys.executable, "-m", "dentfed.cli", "simulate", "--config",
-                        str(cfg_path), "--manifest", str(manifest), "--out", str(out),
-                        "--compare", "--strategies", "fedavg", "--seeds", "0"],
-                       capture_output=True, text=True, timeout=400)
-    assert r.returncode == 0, r.stderr[-3000:]
-    long = pd.read_csv(out / "compare.csv")
-    assert set(long["metric"]) == {"map_50"}
-    assert set(long["method"]) == {"Pooled", "Local 0", "Local 1", "fedavg"}
-    assert set(long["test_set"]) == {"clinic 0", "clinic 1", "pooled"}
-    assert len(long) == 4 * 3
-    assert all(math.isnan(v) or 0.0 <= v <= 1.0 for v in long["value"])
-    md = (out / "compare.md").read_text()
-    assert "map_50" in md and "| Pooled " in md and "| Local 1 " in md and "| fedavg " in md
-    runs = {x["method"]: x for x in json.loads((out / "compare.json").read_text())["runs"]}
-    assert runs["Pooled"]["epochs_run"] == 1  # 1 round of 1 local step: 1 epoch of 2 batches
-    assert runs["Local 0"]["train_images"] < runs["Pooled"]["train_images"]
-    assert (out / "federated/seed_0/fedavg/model_final.pt").is_file()

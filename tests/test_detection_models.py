@@ -233,17 +233,37 @@ def test_clinic_detection_reply_carries_only_trainable_arrays(det_manifest, _tas
     assert any(not np.allclose(before[k].numpy(), arrays[k].numpy()) for k in arrays)
 
 
-@pytest.mark.slow  # a real Flower simulation: 2 clinics, 2 rounds
-def test_real_two_clinic_federated_detection_run(tmp_path, det_manifest):
-    raw = det_config()
+@pytest.mark.slow  # a real Flower simulation (2 clinics, 2 rounds) inside `--compare`
+def test_real_detection_compare_with_a_two_round_federated_run(tmp_path):
+    """`dentfed simulate --compare` on a detection task: pooled, local-only and FedAvg
+    detectors on one 2-clinic split of tiny box images, scored with mAP@0.5 on each clinic's
+    test set and the pooled one; its FedAvg row is a real 2-round Flower run whose replies
+    carry only the trainable arrays."""
+    import math
+
+    manifest = write_tiny_detection(tmp_path / "det", n=16, size=64)
+    raw = det_config(data={"image_size": 64}, federation={"rounds": 2, "local_steps": 1})
     cfg_path = tmp_path / "det.yaml"
     cfg_path.write_text(yaml.safe_dump(raw))
-    out = tmp_path / "run"
+    out = tmp_path / "cmp"
     r = subprocess.run([sys.executable, "-m", "dentfed.cli", "simulate", "--config",
-                        str(cfg_path), "--manifest", str(det_manifest), "--out", str(out)],
+                        str(cfg_path), "--manifest", str(manifest), "--out", str(out),
+                        "--compare", "--strategies", "fedavg", "--seeds", "0"],
                        capture_output=True, text=True, timeout=540)
     assert r.returncode == 0, r.stderr[-3000:]
-    data = json.loads((out / "metrics.json").read_text())
+    long = pd.read_csv(out / "compare.csv")
+    assert set(long["metric"]) == {"map_50"}
+    assert set(long["method"]) == {"Pooled", "Local 0", "Local 1", "fedavg"}
+    assert set(long["test_set"]) == {"clinic 0", "clinic 1", "pooled"}
+    assert len(long) == 4 * 3
+    assert all(math.isnan(v) or 0.0 <= v <= 1.0 for v in long["value"])
+    md = (out / "compare.md").read_text()
+    assert "map_50" in md and "| Pooled " in md and "| Local 1 " in md and "| fedavg " in md
+    runs = {x["method"]: x for x in json.loads((out / "compare.json").read_text())["runs"]}
+    assert runs["Local 0"]["train_images"] < runs["Pooled"]["train_images"]
+
+    fed = out / "federated/seed_0/fedavg"
+    data = json.loads((fed / "metrics.json").read_text())
     assert [h["round"] for h in data["history"]] == [0, 1, 2]
     assert "map_50" in data["final"] and data["headline"] == "map_50"
     model = build_global_model(config_from_dict(raw))
@@ -252,7 +272,7 @@ def test_real_two_clinic_federated_detection_run(tmp_path, det_manifest):
         assert h["clinics_replied"] == 2 and not h["clinics_rejected"]
         assert h["bytes_received"] == 2 * fp32  # trainable arrays only
     assert data["upload_bytes_per_clinic_round"] < data["full_model_bytes"]
-    assert (out / "model_final.pt").is_file()
+    assert (fed / "model_final.pt").is_file()
 
 
 def test_predict_on_a_detector_writes_boxes_and_survives_a_broken_image(tmp_path,
