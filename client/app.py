@@ -42,6 +42,7 @@ from shared.fedio import (
     model_arrays,
     personal_keys,
 )
+from shared.memory import release_freed_memory
 from shared.upload import encode_update
 
 RESIDUAL_KEY = "dentfed-upload-residual"
@@ -75,6 +76,8 @@ def private_errors(handler: Callable[[Message, Context], Message]
             log.exception("clinic %s handler failed", handler.__name__)
             raise ClinicError(f"{handler.__name__} failed at the clinic "
                               f"({type(e).__name__}); details are in the clinic's log") from None
+        finally:  # a simulation actor waits for its next clinic at its size, not its peak's
+            release_freed_memory()
     return wrapped
 
 
