@@ -182,13 +182,12 @@ def save_round_state(context: Context, server_round: int) -> None:
     if folder is None or not keys:
         return
     folder.mkdir(parents=True, exist_ok=True)
-    state = {k: {n: torch.from_numpy(a.numpy().copy()) for n, a in context.state[k].items()}
-             for k in keys}
+    state = {}
+    for k in keys:
+        state[k] = {n: torch.from_numpy(a.numpy().copy()) for n, a in context.state[k].items()}
+        if k in ON_DISK_STATE:  # from now on on disk only; restore_round_state reads it back
+            del context.state[k]
     torch_save_atomic(state, folder / f"after_round_{server_round}.pt")
-    del state
-    for key in ON_DISK_STATE:  # from now on on disk only; restore_round_state reads it back
-        if key in context.state.array_records:
-            del context.state[key]
     for old in folder.glob("after_round_*.pt"):
         if int(old.stem.rsplit("_", 1)[1]) <= server_round - 3:
             old.unlink(missing_ok=True)
@@ -260,6 +259,8 @@ def local_training(clinic: Clinic, context: Context, global_arrays: ArrayRecord,
     if fed.keep_optimizer_state and OPTIMIZER_KEY in context.state.array_records:
         load_optimizer_state(opt, {k: a.numpy() for k, a in
                                    context.state[OPTIMIZER_KEY].items()})
+        if clinic_state_dir(context) is not None:  # its file stays: no second copy in training
+            del context.state[OPTIMIZER_KEY]
     scaffold = _Scaffold(clinic, context, control) if fed.strategy == "scaffold" else None
     steps = planned_steps(clinic.train_loader, fed.local_epochs, fed.local_steps)
     account = None
