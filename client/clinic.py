@@ -279,6 +279,10 @@ def local_training(clinic: Clinic, context: Context, global_arrays: ArrayRecord,
     if fed.keep_optimizer_state:
         context.state[OPTIMIZER_KEY] = ArrayRecord(
             {k: Array(v) for k, v in optimizer_state_arrays(opt).items()})
+    # The last step's gradients and the optimiser are never read again (each step starts with
+    # zero_grad): free them before the state is written, not after the process's next message.
+    clinic.model.zero_grad(set_to_none=True)
+    del trainer, opt
     if fed.local_bn:
         context.state[LOCAL_BN_KEY] = ArrayRecord(
             {k: Array(v.numpy()) for k, v in local_state(clinic.model).items()})
