@@ -148,7 +148,7 @@ def cross_site(clinic: Clinic, context: Context, msg: Message, phase: str,
     fed = clinic.cfg.federation
     content = RecordDict()
     if fed.local_bn:  # a resumed run's fresh process: the clinic's BatchNorm from its disk
-        restore_round_state(context, server_round + 1)
+        restore_round_state(context, server_round + 1, need=())
     if phase == "own":
         arrays = msg.content["arrays"]
         values = _prefixed(GLOBAL_MODEL, evaluate_values(clinic, arrays, context))

@@ -126,17 +126,19 @@ def clinic_state_dir(context: Context) -> Path | None:
     return None
 
 
-def restore_round_state(context: Context, server_round: int) -> None:
+def restore_round_state(context: Context, server_round: int,
+                        need: tuple[str, ...] = ON_DISK_STATE) -> None:
     """Before training round t, the clinic's optimiser state and SCAFFOLD variate must be
     those after its last round before t. Flower's context.state marks that round (and holds
     them when the clinic has no state folder); a resumed federation is a new Flower run (empty
     state), and a retried round must not continue from the failed attempt: then the newest
-    file saved after a round < t is read."""
+    file saved after a round < t is read. `need`: which of the state kept on disk only to
+    bring into context.state (none for evaluation, which only needs FedBN's BatchNorm)."""
     rec = context.state.config_records.get(STATE_ROUND_KEY)
     have = int(rec["round"]) if rec is not None else None
     folder = clinic_state_dir(context)
     if have is not None and have < server_round:
-        missing = [k for k in ON_DISK_STATE if k not in context.state.array_records]
+        missing = [k for k in need if k not in context.state.array_records]
         path = folder / f"after_round_{have}.pt" if folder is not None else None
         if not missing or path is None:
             return
@@ -161,7 +163,7 @@ def restore_round_state(context: Context, server_round: int) -> None:
         return
     r, path = saved[-1]
     state = torch.load(path, map_location="cpu", weights_only=True)
-    _put_state(context, state, list(state))
+    _put_state(context, state, [k for k in state if k not in ON_DISK_STATE or k in need])
     context.state[STATE_ROUND_KEY] = ConfigRecord({"round": r})
 
 
