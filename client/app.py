@@ -44,6 +44,7 @@ from shared.fedio import (
     model_arrays,
     personal_keys,
 )
+from shared.memory import release_freed_memory
 from shared.upload import encode_update
 
 RESIDUAL_KEY = "dentfed-upload-residual"
@@ -79,6 +80,8 @@ def private_errors(handler: Callable[[Message, Context], Message]
             log.exception("clinic %s handler failed", handler.__name__)
             raise ClinicError(f"{handler.__name__} failed at the clinic "
                               f"({type(e).__name__}); details are in the clinic's log") from None
+        finally:  # a simulation actor waits for its next clinic at its size, not its peak's
+            release_freed_memory()
     return wrapped
 
 
@@ -154,7 +157,7 @@ def cross_site(clinic: Clinic, context: Context, msg: Message, phase: str,
     fed = clinic.cfg.federation
     content = RecordDict()
     if fed.local_bn:  # a resumed run's fresh process: the clinic's BatchNorm from its disk
-        restore_round_state(context, server_round + 1)
+        restore_round_state(context, server_round + 1, need=())
     if phase == "own":
         arrays = msg.content["arrays"]
         values = _prefixed(GLOBAL_MODEL, evaluate_values(clinic, arrays, context))

@@ -59,13 +59,18 @@ SCAFFOLD_CI_KEY = "dentfed-scaffold-ci"  # SCAFFOLD: the clinic's control variat
 LOCAL_BN_KEY = "dentfed-local-bn"  # FedBN: the clinic's own BatchNorm state
 STATE_ROUND_KEY = "dentfed-state-round"  # the round after which those were saved
 ROUND_STATE = (OPTIMIZER_KEY, SCAFFOLD_CI_KEY, LOCAL_BN_KEY)
+# The large ones (the optimiser's moments are 1-2x the model) live only in the clinic's state
+# folder when it has one, and come into context.state just for its training: in a simulation
+# Flower keeps every virtual clinic's context in the ServerApp's process and ships it to the
+# actor and back with each message, so otherwise they sat in memory for all clinics at once.
+ON_DISK_STATE = (OPTIMIZER_KEY, SCAFFOLD_CI_KEY)
 log = logging.getLogger("dentfed.client")
 
 
 @dataclass
 class Clinic:
-    """A clinic's data and model, built once per process and reused across rounds (the image
-    cache makes rounds after the first much faster)."""
+    """A clinic's data, built once per process and reused across rounds (the image cache makes
+    rounds after the first much faster), and the process's one model (`_MODELS`)."""
 
     cfg: Config
     train: Manifest
@@ -90,6 +95,12 @@ class Clinic:
 
 
 _CLINICS: dict[tuple[str, str], Clinic] = {}
+# One model per process and config, shared by every clinic the process plays (a simulation
+# actor plays many), with its state before any round (FedBN's initial BatchNorm). Every
+# handler loads the message's global arrays (and, under FedBN, the clinic's own BatchNorm)
+# into it before use, and frozen stages are identical for all, so nothing a clinic computes
+# depends on which clinic used the model before.
+_MODELS: dict[str, tuple[torch.nn.Module, dict[str, torch.Tensor]]] = {}
 
 
 def clinic_manifest_path(context: Context) -> Path:
@@ -126,21 +137,33 @@ def clinic_cache_dir(context: Context) -> Path | None:
     return clinic_state_dir(context)
 
 
-def restore_round_state(context: Context, server_round: int) -> None:
+def restore_round_state(context: Context, server_round: int,
+                        need: tuple[str, ...] = ON_DISK_STATE) -> None:
     """Before training round t, the clinic's optimiser state and SCAFFOLD variate must be
-    those after its last round before t. Flower's context.state holds them within one Flower
-    run; a resumed federation is a new Flower run (empty state), and a retried round must not
-    continue from the failed attempt: then the newest file saved after a round < t is read."""
+    those after its last round before t. Flower's context.state marks that round (and holds
+    them when the clinic has no state folder); a resumed federation is a new Flower run (empty
+    state), and a retried round must not continue from the failed attempt: then the newest
+    file saved after a round < t is read. `need`: which of the state kept on disk only to
+    bring into context.state (none for evaluation, which only needs FedBN's BatchNorm)."""
     rec = context.state.config_records.get(STATE_ROUND_KEY)
     have = int(rec["round"]) if rec is not None else None
+    folder = clinic_state_dir(context)
     if have is not None and have < server_round:
-        return
+        missing = [k for k in need if k not in context.state.array_records]
+        path = folder / f"after_round_{have}.pt" if folder is not None else None
+        if not missing or path is None:
+            return
+        if path.is_file():  # what save_round_state kept on disk only
+            _put_state(context, torch.load(path, map_location="cpu", weights_only=True),
+                       missing)
+            return
+        log.warning("round %d: the clinic's state after round %d is gone from its state "
+                    "folder; reading the newest earlier one", server_round, have)
     for key in ROUND_STATE:
         if key in context.state.array_records:
             del context.state[key]
     if STATE_ROUND_KEY in context.state.config_records:
         del context.state[STATE_ROUND_KEY]
-    folder = clinic_state_dir(context)
     saved = sorted((int(p.stem.rsplit("_", 1)[1]), p) for p in folder.glob("after_round_*.pt")
                    ) if folder is not None and folder.is_dir() else []
     saved = [(r, p) for r, p in saved if r < server_round]
@@ -151,22 +174,32 @@ def restore_round_state(context: Context, server_round: int) -> None:
         return
     r, path = saved[-1]
     state = torch.load(path, map_location="cpu", weights_only=True)
-    for key, arrays in state.items():
-        context.state[key] = ArrayRecord({k: Array(t.numpy()) for k, t in arrays.items()})
+    _put_state(context, state, [k for k in state if k not in ON_DISK_STATE or k in need])
     context.state[STATE_ROUND_KEY] = ConfigRecord({"round": r})
 
 
+def _put_state(context: Context, state: dict[str, dict[str, torch.Tensor]],
+               keys: list[str]) -> None:
+    for key in keys:
+        if key in state:
+            context.state[key] = ArrayRecord({k: Array(t.numpy()) for k, t in state[key].items()})
+
+
 def save_round_state(context: Context, server_round: int) -> None:
-    """After training round t: mark the state with t and mirror it to the clinic's state
-    folder (atomic write; the last 3 rounds are kept)."""
+    """After training round t: mark the state with t and write it to the clinic's state
+    folder (atomic write; the last 3 rounds are kept); the large parts (ON_DISK_STATE) then
+    leave context.state."""
     context.state[STATE_ROUND_KEY] = ConfigRecord({"round": server_round})
     folder = clinic_state_dir(context)
     keys = [k for k in ROUND_STATE if k in context.state.array_records]
     if folder is None or not keys:
         return
     folder.mkdir(parents=True, exist_ok=True)
-    state = {k: {n: torch.from_numpy(a.numpy().copy()) for n, a in context.state[k].items()}
-             for k in keys}
+    state = {}
+    for k in keys:
+        state[k] = {n: torch.from_numpy(a.numpy().copy()) for n, a in context.state[k].items()}
+        if k in ON_DISK_STATE:  # from now on on disk only; restore_round_state reads it back
+            del context.state[k]
     torch_save_atomic(state, folder / f"after_round_{server_round}.pt")
     for old in folder.glob("after_round_*.pt"):
         if int(old.stem.rsplit("_", 1)[1]) <= server_round - 3:
@@ -188,7 +221,17 @@ def get_clinic(context: Context, cfg: Config) -> Clinic:
         rest, held = hold_out(m, np.arange(len(m)), cfg.data.val_fraction, seed)
         train, val = m.subset(rest), m.subset(held)
     device = resolve_device(cfg.train.device)
-    model = build_global_model(cfg).to(device)
+    # One run per process: a new config drops the previous run's clinics and model. A
+    # simulation worker that plays several clinics keeps each one's data (and image cache)
+    # across rounds, and one model for all of them.
+    for old in [k for k in _CLINICS if k[1] != key[1]]:
+        del _CLINICS[old]
+    for old in [k for k in _MODELS if k != key[1]]:
+        del _MODELS[old]
+    if key[1] not in _MODELS:
+        model = build_global_model(cfg).to(device)
+        _MODELS[key[1]] = model, local_state(model)
+    model, initial_local = _MODELS[key[1]]
     mark("model_built")
     local_data = cfg.data
     if cfg.federation.batch_size is not None:  # the clinic's own local batch size (FedAvg's B)
@@ -201,12 +244,8 @@ def get_clinic(context: Context, cfg: Config) -> Clinic:
                     make_loader(val, cfg.data, train=False, disk_cache=disk),
                     make_loss(cfg.task, cfg.train, train.targets,
                               per_sample=cfg.privacy.dp_sgd is not None).to(device),
-                    local_state(model))
+                    initial_local)
     mark("loaders_ready")
-    # One run per process: a new config drops the previous run's clinics. A simulation worker
-    # that plays several clinics keeps each one (and its image cache) across rounds.
-    for old in [k for k in _CLINICS if k[1] != key[1]]:
-        del _CLINICS[old]
     _CLINICS[key] = clinic
     return clinic
 
@@ -236,6 +275,8 @@ def local_training(clinic: Clinic, context: Context, global_arrays: ArrayRecord,
     if fed.keep_optimizer_state and OPTIMIZER_KEY in context.state.array_records:
         load_optimizer_state(opt, {k: a.numpy() for k, a in
                                    context.state[OPTIMIZER_KEY].items()})
+        if clinic_state_dir(context) is not None:  # its file stays: no second copy in training
+            del context.state[OPTIMIZER_KEY]
     scaffold = _Scaffold(clinic, context, control) if fed.strategy == "scaffold" else None
     steps = planned_steps(clinic.train_loader, fed.local_epochs, fed.local_steps)
     account = None
@@ -254,6 +295,10 @@ def local_training(clinic: Clinic, context: Context, global_arrays: ArrayRecord,
     if fed.keep_optimizer_state:
         context.state[OPTIMIZER_KEY] = ArrayRecord(
             {k: Array(v) for k, v in optimizer_state_arrays(opt).items()})
+    # The last step's gradients and the optimiser are never read again (each step starts with
+    # zero_grad): free them before the state is written, not after the process's next message.
+    clinic.model.zero_grad(set_to_none=True)
+    del trainer, opt
     if fed.local_bn:
         context.state[LOCAL_BN_KEY] = ArrayRecord(
             {k: Array(v.numpy()) for k, v in local_state(clinic.model).items()})

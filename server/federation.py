@@ -50,6 +50,7 @@ from shared.fedio import (
     model_arrays,
 )
 from shared.losses import make_loss
+from shared.memory import release_freed_memory
 from shared.metrics import headline, higher_is_better
 from shared.models import batch_statistics, local_prefixes, resolve_device
 from shared.training import evaluate
@@ -210,6 +211,7 @@ class RecordingGrid:
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None
                          ) -> Iterable[Message]:
+        release_freed_memory()  # the last exchange's replies and aggregation are gone by now
         sent = list(messages)
         t0 = time.perf_counter()
         replies = self._exchange(sent, timeout)

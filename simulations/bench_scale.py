@@ -45,18 +45,61 @@ def _mem_kb(pid: int) -> tuple[int, int]:
     return rss, pss
 
 
+def _rss_parts_kb(pid: int) -> tuple[int, int, int]:
+    """(anonymous, file-backed, shared-memory) resident KiB of one process: Ray's object
+    store is shared memory (/dev/shm), torch's libraries are file-backed."""
+    parts = dict.fromkeys(("RssAnon:", "RssFile:", "RssShmem:"), 0)
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            key = line.split(maxsplit=1)[0] if line else ""
+            if key in parts:
+                parts[key] = int(line.split()[1])
+    return parts["RssAnon:"], parts["RssFile:"], parts["RssShmem:"]
+
+
+# first match wins: a Ray worker's command line names the raylet's socket
+ROLES = (("ClientAppActor", "actor"), ("ray::", "Ray worker"), ("default_worker", "Ray worker"),
+         ("flower-superlink", "SuperLink"), ("flwr-serverapp", "ServerApp"),
+         ("flwr-simulation", "ServerApp + Ray driver"), ("flwr run", "flwr run"),
+         ("gcs_server", "Ray GCS"), ("raylet", "Ray raylet"), ("dashboard", "Ray agent"),
+         ("log_monitor", "Ray agent"), ("ray/", "Ray other"))
+
+
+def _role(pid: int) -> str:
+    """What a process of the run is, from its command line (no paths are kept)."""
+    if pid == os.getpid():
+        return "bench_scale"
+    try:
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(
+            errors="replace")
+    except OSError:
+        return "gone"
+    return next((name for needle, name in ROLES if needle in cmd), "other")
+
+
 class TreeMemory:
-    """Peak summed RSS/PSS of this process and every process carrying `tag`, sampled."""
+    """Peak summed RSS/PSS of this process and every process carrying `tag`, sampled, and
+    which processes made up the peak (`at_peak`: role, RSS KiB, PSS KiB per process)."""
 
     def __init__(self, tag: str, every: float = 0.5) -> None:
         self.tag, self.every = tag, every
         self.peak_rss = self.peak_pss = self.peak_one = 0
+        self.at_peak: list[tuple[str, int, int, tuple[int, int, int]]] = []
+        self._roles: dict[int, str] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            mems = [_mem_kb(p) for p in [os.getpid(), *_tagged_pids(self.tag)]]
+            pids = [os.getpid(), *_tagged_pids(self.tag)]
+            mems = [_mem_kb(p) for p in pids]
+            if sum(r for r, _ in mems) > self.peak_rss:
+                # the role of a Ray worker changes once it becomes an actor: read it again
+                self._roles.update({p: _role(p) for p in pids
+                                    if self._roles.get(p) in (None, "Ray worker")})
+                self.at_peak = sorted(((self._roles[p], r, s, _rss_parts_kb(p))
+                                       for p, (r, s) in zip(pids, mems, strict=True) if r),
+                                      key=lambda t: -t[1])
             self.peak_rss = max(self.peak_rss, sum(r for r, _ in mems))
             self.peak_pss = max(self.peak_pss, sum(p for _, p in mems))
             self.peak_one = max([self.peak_one, *(r for r, _ in mems)])
@@ -114,6 +157,11 @@ def main(argv: list[str] | None = None) -> int:
             "images/clinic": round(sum(c.get("num-examples", 0) for c in data["history"][1]
                                        ["clinics_train"]["per_clinic"].values()) / n)})
         print(json.dumps(rows[-1]), flush=True)
+        print(f"processes at the peak RSS sum ({n} clinics), MiB:", flush=True)
+        for role, rss, pss, (anon, file, shm) in mem.at_peak:
+            print(f"  {role:<24} RSS {rss / 1024:6.0f} (anon {anon / 1024:5.0f}, file "
+                  f"{file / 1024:4.0f}, shm {shm / 1024:5.0f})  PSS {pss / 1024:6.0f}",
+                  flush=True)
     table = pd.DataFrame(rows).round(2).to_markdown(index=False)
     write_text_atomic(out / "scale.md", f"# bench_scale\n\n`{args.config}`, "
                       f"{os.cpu_count()} CPUs\n\n{table}\n")
