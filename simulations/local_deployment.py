@@ -40,10 +40,11 @@ class LocalFederation:
         self.procs: dict[str, subprocess.Popen] = {}
         self.logs: dict[str, Path] = {}
 
-    def start(self, name: str, cmd: list[str]) -> subprocess.Popen:
+    def start(self, name: str, cmd: list[str], home: Path | None = None) -> subprocess.Popen:
+        """Start `cmd` as its own process tree; `home`: its own FLWR_HOME."""
         tag = self.tags.setdefault(name, uuid.uuid4().hex)
         self.logs[name] = self.root / f"{name}.log"
-        env = {**deploy.flower_env(), "DENTFED_SIM_TAG": tag, **self.env}
+        env = {**deploy.flower_env(home), "DENTFED_SIM_TAG": tag, **self.env}
         with self.logs[name].open("w") as fh:
             self.procs[name] = subprocess.Popen(cmd, env=env, stdout=fh,
                                                 stderr=subprocess.STDOUT,
@@ -84,11 +85,13 @@ class LocalFederation:
     def start_clinic(self, k: int, manifest: Path, *extra: str) -> subprocess.Popen:
         """`dentfed clinic start` for clinic k with its own key and manifest; `extra`: more
         arguments of that command."""
+        # Each clinic its own FLWR_HOME, as on its own machine: SuperNodes sharing one install
+        # the run's app into the same folder at once, and one may load it half-written.
         return self.start(f"clinic{k}", DENTFED + [
             "clinic", "start", "--superlink", self.address,
             "--ca", str(self.certs.ca_cert), "--key", str(self.certs.clinic_keys[k]),
             "--manifest", str(manifest), "--port", str(free_port()),
-            "--max-retries", "3", *extra])
+            "--max-retries", "3", *extra], home=self.root / f"clinic{k}-home")
 
     def online(self) -> int:
         r = subprocess.run([deploy.flower_bin("flwr"), "supernode", "list", deploy.CONNECTION,

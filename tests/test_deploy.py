@@ -100,7 +100,8 @@ def test_tls_auth_audit_and_a_clinic_killed_mid_round(federation, tmp_path):
     plain = fed.start("plaintext", [deploy.flower_bin("flower-supernode"), "--insecure",
                                     "--superlink", fed.address, "--max-retries", "2",
                                     "--max-wait-time", "10", "--port", str(free_port()),
-                                    "--node-config", f'manifest="{fed.manifests[3]}"'])
+                                    "--node-config", f'manifest="{fed.manifests[3]}"'],
+                      home=tmp_path / "plaintext-home")
     with socket.create_connection(("127.0.0.1", fed.port), timeout=10) as s:
         s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         try:
