@@ -158,16 +158,14 @@ def detection_metrics(preds: list[dict[str, object]], targets: list[dict[str, ob
 
 
 def _one_box_per_object(boxes: np.ndarray, scores: np.ndarray, iou: float) -> np.ndarray:
-    """Indices kept by class-agnostic greedy NMS: a detector may put two boxes of different
-    classes on one object; the best-scored one is its decision."""
-    from shared.fdi import box_iou
+    """Indices kept by class-agnostic NMS (torchvision's): a detector may put two boxes of
+    different classes on one object; the best-scored one is its decision."""
+    import torch
+    from torchvision.ops import nms
 
-    order = np.argsort(-scores, kind="stable")
-    keep: list[int] = []
-    for i in order:
-        if not keep or box_iou(boxes[i:i + 1], boxes[keep]).max() < iou:
-            keep.append(int(i))
-    return np.asarray(keep, dtype=int)
+    keep = nms(torch.as_tensor(boxes, dtype=torch.float32),
+               torch.as_tensor(scores, dtype=torch.float32), iou)
+    return keep.numpy().astype(int)
 
 
 def box_classification(preds: list[dict[str, object]], targets: list[dict[str, object]],
