@@ -72,7 +72,7 @@ def _run(args: argparse.Namespace) -> int:
 
         cfg = with_overrides(cfg, {"federation.test_manifest": args.test_manifest})
     if args.resume:
-        from server.checkpoint import check_resumable
+        from server.resume import check_resumable
 
         check_resumable(cfg)
     cmd = deploy.run_command(config, Path(args.run_dir),

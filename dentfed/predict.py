@@ -38,12 +38,11 @@ from dentfed.saliency import (
     overlay,
     write_sheet,
 )
-from shared.atomic_files import atomic_folder, write_text_atomic
+from shared.atomic_files import atomic_folder, write_json, write_text_atomic
 from shared.config import TaskConfig
 from shared.data.readers import read_image
 from shared.errors import DentfedError, ManifestError
 from shared.model_card import build_card, card_markdown
-from shared.report_tables import write_json
 
 log = logging.getLogger("dentfed")
 

@@ -17,8 +17,8 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from server.checkpoint import CHECKPOINT, check_resumable
 from server.federation import run_federation
+from server.resume import CHECKPOINT, check_resumable
 from server.run_folder import write_run_folder
 from server.tracking import log_run_folder
 from shared.atomic_files import write_text_atomic

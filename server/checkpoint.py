@@ -19,11 +19,10 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
 
+from server.resume import CHECKPOINT
 from shared.atomic_files import torch_save_atomic
-from shared.config import Config
 from shared.errors import DentfedError
 
-CHECKPOINT = "checkpoint.pt"
 FORMAT = 1
 # Strategy attributes that carry state between rounds (flwr 1.42 FedOpt family, FedAvgM,
 # SCAFFOLD's control variate, and the clipping norm that Flower's adaptive-clipping DP
@@ -111,15 +110,3 @@ def load_checkpoint(run_dir: Path) -> dict[str, Any]:
         raise DentfedError(f"cannot resume: {path} has checkpoint format "
                            f"{state.get('format')}, this dentfed writes {FORMAT}")
     return state
-
-
-def check_resumable(cfg: Config) -> None:
-    """Refuse to resume what a checkpoint cannot continue honestly."""
-    if cfg.privacy.dp_sgd is not None:
-        raise DentfedError(
-            "cannot resume a DP-SGD run: each clinic keeps its epsilon account in the Flower "
-            "run's node state, which a resumed run (a new Flower run) starts empty, so clinics "
-            "would spend their budget again; start a new run with the remaining budget instead")
-    if cfg.privacy.secagg is not None:
-        raise DentfedError("cannot resume a SecAgg+ run: Flower's legacy workflow keeps no "
-                           "checkpoint; start a new run")

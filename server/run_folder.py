@@ -13,13 +13,17 @@ import pandas as pd  # noqa: E402
 
 from server.federation import FederationResult  # noqa: E402
 from server.privacy_report import central_dp_markdown, privacy_markdown, privacy_summary  # noqa: E402
-from shared.atomic_files import atomic_file, write_text_atomic  # noqa: E402
+from shared.atomic_files import (  # noqa: E402
+    atomic_file,
+    write_json,  # noqa: E402
+    write_text_atomic,
+)
 from shared.config import dump_config  # noqa: E402
 from shared.fedio import build_global_model  # noqa: E402
 from shared.model_card import build_card, write_card  # noqa: E402
 from shared.model_file import save_model_file  # noqa: E402
 from shared.pretrain_outputs import loss_curve_markdown, write_pretrain_outputs  # noqa: E402
-from shared.report_tables import metrics_table, render_table, write_json  # noqa: E402
+from shared.report_tables import metrics_table, render_table  # noqa: E402
 
 
 def _history(res: FederationResult) -> list[dict]:

@@ -8,14 +8,14 @@ A folder is filled under a temporary name beside it and renamed as a whole.
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
-
-import torch
 
 
 @contextlib.contextmanager
@@ -51,6 +51,8 @@ def write_text_atomic(path: Path, text: str, mode: int = 0o644) -> None:
 
 def torch_save_atomic(obj: Any, path: Path) -> None:
     """`torch.save` without a truncated file when the process dies half-way."""
+    import torch  # here, not at the top: `dentfed simulate`'s parent never loads torch
+
     with atomic_file(path) as tmp:
         torch.save(obj, tmp)
 
@@ -80,3 +82,19 @@ def atomic_folder(out: Path, replace: bool = False,
         if keep_on_error is None or not keep_on_error(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def write_json(path: Path, obj: object) -> None:
+    """JSON file written atomically; NaN (undefined) becomes null, numpy scalars plain."""
+    def clean(o: Any) -> Any:
+        if isinstance(o, dict):
+            return {k: clean(v) for k, v in o.items()}
+        if isinstance(o, list | tuple):
+            return [clean(v) for v in o]
+        if isinstance(o, float) and math.isnan(o):
+            return None
+        if hasattr(o, "item") and getattr(o, "shape", None) == ():  # a numpy scalar
+            return clean(o.item())
+        return o
+
+    write_text_atomic(path, json.dumps(clean(obj), indent=2, allow_nan=False))

@@ -16,9 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from shared.atomic_files import write_text_atomic
+from shared.atomic_files import write_json, write_text_atomic
 from shared.config import Config
-from shared.report_tables import write_json
 
 CARD_JSON = "model_card.json"
 CARD_MD = "model_card.md"

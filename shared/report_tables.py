@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -10,33 +9,16 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from shared.atomic_files import atomic_file, write_text_atomic  # noqa: E402
+from shared.atomic_files import atomic_file  # noqa: E402
 from shared.config import TaskConfig  # noqa: E402
-from shared.metrics import to_jsonable  # noqa: E402
 
 ML_COLUMNS = ("auc", "ap", "f1", "precision", "recall", "f1_tuned")
 MC_COLUMNS = ("sensitivity", "specificity", "accuracy", "auc")
 # per label: AP@0.5:0.95 and AR@100 (COCO), and sensitivity/specificity of the boxes at
 # IoU 0.5 and score 0.5 (shared.metrics.box_classification)
 DET_COLUMNS = ("ap", "ar", "sensitivity", "specificity")
-
-
-def write_json(path: Path, obj: object) -> None:
-    def clean(o):
-        if isinstance(o, dict):
-            return to_jsonable({k: clean(v) for k, v in o.items()})
-        if isinstance(o, list):
-            return [clean(v) for v in o]
-        if isinstance(o, float) and math.isnan(o):
-            return None
-        if isinstance(o, np.generic):
-            return o.item()
-        return o
-
-    write_text_atomic(path, json.dumps(clean(obj), indent=2, allow_nan=False))
 
 
 def metrics_table(task: TaskConfig, mean: dict[str, float],

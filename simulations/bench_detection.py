@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from shared.atomic_files import write_json
 from shared.config import Config, config_from_dict
 from shared.data.dataset import make_loader
 from shared.data.manifest import Manifest, read_manifest
@@ -45,7 +46,6 @@ from shared.fedio import build_global_model
 from shared.losses import make_loss
 from shared.metrics import detection_metrics
 from shared.models import resolve_device
-from shared.report_tables import write_json
 from shared.training import Trainer, make_optimizer, predict_detections
 from simulations.compare import budget_config
 from simulations.pooled_training import train_fold

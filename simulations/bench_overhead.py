@@ -32,8 +32,9 @@ import pandas as pd
 from shared.atomic_files import write_text_atomic
 from shared.config import load_config
 from simulations.compare import _variant, budget_config
-from simulations.pooled_training import load_task_manifest, train_fold
+from simulations.pooled_training import train_fold
 from simulations.simulate import prepare_split, simulate
+from simulations.task_manifest import load_task_manifest
 
 log = logging.getLogger("dentfed.bench")
 

@@ -48,8 +48,9 @@ from shared.config import Config, TaskConfig, config_from_dict, load_config, wit
 from shared.data.manifest import read_manifest
 from shared.models import ENCODER_FILE
 from simulations.bench_quality import InProcessGrid
-from simulations.pooled_training import resolve_manifest, run_training, train_fold
+from simulations.pooled_training import run_training, train_fold
 from simulations.simulate import prepare_split
+from simulations.task_manifest import resolve_manifest
 
 log = logging.getLogger("dentfed.bench")
 REPO = Path(__file__).resolve().parents[1]

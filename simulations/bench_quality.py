@@ -43,8 +43,9 @@ from shared.config import Config, config_from_dict, load_config
 from shared.data.manifest import read_manifest
 from shared.metrics import headline
 from simulations.compare import budget_config
-from simulations.pooled_training import load_task_manifest, train_fold
+from simulations.pooled_training import train_fold
 from simulations.simulate import prepare_split, simulate
+from simulations.task_manifest import load_task_manifest
 
 log = logging.getLogger("dentfed.bench")
 

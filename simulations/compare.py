@@ -36,7 +36,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
-from shared.atomic_files import atomic_folder, write_text_atomic
+from shared.atomic_files import atomic_folder, write_json, write_text_atomic
 from shared.config import STRATEGIES, Config, config_from_dict
 from shared.data.dataset import make_loader
 from shared.data.manifest import Manifest
@@ -44,11 +44,11 @@ from shared.errors import ConfigError, DentfedError
 from shared.metrics import headline
 from shared.model_file import read_model_file
 from shared.models import batch_statistics, local_prefixes, resolve_device
-from shared.report_tables import write_json
 from shared.training import evaluate
 from simulations.partition import ClinicSplit
-from simulations.pooled_training import load_task_manifest, train_fold
+from simulations.pooled_training import train_fold
 from simulations.simulate import prepare_split, simulate
+from simulations.task_manifest import load_task_manifest
 
 log = logging.getLogger("dentfed.compare")
 

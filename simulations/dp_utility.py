@@ -27,15 +27,16 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
+from shared.atomic_files import write_json
 from shared.config import Config, DpSgdConfig, load_config, with_overrides
 from shared.data.dataset import make_loader
 from shared.data.splits import split_patients
 from shared.losses import make_loss
 from shared.metrics import headline
 from shared.models import build_model, resolve_device
-from shared.report_tables import render_table, write_json
+from shared.report_tables import render_table
 from shared.training import evaluate, fit, predict, seed_everything
-from simulations.pooled_training import load_task_manifest
+from simulations.task_manifest import load_task_manifest
 
 log = logging.getLogger("dentfed.dp_utility")
 

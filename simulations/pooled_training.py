@@ -12,10 +12,10 @@ import numpy as np
 import torch
 
 from server.tracking import log_run_folder
-from shared.atomic_files import atomic_folder, write_text_atomic
+from shared.atomic_files import atomic_folder, write_json, write_text_atomic
 from shared.config import Config, dump_config
 from shared.data.dataset import make_loader
-from shared.data.manifest import Manifest, read_manifest
+from shared.data.manifest import Manifest
 from shared.data.splits import Split, kfold_patients, split_patients
 from shared.errors import ConfigError, DentfedError
 from shared.losses import make_loss
@@ -24,36 +24,11 @@ from shared.model_card import build_card, label_counts, write_card
 from shared.model_file import save_model_file
 from shared.models import build_model, pretrain_of, resolve_device
 from shared.pretrain_outputs import loss_curve_markdown, write_pretrain_outputs
-from shared.report_tables import metrics_table, plot_learning_curves, render_table, write_json
+from shared.report_tables import metrics_table, plot_learning_curves, render_table
 from shared.training import evaluate, fit, predict, seed_everything
+from simulations.task_manifest import load_task_manifest
 
 log = logging.getLogger(__name__)
-
-
-def resolve_manifest(cfg: Config, manifest: str | Path | None) -> Path:
-    """The manifest from the command line, else the config; generates the synthetic demo set
-    when the config declares one (`data.synth`) and it does not exist yet."""
-    path = manifest or cfg.data.manifest
-    if path is None:
-        raise ConfigError("no manifest: pass --manifest or set data.manifest in the config")
-    path = Path(path)
-    if not path.exists() and manifest is None and cfg.data.synth is not None:
-        from dental_datasets import synth
-
-        s = cfg.data.synth
-        log.warning("demo manifest %s not found: generating the synthetic %s set (n=%d)",
-                    path, s.task, s.n)
-        made = synth.GENERATORS[s.task](path.parent, n=s.n, seed=s.seed,
-                                        image_size=s.image_size)
-        if made.resolve() != path.resolve():
-            raise ConfigError(f"data.manifest must be <folder>/manifest.csv for a synth set; "
-                              f"generated {made}")
-    return path
-
-
-def load_task_manifest(cfg: Config, manifest: str | Path | None) -> Manifest:
-    return read_manifest(resolve_manifest(cfg, manifest), cfg.task,
-                         default_modality=cfg.data.modality)
 
 
 @dataclass

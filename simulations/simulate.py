@@ -9,14 +9,13 @@ import shutil
 import time
 from pathlib import Path
 
-from server.checkpoint import CHECKPOINT, check_resumable
-from shared.atomic_files import write_text_atomic
+from server.resume import CHECKPOINT, check_resumable
+from shared.atomic_files import write_json, write_text_atomic
 from shared.config import Config, dump_config, load_config
 from shared.errors import DentfedError
-from shared.report_tables import write_json
 from simulations.engine import REPO, run_flower_simulation
 from simulations.partition import ClinicSplit, read_raw, split_clinics, write_split
-from simulations.pooled_training import load_task_manifest
+from simulations.task_manifest import load_task_manifest
 
 log = logging.getLogger("dentfed.simulate")
 

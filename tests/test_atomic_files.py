@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from dentfed import pki
-from shared.atomic_files import atomic_folder, torch_save_atomic, write_text_atomic
+from shared.atomic_files import atomic_folder, torch_save_atomic, write_json, write_text_atomic
 
 
 def _names(folder: Path) -> list[str]:
@@ -67,3 +67,14 @@ def test_certs_write_nothing_when_interrupted(tmp_path, monkeypatch):
     assert stat.S_IMODE(c.server_key.stat().st_mode) == 0o600
     assert c.clinic_keys[1].is_file() and _names(tmp_path) == ["certs", "certs-ca-private"]
     assert c.ca_key == tmp_path / "certs-ca-private" / "ca.key" and c.ca_key.is_file()
+
+
+def test_write_json_turns_nan_into_null_and_numpy_scalars_into_numbers(tmp_path):
+    import json
+
+    import numpy as np
+
+    write_json(tmp_path / "m.json", {"auc": float("nan"), "n": np.int64(3),
+                                     "rows": [{"f1": np.float32(0.5)}, np.float64("nan")]})
+    assert json.loads((tmp_path / "m.json").read_text()) == {
+        "auc": None, "n": 3, "rows": [{"f1": 0.5}, None]}

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
 
-from shared.config import config_from_dict
+from shared.config import config_from_dict, dump_config, with_overrides
 from shared.data.manifest import read_manifest
 from shared.errors import ConfigError
 from simulations.partition import read_raw, skew, split_clinics, write_split
-from tests.conftest import write_tiny_multilabel
+from tests.conftest import tiny_config, write_tiny_multilabel
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _multiclass_manifest(root, n_patients=120, seed=0):
@@ -88,3 +94,21 @@ def test_written_split_and_errors(mc, tmp_path):
         split_clinics(m, raw, _cfg(scheme="site", clinics=5))
     with pytest.raises(ConfigError, match="split.by column 'nope'"):
         split_clinics(m, raw, _cfg(scheme="dirichlet", by="nope"))
+
+
+def test_the_simulate_parent_splits_without_loading_torch(tiny_manifest, tmp_path):
+    """`dentfed simulate`'s own process only splits and waits for Flower: importing torch
+    there cost ~0.65 GiB of the 10-clinic memory budget (docs/speed.md, "Memory")."""
+    cfg = with_overrides(tiny_config(), {"split.clinics": 2, "split.scheme": "iid"})
+    (tmp_path / "c.yaml").write_text(dump_config(cfg))
+    code = (
+        "import sys; from pathlib import Path\n"
+        "import dentfed.cli, simulations.simulate as s\n"
+        "from shared.config import load_config\n"
+        f"cfg = load_config({str(tmp_path / 'c.yaml')!r})\n"
+        f"s.prepare_split(cfg, {str(tiny_manifest)!r}, Path({str(tmp_path / 'split')!r}))\n"
+        "print(sorted(m for m in ('torch', 'torchvision') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=REPO, check=True)
+    assert (tmp_path / "split" / "clinic_1" / "manifest.csv").is_file()
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout + out.stderr

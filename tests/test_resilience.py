@@ -232,7 +232,7 @@ def test_server_optimiser_state_survives_a_checkpoint_file(tmp_path, strategy):
 
 def test_dp_sgd_runs_are_not_resumed(tmp_path):
     """A resumed run is a new Flower run: clinics' epsilon accounts would start again at 0."""
-    from server.checkpoint import check_resumable
+    from server.resume import check_resumable
     from tests.test_federation import _fed_config
 
     cfg = _fed_config()
