@@ -143,11 +143,13 @@ def clinic_state_dir(context: Context) -> Path | None:
 
 def clinic_cache_dir(context: Context) -> Path | None:
     """Where the clinic keeps its cache of decoded images (shared/data/disk_cache.py): node
-    config `cache-dir` (`dentfed clinic start` sets one per manifest), else its state
-    folder."""
+    config `cache-dir` on a SuperNode (`dentfed clinic start` sets one per manifest, none with
+    `--no-image-cache`), its state folder in simulation."""
     node = context.node_config
     if "cache-dir" in node:
         return Path(str(node["cache-dir"]))
+    if "state-dir" in node:  # a SuperNode without cache-dir: no image cache
+        return None
     return clinic_state_dir(context)
 
 
