@@ -21,8 +21,14 @@ import client.clinic as clinic_mod
 from client.app import ClinicError
 from client.app import app as client_app
 from client.clinic import OPTIMIZER_KEY, RESIDUAL_KEY, SCAFFOLD_CI_KEY
-from dentfed import deploy
-from server.checkpoint import FEDERATION_ID_FILE, keep_federation_id, kept_federation_id
+from dentfed import cli, deploy
+from server.checkpoint import (
+    CHECKPOINT,
+    FEDERATION_ID_FILE,
+    keep_federation_id,
+    kept_federation_id,
+)
+from shared.config import dump_config
 from shared.errors import DentfedError
 from shared.fedio import (
     FEDERATION_ID_KEY,
@@ -132,7 +138,7 @@ def test_a_federation_id_that_is_no_plain_name_is_refused(setting, tmp_path):
     assert not (tmp_path / "escape").exists() and not (tmp_path / "state").exists()
 
 
-def test_coordinator_keeps_the_federation_id_for_resume(tmp_path):
+def test_coordinator_keeps_the_federation_id_for_resume(tmp_path, capsys):
     run = tmp_path / "run"
     run.mkdir()
     fid = deploy.federation_id_for(run, resume=False)
@@ -148,6 +154,15 @@ def test_coordinator_keeps_the_federation_id_for_resume(tmp_path):
     with pytest.raises(DentfedError, match="federation-id"):
         keep_federation_id(tmp_path, "a/b", resume=False)
     assert (run / FEDERATION_ID_FILE).read_text().strip() == fid
+    # a new run into a folder that holds a checkpoint would give the federation a new id:
+    # refused before anything starts
+    (run / CHECKPOINT).write_bytes(b"")
+    config = tmp_path / "fed.yaml"
+    config.write_text(dump_config(_cfg()))
+    assert cli.main(["coordinator", "run", "--config", str(config), "--run-dir", str(run),
+                     "--home", str(tmp_path / "home")]) == 1
+    assert "--resume" in capsys.readouterr().err
+    assert kept_federation_id(run) == fid
 
 
 def test_clinic_start_state_folder_per_coordinator_and_clean_up(tmp_path):
