@@ -16,13 +16,16 @@ from flwr.clientapp import ClientApp
 from client.audit import audit_mod
 from client.central_dp import central_dp_mod
 from client.clinic import (
+    RESIDUAL_KEY,
     Clinic,
     bn_statistics,
     evaluate_values,
     get_clinic,
+    keeps_round_state,
     local_training,
     personalise,
     restore_round_state,
+    save_round_state,
 )
 from client.secagg import secagg_mod
 from client.timing import mark, timing_mod
@@ -46,8 +49,6 @@ from shared.fedio import (
 )
 from shared.memory import release_freed_memory
 from shared.upload import encode_update
-
-RESIDUAL_KEY = "dentfed-upload-residual"
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 # audit_mod: a no-op unless the clinic sets DENTFED_AUDIT_DIR; outermost, so it records exactly
@@ -112,6 +113,8 @@ def train(msg: Message, context: Context) -> Message:
                                    else None)
     if carry is not None:  # error feedback: what int8 rounding dropped goes out next round
         context.state[RESIDUAL_KEY] = ArrayRecord({k: Array(v) for k, v in carry.items()})
+    if keeps_round_state(cfg):  # to the clinic's state folder; the large parts leave the Context
+        save_round_state(context, server_round)
     return Message(content=RecordDict({**records, **extra, "metrics": metrics}), reply_to=msg)
 
 

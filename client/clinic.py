@@ -32,8 +32,10 @@ from shared.data.splits import hold_out
 from shared.dp_sgd import DpAccount, planned_steps
 from shared.fedio import (
     EXAMPLES_KEY,
+    FEDERATION_ID_KEY,
     SCAFFOLD_DELTA_KEY,
     build_global_model,
+    check_federation_id,
     load_model_arrays,
     local_state,
     round_lr,
@@ -57,13 +59,16 @@ DP_ACCOUNT_KEY = "dentfed-dp-account"  # DP-SGD history
 OPTIMIZER_KEY = "dentfed-optimizer-state"  # federation.keep_optimizer_state
 SCAFFOLD_CI_KEY = "dentfed-scaffold-ci"  # SCAFFOLD: the clinic's control variate c_i
 LOCAL_BN_KEY = "dentfed-local-bn"  # FedBN: the clinic's own BatchNorm state
+RESIDUAL_KEY = "dentfed-upload-residual"  # upload int8: what rounding dropped (error feedback)
 STATE_ROUND_KEY = "dentfed-state-round"  # the round after which those were saved
-ROUND_STATE = (OPTIMIZER_KEY, SCAFFOLD_CI_KEY, LOCAL_BN_KEY)
-# The large ones (the optimiser's moments are 1-2x the model) live only in the clinic's state
-# folder when it has one, and come into context.state just for its training: in a simulation
-# Flower keeps every virtual clinic's context in the ServerApp's process and ships it to the
-# actor and back with each message, so otherwise they sat in memory for all clinics at once.
-ON_DISK_STATE = (OPTIMIZER_KEY, SCAFFOLD_CI_KEY)
+ROUND_STATE = (OPTIMIZER_KEY, SCAFFOLD_CI_KEY, LOCAL_BN_KEY, RESIDUAL_KEY)
+# The large ones (the optimiser's moments are 1-2x the model, the residual 1x the exchanged
+# arrays) live only in the clinic's state folder when it has one, and come into context.state
+# just for its training: in a simulation Flower keeps every virtual clinic's context in the
+# ServerApp's process and ships it to the actor and back with each message, so otherwise they
+# sat in memory for all clinics at once; on a SuperNode the Context travels SuperNode <->
+# ClientApp process with every message, train and evaluate.
+ON_DISK_STATE = (OPTIMIZER_KEY, SCAFFOLD_CI_KEY, RESIDUAL_KEY)
 log = logging.getLogger("dentfed.client")
 
 
@@ -116,11 +121,20 @@ def clinic_manifest_path(context: Context) -> Path:
 
 
 def clinic_state_dir(context: Context) -> Path | None:
-    """Where the clinic mirrors its private round state on its own disk: node config
-    `state-dir` on a real SuperNode, `<split-dir>/clinic_<k>/state` in simulation."""
+    """Where the clinic keeps its private round state on its own disk. On a real SuperNode:
+    `<state-dir>/<federation-id>/` (node config `state-dir`, which `dentfed clinic start` sets;
+    run config `federation-id`, which `dentfed coordinator run` sets and keeps across
+    `--resume`), so one federation never reads another's state and a resumed one finds its
+    own; a run without a federation id gets `<state-dir>/run-<Flower run id>/` (its own, but
+    a resumed run is a new Flower run and starts the clinic's state fresh). In simulation:
+    `<split-dir>/clinic_<k>/state` (the split folder is per run)."""
     node = context.node_config
     if "state-dir" in node:
-        return Path(str(node["state-dir"]))
+        fid = str(context.run_config.get(FEDERATION_ID_KEY, ""))
+        name = check_federation_id(fid) if fid else f"run-{int(context.run_id)}"
+        folder = Path(str(node["state-dir"])) / name
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)  # this user only
+        return folder
     split_dir = str(context.run_config.get("split-dir", ""))
     if "partition-id" in node and split_dir:
         return Path(split_dir) / f"clinic_{int(node['partition-id'])}" / "state"
@@ -129,11 +143,13 @@ def clinic_state_dir(context: Context) -> Path | None:
 
 def clinic_cache_dir(context: Context) -> Path | None:
     """Where the clinic keeps its cache of decoded images (shared/data/disk_cache.py): node
-    config `cache-dir` (`dentfed clinic start` sets one per manifest), else its state
-    folder."""
+    config `cache-dir` on a SuperNode (`dentfed clinic start` sets one per manifest, none with
+    `--no-image-cache`), its state folder in simulation."""
     node = context.node_config
     if "cache-dir" in node:
         return Path(str(node["cache-dir"]))
+    if "state-dir" in node:  # a SuperNode without cache-dir: no image cache
+        return None
     return clinic_state_dir(context)
 
 
@@ -194,16 +210,25 @@ def save_round_state(context: Context, server_round: int) -> None:
     keys = [k for k in ROUND_STATE if k in context.state.array_records]
     if folder is None or not keys:
         return
-    folder.mkdir(parents=True, exist_ok=True)
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)  # this user only
     state = {}
     for k in keys:
         state[k] = {n: torch.from_numpy(a.numpy().copy()) for n, a in context.state[k].items()}
         if k in ON_DISK_STATE:  # from now on on disk only; restore_round_state reads it back
             del context.state[k]
     torch_save_atomic(state, folder / f"after_round_{server_round}.pt")
-    for old in folder.glob("after_round_*.pt"):
-        if int(old.stem.rsplit("_", 1)[1]) <= server_round - 3:
-            old.unlink(missing_ok=True)
+    # The 3 newest files stay (not the last 3 rounds: a clinic sampled rarely still has the
+    # state a resume after a crash mid-round needs, the newest one before that round).
+    saved = sorted((int(p.stem.rsplit("_", 1)[1]), p) for p in folder.glob("after_round_*.pt"))
+    for _, old in saved[:-3]:
+        old.unlink(missing_ok=True)
+
+
+def keeps_round_state(cfg: Config) -> bool:
+    """Whether a training round continues from state the clinic kept after its last one."""
+    fed = cfg.federation
+    return (fed.keep_optimizer_state or fed.strategy == "scaffold" or fed.local_bn
+            or fed.upload == "int8")
 
 
 def get_clinic(context: Context, cfg: Config) -> Clinic:
@@ -256,7 +281,8 @@ def local_training(clinic: Clinic, context: Context, global_arrays: ArrayRecord,
     """One round of the clinic's training from the global arrays (the one driver; DP-SGD when
     configured). Returns the scalar metrics the reply carries and any array records it carries
     besides the model (SCAFFOLD's delta c_i). `control`: SCAFFOLD's server variate c (None in
-    round 1: zero)."""
+    round 1: zero). The caller saves the round state (`save_round_state`, when
+    `keeps_round_state`) once its reply is encoded (the int8 residual is part of it)."""
     cfg = clinic.cfg
     # Seeds depend on the round only, not on how many rounds this process has already run:
     # a SuperNode starts a fresh ClientApp process per message, a simulation reuses one, and a
@@ -265,8 +291,7 @@ def local_training(clinic: Clinic, context: Context, global_arrays: ArrayRecord,
     if clinic.train_loader.generator is not None:
         clinic.train_loader.generator.manual_seed(cfg.train.seed + 1000 * server_round)
     fed, dp = cfg.federation, cfg.privacy.dp_sgd
-    keeps_state = fed.keep_optimizer_state or fed.strategy == "scaffold" or fed.local_bn
-    if keeps_state:
+    if keeps_round_state(cfg):
         restore_round_state(context, server_round)
     clinic.load(context, global_arrays)
     clinic.model.to(clinic.device)
@@ -305,8 +330,6 @@ def local_training(clinic: Clinic, context: Context, global_arrays: ArrayRecord,
     records = {}
     if scaffold is not None:
         records[SCAFFOLD_DELTA_KEY] = scaffold.finish()
-    if keeps_state:
-        save_round_state(context, server_round)
     values = {
         "train_loss": stats["loss"],
         **{f"train_{k}": v for k, v in stats.items() if k.startswith("loss_")},  # detectors
@@ -387,7 +410,7 @@ def personalise(clinic: Clinic, context: Context, arrays: ArrayRecord, server_ro
             stats = trainer.run(max_steps=p.steps, desc="personalise")
     folder = clinic_state_dir(context)
     if folder is not None:
-        folder.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         save_model_file(folder / "personalised_model.pt", clinic.model, cfg, thresholds=None)
     return stats
 

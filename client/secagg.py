@@ -19,7 +19,13 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
-from client.clinic import evaluate_values, get_clinic, local_training
+from client.clinic import (
+    evaluate_values,
+    get_clinic,
+    keeps_round_state,
+    local_training,
+    save_round_state,
+)
 from shared.config import config_from_yaml
 from shared.fedio import CONFIG_KEY, EXAMPLES_KEY, check_frozen, exchanged_keys, model_arrays
 
@@ -57,6 +63,8 @@ class ClinicNumPyClient(NumPyClient):
             check_frozen(config, clinic.cfg, clinic.model)  # as the Message-API train handler
             values, _ = local_training(clinic, self.context, self._record(clinic, parameters),
                                        rnd)  # SecAgg+ runs plain FedAvg: no extra records
+            if keeps_round_state(clinic.cfg):
+                save_round_state(self.context, rnd)
         except Exception as e:  # same rule as the Message-API handlers: type only
             log.exception("clinic fit (SecAgg+) failed")
             raise RuntimeError(f"fit failed at the clinic ({type(e).__name__}); details are "

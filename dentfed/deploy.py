@@ -84,17 +84,80 @@ def register_command(public_key: Path) -> list[str]:
 
 
 def run_command(config: Path, run_dir: Path, test_manifest: Path | None = None,
-                resume: bool = False, app_dir: Path = REPO, stream: bool = True) -> list[str]:
+                resume: bool = False, app_dir: Path = REPO, stream: bool = True,
+                federation_id: str | None = None) -> list[str]:
     """`flwr run` of the dentfed app against the coordinator's SuperLink. Paths are made
-    absolute: the ServerApp runs in another working directory."""
+    absolute: the ServerApp runs in another working directory. `federation_id`: names each
+    clinic's state folder for this federation (see `federation_id_for`)."""
     conf = {"config": str(Path(config).resolve()), "run-dir": str(Path(run_dir).resolve()),
             "resume": "true" if resume else "false"}
+    if federation_id:
+        from shared.fedio import FEDERATION_ID_KEY, check_federation_id  # torch: not at import
+
+        conf[FEDERATION_ID_KEY] = check_federation_id(federation_id)
     if test_manifest is not None:
         conf["test-manifest"] = str(_need(Path(test_manifest), "test manifest"))
     overrides = " ".join(f"{k}={v}" if v in ("true", "false") else f'{k}="{v}"'
                          for k, v in conf.items())
     return [flower_bin("flwr"), "run", str(app_dir), CONNECTION, "--run-config", overrides,
             *(["--stream"] if stream else [])]
+
+
+def federation_id_for(run_dir: Path, resume: bool) -> str:
+    """The federation id for `dentfed coordinator run`: a new random one for a new run (the
+    ServerApp keeps it in the run folder), the run folder's own for `--resume`, so every clinic
+    continues from its own state of this federation (docs/deploy.md, Faults and resume)."""
+    from server.checkpoint import kept_federation_id  # torch: not at import
+    from shared.fedio import new_federation_id
+
+    if resume:
+        kept = kept_federation_id(run_dir)
+        if kept:
+            return kept
+        print(f"dentfed: {run_dir} keeps no federation id (a run from before them): the "
+              "clinics' optimiser state / SCAFFOLD variate / int8 residual start fresh",
+              file=sys.stderr, flush=True)
+    return new_federation_id()
+
+
+def _digest(*parts: str | bytes) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(part.encode() if isinstance(part, str) else part)
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+STATE_ROOT = Path.home() / ".dentfed" / "clinic-state"
+
+
+def default_state_dir(manifest: Path, ca_cert: Path) -> Path:
+    """The clinic's private state folder for this manifest and coordinator:
+    ~/.dentfed/clinic-state/<hash of the manifest's path and the coordinator's CA
+    certificate>. Federations of one coordinator then get `<this>/<federation-id>/`; another
+    coordinator (another CA) gets another folder whatever ids it sends."""
+    return STATE_ROOT / _digest(str(Path(manifest).resolve()), Path(ca_cert).read_bytes())
+
+
+def clean_state(roots: list[Path], older_than_days: float, dry_run: bool = False
+                ) -> list[tuple[Path, float, int]]:
+    """Each federation folder `<root>/<federation-id>/` (its round state files, personalised
+    model) under `roots`, with its age in days (newest file) and size in bytes; those older
+    than `older_than_days` are deleted unless `dry_run`."""
+    import shutil
+
+    found = []
+    now = time.time()
+    for root in roots:
+        for fed in sorted(p for p in Path(root).iterdir() if p.is_dir()) if Path(root).is_dir() \
+                else []:
+            files = [f for f in fed.rglob("*") if f.is_file()]
+            newest = max((f.stat().st_mtime for f in files), default=fed.stat().st_mtime)
+            age = (now - newest) / 86400
+            found.append((fed, age, sum(f.stat().st_size for f in files)))
+            if age > older_than_days and not dry_run:
+                shutil.rmtree(fed)
+    return found
 
 
 def default_cache_dir(manifest: Path) -> Path:
@@ -104,10 +167,18 @@ def default_cache_dir(manifest: Path) -> Path:
     return Path.home() / ".dentfed" / "clinic-cache" / digest
 
 
+def private_dir(path: Path) -> Path:
+    """`path` made (with its parents) and set to mode 0700: the clinic's user only."""
+    path = Path(path).expanduser().resolve()
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path.chmod(0o700)
+    return path
+
+
 def supernode_command(superlink: str, ca_cert: Path, private_key: Path, manifest: Path,
                       port: int = 9094, max_retries: int | None = None,
-                      share_local_model: bool = True,
-                      cache_dir: Path | None = None, warm: bool = False) -> list[str]:
+                      share_local_model: bool = True, cache_dir: Path | None = None,
+                      warm: bool = False, state_dir: Path | None = None) -> list[str]:
     """flower-supernode for one clinic: TLS against `ca_cert`, authenticated with the
     clinic's private key, its data named only in its own node config. `share_local_model`
     False: the clinic keeps its personalised model even when the federation's config lets
@@ -115,10 +186,16 @@ def supernode_command(superlink: str, ca_cert: Path, private_key: Path, manifest
     ClientApp keeps decoded images between messages and runs (node config `cache-dir`; a
     SuperNode starts a fresh ClientApp process for every message, so without it every
     message decodes its images again). `warm`: `--isolation process`, for the warm ClientApp
-    worker (dentfed/clinic_worker.py) instead of Flower's SuperExec."""
+    worker (dentfed/clinic_worker.py) instead of Flower's SuperExec. `state_dir`: where its
+    ClientApp keeps its private round state (node config `state-dir`; AdamW moments, SCAFFOLD
+    variate, int8 residual, in `<state_dir>/<federation-id>/`), read back by the next round and
+    by a resumed federation; without it that state rides in Flower's Context through every
+    message and a resumed federation starts it fresh."""
     node = f'manifest="{_need(manifest, "manifest")}"'
     if cache_dir is not None:
         node += f' cache-dir="{Path(cache_dir).resolve()}"'
+    if state_dir is not None:
+        node += f' state-dir="{Path(state_dir).resolve()}"'
     if not share_local_model:
         node += ' share-local-model="false"'
     cmd = [flower_bin("flower-supernode"), "--superlink", superlink,

@@ -71,13 +71,18 @@ def _run(args: argparse.Namespace) -> int:
         from shared.config import with_overrides
 
         cfg = with_overrides(cfg, {"federation.test_manifest": args.test_manifest})
-    if args.resume:
-        from server.resume import check_resumable
+    from server.resume import CHECKPOINT, check_resumable
 
+    if args.resume:
         check_resumable(cfg)
+    elif (Path(args.run_dir) / CHECKPOINT).exists():
+        raise DentfedError(f"{args.run_dir} already holds a checkpointed run: continue it "
+                           "with --resume or choose another --run-dir")
     cmd = deploy.run_command(config, Path(args.run_dir),
                              Path(args.test_manifest) if args.test_manifest else None,
-                             resume=args.resume)
+                             resume=args.resume,
+                             federation_id=deploy.federation_id_for(Path(args.run_dir),
+                                                                    args.resume))
     deploy.show(cmd)
     return subprocess.run(cmd, env=deploy.flower_env(home), cwd=deploy.REPO).returncode
 
@@ -104,13 +109,32 @@ def _clinic_start(args: argparse.Namespace) -> int:
         cache = Path(args.cache_dir).expanduser() if args.cache_dir else \
             deploy.default_cache_dir(manifest)
         cache.mkdir(parents=True, exist_ok=True, mode=0o700)  # decoded images: this user only
+    state = None
+    if not args.no_state_dir:  # the clinic's round state: on its disk, not in every message
+        state = deploy.private_dir(Path(args.state_dir) if args.state_dir else
+                                   deploy.default_state_dir(manifest, Path(args.ca)))
     cmd = deploy.supernode_command(args.superlink, Path(args.ca), Path(args.key), manifest,
                                    port=args.port, max_retries=args.max_retries,
                                    share_local_model=not args.no_share_local_model,
-                                   cache_dir=cache, warm=not args.cold_clientapp)
+                                   cache_dir=cache, warm=not args.cold_clientapp,
+                                   state_dir=state)
     if args.cold_clientapp:
         return deploy.run_foreground(cmd, deploy.flower_env())
     return deploy.run_with_worker(cmd, deploy.flower_env(), args.port)
+
+
+def _clean_state(args: argparse.Namespace) -> int:
+    roots = [Path(d).expanduser() for d in args.state_dir] if args.state_dir else (
+        sorted(p for p in deploy.STATE_ROOT.iterdir() if p.is_dir())
+        if deploy.STATE_ROOT.is_dir() else [])
+    found = deploy.clean_state(roots, args.older_than_days, dry_run=args.dry_run)
+    for fed, age, size in found:
+        gone = age > args.older_than_days
+        verb = ("would delete" if args.dry_run else "deleted") if gone else "kept"
+        print(f"{verb} {fed}: last used {age:.1f} days ago, {size / 1e6:.1f} MB")
+    if not found:
+        print("no federation state folders")
+    return 0
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -180,4 +204,20 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                     help="let Flower's own SuperExec start every ClientApp process from "
                     "scratch (--isolation subprocess), instead of the warm worker that forks "
                     "them with torch already imported (dentfed/clinic_worker.py)")
+    st.add_argument("--state-dir", help="this clinic's private round state (optimiser "
+                    "moments, SCAFFOLD variate, int8 residual, personalised model), one "
+                    "sub-folder per federation, never sent (default ~/.dentfed/clinic-state/"
+                    "<hash of the manifest path and the CA certificate>)")
+    st.add_argument("--no-state-dir", action="store_true",
+                    help="keep that state in Flower's Context only (as before: it travels "
+                    "with every message and a resumed federation starts it fresh)")
     st.set_defaults(func=_clinic_start)
+
+    cs = cl.add_parser("clean-state", help="list this clinic's federation state folders and "
+                       "delete those unused for a while")
+    cs.add_argument("--state-dir", action="append", help="a --state-dir given to `dentfed "
+                    f"clinic start` (repeatable; default every folder in {deploy.STATE_ROOT})")
+    cs.add_argument("--older-than-days", type=float, default=30.0,
+                    help="delete federation folders whose newest file is older (default 30)")
+    cs.add_argument("--dry-run", action="store_true", help="list only")
+    cs.set_defaults(func=_clean_state)

@@ -4,7 +4,9 @@ Run config keys (pyproject `[tool.flwr.app.config]`, overridable with `--run-con
 `config` (dentfed YAML), `run-dir` (where the run folder goes; default runs/fed-<time>),
 `test-manifest` (server-held test set; default federation.test_manifest in the YAML),
 `resume` (true: continue the run in `run-dir` after its last checkpointed round, with the
-run folder's own config.yaml) and, in simulation, `split-dir` (read by the clinics).
+run folder's own config.yaml), `federation-id` (deployment: names each clinic's state folder
+for this federation; `dentfed coordinator run` makes one and `--resume` reuses the one the run
+folder keeps) and, in simulation, `split-dir` (read by the clinics).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from server.checkpoint import keep_federation_id
 from server.federation import run_federation
 from server.resume import CHECKPOINT, check_resumable
 from server.run_folder import write_run_folder
@@ -24,6 +27,7 @@ from server.tracking import log_run_folder
 from shared.atomic_files import write_text_atomic
 from shared.config import dump_config, load_config, with_overrides
 from shared.errors import ConfigError
+from shared.fedio import FEDERATION_ID_KEY
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 log = logging.getLogger("dentfed.server")
@@ -60,6 +64,7 @@ def main(grid: Grid, context: Context) -> None:
                               "(run config resume=true) or choose another run-dir")
         out.mkdir(parents=True, exist_ok=True)
         write_text_atomic(out / "config.yaml", dump_config(cfg))
+    keep_federation_id(out, str(rc.get(FEDERATION_ID_KEY, "")), resume)
     if str(rc.get("test-manifest", "")):  # run-config overrides go through the one schema
         cfg = with_overrides(cfg, {"federation.test_manifest": str(rc["test-manifest"])},
                              source="run config")

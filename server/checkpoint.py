@@ -20,9 +20,14 @@ import torch
 from flwr.app import Array, ArrayRecord
 
 from server.resume import CHECKPOINT
-from shared.atomic_files import torch_save_atomic
+from shared.atomic_files import torch_save_atomic, write_text_atomic
 from shared.errors import DentfedError
+from shared.fedio import check_federation_id
 
+# The federation's id (run config `federation-id`, shared/fedio.py), kept in the run folder by
+# the ServerApp so that `dentfed coordinator run --resume` gives the resumed run the same one
+# and every clinic finds its own state folder for this federation again.
+FEDERATION_ID_FILE = "federation-id"
 FORMAT = 1
 # Strategy attributes that carry state between rounds (flwr 1.42 FedOpt family, FedAvgM,
 # SCAFFOLD's control variate, and the clipping norm that Flower's adaptive-clipping DP
@@ -110,3 +115,25 @@ def load_checkpoint(run_dir: Path) -> dict[str, Any]:
         raise DentfedError(f"cannot resume: {path} has checkpoint format "
                            f"{state.get('format')}, this dentfed writes {FORMAT}")
     return state
+
+
+def kept_federation_id(run_dir: Path) -> str:
+    """The federation id the run folder keeps ('' for none: a simulation, or a run folder from
+    before federation ids)."""
+    path = Path(run_dir) / FEDERATION_ID_FILE
+    return path.read_text().strip() if path.is_file() else ""
+
+
+def keep_federation_id(run_dir: Path, federation_id: str, resume: bool) -> None:
+    """Record the run config's federation id in the run folder; a resumed run must carry the
+    one its folder keeps, or the clinics would not find their state (optimiser moments,
+    SCAFFOLD variate, int8 residual) and continue from a fresh one."""
+    kept = kept_federation_id(run_dir)
+    if federation_id:
+        check_federation_id(federation_id)
+    if resume and kept and federation_id != kept:
+        raise DentfedError(f"cannot resume: the run config's federation-id is not the one in "
+                           f"{Path(run_dir) / FEDERATION_ID_FILE}; `dentfed coordinator run "
+                           "--resume` passes it")
+    if federation_id and federation_id != kept:
+        write_text_atomic(Path(run_dir) / FEDERATION_ID_FILE, federation_id + "\n")

@@ -12,6 +12,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
+import re
+import secrets
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +56,24 @@ LOCAL_MODEL_KEY = "local-model"  # a clinic's personalised model (share_local_mo
 GLOBAL_MODEL = "global"
 PERSONALISED_MODEL = "personalised"
 SHARED_PREFIX = PERSONALISED_MODEL + "-"
+# Run config: the federation's stable id, made at its first start and kept in its run folder so
+# that a resumed federation (a new Flower run) has the same one. A clinic keeps its private
+# round state in `<state-dir>/<federation-id>/`, so one federation never reads another's. A
+# random token: no path, no name, no patient id.
+FEDERATION_ID_KEY = "federation-id"
+_FEDERATION_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def new_federation_id() -> str:
+    return secrets.token_hex(16)
+
+
+def check_federation_id(value: str) -> str:
+    """`value` if it is a valid federation id; it names a folder on the clinic's disk, so
+    nothing but letters, digits, '-' and '_' (no '/', no '..')."""
+    if not _FEDERATION_ID.fullmatch(value):
+        raise DentfedError("federation-id must be 1-64 letters, digits, '-' or '_'")
+    return value
 
 
 def shared_model_name(clinic: int) -> str:

@@ -28,7 +28,11 @@ Variants (`--variants`, each a full deployment, run one after another):
           every ClientApp process from scratch and every message decodes its images again
   cache   `--cold-clientapp` with the clinic's disk image cache
   warm    the default `dentfed clinic start`: the warm ClientApp worker (processes forked with
-          torch, torchvision and Flower already imported) and the image cache
+          torch, torchvision and Flower already imported), the image cache and the clinic's
+          state folder (node config state-dir: the AdamW moments on the clinic's disk)
+  warm-context  `warm --no-state-dir`: as before the state folder, the clinic's AdamW moments
+          (2 x the model) in Flower's context.state, sent SuperNode <-> ClientApp with every
+          message (train and evaluate)
   warm-nostate  diagnosis only, it changes the training: `warm` with
           federation.keep_optimizer_state false, i.e. without the clinic's AdamW moments
           (2 x the model) in Flower's context.state, which the SuperNode and every ClientApp
@@ -64,8 +68,12 @@ VARIANTS: dict[str, list[str]] = {  # extra `dentfed clinic start` arguments
     "cold": ["--cold-clientapp", "--no-image-cache"],
     # the same with the clinic's disk image cache
     "cache": ["--cold-clientapp", "--cache-dir", "{root}/cache_{k}"],
-    # the default: warm ClientApp worker (dentfed/clinic_worker.py) and the image cache
+    # the default: warm ClientApp worker (dentfed/clinic_worker.py), the image cache and the
+    # clinic's state folder (its AdamW moments on its disk, not in Flower's Context)
     "warm": ["--cache-dir", "{root}/cache_{k}"],
+    # warm as before the state folder: the clinic's round state in Flower's context.state,
+    # which travels SuperNode <-> ClientApp with every message
+    "warm-context": ["--cache-dir", "{root}/cache_{k}", "--no-state-dir"],
     # diagnosis only (changes the training): warm, without the clinics' AdamW state in
     # Flower's context.state, which travels SuperNode <-> ClientApp with every message
     "warm-nostate": ["--cache-dir", "{root}/cache_{k}"],

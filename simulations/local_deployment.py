@@ -82,16 +82,21 @@ class LocalFederation:
         if r.returncode != 0 or "registered successfully" not in r.stdout:
             raise RuntimeError(f"registering clinic {k} failed:\n{r.stdout}{r.stderr}")
 
+    def state_dir(self, k: int) -> Path:
+        """Clinic k's state folder (`--state-dir`; not the default under ~/.dentfed)."""
+        return self.root / f"clinic{k}-state"
+
     def start_clinic(self, k: int, manifest: Path, *extra: str) -> subprocess.Popen:
-        """`dentfed clinic start` for clinic k with its own key and manifest; `extra`: more
-        arguments of that command."""
+        """`dentfed clinic start` for clinic k with its own key, manifest and state folder;
+        `extra`: more arguments of that command."""
         # Each clinic its own FLWR_HOME, as on its own machine: SuperNodes sharing one install
         # the run's app into the same folder at once, and one may load it half-written.
         return self.start(f"clinic{k}", DENTFED + [
             "clinic", "start", "--superlink", self.address,
             "--ca", str(self.certs.ca_cert), "--key", str(self.certs.clinic_keys[k]),
             "--manifest", str(manifest), "--port", str(free_port()),
-            "--max-retries", "3", *extra], home=self.root / f"clinic{k}-home")
+            "--max-retries", "3", "--state-dir", str(self.state_dir(k)), *extra],
+            home=self.root / f"clinic{k}-home")
 
     def online(self) -> int:
         r = subprocess.run([deploy.flower_bin("flwr"), "supernode", "list", deploy.CONNECTION,

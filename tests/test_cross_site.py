@@ -87,7 +87,7 @@ def test_personalise_head_changes_only_the_classifier_and_sends_only_scalars(tin
     assert metrics["personalised/val_loss"] < metrics["global/val_loss"]
     # head only: the model kept at the clinic differs from the global one in the classifier
     # alone (BatchNorm statistics of the body did not move either)
-    saved = torch.load(tmp_path / "state" / "personalised_model.pt",
+    saved = torch.load(tmp_path / "state" / "run-1" / "personalised_model.pt",
                        weights_only=False)["state_dict"]
     changed = {k for k in start if not torch.equal(saved[k], start[k])}
     assert changed == {"fc.weight", "fc.bias"}

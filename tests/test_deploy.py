@@ -20,7 +20,7 @@ import yaml
 
 from client.audit import AUDIT_ENV
 from dentfed import deploy
-from server.checkpoint import CHECKPOINT, load_checkpoint
+from server.checkpoint import CHECKPOINT, FEDERATION_ID_FILE, load_checkpoint
 from shared.config import load_config
 from shared.fedio import build_global_model, expected_shapes
 from simulations.engine import free_port
@@ -92,7 +92,7 @@ def test_tls_auth_audit_and_a_clinic_killed_mid_round(federation, tmp_path):
     fed.wait_online(3)
     run_dir = tmp_path / "run"
     proc = fed.run(fed.config(rounds=3, round_timeout=60, min_available_clinics=2,
-                              min_train_clinics=2), run_dir)
+                              min_train_clinics=2, keep_optimizer_state=True), run_dir)
 
     # While the run goes on: a clinic whose key was never registered is refused...
     stranger = fed.start_clinic(3)
@@ -142,6 +142,12 @@ def test_tls_auth_audit_and_a_clinic_killed_mid_round(federation, tmp_path):
     for name in ("config.yaml", "model_final.pt", "report.md", "rounds.png", CHECKPOINT):
         assert (run_dir / name).is_file(), name
     assert os.path.getsize(run_dir / "model_final.pt") > 0
+    # Each clinic's AdamW state went to its own state folder for this federation (the
+    # replies, audited below, carry none of it); clinic 2 was killed in round 2.
+    fid = (run_dir / FEDERATION_ID_FILE).read_text().strip()
+    for k, last in ((0, 3), (1, 3), (2, 1)):
+        saved = {p.name for p in (fed.state_dir(k) / fid).glob("after_round_*.pt")}
+        assert {f"after_round_{r}.pt" for r in range(1, last + 1)} <= saved, (k, saved)
 
     # Privacy audit over the network: every reply the clinics sent (their own records).
     shapes = {k: list(v) for k, v in
@@ -163,6 +169,7 @@ def test_tls_auth_audit_and_a_clinic_killed_mid_round(federation, tmp_path):
     # coordinator wrote or logged.
     written = [p.read_bytes() for p in run_dir.rglob("*") if p.is_file()]
     written += [fed.logs[n].read_bytes() for n in ("run", "superlink")]
-    secrets = fed.patient_ids + [str(m.parent) for m in fed.manifests]
+    secrets = fed.patient_ids + [str(m.parent) for m in fed.manifests] + [
+        str(fed.state_dir(k)) for k in range(3)]
     for blob in written:
         assert not [s for s in secrets if s.encode() in blob]
