@@ -232,8 +232,3 @@ def headline(task_type: str) -> str:
 
 def higher_is_better(key: str) -> bool:
     return key != "loss"
-
-
-def to_jsonable(metrics: dict[str, float]) -> dict[str, float | None]:
-    """NaN (undefined) becomes null in JSON."""
-    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}
