@@ -53,9 +53,14 @@ log = logging.getLogger("dentfed.bench")
 class InProcessGrid:
     """Just enough of Flower's Grid for `run_federation`: node i is clinic i of the split,
     whose ClientApp (the real one, with its mods) is called in this process with its own
-    persistent Context, as a SuperNode keeps it."""
+    persistent Context, as a SuperNode keeps it.
 
-    def __init__(self, split_dir: Path, n: int):
+    Each clinic call runs with `threads` torch threads: Flower's simulation runs a clinic in a
+    Ray actor with `simulation.client_cpus` CPUs, and Ray sets OMP_NUM_THREADS to that, so the
+    same count here gives the same kernels, the same rounding and so the same run as
+    `dentfed simulate` (with the process's default thread count the runs drift apart)."""
+
+    def __init__(self, split_dir: Path, n: int, threads: int | None = None):
         from flwr.supercore.task_identity import TaskIdentity
 
 
@@ -68,6 +73,7 @@ class InProcessGrid:
                          for i in range(n)}
         self.sent: list[Message] = []  # every message, both ways (tests audit them)
         self._ids = 0
+        self.threads = threads
 
     def get_node_ids(self) -> Iterable[int]:
         return list(self.contexts)
@@ -79,11 +85,23 @@ class InProcessGrid:
             self._ids += 1
             msg.metadata.__dict__["_message_id"] = f"m{self._ids}"
             node = msg.metadata.dst_node_id
-            reply = self.app(msg, self.contexts[node])
+            reply = self._call(msg, self.contexts[node])
             reply.metadata.__dict__["_src_node_id"] = node
             self.sent += [msg, reply]
             replies.append(reply)
         return replies
+
+    def _call(self, msg: Message, context: Context) -> Message:
+        if self.threads is None:
+            return self.app(msg, context)
+        import torch
+
+        before = torch.get_num_threads()
+        torch.set_num_threads(self.threads)
+        try:
+            return self.app(msg, context)
+        finally:
+            torch.set_num_threads(before)
 
 
 def _override(cfg: Config, spec: str) -> Config:
@@ -104,7 +122,8 @@ def _override(cfg: Config, spec: str) -> Config:
 def run_in_process(cfg: Config, split_dir: Path) -> dict:
     """One federation with the real server loop and real ClientApp, in this process: central
     history per round (metric and loss)."""
-    grid = InProcessGrid(split_dir, cfg.split.clinics)
+    grid = InProcessGrid(split_dir, cfg.split.clinics,
+                         threads=max(1, int(cfg.simulation.client_cpus)))
     res = run_federation(grid, cfg, split_dir / "server_test.csv")
     return {r: {"metric": h.get(res.evaluator.key, math.nan), "loss": h["loss"]}
             for r, h in sorted(res.evaluator.history.items())}
