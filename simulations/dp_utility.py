@@ -8,7 +8,7 @@ the held-out test patients. The attack (Yeom et al. 2018) scores each image by m
 loss on it; its ROC AUC separates training images (members) from test images (non-members):
 0.5 = the model's losses say nothing about membership.
 
-    .venv/bin/python -m simulations.dp_utility --config configs/demo-photos.yaml \
+    .venv/bin/python -m simulations.dp_utility --config configs/demo-photos-scratch.yaml \
         --image-size 64 --epochs 8 --model mobilenet_v2 --freeze 17 \
         --pretrained ../shared/weights/torchvision_mobilenet_v2_features_in1k.pth \
         --pretrained-prefix features.
@@ -92,7 +92,7 @@ def run_setting(cfg: Config, m, split, epsilon: float | None, seed: int, clip: f
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", default="configs/demo-photos.yaml")
+    p.add_argument("--config", default="configs/demo-photos-scratch.yaml")
     p.add_argument("--manifest")
     p.add_argument("--epsilons", default="1,3,8", help="target epsilons; no-DP is always run")
     p.add_argument("--image-size", type=int)
