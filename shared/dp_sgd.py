@@ -3,8 +3,9 @@ clinic keeps across rounds.
 
 Opacus' RDP accountant is a list of (noise_multiplier, sample_rate, steps) entries; epsilon is a
 function of that list and delta. `DpAccount` holds the list as plain numbers so that a clinic can
-keep it in Flower's persistent `context.state` (and a server checkpoint could hold one too): the
-epsilon a clinic reports is composed over every round it trained in, not reset per round.
+keep it in Flower's persistent `context.state` and in its ledger on disk (client/clinic.py): the
+epsilon a clinic reports is composed over every round it trained in, not reset per round nor by a
+resumed federation.
 """
 
 from __future__ import annotations

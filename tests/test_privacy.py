@@ -1,7 +1,8 @@
 """DP-SGD: config, Opacus-compatible models, accounting across rounds in the clinic's persistent
-state, the max_epsilon refusal, pooled training, and a real 2-clinic simulation whose every
-clinic message is audited (only trainable float arrays and known scalar metrics leave a clinic;
-no patient id or path reaches the run folder or the logs)."""
+state and across a resumed federation in its ledger, the max_epsilon refusal, pooled training,
+and a real 2-clinic simulation whose every clinic message is audited (only trainable float
+arrays and known scalar metrics leave a clinic; no patient id or path reaches the run folder or
+the logs)."""
 
 from __future__ import annotations
 
