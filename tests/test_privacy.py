@@ -221,7 +221,7 @@ def test_real_simulation_audit_dp_epsilon_per_round_and_budget(tmp_path):
             values = e["records"][DECLINED_RECORD]["values"]
             assert set(values) == {DECLINED_BUDGET, "detail", DECLINED_EPSILON}, e
             assert "privacy budget" in values["detail"], e
-            assert 0 < values[DECLINED_EPSILON] <= priv["max_epsilon"], e
+            assert 0 < float(values[DECLINED_EPSILON]) <= priv["max_epsilon"], e  # repr
             declines += 1
             continue
         for name, rec in e["records"].items():
