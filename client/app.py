@@ -76,7 +76,7 @@ def private_errors(handler: Callable[[Message, Context], Message]
             return handler(msg, context)
         except PrivacyBudgetSpent as e:  # numbers only: safe, and the coordinator needs it
             log.warning("clinic declines to train: %s", e)
-            return declined_reply(msg, str(e))  # a structured record the server counts
+            return declined_reply(msg, str(e), e.epsilon)  # a record the server counts
         except Exception as e:
             log.exception("clinic %s handler failed", handler.__name__)
             raise ClinicError(f"{handler.__name__} failed at the clinic "

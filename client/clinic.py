@@ -12,6 +12,7 @@ optimiser comes from the server's config record; only the device is decided loca
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -23,13 +24,13 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context
 from torch.utils.data import DataLoader, Subset
 
 from client.timing import mark
-from shared.atomic_files import torch_save_atomic
-from shared.config import Config
+from shared.atomic_files import torch_save_atomic, write_json
+from shared.config import Config, DpSgdConfig
 from shared.data.dataset import make_loader
 from shared.data.disk_cache import prepare_image_cache
 from shared.data.manifest import Manifest, read_manifest
 from shared.data.splits import hold_out
-from shared.dp_sgd import DpAccount, planned_steps
+from shared.dp_sgd import DpAccount, PrivacyBudgetSpent, planned_steps
 from shared.fedio import (
     EXAMPLES_KEY,
     FEDERATION_ID_KEY,
@@ -38,6 +39,7 @@ from shared.fedio import (
     check_federation_id,
     load_model_arrays,
     local_state,
+    resumed_run,
     round_lr,
 )
 from shared.losses import make_loss
@@ -55,7 +57,10 @@ from shared.training import (
 )
 
 # The clinic's own persistent Flower state (context.state), kept across rounds, never sent:
-DP_ACCOUNT_KEY = "dentfed-dp-account"  # DP-SGD history
+DP_ACCOUNT_KEY = "dentfed-dp-account"  # DP-SGD history (also the ledger file below)
+# The DP-SGD ledger in the clinic's state folder: the account over every update it released in
+# this federation, written before the reply leaves, read back by a resumed federation.
+DP_LEDGER = "dp_account.json"
 OPTIMIZER_KEY = "dentfed-optimizer-state"  # federation.keep_optimizer_state
 SCAFFOLD_CI_KEY = "dentfed-scaffold-ci"  # SCAFFOLD: the clinic's control variate c_i
 LOCAL_BN_KEY = "dentfed-local-bn"  # FedBN: the clinic's own BatchNorm state
@@ -224,6 +229,64 @@ def save_round_state(context: Context, server_round: int) -> None:
         old.unlink(missing_ok=True)
 
 
+def _ledger_survives_resume(context: Context) -> bool:
+    """Whether the clinic's state folder is the same in a resumed federation: the split
+    folder's in simulation, `<state-dir>/<federation-id>/` on a SuperNode; not a folder per
+    Flower run (`run-<id>`, no federation id), not Flower's context.state (no folder)."""
+    node = context.node_config
+    if "state-dir" in node:
+        return bool(str(context.run_config.get(FEDERATION_ID_KEY, "")))
+    return clinic_state_dir(context) is not None
+
+
+def dp_account(context: Context, server_round: int) -> DpAccount:
+    """The clinic's DP-SGD account before training this round: every update it released in
+    this federation, from its ledger (`DP_LEDGER` in its state folder) or Flower's
+    context.state, whichever holds more steps (it only ever grows). In a resumed federation
+    (a new Flower run: empty context.state) a clinic whose account cannot have survived
+    declines (PrivacyBudgetSpent) rather than start again from epsilon 0."""
+    account = DpAccount.from_record(context.state.config_records.get(DP_ACCOUNT_KEY))
+    folder = clinic_state_dir(context)
+    path = folder / DP_LEDGER if folder is not None else None
+    if path is not None and path.is_file():
+        ledger = DpAccount.from_state_dict(json.loads(path.read_text())["history"])
+        if ledger.steps > account.steps:
+            account = ledger
+    if account.steps == 0 and resumed_run(context.run_config):
+        if not _ledger_survives_resume(context):
+            raise PrivacyBudgetSpent(
+                "privacy budget: this clinic keeps its DP-SGD account only for one Flower run "
+                "(no state folder for this federation), and this run resumes a federation it "
+                "may have trained in; declining to train rather than count from epsilon 0")
+        log.warning("round %d: resumed federation and no DP-SGD ledger in the clinic's state "
+                    "folder: its account starts at epsilon 0 (right only if it never trained "
+                    "in this federation before)", server_round)
+    return account
+
+
+def record_dp_account(context: Context, dp: DpSgdConfig, before: DpAccount,
+                      after: DpAccount, server_round: int) -> float:
+    """After a DP-SGD step block and before its reply leaves: the account with those steps
+    into context.state and (atomic write) the ledger, with one line per released block.
+    Returns the epsilon now spent."""
+    context.state[DP_ACCOUNT_KEY] = after.to_record()
+    eps = after.epsilon(dp.delta)
+    folder = clinic_state_dir(context)
+    if folder is not None:
+        path = folder / DP_LEDGER
+        old = json.loads(path.read_text()) if path.is_file() else {}
+        if DpAccount.from_state_dict(old.get("history", {})).steps > after.steps:
+            raise RuntimeError("the DP-SGD ledger holds more steps than this account")
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)  # this user only
+        write_json(path, {
+            "delta": dp.delta, "epsilon": eps, "steps": after.steps,
+            "history": after.state_dict(),
+            "releases": [*old.get("releases", []),
+                         {"round": server_round, "steps": after.steps - before.steps,
+                          "epsilon": eps}]})
+    return eps
+
+
 def keeps_round_state(cfg: Config) -> bool:
     """Whether a training round continues from state the clinic kept after its last one."""
     fed = cfg.federation
@@ -306,9 +369,9 @@ def local_training(clinic: Clinic, context: Context, global_arrays: ArrayRecord,
     steps = planned_steps(clinic.train_loader, fed.local_epochs, fed.local_steps)
     account = None
     if dp is not None:
-        # Accounted over every round this clinic trained in: the history lives in the node's
-        # persistent state. Checked before any step, so a clinic never passes max_epsilon.
-        account = DpAccount.from_record(context.state.config_records.get(DP_ACCOUNT_KEY))
+        # Accounted over every update this clinic released in the federation (its ledger);
+        # checked before any step, so a clinic never passes max_epsilon.
+        account = dp_account(context, server_round)
     t0 = time.perf_counter()
     with Trainer(clinic.model, clinic.train_loader, clinic.loss_fn, opt, clinic.device,
                  privacy=dp, planned_steps=steps * fed.rounds, account=account,
@@ -341,8 +404,7 @@ def local_training(clinic: Clinic, context: Context, global_arrays: ArrayRecord,
         # The training loss and the Poisson batch sizes are computed from the training images
         # outside the DP mechanism: under DP-SGD only the (private) update and epsilon go out.
         del values["train_loss"], values["examples_seen"]
-        context.state[DP_ACCOUNT_KEY] = after.to_record()
-        values["epsilon"] = after.epsilon(dp.delta)
+        values["epsilon"] = record_dp_account(context, dp, account, after, server_round)
         log.info("DP-SGD: %d steps this round, epsilon %.3f (delta %g) over %d steps in all",
                  after.steps - account.steps, values["epsilon"], dp.delta, after.steps)
     if cfg.privacy.central is not None:

@@ -74,7 +74,9 @@ def _run(args: argparse.Namespace) -> int:
     from server.resume import CHECKPOINT, check_resumable
 
     if args.resume:
-        check_resumable(cfg)
+        from server.checkpoint import kept_federation_id  # torch: only here
+
+        check_resumable(cfg, clinic_state_kept=bool(kept_federation_id(Path(args.run_dir))))
     elif (Path(args.run_dir) / CHECKPOINT).exists():
         raise DentfedError(f"{args.run_dir} already holds a checkpointed run: continue it "
                            "with --resume or choose another --run-dir")

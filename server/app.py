@@ -19,7 +19,7 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from server.checkpoint import keep_federation_id
+from server.checkpoint import keep_federation_id, kept_federation_id
 from server.federation import run_federation
 from server.resume import CHECKPOINT, check_resumable
 from server.run_folder import write_run_folder
@@ -27,7 +27,7 @@ from server.tracking import log_run_folder
 from shared.atomic_files import write_text_atomic
 from shared.config import dump_config, load_config, with_overrides
 from shared.errors import ConfigError
-from shared.fedio import FEDERATION_ID_KEY
+from shared.fedio import FEDERATION_ID_KEY, resumed_run
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 log = logging.getLogger("dentfed.server")
@@ -49,14 +49,17 @@ def _log_to_console() -> None:
 def main(grid: Grid, context: Context) -> None:
     _log_to_console()
     rc = context.run_config
-    resume = str(rc.get("resume", "false")).lower() in ("true", "1", "yes")
+    resume = resumed_run(rc)
     out = Path(str(rc.get("run-dir", "")) or f"runs/fed-{time.strftime('%Y%m%d-%H%M%S')}")
     if resume:
         if not (out / "config.yaml").is_file():
             raise ConfigError(f"resume: {out} has no config.yaml; pass the run folder as "
                               "run-dir")
         cfg = load_config(out / "config.yaml")
-        check_resumable(cfg)
+        # the clinics find their state folders again (DP-SGD ledgers included): simulation's
+        # are in the run's split folder, a deployment's are named by the kept federation id
+        check_resumable(cfg, clinic_state_kept=bool(str(rc.get("split-dir", "")))
+                        or bool(kept_federation_id(out)))
     else:
         cfg = load_config(str(rc["config"]))
         if (out / CHECKPOINT).exists():

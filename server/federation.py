@@ -33,7 +33,7 @@ from server.strategy import make_strategy
 from shared.config import Config, dump_config
 from shared.data.dataset import make_loader
 from shared.data.manifest import read_manifest
-from shared.dp_sgd import declined_reason
+from shared.dp_sgd import declined_epsilon, declined_reason
 from shared.errors import DentfedError
 from shared.fedio import (
     BN_EXAMPLES_KEY,
@@ -68,6 +68,7 @@ class RoundRecord:
     evaluate_failed: int = 0
     rejected: dict[int, str] = field(default_factory=dict)
     declined: dict[int, str] = field(default_factory=dict)  # privacy budget spent (issue 6)
+    declined_epsilon: dict[int, float] = field(default_factory=dict)  # what they had spent
     # Train requests, summed over the round's attempts (round_retries), and how they ended:
     # sampled == replied + train_failed + no_reply.
     sampled: int = 0
@@ -129,6 +130,8 @@ class RoundRecorder:
                     rec.train_failed += 1
                     idx = self.clinic(r.metadata.src_node_id)
                     rec.declined[idx] = note
+                    if (eps := declined_epsilon(r)) is not None:
+                        rec.declined_epsilon[idx] = eps
                     log.warning("round %d: clinic %d declined to train: %s", rnd, idx, note)
                 continue
             if r.metadata.src_node_id not in sent_to:
@@ -153,8 +156,8 @@ class RoundRecorder:
         self._index = {int(n): int(i) for n, i in data["index"]}
         self.rounds = {}
         for r in data["rounds"]:
-            for key in ("train", "evaluate", "rejected", "declined"):
-                r[key] = {int(k): v for k, v in r[key].items()}
+            for key in ("train", "evaluate", "rejected", "declined", "declined_epsilon"):
+                r[key] = {int(k): v for k, v in r.get(key, {}).items()}
             self.rounds[int(r["round"])] = RoundRecord(**r)
 
 

@@ -10,7 +10,8 @@ from shared.config import Config
 
 def privacy_summary(cfg: Config, rounds: dict) -> dict | None:
     """metrics.json `privacy`: each clinic's epsilon per round it trained in, the rounds it
-    declined, its last epsilon and the maximum over clinics. None without DP-SGD."""
+    declined, its last epsilon (the one it reported training or declining) and the maximum
+    over clinics. None without DP-SGD."""
     dp = cfg.privacy.dp_sgd
     if dp is None:
         return None
@@ -26,6 +27,10 @@ def privacy_summary(cfg: Config, rounds: dict) -> dict | None:
             last.update(eps)
         if rec.declined:
             declined[str(rnd)] = {str(k): v for k, v in sorted(rec.declined.items())}
+        # a declining clinic's own figure: after a resume its ledger can hold a round the
+        # checkpoint lost (released to the crashed coordinator, then re-run)
+        last.update({str(k): max(v, last.get(str(k), 0.0))
+                     for k, v in rec.declined_epsilon.items()})
     return {
         "mechanism": "DP-SGD (Opacus, RDP accountant, Poisson sampling), per clinic",
         "delta": dp.delta,

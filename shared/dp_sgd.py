@@ -3,8 +3,9 @@ clinic keeps across rounds.
 
 Opacus' RDP accountant is a list of (noise_multiplier, sample_rate, steps) entries; epsilon is a
 function of that list and delta. `DpAccount` holds the list as plain numbers so that a clinic can
-keep it in Flower's persistent `context.state` (and a server checkpoint could hold one too): the
-epsilon a clinic reports is composed over every round it trained in, not reset per round.
+keep it in Flower's persistent `context.state` and in its ledger on disk (client/clinic.py): the
+epsilon a clinic reports is composed over every round it trained in, not reset per round nor by a
+resumed federation.
 """
 
 from __future__ import annotations
@@ -24,21 +25,29 @@ from shared.models import set_train_mode
 
 
 class PrivacyBudgetSpent(DentfedError):
-    """Training once more would take the privacy loss past `max_epsilon`."""
+    """Training once more would take the privacy loss past `max_epsilon` (or the clinic
+    cannot tell what it has spent). `epsilon`: what it has spent, when known."""
+
+    def __init__(self, detail: str, epsilon: float | None = None) -> None:
+        super().__init__(detail)
+        self.epsilon = epsilon
 
 
 # A clinic that declines to train on its privacy budget replies (without an error) with this
-# config record, {DECLINED_BUDGET: True, "detail": numbers-only text}, and no arrays; the
-# coordinator counts the decline by the record, never by parsing text.
+# config record, {DECLINED_BUDGET: True, "detail": numbers-only text, "epsilon": spent (when
+# known)}, and no arrays; the coordinator counts the decline by the record, never by parsing
+# text.
 DECLINED_RECORD = "declined"
 DECLINED_BUDGET = "declined-budget"
+DECLINED_EPSILON = "epsilon"
 
 
-def declined_reply(msg: Message, detail: str) -> Message:
+def declined_reply(msg: Message, detail: str, epsilon: float | None = None) -> Message:
     """The clinic's structured reply to a train message it declines (budget spent)."""
-    return Message(RecordDict({DECLINED_RECORD: ConfigRecord({DECLINED_BUDGET: True,
-                                                              "detail": detail})}),
-                   reply_to=msg)
+    rec = ConfigRecord({DECLINED_BUDGET: True, "detail": detail})
+    if epsilon is not None:
+        rec[DECLINED_EPSILON] = float(epsilon)
+    return Message(RecordDict({DECLINED_RECORD: rec}), reply_to=msg)
 
 
 def declined_reason(reply: Message) -> str | None:
@@ -49,6 +58,16 @@ def declined_reason(reply: Message) -> str | None:
     if rec is None or rec.get(DECLINED_BUDGET) is not True:
         return None
     return str(rec.get("detail", "privacy budget spent"))
+
+
+def declined_epsilon(reply: Message) -> float | None:
+    """The epsilon a declining clinic says it has spent (None: not a decline, or unknown).
+    After a resume it can be more than the clinic's last reported epsilon: its ledger keeps
+    updates it released in a round the coordinator's checkpoint did not reach."""
+    if declined_reason(reply) is None:
+        return None
+    value = reply.content.config_records[DECLINED_RECORD].get(DECLINED_EPSILON)
+    return float(value) if isinstance(value, int | float) else None
 
 
 @dataclass
@@ -130,7 +149,7 @@ def check_budget(account: DpAccount, dp: DpSgdConfig, noise_multiplier: float,
         raise PrivacyBudgetSpent(
             f"privacy budget: epsilon is {spent:.3f} and {steps} more DP-SGD steps would make "
             f"it {after:.3f}, above max_epsilon {dp.max_epsilon:g} (delta {dp.delta:g}); "
-            "declining to train")
+            "declining to train", epsilon=spent)
     return after
 
 

@@ -14,6 +14,7 @@ import hashlib
 import math
 import re
 import secrets
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +63,17 @@ SHARED_PREFIX = PERSONALISED_MODEL + "-"
 # random token: no path, no name, no patient id.
 FEDERATION_ID_KEY = "federation-id"
 _FEDERATION_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+# Run config: true when the ServerApp continues a run folder's checkpoint (a new Flower run).
+RESUME_KEY = "resume"
+
+
+def resumed_run(run_config: Mapping[str, object]) -> bool:
+    """Whether the run config says this Flower run resumes an interrupted federation (the
+    ServerApp reads it to load the checkpoint; a clinic, to know that an empty Context does
+    not mean nothing was spent before)."""
+    return str(run_config.get(RESUME_KEY, "false")).lower() in ("true", "1", "yes")
 
 
 def new_federation_id() -> str:

@@ -28,7 +28,7 @@ from server.checkpoint import (
     keep_federation_id,
     kept_federation_id,
 )
-from shared.config import dump_config
+from shared.config import config_from_dict, dump_config
 from shared.errors import DentfedError
 from shared.fedio import (
     FEDERATION_ID_KEY,
@@ -163,6 +163,23 @@ def test_coordinator_keeps_the_federation_id_for_resume(tmp_path, capsys):
                      "--home", str(tmp_path / "home")]) == 1
     assert "--resume" in capsys.readouterr().err
     assert kept_federation_id(run) == fid
+
+
+def test_coordinator_refuses_to_resume_dp_sgd_without_the_clinics_ledgers(tmp_path, capsys):
+    """A DP-SGD run folder that keeps no federation id (a run from before them, or plain
+    `flwr run`): its clinics' epsilon ledgers are in folders the resumed run cannot name, so
+    `dentfed coordinator run --resume` refuses before anything starts."""
+    run = tmp_path / "run"
+    run.mkdir()
+    raw = _cfg().model_dump(mode="json")
+    raw["privacy"] = {"dp_sgd": {"noise_multiplier": 1.0, "max_grad_norm": 1.0}}
+    raw["federation"].update(strategy="fedavg", upload="fp32")
+    (run / "config.yaml").write_text(dump_config(config_from_dict(raw)))
+    (run / CHECKPOINT).write_bytes(b"")
+    assert cli.main(["coordinator", "run", "--run-dir", str(run), "--resume",
+                     "--home", str(tmp_path / "home")]) == 1
+    assert "keeps no federation id" in capsys.readouterr().err
+    assert not (run / FEDERATION_ID_FILE).exists()
 
 
 def test_clinic_start_state_folder_per_coordinator_and_clean_up(tmp_path):

@@ -1,7 +1,8 @@
 """DP-SGD: config, Opacus-compatible models, accounting across rounds in the clinic's persistent
-state, the max_epsilon refusal, pooled training, and a real 2-clinic simulation whose every
-clinic message is audited (only trainable float arrays and known scalar metrics leave a clinic;
-no patient id or path reaches the run folder or the logs)."""
+state and across a resumed federation in its ledger, the max_epsilon refusal, pooled training,
+and a real 2-clinic simulation whose every clinic message is audited (only trainable float
+arrays and known scalar metrics leave a clinic; no patient id or path reaches the run folder or
+the logs)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from client.clinic import DP_ACCOUNT_KEY
 from shared.config import config_from_dict
 from shared.dp_sgd import (
     DECLINED_BUDGET,
+    DECLINED_EPSILON,
     DECLINED_RECORD,
     DpAccount,
     declined_reason,
@@ -217,8 +219,9 @@ def test_real_simulation_audit_dp_epsilon_per_round_and_budget(tmp_path):
         if DECLINED_RECORD in e["records"]:  # the budget refusals: a flag and numbers only
             assert e["message_type"] == "train" and set(e["records"]) == {DECLINED_RECORD}, e
             values = e["records"][DECLINED_RECORD]["values"]
-            assert set(values) == {DECLINED_BUDGET, "detail"}, e
+            assert set(values) == {DECLINED_BUDGET, "detail", DECLINED_EPSILON}, e
             assert "privacy budget" in values["detail"], e
+            assert 0 < float(values[DECLINED_EPSILON]) <= priv["max_epsilon"], e  # repr
             declines += 1
             continue
         for name, rec in e["records"].items():
@@ -265,3 +268,177 @@ def test_real_simulation_audit_dp_epsilon_per_round_and_budget(tmp_path):
     arts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"report.md", "metrics.json", "model_card.md", "plots", "model"} <= arts
     audit_tracking_store(tmp_path, secrets + clinic_paths + [str(tmp_path / "secret")])
+
+
+# --- Resuming a DP-SGD federation: each clinic's ledger in its state folder -----------------
+
+
+class _KilledCoordinator:
+    """An in-process grid whose coordinator dies at its `crash_at`-th training exchange:
+    before sending it, or (`after_replies`) once the clinics have trained and replied, so
+    their updates were released but the round never reached the checkpoint."""
+
+    def __init__(self, grid, crash_at: int, after_replies: bool = False):
+        self.grid, self.crash_at, self.after_replies, self.trains = grid, crash_at, \
+            after_replies, 0
+
+    def __getattr__(self, name):
+        return getattr(self.grid, name)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        crash = messages and messages[0].metadata.message_type.startswith("train") and \
+            self.trains + 1 == self.crash_at
+        if messages and messages[0].metadata.message_type.startswith("train"):
+            self.trains += 1
+        if crash and not self.after_replies:
+            raise KeyboardInterrupt("coordinator killed")
+        replies = self.grid.send_and_receive(messages, timeout=timeout)
+        if crash:
+            raise KeyboardInterrupt("coordinator killed after the clinics replied")
+        return replies
+
+
+def _dp_federation(tmp_path: Path, rounds: int, dp: dict | None = None):
+    """A 2-clinic DP-SGD federation's config and split (2 DP-SGD steps a clinic a round)."""
+    from simulations.simulate import prepare_split
+
+    manifest = write_tiny_multilabel(tmp_path / "data", n=64)
+    raw = _dp_config(dp, rounds=rounds, local_steps=2).model_dump(mode="json")
+    raw["data"]["image_size"] = 16  # what the run does, not what it learns: a quick run
+    raw["split"] = {"clinics": 2, "scheme": "iid", "test_fraction": 0.25}
+    cfg = config_from_dict(raw)
+    prepare_split(cfg, manifest, tmp_path / "split")
+    return cfg, tmp_path / "split"
+
+
+def _grid(split: Path, resume: bool = False):
+    """The clinics of one Flower run (empty context.state), in process; a resumed federation
+    is a new Flower run whose run config says `resume`."""
+    from shared.fedio import RESUME_KEY
+    from simulations.bench_quality import InProcessGrid
+
+    grid = InProcessGrid(split, 2, threads=1)
+    for ctx in grid.contexts.values():
+        ctx.run_config[RESUME_KEY] = resume
+    return grid
+
+
+def _federate(cfg, split: Path, grid, resume: bool = False):
+    from server.federation import run_federation
+
+    return run_federation(grid, cfg, split / "server_test.csv", run_dir=split.parent / "run",
+                          resume=resume)
+
+
+def _ledger(split: Path, clinic: int) -> dict:
+    from client.clinic import DP_LEDGER
+
+    return json.loads((split / f"clinic_{clinic}" / "state" / DP_LEDGER).read_text())
+
+
+def test_resumed_dp_federation_continues_each_clinics_ledger(tmp_path):
+    """2 rounds, the coordinator killed before round 2, resumed by a new Flower run (empty
+    context.state): each clinic's round-2 epsilon composes round 1's steps from its ledger,
+    it does not start again at 0."""
+    from server.privacy_report import privacy_summary
+
+    cfg, split = _dp_federation(tmp_path, rounds=2)
+    with pytest.raises(KeyboardInterrupt):
+        _federate(cfg, split, _KilledCoordinator(_grid(split), crash_at=2))
+    res = _federate(cfg, split, _grid(split, resume=True), resume=True)
+    priv = privacy_summary(cfg, res.recorder.rounds)
+    for k in ("0", "1"):  # the same clinic spends more, whatever run it is in
+        assert priv["epsilon_per_round"]["2"][k] > priv["epsilon_per_round"]["1"][k] > 0, priv
+    for k in (0, 1):
+        ledger = _ledger(split, k)
+        assert [(r["round"], r["steps"]) for r in ledger["releases"]] == [(1, 2), (2, 2)]
+        assert ledger["steps"] == 4
+        account = DpAccount.from_state_dict(ledger["history"])
+        assert account.steps == 4
+        assert ledger["releases"][0]["epsilon"] == pytest.approx(
+            priv["epsilon_per_round"]["1"][str(k)])
+        assert ledger["epsilon"] == pytest.approx(account.epsilon(DP["delta"])) == \
+            pytest.approx(priv["epsilon_per_round"]["2"][str(k)]) == \
+            pytest.approx(priv["epsilon_per_clinic"][str(k)])
+        (_, q, _), = {tuple(h) for h in account.history}
+        assert ledger["epsilon"] == pytest.approx(DpAccount([(1.0, q, 4)]).epsilon(
+            DP["delta"]))
+
+
+def test_dp_ledger_keeps_a_released_round_the_checkpoint_lost_and_max_epsilon_holds(tmp_path):
+    """The coordinator dies after the clinics replied in round 2 (checkpoint at round 1).
+    Their round-2 updates were released, so the ledger keeps those steps; max_epsilon allows
+    exactly two rounds, so the resumed round 2 (a third release) and round 3 are declined, and
+    the report shows the epsilon each clinic really spent."""
+    from server.privacy_report import privacy_summary
+
+    probe_cfg, split = _dp_federation(tmp_path, rounds=3)
+    q = 1 / len(clinic_train_loader(probe_cfg, split))
+    two = DpAccount([(1.0, q, 4)]).epsilon(DP["delta"])
+    three = DpAccount([(1.0, q, 6)]).epsilon(DP["delta"])
+    cap = round((two + three) / 2, 4)
+    raw = probe_cfg.model_dump(mode="json")
+    raw["privacy"]["dp_sgd"]["max_epsilon"] = cap
+    cfg = config_from_dict(raw)
+    with pytest.raises(KeyboardInterrupt):
+        _federate(cfg, split, _KilledCoordinator(_grid(split), crash_at=2, after_replies=True))
+    res = _federate(cfg, split, _grid(split, resume=True), resume=True)
+    priv = privacy_summary(cfg, res.recorder.rounds)
+    assert set(priv["declined"]) == {"2", "3"}, priv
+    assert set(priv["epsilon_per_round"]) == {"1"}  # round 2's first replies died with it
+    assert set(priv["declined"]["2"]) == {"0", "1"}
+    for k in (0, 1):
+        ledger = _ledger(split, k)  # never rolled back to the checkpoint's round 1
+        assert [r["round"] for r in ledger["releases"]] == [1, 2] and ledger["steps"] == 4
+        assert ledger["epsilon"] == pytest.approx(two)
+        assert priv["epsilon_per_clinic"][str(k)] == pytest.approx(two) and two < cap
+        assert f"max_epsilon {cap:g}" in priv["declined"]["2"][str(k)]
+    assert priv["epsilon_max"] == pytest.approx(two)
+
+
+def clinic_train_loader(cfg, split: Path):
+    """Clinic 0's training loader as its ClientApp builds it (for its sampling rate)."""
+    from client.clinic import get_clinic
+
+    ctx = Context(run_id=1, node_id=1, node_config={"partition-id": 0}, state=RecordDict(),
+                  run_config={"split-dir": str(split)})
+    return get_clinic(ctx, cfg).train_loader
+
+
+def test_clinic_without_state_folder_declines_a_resumed_dp_federation(tiny_manifest, tmp_path):
+    """A clinic whose DP-SGD account lives only in the Flower run (no state folder, or one
+    per Flower run) cannot continue it in a resumed federation: it declines, loudly and
+    without an update, instead of counting from epsilon 0. With its state folder for the
+    federation it continues from its ledger."""
+    from shared.fedio import FEDERATION_ID_KEY, RESUME_KEY
+
+    cfg = _dp_config()
+    start = model_arrays(build_global_model(cfg))
+
+    def ctx(run_id: int, resume: bool, state_dir: Path | None = None, fid: str = ""):
+        node = {"manifest": str(tiny_manifest)}
+        if state_dir is not None:
+            node["state-dir"] = str(state_dir)
+        run = {RESUME_KEY: resume, **({FEDERATION_ID_KEY: fid} if fid else {})}
+        return Context(run_id=run_id, node_id=1, node_config=node, state=RecordDict(),
+                       run_config=run)
+
+    for resumed in (ctx(2, True), ctx(2, True, tmp_path / "per-run")):
+        reply = client_app(_train_message(cfg, start), resumed)
+        assert not reply.has_error(), reply.error
+        assert not reply.content.array_records
+        assert "privacy budget" in declined_reason(reply)
+        assert "declining to train rather than count from epsilon 0" in declined_reason(reply)
+        assert DP_ACCOUNT_KEY not in resumed.state.config_records
+    # today's behaviour without a state folder when not resumed: context.state only
+    plain = ctx(1, False)
+    reply = client_app(_train_message(cfg, start), plain)
+    assert declined_reason(reply) is None and DP_ACCOUNT_KEY in plain.state.config_records
+    # a state folder for the federation: round 1, then a resumed run continues the ledger
+    first = ctx(1, False, tmp_path / "state", fid="fed1")
+    (m1,) = client_app(_train_message(cfg, start), first).content.metric_records.values()
+    assert (tmp_path / "state" / "fed1" / "dp_account.json").is_file()
+    again = ctx(2, True, tmp_path / "state", fid="fed1")
+    (m2,) = client_app(_train_message(cfg, start), again).content.metric_records.values()
+    assert m2["epsilon"] > m1["epsilon"] > 0

@@ -234,16 +234,23 @@ def test_server_optimiser_state_survives_a_checkpoint_file(tmp_path, strategy):
     assert not np.allclose(a3["w"].numpy(), c3["w"].numpy())
 
 
-def test_dp_sgd_runs_are_not_resumed(tmp_path):
-    """A resumed run is a new Flower run: clinics' epsilon accounts would start again at 0."""
+def test_dp_sgd_runs_resume_where_clinics_keep_their_ledgers_secagg_does_not(tmp_path):
+    """DP-SGD resumes: each clinic's epsilon ledger is in its state folder for the federation
+    (tests/test_privacy.py runs it), unless the resumed run cannot give the clinics the same
+    folders (a run folder without a federation id). SecAgg+ keeps no checkpoint at all."""
     from server.resume import check_resumable
     from tests.test_federation import _fed_config
 
     cfg = _fed_config()
     check_resumable(cfg)  # plain FedAvg: fine
+    check_resumable(cfg, clinic_state_kept=False)  # nothing there to lose but round state
     cfg.privacy = type(cfg.privacy).model_validate(
         {"dp_sgd": {"noise_multiplier": 1.0, "max_grad_norm": 1.0}})
-    with pytest.raises(DentfedError, match="cannot resume a DP-SGD run"):
+    check_resumable(cfg)
+    with pytest.raises(DentfedError, match="keeps no federation id"):
+        check_resumable(cfg, clinic_state_kept=False)
+    cfg.privacy = type(cfg.privacy).model_validate({"secagg": {}})
+    with pytest.raises(DentfedError, match="cannot resume a SecAgg\\+ run"):
         check_resumable(cfg)
 
 
