@@ -222,10 +222,16 @@ def save_round_state(context: Context, server_round: int) -> None:
         if k in ON_DISK_STATE:  # from now on on disk only; restore_round_state reads it back
             del context.state[k]
     torch_save_atomic(state, folder / f"after_round_{server_round}.pt")
-    # The 3 newest files stay (not the last 3 rounds: a clinic sampled rarely still has the
-    # state a resume after a crash mid-round needs, the newest one before that round).
+    # A file after a later round is from another timeline (an earlier run over the same
+    # folder, or an attempt this one replaced): it goes, or it would push this run's files
+    # out of the 3 kept below and a later round would start from the wrong state. The 3
+    # newest files stay (not the last 3 rounds: a clinic sampled rarely still has the state a
+    # resume after a crash mid-round needs, the newest one before that round).
     saved = sorted((int(p.stem.rsplit("_", 1)[1]), p) for p in folder.glob("after_round_*.pt"))
-    for _, old in saved[:-3]:
+    for r, old in saved:
+        if r > server_round:
+            old.unlink(missing_ok=True)
+    for _, old in [(r, q) for r, q in saved if r <= server_round][:-3]:
         old.unlink(missing_ok=True)
 
 

@@ -60,8 +60,12 @@ class InProcessGrid:
     same count here gives the same kernels, the same rounding and so the same run as
     `dentfed simulate` (with the process's default thread count the runs drift apart)."""
 
-    def __init__(self, split_dir: Path, n: int, threads: int | None = None):
+    def __init__(self, split_dir: Path, n: int, threads: int | None = None,
+                 resume: bool = False):
         from flwr.supercore.task_identity import TaskIdentity
+
+        from client.clinic import DP_LEDGER
+        from shared.fedio import RESUME_KEY
 
 
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
@@ -69,8 +73,17 @@ class InProcessGrid:
         self.contexts = {i + 1: Context(run_id=1, node_id=i + 1,
                                         node_config={"partition-id": i},
                                         state=RecordDict(),
-                                        run_config={"split-dir": str(split_dir)})
+                                        run_config={"split-dir": str(split_dir),
+                                                    RESUME_KEY: resume})
                          for i in range(n)}
+        if not resume:
+            # A new federation over a split an earlier one used (benchmarks run variants and
+            # seeds over one split): the clinics' round state and epsilon ledgers of that run
+            # go, as `dentfed simulate` starts with a new split folder. The image cache stays.
+            for i in range(n):
+                state = Path(split_dir) / f"clinic_{i}" / "state"
+                for stale in [*state.glob("after_round_*.pt"), state / DP_LEDGER]:
+                    stale.unlink(missing_ok=True)
         self.sent: list[Message] = []  # every message, both ways (tests audit them)
         self._ids = 0
         self.threads = threads

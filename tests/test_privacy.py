@@ -315,13 +315,9 @@ def _dp_federation(tmp_path: Path, rounds: int, dp: dict | None = None):
 def _grid(split: Path, resume: bool = False):
     """The clinics of one Flower run (empty context.state), in process; a resumed federation
     is a new Flower run whose run config says `resume`."""
-    from shared.fedio import RESUME_KEY
     from simulations.bench_quality import InProcessGrid
 
-    grid = InProcessGrid(split, 2, threads=1)
-    for ctx in grid.contexts.values():
-        ctx.run_config[RESUME_KEY] = resume
-    return grid
+    return InProcessGrid(split, 2, threads=1, resume=resume)
 
 
 def _federate(cfg, split: Path, grid, resume: bool = False):

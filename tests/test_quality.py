@@ -233,10 +233,57 @@ def test_resume_is_exact_with_scaffold_and_kept_client_optimizer_state(tmp_path)
     with pytest.raises(KeyboardInterrupt):
         run("split_b", _CrashingGrid(InProcessGrid(tmp_path / "split_b", 2), crash_at=3))
     assert (tmp_path / "split_b" / "clinic_0" / "state" / "after_round_2.pt").is_file()
-    resumed = run("split_b", InProcessGrid(tmp_path / "split_b", 2), resume=True)
+    resumed = run("split_b", InProcessGrid(tmp_path / "split_b", 2, resume=True),
+                  resume=True)
     a, b = straight.evaluator.final_state, resumed.evaluator.final_state
     assert max(float((a[k] - b[k]).abs().max()) for k in a) == 0.0
     assert straight.evaluator.history[3] == resumed.evaluator.history[3]
+
+
+def test_a_second_federation_over_the_same_split_starts_clean(tmp_path):
+    """Benchmarks run variants and seeds over one split folder. The second run must equal
+    the first: the first's saved clinic state (after rounds 3-5) once pushed the second's
+    own round-1 file out of the 3 kept, and rounds 2-5 restarted AdamW from scratch."""
+    from server.federation import run_federation
+    from simulations.bench_quality import InProcessGrid
+    from simulations.simulate import prepare_split
+    from tests.conftest import write_tiny_multilabel
+
+    manifest = write_tiny_multilabel(tmp_path / "data", n=48)
+    raw = _cfg(rounds=5, local_steps=1, keep_optimizer_state=True).model_dump(mode="json")
+    raw["split"] = {"clinics": 2, "scheme": "iid", "test_fraction": 0.25}
+    cfg = config_from_dict(raw)
+    split = tmp_path / "split"
+    prepare_split(cfg, manifest, split)
+    runs = [run_federation(InProcessGrid(split, 2, threads=1), cfg, split / "server_test.csv")
+            for _ in range(2)]
+    a, b = (r.evaluator.final_state for r in runs)
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) == 0.0
+    kept = sorted(p.name for p in (split / "clinic_0" / "state").glob("after_round_*.pt"))
+    assert kept == ["after_round_3.pt", "after_round_4.pt", "after_round_5.pt"]
+
+
+def test_saving_a_round_drops_state_files_from_later_rounds(tmp_path):
+    """A file after a later round belongs to another timeline (an earlier run over the same
+    folder, a replaced attempt): after round t is saved, only rounds <= t remain."""
+    from client.clinic import STATE_ROUND_KEY, restore_round_state, save_round_state
+
+    split = tmp_path / "split"
+    ctx = Context(run_id=1, node_id=1, node_config={"partition-id": 0}, state=RecordDict(),
+                  run_config={"split-dir": str(split)})
+    state = split / "clinic_0" / "state"
+    state.mkdir(parents=True)
+    for r in (6, 7, 8):  # an earlier, longer run's files
+        torch.save({OPTIMIZER_KEY: {"w": torch.full((2,), float(r))}},
+                   state / f"after_round_{r}.pt")
+    ctx.state[OPTIMIZER_KEY] = ArrayRecord({"w": Array(np.ones(2, dtype=np.float32))})
+    save_round_state(ctx, 1)
+    assert sorted(p.name for p in state.glob("after_round_*.pt")) == ["after_round_1.pt"]
+    fresh = Context(run_id=2, node_id=1, node_config={"partition-id": 0}, state=RecordDict(),
+                    run_config={"split-dir": str(split)})
+    restore_round_state(fresh, 2)
+    assert fresh.state.config_records[STATE_ROUND_KEY]["round"] == 1
+    assert float(fresh.state[OPTIMIZER_KEY]["w"].numpy()[0]) == 1.0
 
 
 def test_fedbn_replies_carry_no_batchnorm_and_the_clinic_keeps_its_own(tiny_manifest):
