@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -161,9 +162,19 @@ def test_bad_updates_are_rejected_before_aggregation():
     assert np.isfinite(arrays["w"].numpy()).all()
 
 
-def _pids_with_flwr_home_under(root) -> set[int]:
-    """Processes of this run: every Flower/Ray process it starts inherits FLWR_HOME, which
-    points inside the test's own tmp folder (so parallel runs elsewhere don't count)."""
+def _pids_with_flwr_home_under(root, wait: float = 15.0) -> set[int]:
+    """Processes of this run still alive after up to `wait` s: every Flower/Ray process it
+    starts inherits FLWR_HOME, which points inside the test's own tmp folder (so parallel runs
+    elsewhere don't count). The wait: Ray's workers finish exiting a moment after the command
+    returned (seen once in ~10 suite runs on the loaded 2-core VM); one that outlives it is
+    left running."""
+    deadline = time.monotonic() + wait
+    while (pids := _flwr_pids(root)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return pids
+
+
+def _flwr_pids(root) -> set[int]:
     needle = f"FLWR_HOME={root}".encode()
     pids = set()
     for entry in Path("/proc").iterdir():
