@@ -29,6 +29,7 @@ from client.clinic import (
 )
 from client.secagg import secagg_mod
 from client.timing import mark, timing_mod
+from client.transport import packed_transport_mod
 from shared.config import Config
 from shared.dp_sgd import PrivacyBudgetSpent, declined_reply
 from shared.fedio import (
@@ -51,11 +52,14 @@ from shared.memory import release_freed_memory
 from shared.upload import encode_update
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-# audit_mod: a no-op unless the clinic sets DENTFED_AUDIT_DIR; outermost, so it records exactly
-# what leaves. secagg_mod: SecAgg+ runs take Flower's legacy path (client/secagg.py).
+# packed_transport_mod: outermost; unpacks a packed message (all arrays as one, for Flower's
+# per-object transport: shared/packed_transport.py) and packs the reply the same way.
+# audit_mod: a no-op unless the clinic sets DENTFED_AUDIT_DIR; it records exactly what leaves,
+# record by record, as the handlers wrote it (packing only joins the arrays' bytes).
+# secagg_mod: SecAgg+ runs take Flower's legacy path (client/secagg.py).
 # central_dp_mod: clips the update when the coordinator asks for client-side DP.
 # timing_mod: a no-op unless DENTFED_TIMING_DIR is set (the deployment benchmark).
-app = ClientApp(mods=[timing_mod, audit_mod, secagg_mod, central_dp_mod])
+app = ClientApp(mods=[packed_transport_mod, timing_mod, audit_mod, secagg_mod, central_dp_mod])
 mark("app_loaded")
 log = logging.getLogger("dentfed.client")
 

@@ -51,6 +51,27 @@ def _reap(children: set[int]) -> None:
         children.discard(pid)
 
 
+# How a ClientApp process waits for its message's objects on the SuperNode (seconds).
+OBJECT_POLL_INITIAL, OBJECT_POLL_CAP = 0.05, 0.5
+
+
+def _poll_message_objects_briskly() -> None:
+    """The SuperNode creates the ClientApp task before it has pulled the message's arrays from
+    the SuperLink, and a ClientApp asking for an array that is not there yet backs off
+    exponentially, 1 s doubling up to 10 s (flwr.supercore.constant PULL_INITIAL_BACKOFF,
+    PULL_BACKOFF_CAP). A forked child asks within 0.1 s, so for a 45 MB model it slept through
+    1 + 2 + 4 + 8 s while the arrays arrived after a few: most of the per-message wait
+    (docs/speed.md, "Deployment overhead"). The SuperNode is on the same machine: poll it
+    every 0.05 s doubling up to 0.5 s instead."""
+    import functools
+
+    import flwr.supernode.runtime.run_clientapp as runtime
+
+    runtime.pull_and_inflate_object_from_tree = functools.partial(
+        runtime.pull_and_inflate_object_from_tree,
+        initial_backoff=OBJECT_POLL_INITIAL, backoff_cap=OBJECT_POLL_CAP)
+
+
 def _run_child(address: str, token: str, parent_pid: int | None) -> None:
     """In the forked child: one ClientApp task, as `flwr-clientapp --token` runs it."""
     code = 1
@@ -65,6 +86,7 @@ def _run_child(address: str, token: str, parent_pid: int | None) -> None:
         # clinic's state for the next round was lost and the SuperNode sent a second, error
         # reply. This child exits right after anyway; give the push time to finish.
         flwr_exit_module.FORCE_EXIT_TIMEOUT_SECONDS = FORCE_EXIT_SECONDS
+        _poll_message_objects_briskly()
 
         run_clientapp(runtime_api_address=address, token=token, insecure=True,
                       certificates=None, parent_pid=parent_pid,

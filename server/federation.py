@@ -53,6 +53,7 @@ from shared.losses import make_loss
 from shared.memory import release_freed_memory
 from shared.metrics import headline, higher_is_better
 from shared.models import batch_statistics, local_prefixes, resolve_device
+from shared.packed_transport import PackCache, pack_arrays, restore_arrays, unpack_arrays
 from shared.training import evaluate
 from shared.upload import SCALES_KEY, decode_update
 
@@ -180,8 +181,9 @@ class RecordingGrid:
 
     def __init__(self, grid: Grid, recorder: RoundRecorder,
                  shapes: dict[str, tuple[int, ...]], required: int = 1,
-                 wait_timeout: float = math.inf):
+                 wait_timeout: float = math.inf, pack: bool = True):
         self._grid = grid
+        self._pack = pack
         self._recorder = recorder
         self._shapes = shapes
         self._required = required
@@ -249,18 +251,41 @@ class RecordingGrid:
         grid objects (tests' stand-ins) keep their own send_and_receive."""
         if not isinstance(self._grid, Grid):
             return list(self._grid.send_and_receive(sent, timeout=timeout))
-        ids = set(self._grid.push_messages(sent))
+        if self._pack:  # one packed array per message on the wire; the caller's stay as is
+            # Flower's strategies may give every message the same RecordDict: pack each once
+            contents = list({id(m.content): m.content for m in sent}.values())
+            cache: PackCache = {}
+            taken = [pack_arrays(c, cache) for c in contents]
+            try:
+                ids = set(self._grid.push_messages(sent))
+            finally:
+                for c, records in zip(contents, taken, strict=True):
+                    restore_arrays(c, records)
+        else:
+            ids = set(self._grid.push_messages(sent))
         end = None if timeout is None else time.time() + timeout
         interval = min(float(getattr(self._grid, "pull_interval", REPLY_POLL_SECONDS)),
                        REPLY_POLL_SECONDS)
         replies: list[Message] = []
         while True:
             got = list(self._grid.pull_messages(ids))
+            for r in got:
+                self._unpack(r)
             replies += got
             ids -= {m.metadata.reply_to_message_id for m in got}
             if not ids or (end is not None and time.time() >= end):
                 return replies
             time.sleep(interval)
+
+    def _unpack(self, reply: Message) -> None:
+        """A packed reply's arrays back in their records; a malformed one stays packed, and
+        `_decode` rejects it like any reply without the expected records."""
+        if reply.has_error():
+            return
+        try:
+            unpack_arrays(reply.content)
+        except ValueError as e:
+            log.warning("a clinic's packed reply could not be unpacked: %s", e)
 
     def _decode(self, reply: Message, sent: ArrayRecord | None) -> str | None:
         """Turn a (possibly quantised) update into fp32 weights in place for the strategy;
@@ -430,7 +455,7 @@ def run_federation(grid: Grid, cfg: Config, test_manifest: str | Path,
         log.info("resuming %s after round %d of %d", run_dir, start - 1, fed.rounds)
     required = max(fed.min_available_clinics, fed.min_train_clinics)
     wgrid = RecordingGrid(grid, recorder, expected_shapes(model), required,
-                          fed.node_wait_timeout)
+                          fed.node_wait_timeout, pack=fed.pack_arrays)
     train_cfg, eval_cfg = config_record(cfg, model), config_record(cfg)
     t0 = time.perf_counter()
     stopped = None

@@ -283,6 +283,10 @@ class FederationConfig(_Strict):
     bn_recalibration_images: int | None = Field(default=None, ge=1)
     # Upload encoding of clinic updates: fp32 (exact), fp16, or int8 deltas with error feedback.
     upload: Literal["fp32", "fp16", "int8"] = "fp32"
+    # Send each message's arrays as one packed array (shared/packed_transport.py): the same
+    # bytes in a few objects instead of one per array, which Flower's deployment transport
+    # moves with a request each. Lossless; false only to measure what it saves.
+    pack_arrays: bool = True
     proximal_mu: float = Field(default=0.01, ge=0)
     # Server step size. Default (null): 1.0 for fedavgm (plain momentum over the averaged
     # update) and 0.01 for fedadam/fedyogi/fedadagrad (Flower's eta); see server/strategy.py.

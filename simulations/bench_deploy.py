@@ -37,6 +37,8 @@ Variants (`--variants`, each a full deployment, run one after another):
           federation.keep_optimizer_state false, i.e. without the clinic's AdamW moments
           (2 x the model) in Flower's context.state, which the SuperNode and every ClientApp
           process send each other with every message
+  warm-unpacked  `warm` with federation.pack_arrays false: every array its own Flower object
+          on the wire (as before packed transport, shared/packed_transport.py)
 The server polls the SuperLink for replies every 0.2 s in every variant (server/federation.py).
 
     .venv/bin/python -m simulations.bench_deploy --clinics 3 --rounds 3 \
@@ -77,8 +79,12 @@ VARIANTS: dict[str, list[str]] = {  # extra `dentfed clinic start` arguments
     # diagnosis only (changes the training): warm, without the clinics' AdamW state in
     # Flower's context.state, which travels SuperNode <-> ClientApp with every message
     "warm-nostate": ["--cache-dir", "{root}/cache_{k}"],
+    # warm, with the coordinator sending every array as its own Flower object (one request
+    # per array per hop) instead of one packed array per message (shared/packed_transport.py)
+    "warm-unpacked": ["--cache-dir", "{root}/cache_{k}"],
 }
-CONFIG_OVERRIDES: dict[str, dict] = {"warm-nostate": {"keep_optimizer_state": False}}
+CONFIG_OVERRIDES: dict[str, dict] = {"warm-nostate": {"keep_optimizer_state": False},
+                                     "warm-unpacked": {"pack_arrays": False}}
 # Consecutive marks of client/timing.py and what the seconds between them are.
 STAGES = [("process_start", "app_loaded", "start-up: interpreter, Flower, FAB, message, imports"),
           ("app_loaded", "handler_start", "mods"),
