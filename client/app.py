@@ -1,6 +1,6 @@
 """The clinic's Flower ClientApp: trains on local data with the shared loop (`client/clinic.py`)
-and replies with only the exchanged arrays (trainable state), the example count and scalar
-metrics."""
+and replies with only the exchanged arrays (trainable state), the example count, scalar metrics
+and (with a state folder) its random clinic token for the federation."""
 
 from __future__ import annotations
 
@@ -10,7 +10,15 @@ import os
 import time
 from collections.abc import Callable
 
-from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.clientapp import ClientApp
 
 from client.audit import audit_mod
@@ -19,6 +27,7 @@ from client.clinic import (
     RESIDUAL_KEY,
     Clinic,
     bn_statistics,
+    clinic_token,
     evaluate_values,
     get_clinic,
     keeps_round_state,
@@ -35,6 +44,8 @@ from shared.dp_sgd import PrivacyBudgetSpent, declined_reply
 from shared.fedio import (
     BN_EXAMPLES_KEY,
     BN_STATS_KEY,
+    CLINIC_RECORD,
+    CLINIC_TOKEN_KEY,
     CROSS_SITE_KEY,
     EXAMPLES_KEY,
     GLOBAL_MODEL,
@@ -72,15 +83,18 @@ def private_errors(handler: Callable[[Message, Context], Message]
                    ) -> Callable[[Message, Context], Message]:
     """Flower forwards an exception's text to the server, and texts name files (paths hold
     patient ids) or values. The full error is logged here, at the clinic; the server only
-    learns which kind of failure happened."""
+    learns which kind of failure happened. Every reply, a budget decline too, carries the
+    clinic's token for this federation (`with_clinic_token`)."""
 
     @functools.wraps(handler)
     def wrapped(msg: Message, context: Context) -> Message:
         try:
-            return handler(msg, context)
-        except PrivacyBudgetSpent as e:  # numbers only: safe, and the coordinator needs it
-            log.warning("clinic declines to train: %s", e)
-            return declined_reply(msg, str(e), e.epsilon)  # a record the server counts
+            try:
+                reply = handler(msg, context)
+            except PrivacyBudgetSpent as e:  # numbers only: safe, and the coordinator needs it
+                log.warning("clinic declines to train: %s", e)
+                reply = declined_reply(msg, str(e), e.epsilon)  # a record the server counts
+            return with_clinic_token(reply, context)
         except Exception as e:
             log.exception("clinic %s handler failed", handler.__name__)
             raise ClinicError(f"{handler.__name__} failed at the clinic "
@@ -88,6 +102,17 @@ def private_errors(handler: Callable[[Message, Context], Message]
         finally:  # a simulation actor waits for its next clinic at its size, not its peak's
             release_freed_memory()
     return wrapped
+
+
+def with_clinic_token(reply: Message, context: Context) -> Message:
+    """`reply` with the clinic's token for this federation (config record CLINIC_RECORD) when
+    the clinic has a state folder: the coordinator's anonymous index for the clinic then
+    survives a resumed federation (new Flower run, new node ids). Nothing else about the
+    clinic: the token is random."""
+    token = clinic_token(context)
+    if token is not None and not reply.has_error():
+        reply.content[CLINIC_RECORD] = ConfigRecord({CLINIC_TOKEN_KEY: token})
+    return reply
 
 
 def _reply_config(msg: Message) -> tuple[Config, int]:

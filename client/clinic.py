@@ -24,7 +24,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context
 from torch.utils.data import DataLoader, Subset
 
 from client.timing import mark
-from shared.atomic_files import torch_save_atomic, write_json
+from shared.atomic_files import torch_save_atomic, write_json, write_text_atomic
 from shared.config import Config, DpSgdConfig
 from shared.data.dataset import make_loader
 from shared.data.disk_cache import prepare_image_cache
@@ -37,8 +37,10 @@ from shared.fedio import (
     SCAFFOLD_DELTA_KEY,
     build_global_model,
     check_federation_id,
+    is_clinic_token,
     load_model_arrays,
     local_state,
+    new_clinic_token,
     resumed_run,
     round_lr,
 )
@@ -61,6 +63,10 @@ DP_ACCOUNT_KEY = "dentfed-dp-account"  # DP-SGD history (also the ledger file be
 # The DP-SGD ledger in the clinic's state folder: the account over every update it released in
 # this federation, written before the reply leaves, read back by a resumed federation.
 DP_LEDGER = "dp_account.json"
+# The clinic's random token for this federation (shared/fedio.py CLINIC_RECORD), in its state
+# folder: sent with every reply so that the coordinator's anonymous index for this clinic
+# survives a resumed federation.
+CLINIC_TOKEN_FILE = "clinic_token"
 OPTIMIZER_KEY = "dentfed-optimizer-state"  # federation.keep_optimizer_state
 SCAFFOLD_CI_KEY = "dentfed-scaffold-ci"  # SCAFFOLD: the clinic's control variate c_i
 LOCAL_BN_KEY = "dentfed-local-bn"  # FedBN: the clinic's own BatchNorm state
@@ -144,6 +150,24 @@ def clinic_state_dir(context: Context) -> Path | None:
     if "partition-id" in node and split_dir:
         return Path(split_dir) / f"clinic_{int(node['partition-id'])}" / "state"
     return None
+
+
+def clinic_token(context: Context) -> str | None:
+    """This clinic's token for this federation: 16 random hex digits (`secrets`), made at its
+    first reply and kept in its state folder (`CLINIC_TOKEN_FILE`, atomic write), so it is
+    the same in a resumed federation (the same folder) and new in another federation (another
+    folder). None without a state folder: the clinic then sends none and the coordinator
+    knows it by its Flower node id. Random, so it tells nothing about the clinic."""
+    folder = clinic_state_dir(context)
+    if folder is None:
+        return None
+    path = folder / CLINIC_TOKEN_FILE
+    token = path.read_text().strip() if path.is_file() else ""
+    if not is_clinic_token(token):  # none yet (or a damaged file): a new one
+        token = new_clinic_token()
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)  # this user only
+        write_text_atomic(path, token + "\n")
+    return token
 
 
 def clinic_cache_dir(context: Context) -> Path | None:

@@ -10,7 +10,8 @@ Two phases, both on Flower's evaluate message path (config key `cross-site`):
   models (records `personalised-<j>`, j the anonymous index).
 
 The result is a models x clinics matrix of the headline validation metric (and the loss), with
-each model's mean and worst clinic. Clinics appear only by anonymous index.
+each model's mean and worst clinic. Clinics appear only by anonymous index (the round loop's:
+tied to the clinic token an "own" reply carries, else to the node id).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
@@ -32,6 +34,7 @@ from shared.fedio import (
     SHARED_PREFIX,
     arrays_nbytes,
     check_arrays,
+    clinic_token_of,
     config_record,
     expected_shapes,
     personal_keys,
@@ -68,11 +71,12 @@ def _mean(values: list[float | None]) -> float | None:
     return sum(known) / len(known) if known else None
 
 
-def cross_site_evaluation(grid: Grid, clinic_index, cfg: Config, arrays: ArrayRecord,
-                          model: nn.Module) -> dict:
+def cross_site_evaluation(grid: Grid, clinic_index: Callable[[int, str | None], int],
+                          cfg: Config, arrays: ArrayRecord, model: nn.Module) -> dict:
     """Run the end-of-run phases on `grid` (every connected clinic) for the final global
-    `arrays`; `clinic_index(node_id)` gives a clinic's anonymous index. Returns the
-    metrics.json `cross_site` section."""
+    `arrays`; `clinic_index(node_id, token)` gives a clinic's anonymous index (RoundRecorder
+    .clinic; `token`: the clinic token its reply carried, or None). Returns the metrics.json
+    `cross_site` section."""
     fed = cfg.federation
     key = f"val_{headline(cfg.task.type)}"
     share = fed.personalize is not None and fed.cross_site.share_local_models
@@ -80,8 +84,7 @@ def cross_site_evaluation(grid: Grid, clinic_index, cfg: Config, arrays: ArrayRe
     conf = config_record(cfg, model)
     conf["server-round"] = fed.rounds
     nodes = sorted(grid.get_node_ids())
-    index = {n: clinic_index(n) for n in nodes}
-    columns = sorted(index.values())
+    index: dict[int, int] = {}  # node id -> anonymous index, from the "own" replies
     # cells[model row][clinic] = {metric: value}
     cells: dict[str, dict[int, dict[str, float]]] = {}
     sent_bytes = received_bytes = failed = 0
@@ -95,7 +98,7 @@ def cross_site_evaluation(grid: Grid, clinic_index, cfg: Config, arrays: ArrayRe
         replies = list(grid.send_and_receive(messages, timeout=fed.round_timeout))
         ok = []
         for r in replies:
-            if r.has_error() or r.metadata.src_node_id not in index:
+            if r.has_error() or r.metadata.src_node_id not in nodes:
                 failed += 1
                 continue
             received_bytes += sum(arrays_nbytes(a) for a in r.content.array_records.values())
@@ -118,7 +121,14 @@ def cross_site_evaluation(grid: Grid, clinic_index, cfg: Config, arrays: ArrayRe
 
     conf[CROSS_SITE_KEY] = "own"
     shapes = expected_shapes(model, personal_keys(model))
-    for r in exchange([_message(n, {"arrays": arrays}, conf) for n in nodes]):
+    own = exchange([_message(n, {"arrays": arrays}, conf) for n in nodes])
+    for r in sorted(own, key=lambda r: r.metadata.src_node_id):
+        index[r.metadata.src_node_id] = clinic_index(r.metadata.src_node_id, clinic_token_of(r))
+    for n in nodes:  # no reply: known by its node id (a column without figures)
+        if n not in index:
+            index[n] = clinic_index(n, None)
+    columns = sorted(set(index.values()))
+    for r in own:
         idx = record(r)
         if LOCAL_MODEL_KEY in r.content.array_records:
             rec = r.content[LOCAL_MODEL_KEY]

@@ -1,7 +1,8 @@
 """The coordinator's round loop: Flower's strategy drives the rounds; dentfed adds central
 evaluation on the server's own test set, per-clinic bookkeeping and the run folder.
 
-Clinics appear in reports only as anonymous indices (order of first contact), never by node id.
+Clinics appear in reports only as anonymous indices (order of first contact), never by node id
+nor by the clinic token their replies carry (which keeps a clinic's index across a resume).
 """
 
 from __future__ import annotations
@@ -38,10 +39,12 @@ from shared.errors import DentfedError
 from shared.fedio import (
     BN_EXAMPLES_KEY,
     BN_STATS_KEY,
+    CLINIC_RECORD,
     SCAFFOLD_DELTA_KEY,
     arrays_nbytes,
     build_global_model,
     check_arrays,
+    clinic_token_of,
     config_record,
     expected_shapes,
     full_model_nbytes,
@@ -84,16 +87,43 @@ class RoundRecord:
 
 
 class RoundRecorder:
-    """Per-round, per-clinic facts taken from the messages the Grid carries."""
+    """Per-round, per-clinic facts taken from the messages the Grid carries.
+
+    A clinic's anonymous index is tied to the clinic token its replies carry
+    (shared/fedio.py CLINIC_RECORD) and, for a clinic that sends none, to its Flower node id.
+    Node ids last one Flower run, tokens the whole federation: the token -> index map is in the
+    checkpoint, so a resumed federation (new node ids) lists each clinic under its old index.
+    Without tokens an index is given at a node's first message; once clinics send tokens, at
+    its first reply (a returning clinic whose first message after a resume goes unanswered
+    would otherwise get a second index)."""
 
     def __init__(self) -> None:
         self.rounds: dict[int, RoundRecord] = {}
-        self._index: dict[int, int] = {}
+        self._index: dict[int, int] = {}  # node id -> index (this run's and earlier runs')
+        self._tokens: dict[str, int] = {}  # clinic token -> index, across resumes
+        self._given = 0  # indices given out: 0 .. _given - 1
 
-    def clinic(self, node_id: int) -> int:
+    def clinic(self, node_id: int, token: str | None = None) -> int:
+        """The anonymous index of the clinic at `node_id`; `token`: the clinic token its reply
+        carried (shared/fedio.py clinic_token_of), which names the clinic across Flower runs."""
+        if token is not None:
+            idx = self._tokens.get(token)
+            if idx is None:  # its first reply: the index its node already has (first seen
+                # before it replied, or a checkpoint from before tokens), unless another
+                # clinic's token holds that one (a node id from an earlier run reused)
+                own = self._index.get(node_id)
+                idx = own if own is not None and own not in self._tokens.values() \
+                    else self._new()
+                self._tokens[token] = idx
+            self._index[node_id] = idx
+            return idx
         if node_id not in self._index:
-            self._index[node_id] = len(self._index)
+            self._index[node_id] = self._new()
         return self._index[node_id]
+
+    def _new(self) -> int:
+        self._given += 1
+        return self._given - 1
 
     def record(self, sent: list[Message], replies: list[Message], seconds: float) -> None:
         if not sent:
@@ -101,8 +131,15 @@ class RoundRecorder:
         kind = sent[0].metadata.message_type
         rnd = int(sent[0].content["config"].get("server-round", 0))
         rec = self.rounds.setdefault(rnd, RoundRecord(rnd))
-        for node in sorted(m.metadata.dst_node_id for m in sent):
-            self.clinic(node)
+        sent_to = {m.metadata.dst_node_id for m in sent}
+        answers = {r.metadata.src_node_id: clinic_token_of(r) for r in replies
+                   if not r.has_error() and r.metadata.src_node_id in sent_to}
+        if not self._tokens and not any(answers.values()):
+            for node in sorted(sent_to):  # no clinic sends a token: index at first message
+                self.clinic(node)
+        else:  # at first reply, in node id order (the same order in any reply order)
+            for node in sorted(answers):
+                self.clinic(node, answers[node])
         if kind.startswith("train"):
             rec.sampled += len(sent)
             rec.attempts += 1
@@ -111,7 +148,6 @@ class RoundRecorder:
             rec.evaluate_seconds += seconds
         for m in sent:
             rec.bytes_sent += sum(arrays_nbytes(a) for a in m.content.array_records.values())
-        sent_to = {m.metadata.dst_node_id for m in sent}
         if kind.startswith("train"):
             answered = {r.metadata.src_node_id for r in replies} & sent_to
             rec.no_reply += len(sent_to - answered)
@@ -145,16 +181,21 @@ class RoundRecorder:
 
     @property
     def n_clinics(self) -> int:
-        return len(self._index)
+        return self._given
 
     def state(self) -> str:
-        """JSON for the checkpoint (node ids stay in the coordinator's own file)."""
+        """JSON for the checkpoint (node ids and clinic tokens stay in the coordinator's own
+        file: never in the report, the logs or a tracking store)."""
         return json.dumps({"index": [[n, i] for n, i in self._index.items()],
+                           "tokens": [[t, i] for t, i in self._tokens.items()],
+                           "given": self._given,
                            "rounds": [asdict(r) for r in self.rounds.values()]})
 
     def load_state(self, text: str) -> None:
         data = json.loads(text)
         self._index = {int(n): int(i) for n, i in data["index"]}
+        self._tokens = {str(t): int(i) for t, i in data.get("tokens", [])}
+        self._given = int(data.get("given", max([*self._index.values(), -1]) + 1))
         self.rounds = {}
         for r in data["rounds"]:
             for key in ("train", "evaluate", "rejected", "declined", "declined_epsilon"):
@@ -221,6 +262,9 @@ class RecordingGrid:
         t0 = time.perf_counter()
         replies = self._exchange(sent, timeout)
         self._recorder.record(sent, replies, time.perf_counter() - t0)
+        for r in replies:  # the clinic tokens stay with the recorder
+            if not r.has_error() and CLINIC_RECORD in r.content.config_records:
+                del r.content[CLINIC_RECORD]
         if not sent or not sent[0].metadata.message_type.startswith("train"):
             return replies
         rnd = int(sent[0].content["config"].get("server-round", 0))

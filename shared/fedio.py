@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message
 from torch import nn
 
 from shared.config import Config, config_from_yaml, dump_config
@@ -67,6 +67,16 @@ _FEDERATION_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 # Run config: true when the ServerApp continues a run folder's checkpoint (a new Flower run).
 RESUME_KEY = "resume"
+# Every reply (train, evaluate, a budget decline) of a clinic that keeps a state folder for the
+# federation carries the config record CLINIC_RECORD {CLINIC_TOKEN_KEY: 16 hex digits}: a
+# random token the clinic made for this federation and keeps in that folder
+# (client/clinic.py: clinic_token). The coordinator ties the clinic's anonymous index to it,
+# so a resumed federation (a new Flower run: new node ids) lists every clinic under the index
+# it had. Random and one per federation, it says nothing about the clinic, its patients or its
+# paths. A clinic without a state folder sends none and is known by its node id.
+CLINIC_RECORD = "clinic"
+CLINIC_TOKEN_KEY = "token"
+_CLINIC_TOKEN = re.compile(r"[0-9a-f]{16}")
 
 
 def resumed_run(run_config: Mapping[str, object]) -> bool:
@@ -78,6 +88,24 @@ def resumed_run(run_config: Mapping[str, object]) -> bool:
 
 def new_federation_id() -> str:
     return secrets.token_hex(16)
+
+
+def new_clinic_token() -> str:
+    return secrets.token_hex(8)
+
+
+def is_clinic_token(value: object) -> bool:
+    return isinstance(value, str) and _CLINIC_TOKEN.fullmatch(value) is not None
+
+
+def clinic_token_of(reply: Message) -> str | None:
+    """The clinic token a reply carries (CLINIC_RECORD); None for an error reply, a clinic
+    that sends none, or anything that is not 16 lowercase hex digits."""
+    if reply.has_error():
+        return None
+    rec = reply.content.config_records.get(CLINIC_RECORD)
+    value = rec.get(CLINIC_TOKEN_KEY) if rec is not None else None
+    return value if is_clinic_token(value) else None
 
 
 def check_federation_id(value: str) -> str:

@@ -58,31 +58,37 @@ class InProcessGrid:
     Each clinic call runs with `threads` torch threads: Flower's simulation runs a clinic in a
     Ray actor with `simulation.client_cpus` CPUs, and Ray sets OMP_NUM_THREADS to that, so the
     same count here gives the same kernels, the same rounding and so the same run as
-    `dentfed simulate` (with the process's default thread count the runs drift apart)."""
+    `dentfed simulate` (with the process's default thread count the runs drift apart).
+
+    Clinic i is node `first_node + i`: a resumed federation is a new Flower run, whose node ids
+    a real SuperLink gives anew (pass another `first_node` to play that)."""
 
     def __init__(self, split_dir: Path, n: int, threads: int | None = None,
-                 resume: bool = False):
+                 resume: bool = False, first_node: int = 1):
         from flwr.supercore.task_identity import TaskIdentity
 
-        from client.clinic import DP_LEDGER
+        from client.clinic import CLINIC_TOKEN_FILE, DP_LEDGER
         from shared.fedio import RESUME_KEY
 
 
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
         self.app = client_app
-        self.contexts = {i + 1: Context(run_id=1, node_id=i + 1,
-                                        node_config={"partition-id": i},
-                                        state=RecordDict(),
-                                        run_config={"split-dir": str(split_dir),
-                                                    RESUME_KEY: resume})
+        self.contexts = {first_node + i: Context(run_id=1, node_id=first_node + i,
+                                                 node_config={"partition-id": i},
+                                                 state=RecordDict(),
+                                                 run_config={"split-dir": str(split_dir),
+                                                             RESUME_KEY: resume})
                          for i in range(n)}
         if not resume:
             # A new federation over a split an earlier one used (benchmarks run variants and
-            # seeds over one split): the clinics' round state and epsilon ledgers of that run
-            # go, as `dentfed simulate` starts with a new split folder. The image cache stays.
+            # seeds over one split): the clinics' round state, epsilon ledgers and clinic
+            # tokens of that run go, as `dentfed simulate` starts with a new split folder. The
+            # image cache stays. A resumed one keeps them all (the token keeps each clinic's
+            # index in the report).
             for i in range(n):
                 state = Path(split_dir) / f"clinic_{i}" / "state"
-                for stale in [*state.glob("after_round_*.pt"), state / DP_LEDGER]:
+                for stale in [*state.glob("after_round_*.pt"), state / DP_LEDGER,
+                              state / CLINIC_TOKEN_FILE]:
                     stale.unlink(missing_ok=True)
         self.sent: list[Message] = []  # every message, both ways (tests audit them)
         self._ids = 0

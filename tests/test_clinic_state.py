@@ -8,6 +8,7 @@ Context-carrying "process" (the module caches cleared), as on a SuperNode."""
 from __future__ import annotations
 
 import os
+import re
 import stat
 import time
 from pathlib import Path
@@ -20,7 +21,7 @@ from flwr.app import Array, ArrayRecord, Context, Message, RecordDict
 import client.clinic as clinic_mod
 from client.app import ClinicError
 from client.app import app as client_app
-from client.clinic import OPTIMIZER_KEY, RESIDUAL_KEY, SCAFFOLD_CI_KEY
+from client.clinic import CLINIC_TOKEN_FILE, OPTIMIZER_KEY, RESIDUAL_KEY, SCAFFOLD_CI_KEY
 from dentfed import cli, deploy
 from server.checkpoint import (
     CHECKPOINT,
@@ -31,10 +32,14 @@ from server.checkpoint import (
 from shared.config import config_from_dict, dump_config
 from shared.errors import DentfedError
 from shared.fedio import (
+    CLINIC_RECORD,
+    CLINIC_TOKEN_KEY,
     FEDERATION_ID_KEY,
     SCAFFOLD_C_KEY,
     build_global_model,
+    clinic_token_of,
     config_record,
+    is_clinic_token,
     model_arrays,
 )
 from shared.upload import decode_update
@@ -97,12 +102,19 @@ def test_state_on_disk_per_federation_and_a_resumed_federation_continues_from_it
     """Round 1, then round 2 three ways: in the same Flower run; in a new Flower run (empty
     Context, new run id: a coordinator --resume) with the same federation id, which must give
     the very same update; and as another federation at the same clinic, which must read none
-    of it (the same update as a clinic with no state at all, which differs)."""
+    of it (the same update as a clinic with no state at all, which differs). Every reply
+    carries the clinic's random token for the federation, kept in its folder: the same after
+    the resume, another in another federation, none without a state folder."""
     cfg, manifest, start, control = setting
     ctx = _ctx(manifest, tmp_path / "state", "fedA")
     after1, reply = _round(cfg, ctx, start, 1, control)
     # what leaves: the update, its scales, SCAFFOLD's delta, scalars; no state record
     assert set(reply.content.array_records) == {"arrays", "upload-scales", "scaffold-delta-c"}
+    token = clinic_token_of(reply)
+    assert set(reply.content.config_records) == {CLINIC_RECORD}
+    assert dict(reply.content[CLINIC_RECORD]) == {CLINIC_TOKEN_KEY: token}
+    assert re.fullmatch("[0-9a-f]{16}", token)
+    assert (tmp_path / "state" / "fedA" / CLINIC_TOKEN_FILE).read_text() == token + "\n"
     # the Context the SuperNode keeps and ships with every message holds none of it
     assert not set(ctx.state.array_records) & set(PRIVATE)
     folder = tmp_path / "state" / "fedA"
@@ -110,15 +122,19 @@ def test_state_on_disk_per_federation_and_a_resumed_federation_continues_from_it
     saved = torch.load(folder / "after_round_1.pt", weights_only=True)
     assert set(saved) == set(PRIVATE) and all(saved[k] for k in PRIVATE)
 
-    resumed, _ = _round(cfg, _ctx(manifest, tmp_path / "state", "fedA", run_id=7), after1, 2,
-                        control)
-    uninterrupted, _ = _round(cfg, ctx, after1, 2, control)
+    resumed, reply = _round(cfg, _ctx(manifest, tmp_path / "state", "fedA", run_id=7), after1,
+                            2, control)
+    assert clinic_token_of(reply) == token
+    uninterrupted, reply = _round(cfg, ctx, after1, 2, control)
+    assert clinic_token_of(reply) == token
     assert _equal(resumed, uninterrupted)
     assert not set(ctx.state.array_records) & set(PRIVATE)
 
-    other, _ = _round(cfg, _ctx(manifest, tmp_path / "state", "fedB", run_id=2), after1, 2,
-                      control)
-    fresh, _ = _round(cfg, _ctx(manifest, None, None, run_id=3), after1, 2, control)
+    other, reply = _round(cfg, _ctx(manifest, tmp_path / "state", "fedB", run_id=2), after1, 2,
+                          control)
+    assert is_clinic_token(clinic_token_of(reply)) and clinic_token_of(reply) != token
+    fresh, reply = _round(cfg, _ctx(manifest, None, None, run_id=3), after1, 2, control)
+    assert not reply.content.config_records  # no state folder: no token
     assert _equal(other, fresh) and not _equal(fresh, uninterrupted)
     assert sorted(p.name for p in folder.glob("after_round_*")) == \
         ["after_round_1.pt", "after_round_2.pt"]

@@ -17,14 +17,18 @@ from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordD
 
 import client.clinic as clinic_mod
 from client.app import app as client_app
+from client.clinic import CLINIC_TOKEN_FILE
 from server.cross_site import cross_site_evaluation
 from server.run_folder import cross_site_markdown
 from shared.config import config_from_dict
 from shared.errors import ConfigError
 from shared.fedio import (
+    CLINIC_RECORD,
+    CLINIC_TOKEN_KEY,
     CROSS_SITE_KEY,
     LOCAL_MODEL_KEY,
     build_global_model,
+    clinic_token_of,
     config_record,
     exchanged_keys,
     model_arrays,
@@ -65,7 +69,10 @@ def _ctx(manifest, **node) -> Context:
 
 def _scalars_only(reply: Message) -> dict[str, float]:
     assert not reply.has_error(), reply.error
-    assert not reply.content.config_records
+    # no config record, but for the clinic's random token when it has a state folder
+    assert set(reply.content.config_records) <= {CLINIC_RECORD}
+    if CLINIC_RECORD in reply.content.config_records:
+        assert dict(reply.content[CLINIC_RECORD]) == {CLINIC_TOKEN_KEY: clinic_token_of(reply)}
     (metrics,) = reply.content.metric_records.values()
     assert all(isinstance(v, int | float) for v in metrics.values())
     return dict(metrics)
@@ -172,7 +179,8 @@ def test_cross_site_matrix_has_a_row_per_model_and_a_column_per_clinic(share):
     grid.extra = {k: Array(state[k].numpy()) for k in personal_keys(model)
                   if k not in exchanged_keys(model)}
     index = {7: 0, 9: 1}  # the anonymous indices of the round loop
-    cs = cross_site_evaluation(grid, index.__getitem__, cfg, model_arrays(model), model)
+    cs = cross_site_evaluation(grid, lambda n, _token: index[n], cfg, model_arrays(model),
+                               model)
     assert cs["clinics"] == [0, 1]
     assert cs["models"] == ["global", "personalised-0", "personalised-1"]
     assert all(set(row) == {"0", "1"} for row in cs["matrix"].values())
@@ -266,15 +274,28 @@ def test_real_simulation_two_clinics_int8_cross_site_and_audited_replies(tmp_pat
         assert any(not torch.equal(r1[opt_key][n], r2[opt_key][n]) for n in r1[opt_key])
     evaluate = [e for e in sent if e["message_type"] == "evaluate"]
     assert len(evaluate) == 2 * 2 + 2 + 2  # rounds 1-2, then the "own" and "shared" phases
+    tokens = {(out / "split" / f"clinic_{k}" / "state" / CLINIC_TOKEN_FILE).read_text().strip()
+              for k in (0, 1)}
+    assert len(tokens) == 2
     for e in evaluate:
         assert "error" not in e
         for name, rec in e["records"].items():
             if rec["kind"] == "arrays":  # only the shared personalised model, whole
                 assert name == LOCAL_MODEL_KEY and set(rec["arrays"]) == set(personal_keys(model))
+            elif rec["kind"] == "config":  # the clinic's random token, nothing else
+                assert name == CLINIC_RECORD and set(rec["values"]) == {CLINIC_TOKEN_KEY}
+                assert rec["values"][CLINIC_TOKEN_KEY].strip("'") in tokens
             else:
                 assert rec["kind"] == "metrics"
                 assert all(isinstance(v, int | float) for v in rec["values"].values())
     assert sum(LOCAL_MODEL_KEY in e["records"] for e in evaluate) == 2
+    assert all(CLINIC_RECORD in e["records"] for e in sent)  # every reply: train, evaluate
+    # The coordinator keeps the tokens in its checkpoint only: not in the report, metrics,
+    # model card, its log or what it printed.
+    for path in [p for p in out.rglob("*") if p.is_file() and "split" not in p.parts
+                 and p.name != "checkpoint.pt"]:
+        assert not [t for t in tokens if t.encode() in path.read_bytes()], path
+    assert not [t for t in tokens if t in r.stdout + r.stderr]
 
 
 

@@ -19,10 +19,11 @@ import pytest
 import yaml
 
 from client.audit import AUDIT_ENV
+from client.clinic import CLINIC_TOKEN_FILE
 from dentfed import deploy
 from server.checkpoint import CHECKPOINT, FEDERATION_ID_FILE, load_checkpoint
 from shared.config import load_config
-from shared.fedio import build_global_model, expected_shapes
+from shared.fedio import CLINIC_RECORD, CLINIC_TOKEN_KEY, build_global_model, expected_shapes
 from simulations.engine import free_port
 from simulations.local_deployment import LocalFederation, wait_process
 from tests.conftest import write_tiny_multilabel
@@ -155,9 +156,15 @@ def test_tls_auth_audit_and_a_clinic_killed_mid_round(federation, tmp_path):
     entries = [json.loads(p.read_text()) for p in fed.audit.glob("*.json")]
     replied = sum(hist[r]["clinics_replied"] for r in (1, 2, 3))
     assert [e["message_type"] for e in entries].count("train") == replied == 7
+    tokens = [(fed.state_dir(k) / fid / CLINIC_TOKEN_FILE).read_text().strip()
+              for k in range(3)]
+    assert len(set(tokens)) == 3
     for e in entries:
         assert "error" not in e, e
-        assert set(e["records"]) <= {"arrays", "metrics"}
+        assert set(e["records"]) <= {"arrays", "metrics", CLINIC_RECORD}
+        # the clinic's random token for this federation, nothing else
+        assert e["records"][CLINIC_RECORD]["values"][CLINIC_TOKEN_KEY].strip("'") in tokens
+        assert set(e["records"][CLINIC_RECORD]["values"]) == {CLINIC_TOKEN_KEY}
         if "arrays" in e["records"]:
             arrays = e["records"]["arrays"]["arrays"]
             assert {k: a["shape"] for k, a in arrays.items()} == shapes
@@ -167,9 +174,15 @@ def test_tls_auth_audit_and_a_clinic_killed_mid_round(federation, tmp_path):
         assert all(isinstance(v, int | float) for v in values.values())
     # Nothing from any clinic's manifest (patient ids, data locations) in what the
     # coordinator wrote or logged.
+    # Nor the clinics' tokens, but in the coordinator's own checkpoint.
     written = [p.read_bytes() for p in run_dir.rglob("*") if p.is_file()]
     written += [fed.logs[n].read_bytes() for n in ("run", "superlink")]
     secrets = fed.patient_ids + [str(m.parent) for m in fed.manifests] + [
         str(fed.state_dir(k)) for k in range(3)]
     for blob in written:
         assert not [s for s in secrets if s.encode() in blob]
+    for p in run_dir.rglob("*"):
+        if p.is_file() and p.name != CHECKPOINT:
+            assert not [t for t in tokens if t.encode() in p.read_bytes()], p
+    assert not [t for t in tokens for n in ("run", "superlink")
+                if t.encode() in fed.logs[n].read_bytes()]

@@ -20,6 +20,8 @@ from server.federation import RecordingGrid, RoundRecorder
 from server.strategy import make_strategy
 from shared.config import config_from_dict
 from shared.fedio import (
+    CLINIC_RECORD,
+    CLINIC_TOKEN_KEY,
     build_global_model,
     config_record,
     exchanged_keys,
@@ -279,6 +281,50 @@ def test_no_reply_count_stays_sane_over_round_retries():
     assert row["clinics_no_reply"] >= 0
     assert row["clinics_sampled"] == row["clinics_replied"] + row["clinics_failed"] + \
         row["clinics_no_reply"]
+
+
+def _train_exchange(rec: RoundRecorder, rnd: int, tokens: dict) -> None:
+    """One train exchange with node id -> the clinic token its reply carries (None: a reply
+    without one, False: no reply); each reply's num-examples is its node id."""
+    sent = [Message(RecordDict({"config": ConfigRecord({"server-round": rnd})}),
+                    dst_node_id=n, message_type="train") for n in tokens]
+    replies = []
+    for m in sent:
+        node = m.metadata.dst_node_id
+        m.metadata.__dict__["_message_id"] = f"m{node}"
+        if tokens[node] is False:
+            continue
+        content = RecordDict({"metrics": MetricRecord({"num-examples": node})})
+        if tokens[node]:
+            content[CLINIC_RECORD] = ConfigRecord({CLINIC_TOKEN_KEY: tokens[node]})
+        r = Message(content, reply_to=m)
+        r.metadata.__dict__["_src_node_id"] = node
+        replies.append(r)
+    rec.record(sent, replies, 1.0)
+
+
+def test_clinic_index_follows_the_clinic_token_across_node_ids():
+    """A clinic's anonymous index follows the token its replies carry, through the
+    checkpoint's state into a resumed run with new node ids; a reply without a token (or with
+    a malformed one) falls back to the node id; once tokens are in play a node gets its index
+    at its first reply; a checkpoint from before tokens keeps its node indices."""
+    a, b = "0123456789abcdef", "fedcba9876543210"
+    rec = RoundRecorder()
+    _train_exchange(rec, 1, {5: a, 3: b, 9: None})  # node order: 3 -> 0, 5 -> 1, 9 -> 2
+    assert {i: m["num-examples"] for i, m in rec.rounds[1].train.items()} == {0: 3, 1: 5, 2: 9}
+    resumed = RoundRecorder()
+    resumed.load_state(rec.state())
+    _train_exchange(resumed, 2, {40: a, 50: b, 60: "not a token", 70: False})
+    assert {i: m["num-examples"] for i, m in resumed.rounds[2].train.items()} == \
+        {1: 40, 0: 50, 3: 60}
+    assert resumed.n_clinics == 4  # node 70 never replied: no index yet
+    _train_exchange(resumed, 3, {70: a})  # ... and it was clinic a all along
+    assert resumed.rounds[3].train[1]["num-examples"] == 70 and resumed.n_clinics == 4
+    old = RoundRecorder()  # a checkpoint written before clinic tokens
+    old.load_state('{"index": [[1, 0], [2, 1]], "rounds": []}')
+    _train_exchange(old, 2, {2: a, 1: b})
+    assert {i: m["num-examples"] for i, m in old.rounds[2].train.items()} == {0: 1, 1: 2}
+    assert old.n_clinics == 2
 
 
 def test_declined_reply_is_counted_by_its_record_not_its_wording():

@@ -20,7 +20,7 @@ from flwr.app import Context, Message, RecordDict
 from torch import nn
 
 from client.app import app as client_app
-from client.clinic import DP_ACCOUNT_KEY
+from client.clinic import CLINIC_TOKEN_FILE, DP_ACCOUNT_KEY
 from shared.config import config_from_dict
 from shared.dp_sgd import (
     DECLINED_BUDGET,
@@ -31,7 +31,13 @@ from shared.dp_sgd import (
     noise_for,
 )
 from shared.errors import ConfigError
-from shared.fedio import build_global_model, expected_shapes, model_arrays
+from shared.fedio import (
+    CLINIC_RECORD,
+    CLINIC_TOKEN_KEY,
+    build_global_model,
+    expected_shapes,
+    model_arrays,
+)
 from tests.conftest import tiny_config, write_tiny_multilabel
 from tests.test_federation import _task_identity, _train_message, two_clinic_simulation
 
@@ -214,8 +220,14 @@ def test_real_simulation_audit_dp_epsilon_per_round_and_budget(tmp_path):
     known = {"train": {"train_seconds", "num-examples", "epsilon"},
              "evaluate": {"val_loss", "val_macro_auc", "evaluate_seconds", "num-examples"}}
     declines = 0
+    tokens = [(out / "split" / f"clinic_{k}" / "state" / CLINIC_TOKEN_FILE).read_text().strip()
+              for k in (0, 1)]
     for e in entries:
         assert "error" not in e, e
+        # every reply carries the clinic's random token (config record), and nothing else
+        token = e["records"].pop(CLINIC_RECORD)
+        assert token["kind"] == "config" and set(token["values"]) == {CLINIC_TOKEN_KEY}, e
+        assert token["values"][CLINIC_TOKEN_KEY].strip("'") in tokens, e
         if DECLINED_RECORD in e["records"]:  # the budget refusals: a flag and numbers only
             assert e["message_type"] == "train" and set(e["records"]) == {DECLINED_RECORD}, e
             values = e["records"][DECLINED_RECORD]["values"]
@@ -238,12 +250,13 @@ def test_real_simulation_audit_dp_epsilon_per_round_and_budget(tmp_path):
     # No patient id or image path from any clinic's manifest in what the server wrote or
     # logged (split/ is the simulation's own partition of the researcher's data, not the
     # server's: it is left out).
+    # Nor the clinics' tokens, but in the coordinator's checkpoint (docs/privacy.md).
     clinic_paths = [str((tmp_path / "secret" / s).resolve()) for s in secrets if "/" in s]
     for path in [p for p in out.rglob("*") if p.is_file() and "split" not in p.parts]:
         blob = path.read_bytes()
-        for s in secrets + clinic_paths:
+        for s in secrets + clinic_paths + (tokens if path.name != "checkpoint.pt" else []):
             assert s.encode() not in blob, (s, path)
-    for s in secrets:
+    for s in secrets + tokens:
         assert s not in r.stdout and s not in r.stderr
     assert np.isfinite(data["final"]["macro_auc"])
 
@@ -267,7 +280,7 @@ def test_real_simulation_audit_dp_epsilon_per_round_and_budget(tmp_path):
                                                       "clinic/1/epsilon")] == [1, 2]
     arts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"report.md", "metrics.json", "model_card.md", "plots", "model"} <= arts
-    audit_tracking_store(tmp_path, secrets + clinic_paths + [str(tmp_path / "secret")])
+    audit_tracking_store(tmp_path, secrets + clinic_paths + [str(tmp_path / "secret")] + tokens)
 
 
 # --- Resuming a DP-SGD federation: each clinic's ledger in its state folder -----------------
@@ -312,12 +325,13 @@ def _dp_federation(tmp_path: Path, rounds: int, dp: dict | None = None):
     return cfg, tmp_path / "split"
 
 
-def _grid(split: Path, resume: bool = False):
+def _grid(split: Path, resume: bool = False, first_node: int = 1):
     """The clinics of one Flower run (empty context.state), in process; a resumed federation
-    is a new Flower run whose run config says `resume`."""
+    is a new Flower run whose run config says `resume` (and whose nodes a real SuperLink
+    numbers anew: `first_node`)."""
     from simulations.bench_quality import InProcessGrid
 
-    return InProcessGrid(split, 2, threads=1, resume=resume)
+    return InProcessGrid(split, 2, threads=1, resume=resume, first_node=first_node)
 
 
 def _federate(cfg, split: Path, grid, resume: bool = False):
@@ -333,16 +347,34 @@ def _ledger(split: Path, clinic: int) -> dict:
     return json.loads((split / f"clinic_{clinic}" / "state" / DP_LEDGER).read_text())
 
 
-def test_resumed_dp_federation_continues_each_clinics_ledger(tmp_path):
+def test_resumed_dp_federation_continues_each_clinics_ledger(tmp_path, caplog):
     """2 rounds, the coordinator killed before round 2, resumed by a new Flower run (empty
-    context.state): each clinic's round-2 epsilon composes round 1's steps from its ledger,
-    it does not start again at 0."""
-    from server.privacy_report import privacy_summary
+    context.state, new node ids): each clinic's round-2 epsilon composes round 1's steps from
+    its ledger, it does not start again at 0; and each clinic keeps its anonymous index in the
+    report (its random token, from its state folder, ties the index to it, not its node id),
+    while the token itself reaches neither the report nor the logs."""
+    import logging
 
+    import torch
+
+    from server.privacy_report import privacy_summary
+    from server.run_folder import write_run_folder
+    from shared.fedio import is_clinic_token
+
+    caplog.set_level(logging.DEBUG)
     cfg, split = _dp_federation(tmp_path, rounds=2)
     with pytest.raises(KeyboardInterrupt):
         _federate(cfg, split, _KilledCoordinator(_grid(split), crash_at=2))
-    res = _federate(cfg, split, _grid(split, resume=True), resume=True)
+    tokens = [(split / f"clinic_{k}" / "state" / CLINIC_TOKEN_FILE).read_text().strip()
+              for k in (0, 1)]
+    assert all(is_clinic_token(t) for t in tokens) and tokens[0] != tokens[1]
+    res = _federate(cfg, split, _grid(split, resume=True, first_node=101), resume=True)
+    assert [(split / f"clinic_{k}" / "state" / CLINIC_TOKEN_FILE).read_text().strip()
+            for k in (0, 1)] == tokens  # kept across the resume
+    # clinic k (partition k) is index k in round 1 (first run, nodes 1-2) and in round 2
+    # (resumed run, nodes 101-102): two clinics, not four
+    assert res.recorder.n_clinics == 2
+    assert set(res.recorder.rounds[1].train) == set(res.recorder.rounds[2].train) == {0, 1}
     priv = privacy_summary(cfg, res.recorder.rounds)
     for k in ("0", "1"):  # the same clinic spends more, whatever run it is in
         assert priv["epsilon_per_round"]["2"][k] > priv["epsilon_per_round"]["1"][k] > 0, priv
@@ -360,6 +392,20 @@ def test_resumed_dp_federation_continues_each_clinics_ledger(tmp_path):
         (_, q, _), = {tuple(h) for h in account.history}
         assert ledger["epsilon"] == pytest.approx(DpAccount([(1.0, q, 4)]).epsilon(
             DP["delta"]))
+    data = write_run_folder(res, split.parent / "run")
+    assert data["clinics"] == 2
+    report = (split.parent / "run" / "report.md").read_text()
+    assert "| clinic 1 |" in report and "clinic 2" not in report
+    # the tokens: in the coordinator's checkpoint (its own file), nowhere else it writes
+    ck = torch.load(split.parent / "run" / "checkpoint.pt", weights_only=True)
+    assert sorted(json.loads(ck["recorder"])["tokens"]) == sorted([t, k] for k, t in
+                                                                  enumerate(tokens))
+    written = [p for p in (split.parent / "run").rglob("*")
+               if p.is_file() and p.name != "checkpoint.pt"]
+    assert any(p.name == "report.md" for p in written)
+    for t in tokens:
+        assert t not in caplog.text
+        assert not [p for p in written if t.encode() in p.read_bytes()]
 
 
 def test_dp_ledger_keeps_a_released_round_the_checkpoint_lost_and_max_epsilon_holds(tmp_path):

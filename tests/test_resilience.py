@@ -3,6 +3,7 @@ on 127.0.0.1: crash the whole server side after round 2 and resume; a clinic tha
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -87,12 +88,22 @@ def test_crash_after_round_two_and_resume_equals_uninterrupted_run(tmp_path):
         # what the resumed run leaves (a fresh-clone CI run once failed on such a straggler).
         kill_tagged(tag)
     assert done == 2 and not (run / "metrics.json").exists(), "crashed too late"
+    before = json.loads(load_checkpoint(run)["recorder"])  # token -> index, node id -> index
     for stray in tmp_path.glob(".crashed.work-*"):  # what the killed CLI could not clean up
         shutil.rmtree(stray)
 
     resumed = simulate(None, None, run, echo=False, resume=True)
     assert [h["round"] for h in resumed["history"]] == [0, 1, 2, 3]
     assert resumed["history"][1]["clinics_replied"] == 2  # rounds 1-2 from the checkpoint
+    # A new Flower run, new node ids: each clinic keeps its index by its token (2 clinics, the
+    # same token -> index map as before the crash), not 4.
+    assert resumed["clinics"] == 2
+    assert all(set(h["clinics_train"]["per_clinic"]) == {"0", "1"}
+               for h in resumed["history"][1:])
+    after = json.loads(load_checkpoint(run)["recorder"])
+    assert sorted(after["tokens"]) == sorted(before["tokens"])
+    assert sorted(i for _, i in before["tokens"]) == [0, 1]
+    assert len(after["index"]) == 4  # the resumed run's node ids differ, as said above
     a, b = straight.evaluator.final_state, _final_state(run)
     assert a.keys() == b.keys()
     diff = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
