@@ -21,6 +21,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from server.checkpoint import keep_federation_id, kept_federation_id
 from server.federation import run_federation
+from server.reply_polling import poll_reply_objects_briskly
 from server.resume import CHECKPOINT, check_resumable
 from server.run_folder import write_run_folder
 from server.tracking import log_run_folder
@@ -75,6 +76,7 @@ def main(grid: Grid, context: Context) -> None:
     if not test:
         raise ConfigError("no server test set: set federation.test_manifest or the run config "
                           "'test-manifest'")
+    poll_reply_objects_briskly()  # deployment: a reply's arrays are fetched as they land
     if cfg.privacy.secagg is not None:  # SecAgg+: Flower's legacy workflow (issue 6)
         from server.secagg import run_secagg_federation
 
