@@ -7,6 +7,7 @@ nor by the clinic token their replies carry (which keeps a clinic's index across
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -16,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.exception import PrivacyBudgetExhausted
 
@@ -56,7 +57,7 @@ from shared.losses import make_loss
 from shared.memory import release_freed_memory
 from shared.metrics import headline, higher_is_better
 from shared.models import batch_statistics, local_prefixes, resolve_device
-from shared.packed_transport import PackCache, pack_arrays, restore_arrays, unpack_arrays
+from shared.packed_transport import PackCache, packed_copy, unpack_arrays
 from shared.training import evaluate
 from shared.upload import SCALES_KEY, decode_update
 
@@ -296,15 +297,20 @@ class RecordingGrid:
         if not isinstance(self._grid, Grid):
             return list(self._grid.send_and_receive(sent, timeout=timeout))
         if self._pack:  # one packed array per message on the wire; the caller's stay as is
-            # Flower's strategies may give every message the same RecordDict: pack each once
-            contents = list({id(m.content): m.content for m in sent}.values())
+            # Flower's strategies may give every message the same RecordDict: pack each once.
+            # Push copies and never touch them again: Flower's simulation Grid keeps the
+            # pushed object and its engine thread reads it later (a restore after the push
+            # raced with it, and clinics got messages without arrays).
             cache: PackCache = {}
-            taken = [pack_arrays(c, cache) for c in contents]
-            try:
-                ids = set(self._grid.push_messages(sent))
-            finally:
-                for c, records in zip(contents, taken, strict=True):
-                    restore_arrays(c, records)
+            copies: dict[int, RecordDict] = {}
+            for m in sent:
+                if id(m.content) not in copies:
+                    copies[id(m.content)] = packed_copy(m.content, cache)
+            wire = [Message(metadata=copy.copy(m.metadata), content=copies[id(m.content)])
+                    for m in sent]
+            ids = set(self._grid.push_messages(wire))
+            for m, w in zip(sent, wire, strict=True):  # the ids the Grid gave, as unpacked
+                m.metadata.__dict__["_message_id"] = w.metadata.message_id
         else:
             ids = set(self._grid.push_messages(sent))
         end = None if timeout is None else time.time() + timeout

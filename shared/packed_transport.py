@@ -65,6 +65,16 @@ def pack_arrays(content: RecordDict, cache: PackCache | None = None) -> dict[str
     return records
 
 
+def packed_copy(content: RecordDict, cache: PackCache | None = None) -> RecordDict:
+    """A new RecordDict holding `content`'s records with its arrays packed; `content` is left
+    as is. A sender packs a copy, not its own message: a Grid may keep the pushed object
+    itself (Flower's in-memory simulation Grid does, and its engine thread reads it later),
+    so a message must not change after it is pushed."""
+    packed = RecordDict(dict(content.items()))
+    pack_arrays(packed, cache)
+    return packed
+
+
 def restore_arrays(content: RecordDict, records: dict[str, ArrayRecord]) -> None:
     """Undo `pack_arrays` with the records it returned (the sender's own copy)."""
     if not records:

@@ -39,6 +39,7 @@ from tests.conftest import tiny_config
 from tests.test_federation import (
     _pids_with_flwr_home_under,
     _task_identity,
+    describe_pids,
     expected_shapes,
     two_clinic_simulation,
 )
@@ -250,7 +251,7 @@ def test_real_simulation_two_clinics_int8_cross_site_and_audited_replies(tmp_pat
         assert (out / name).is_file(), name
     assert torch.load(out / "model_final.pt", weights_only=False)["labels"] == [
         "bright", "stripe"]
-    assert not _pids_with_flwr_home_under(tmp_path), "Flower processes left running"
+    assert not (left := _pids_with_flwr_home_under(tmp_path)), describe_pids(left)
     cs = data["cross_site"]
     assert cs["clinics"] == [0, 1] and cs["failed_replies"] == 0
     assert cs["models"] == ["global", "personalised-0", "personalised-1"]

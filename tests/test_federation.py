@@ -164,16 +164,31 @@ def test_bad_updates_are_rejected_before_aggregation():
     assert np.isfinite(arrays["w"].numpy()).all()
 
 
-def _pids_with_flwr_home_under(root, wait: float = 15.0) -> set[int]:
+def _pids_with_flwr_home_under(root, wait: float = 30.0) -> set[int]:
     """Processes of this run still alive after up to `wait` s: every Flower/Ray process it
     starts inherits FLWR_HOME, which points inside the test's own tmp folder (so parallel runs
     elsewhere don't count). The wait: Ray's workers finish exiting a moment after the command
-    returned (seen once in ~10 suite runs on the loaded 2-core VM); one that outlives it is
-    left running."""
+    returned (seen once in ~10 suite runs on the loaded 2-core VM, and again with 15 s while
+    the other xdist worker ran a Ray cluster); one that outlives it is left running."""
     deadline = time.monotonic() + wait
     while (pids := _flwr_pids(root)) and time.monotonic() < deadline:
         time.sleep(0.5)
     return pids
+
+
+def describe_pids(pids: set[int]) -> str:
+    """What the processes are (command line, and the DENTFED_SIM_TAG they carry), for a
+    failure message."""
+    lines = []
+    for pid in sorted(pids):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:200]
+            tag = [v.decode() for v in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+                   if v.startswith(b"DENTFED_SIM_TAG=")]
+        except OSError:
+            cmd, tag = "(gone)", []
+        lines.append(f"{pid}: {cmd} {tag}")
+    return "Flower processes left running:\n" + "\n".join(lines)
 
 
 def _flwr_pids(root) -> set[int]:

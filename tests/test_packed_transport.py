@@ -112,16 +112,20 @@ def test_the_clinic_answers_a_packed_message_packed_with_the_same_update(tiny_ma
 
 class _LoopbackGrid(Grid):
     """A Flower Grid whose 'network' is the real ClientApp, called in process; it keeps what
-    was pushed, as it was on the wire."""
+    was pushed, as it was on the wire, and the pushed objects themselves (as Flower's
+    in-memory simulation Grid does, whose engine thread reads them later)."""
 
     def __init__(self, manifest):
         self.manifest = manifest
         self.wire: list[list[str]] = []
+        self.pushed: list[Message] = []
         self.replies: list[Message] = []
 
     def push_messages(self, messages):
         ids = []
         for i, m in enumerate(messages):
+            m.metadata.__dict__["_message_id"] = f"m{i}"  # as Flower's Grids do
+            self.pushed.append(m)
             self.wire.append(list(m.content.array_records))
             # what arrives is a copy (a real Grid serialises it); the clinic unpacks in place
             arrived = Message(RecordDict(dict(m.content.items())), dst_node_id=1,
@@ -165,6 +169,9 @@ def test_the_server_grid_packs_what_it_pushes_and_unpacks_what_it_pulls(tiny_man
     replies = grid.send_and_receive([sent, twin], timeout=60)
     assert loop.wire == ([[PACKED_RECORD]] * 2 if pack else [["arrays"]] * 2)
     assert sent.content["arrays"] is start and not is_packed(sent.content)  # caller's copy
+    assert [m.metadata.message_id for m in (sent, twin)] == ["m0", "m1"]
+    # a pushed message never changes afterwards (the simulation engine may read it late)
+    assert [list(m.content.array_records) for m in loop.pushed] == loop.wire
     assert len(replies) == 2
     for reply in replies:
         assert not reply.has_error(), reply.error

@@ -24,7 +24,7 @@ from shared.config import load_config
 from shared.errors import DentfedError
 from simulations.engine import kill_tagged
 from simulations.simulate import simulate
-from tests.test_federation import _pids_with_flwr_home_under, two_clinic_simulation
+from tests.test_federation import _pids_with_flwr_home_under, describe_pids, two_clinic_simulation
 
 FAST = dict(local_steps=2, fraction_evaluate=0.0, min_evaluate_clinics=0)
 
@@ -110,7 +110,7 @@ def test_crash_after_round_two_and_resume_equals_uninterrupted_run(tmp_path):
     assert diff == 0.0, f"resumed model differs from the uninterrupted one by {diff}"
     assert resumed["history"][3]["server"]["loss"] == straight.evaluator.history[3]["loss"]
     assert (run / "flower-resumed.log").is_file() and (run / "split").is_dir()
-    assert not _pids_with_flwr_home_under(tmp_path), "Flower processes left running"
+    assert not (left := _pids_with_flwr_home_under(tmp_path)), describe_pids(left)
 
     with pytest.raises(DentfedError, match="not empty"):  # no accidental overwrite
         simulate(cfg, manifest, run, echo=False)

@@ -110,11 +110,13 @@ def local_ray_cluster(cpus_per_node: int = 1) -> Iterator[str]:
         shutil.rmtree(temp, ignore_errors=True)
 
 
-def _simulate(cfg_path: Path, manifest: Path, out: Path, *extra: str) -> None:
+def _simulate(cfg_path: Path, manifest: Path, out: Path, *extra: str) -> str:
+    """Run `dentfed simulate`; returns its stderr (the log) for failure messages."""
     r = subprocess.run([sys.executable, "-m", "dentfed.cli", "simulate", "--config",
                         str(cfg_path), "--manifest", str(manifest), "--out", str(out),
                         *extra], capture_output=True, text=True, timeout=540)
     assert r.returncode == 0, r.stderr[-3000:]
+    return r.stderr
 
 
 def test_ray_address_must_be_a_listening_head():
@@ -144,7 +146,7 @@ def test_simulation_on_a_two_node_ray_cluster_matches_the_embedded_engine(tmp_pa
         before = cluster_state(address)
         assert len(before["nodes"]) == 2
         assert not [a for a in before["actors"] if a["state"] != "DEAD"]
-        _simulate(cfg_path, manifest, tmp_path / "cluster", "--ray-address", address)
+        log = _simulate(cfg_path, manifest, tmp_path / "cluster", "--ray-address", address)
         after = cluster_state(address)
     # One CPU per node and one per clinic: the pool has one actor on each node, so both nodes
     # trained clinics.
@@ -154,7 +156,7 @@ def test_simulation_on_a_two_node_ray_cluster_matches_the_embedded_engine(tmp_pa
     assert all(a["state"] == "DEAD" for a in after["actors"]), after["actors"]
     assert after["jobs"] and all(j["dead"] for j in after["jobs"]), after["jobs"]
     clu = json.loads((tmp_path / "cluster" / "metrics.json").read_text())
-    assert [h["clinics_replied"] for h in clu["history"][1:]] == [4, 4]
+    assert [h["clinics_replied"] for h in clu["history"][1:]] == [4, 4], log[-4000:]
     # Every clinic computed bit for bit what it computed in process (the anonymous indices
     # may be assigned in another order), and aggregation orders the updates by content, not
     # arrival: the same metrics and the same final model, bit for bit.
