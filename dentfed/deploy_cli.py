@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import subprocess
+import tempfile
 from pathlib import Path
 
 from dentfed import deploy
+from dentfed.app_bundle import stage_app
 from shared.errors import DentfedError
 
 DEFAULT_HOME = Path.home() / ".dentfed" / "coordinator"
@@ -80,13 +82,15 @@ def _run(args: argparse.Namespace) -> int:
     elif (Path(args.run_dir) / CHECKPOINT).exists():
         raise DentfedError(f"{args.run_dir} already holds a checkpointed run: continue it "
                            "with --resume or choose another --run-dir")
-    cmd = deploy.run_command(config, Path(args.run_dir),
-                             Path(args.test_manifest) if args.test_manifest else None,
-                             resume=args.resume,
-                             federation_id=deploy.federation_id_for(Path(args.run_dir),
-                                                                    args.resume))
-    deploy.show(cmd)
-    return subprocess.run(cmd, env=deploy.flower_env(home), cwd=deploy.REPO).returncode
+    fid = deploy.federation_id_for(Path(args.run_dir), args.resume)
+    with tempfile.TemporaryDirectory(prefix="dentfed-app-") as tmp:
+        # flwr packs the app from a staged copy of the checkout (dentfed/app_bundle.py)
+        cmd = deploy.run_command(config, Path(args.run_dir),
+                                 Path(args.test_manifest) if args.test_manifest else None,
+                                 resume=args.resume, federation_id=fid,
+                                 app_dir=stage_app(deploy.REPO, Path(tmp) / "app"))
+        deploy.show(cmd)
+        return subprocess.run(cmd, env=deploy.flower_env(home), cwd=deploy.REPO).returncode
 
 
 def _keygen(args: argparse.Namespace) -> int:
