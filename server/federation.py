@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.serverapp.exception import PrivacyBudgetExhausted
 
@@ -74,6 +75,9 @@ class RoundRecord:
     rejected: dict[int, str] = field(default_factory=dict)
     declined: dict[int, str] = field(default_factory=dict)  # privacy budget spent (issue 6)
     declined_epsilon: dict[int, float] = field(default_factory=dict)  # what they had spent
+    # Error replies by clinic, as Flower's error code name only (`error_name`): the reason
+    # text stays at the clinic, it could name a file there.
+    errors: dict[int, str] = field(default_factory=dict)
     # Train requests, summed over the round's attempts (round_retries), and how they ended:
     # sampled == replied + train_failed + no_reply.
     sampled: int = 0
@@ -161,6 +165,16 @@ class RoundRecorder:
                     rec.train_failed += 1
                 else:
                     rec.evaluate_failed += 1
+                if r.metadata.src_node_id in sent_to:  # no new index for an error: a
+                    # returning clinic gets its old one at its first good reply (token)
+                    idx = self._index.get(r.metadata.src_node_id)
+                    name = error_name(r.error.code)
+                    if idx is not None:
+                        rec.errors[idx] = name
+                    log.warning("round %d: %s answered the %s message with an error, %s "
+                                "(the details are in the clinic's own log)", rnd,
+                                "a clinic" if idx is None else f"clinic {idx}",
+                                kind.split(".")[0], name)
                 continue
             note = declined_reason(r) if kind.startswith("train") else None
             if note is not None:  # privacy budget spent: counted as a failed train reply
@@ -199,9 +213,17 @@ class RoundRecorder:
         self._given = int(data.get("given", max([*self._index.values(), -1]) + 1))
         self.rounds = {}
         for r in data["rounds"]:
-            for key in ("train", "evaluate", "rejected", "declined", "declined_epsilon"):
+            for key in ("train", "evaluate", "rejected", "declined", "declined_epsilon",
+                        "errors"):
                 r[key] = {int(k): v for k, v in r.get(key, {}).items()}
             self.rounds[int(r["round"])] = RoundRecord(**r)
+
+
+def error_name(code: int) -> str:
+    """Flower's name for an error code (flwr.common.constant.ErrorCode), e.g.
+    CLIENT_APP_RAISED_EXCEPTION."""
+    names = {v: k for k, v in vars(ErrorCode).items() if k.isupper() and isinstance(v, int)}
+    return names.get(int(code), f"error code {int(code)}")
 
 
 REPLY_POLL_SECONDS = 0.2  # how often the server asks the SuperLink for clinic replies

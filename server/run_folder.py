@@ -42,6 +42,7 @@ def _history(res: FederationResult) -> list[dict]:
                 "attempts": rec.attempts,
                 "clinics_rejected": {str(k): v for k, v in sorted(rec.rejected.items())},
                 "clinics_declined": {str(k): v for k, v in sorted(rec.declined.items())},
+                "clinics_errors": {str(k): v for k, v in sorted(rec.errors.items())},
                 "clinics_train": {"aggregated": res.train_aggregated.get(rnd, {}),
                                   "per_clinic": {str(k): v for k, v in sorted(rec.train.items())}},
                 "clinics_evaluate": {"aggregated": res.evaluate_aggregated.get(rnd, {}),

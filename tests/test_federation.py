@@ -3,6 +3,7 @@ simulation through `dentfed simulate`."""
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 import time
@@ -264,9 +265,11 @@ def test_central_evaluation_stops_a_diverged_run_clearly(tiny_manifest):
     assert ev.final_state is not None and list(ev.history) == [0]  # last finite model kept
 
 
-def test_no_reply_count_stays_sane_over_round_retries():
+def test_no_reply_count_stays_sane_over_round_retries(caplog):
     """Two attempts of one round: 3 clinics sampled then 2, every reply an error. Sampled is per
-    attempt while failures add up; clinics_no_reply used to come out as -2."""
+    attempt while failures add up; clinics_no_reply used to come out as -2. Each error is
+    logged and reported by Flower's error code name, never by its reason text (which could
+    name a file at the clinic)."""
     from types import SimpleNamespace
 
     from flwr.app import Error
@@ -282,17 +285,22 @@ def test_no_reply_count_stays_sane_over_round_retries():
         for m in sent:
             m.metadata.__dict__["_message_id"] = f"m{m.metadata.dst_node_id}"
             if m.metadata.dst_node_id in erring:
-                r = Message(Error(0, "boom"), reply_to=m)
+                r = Message(Error(2, "ValueError: /clinic/P0042_Jane.png"), reply_to=m)
                 r.metadata.__dict__["_src_node_id"] = m.metadata.dst_node_id
                 replies.append(r)
         rec.record(sent, replies, 1.0)
 
-    attempt([1, 2, 3], {1, 2})  # clinic 3 does not answer
-    attempt([1, 2], {1, 2})
+    with caplog.at_level(logging.WARNING, logger="dentfed.server"):
+        attempt([1, 2, 3], {1, 2})  # clinic 3 does not answer
+        attempt([1, 2], {1, 2})
     res = SimpleNamespace(evaluator=SimpleNamespace(history={1: {}}, seconds={}), recorder=rec,
                           train_aggregated={}, evaluate_aggregated={})
     (row,) = _history(res)
     assert row["attempts"] == 2 and row["clinics_replied"] == 0
+    assert row["clinics_errors"] == {"0": "CLIENT_APP_RAISED_EXCEPTION",
+                                     "1": "CLIENT_APP_RAISED_EXCEPTION"}
+    assert caplog.text.count("with an error, CLIENT_APP_RAISED_EXCEPTION") == 4
+    assert "P0042" not in caplog.text and "/clinic" not in caplog.text
     assert row["clinics_no_reply"] >= 0
     assert row["clinics_sampled"] == row["clinics_replied"] + row["clinics_failed"] + \
         row["clinics_no_reply"]
