@@ -137,8 +137,14 @@ class RoundRecorder:
         rnd = int(sent[0].content["config"].get("server-round", 0))
         rec = self.rounds.setdefault(rnd, RoundRecord(rnd))
         sent_to = {m.metadata.dst_node_id for m in sent}
-        answers = {r.metadata.src_node_id: clinic_token_of(r) for r in replies
-                   if not r.has_error() and r.metadata.src_node_id in sent_to}
+        # The clinic a reply is about: the node its message went to. Not always its source:
+        # the SuperLink answers for a node that stopped heartbeating, from its own node id.
+        to = {m.metadata.message_id: m.metadata.dst_node_id for m in sent
+              if m.metadata.message_id}
+        about = [(r, to.get(r.metadata.reply_to_message_id, r.metadata.src_node_id))
+                 for r in replies]
+        about = [(r, node) for r, node in about if node in sent_to]  # this exchange's
+        answers = {node: clinic_token_of(r) for r, node in about if not r.has_error()}
         if not self._tokens and not any(answers.values()):
             for node in sorted(sent_to):  # no clinic sends a token: index at first message
                 self.clinic(node)
@@ -154,41 +160,36 @@ class RoundRecorder:
         for m in sent:
             rec.bytes_sent += sum(arrays_nbytes(a) for a in m.content.array_records.values())
         if kind.startswith("train"):
-            answered = {r.metadata.src_node_id for r in replies} & sent_to
-            rec.no_reply += len(sent_to - answered)
-            rec.replied += sum(1 for r in replies if not r.has_error()
-                               and r.metadata.src_node_id in sent_to
-                               and declined_reason(r) is None)
-        for r in replies:
+            rec.no_reply += len(sent_to - {node for _, node in about})
+            rec.replied += sum(1 for r, _ in about
+                               if not r.has_error() and declined_reason(r) is None)
+        for r, node in about:
             if r.has_error():
                 if kind.startswith("train"):
                     rec.train_failed += 1
                 else:
                     rec.evaluate_failed += 1
-                if r.metadata.src_node_id in sent_to:  # no new index for an error: a
-                    # returning clinic gets its old one at its first good reply (token)
-                    idx = self._index.get(r.metadata.src_node_id)
-                    name = error_name(r.error.code)
-                    if idx is not None:
-                        rec.errors[idx] = name
-                    log.warning("round %d: %s answered the %s message with an error, %s "
-                                "(the details are in the clinic's own log)", rnd,
-                                "a clinic" if idx is None else f"clinic {idx}",
-                                kind.split(".")[0], name)
+                # no new index for an error: a returning clinic gets its old one at its
+                # first good reply (its token)
+                idx = self._index.get(node)
+                name = error_name(r.error.code)
+                if idx is not None:
+                    rec.errors[idx] = name
+                log.warning("round %d: %s answered the %s message with an error, %s (the "
+                            "details are in the clinic's own log)", rnd,
+                            "a clinic" if idx is None else f"clinic {idx}",
+                            kind.split(".")[0], name)
                 continue
             note = declined_reason(r) if kind.startswith("train") else None
             if note is not None:  # privacy budget spent: counted as a failed train reply
-                if r.metadata.src_node_id in sent_to:
-                    rec.train_failed += 1
-                    idx = self.clinic(r.metadata.src_node_id)
-                    rec.declined[idx] = note
-                    if (eps := declined_epsilon(r)) is not None:
-                        rec.declined_epsilon[idx] = eps
-                    log.warning("round %d: clinic %d declined to train: %s", rnd, idx, note)
+                rec.train_failed += 1
+                idx = self.clinic(node)
+                rec.declined[idx] = note
+                if (eps := declined_epsilon(r)) is not None:
+                    rec.declined_epsilon[idx] = eps
+                log.warning("round %d: clinic %d declined to train: %s", rnd, idx, note)
                 continue
-            if r.metadata.src_node_id not in sent_to:
-                continue  # not an answer to this exchange
-            idx = self.clinic(r.metadata.src_node_id)
+            idx = self.clinic(node)
             rec.bytes_received += sum(arrays_nbytes(a) for a in r.content.array_records.values())
             metrics = {k: float(v) for mr in r.content.metric_records.values()
                        for k, v in mr.items() if isinstance(v, int | float)}

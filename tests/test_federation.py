@@ -306,6 +306,28 @@ def test_no_reply_count_stays_sane_over_round_retries(caplog):
         row["clinics_no_reply"]
 
 
+def test_an_error_the_superlink_sends_for_a_silent_clinic_counts_once():
+    """A clinic that stops heartbeating is answered for by the SuperLink: an error reply from
+    the SuperLink's own node id, in reply to the clinic's message. It is that clinic's failure,
+    counted once (sampled == replied + failed + no_reply; it used to count as a failure and a
+    missing reply), under its index and Flower's error code name."""
+    from flwr.app import Error
+
+    rec = RoundRecorder()
+    sent = [Message(RecordDict({"config": ConfigRecord({"server-round": 1})}),
+                    dst_node_id=n, message_type="train") for n in (7, 9)]
+    for m in sent:
+        m.metadata.__dict__["_message_id"] = f"m{m.metadata.dst_node_id}"
+    ok = Message(RecordDict({"metrics": MetricRecord({"num-examples": 7})}), reply_to=sent[0])
+    ok.metadata.__dict__["_src_node_id"] = 7
+    lost = Message(Error(5, "Node Unavailable"), reply_to=sent[1])
+    lost.metadata.__dict__["_src_node_id"] = 1  # Flower's SUPERLINK_NODE_ID
+    rec.record(sent, [ok, lost], 1.0)
+    r = rec.rounds[1]
+    assert (r.sampled, r.replied, r.train_failed, r.no_reply) == (2, 1, 1, 0)
+    assert r.errors == {1: "NODE_UNAVAILABLE"} and set(r.train) == {0}
+
+
 def _train_exchange(rec: RoundRecorder, rnd: int, tokens: dict) -> None:
     """One train exchange with node id -> the clinic token its reply carries (None: a reply
     without one, False: no reply); each reply's num-examples is its node id."""
