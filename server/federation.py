@@ -21,6 +21,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.serverapp.exception import PrivacyBudgetExhausted
+from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
 from server.central_dp import CentralDpLedger, wrap_central_dp
 from server.checkpoint import (
@@ -319,11 +320,15 @@ class RecordingGrid:
         grid objects (tests' stand-ins) keep their own send_and_receive."""
         if not isinstance(self._grid, Grid):
             return list(self._grid.send_and_receive(sent, timeout=timeout))
-        if self._pack:  # one packed array per message on the wire; the caller's stay as is
-            # Flower's strategies may give every message the same RecordDict: pack each once.
-            # Push copies and never touch them again: Flower's simulation Grid keeps the
-            # pushed object and its engine thread reads it later (a restore after the push
-            # raced with it, and clinics got messages without arrays).
+        # Packing is for a deployment's wire. Flower's in-memory simulation Grid hands the
+        # message objects to Ray: nothing is fetched per array, and the packed copies only
+        # cost memory (10 clinics: 5.82 and 5.79 GiB peak packed, 5.60 and 5.71 unpacked).
+        if self._pack and not isinstance(self._grid, InMemoryGrid):
+            # One packed array per message, the caller's messages stay as they are. Flower's
+            # strategies may give every message the same RecordDict: pack each once.
+            # Push copies and never touch them again: a Grid may keep the pushed object and
+            # read it later (Flower's simulation Grid does: restoring the caller's records
+            # after the push raced with its engine, and clinics got messages without arrays).
             cache: PackCache = {}
             copies: dict[int, RecordDict] = {}
             for m in sent:

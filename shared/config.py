@@ -285,7 +285,8 @@ class FederationConfig(_Strict):
     upload: Literal["fp32", "fp16", "int8"] = "fp32"
     # Send each message's arrays as one packed array (shared/packed_transport.py): the same
     # bytes in a few objects instead of one per array, which Flower's deployment transport
-    # moves with a request each. Lossless; false only to measure what it saves.
+    # moves with a request each. Lossless; false only to measure what it saves. Deployments
+    # only: a simulation's in-memory Grid never packs (no transport to save, copies to hold).
     pack_arrays: bool = True
     proximal_mu: float = Field(default=0.01, ge=0)
     # Server step size. Default (null): 1.0 for fedavgm (plain momentum over the averaged

@@ -9,6 +9,7 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
+from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
 from client.app import app as client_app
 from server.federation import RecordingGrid, RoundRecorder
@@ -156,13 +157,20 @@ class _LoopbackGrid(Grid):
         raise NotImplementedError
 
 
-@pytest.mark.parametrize("pack", [True, False])
-def test_the_server_grid_packs_what_it_pushes_and_unpacks_what_it_pulls(tiny_manifest, pack):
+class _InMemoryLoopback(_LoopbackGrid, InMemoryGrid):
+    """The loopback, as Flower's in-memory simulation Grid (which the server never packs for)."""
+
+
+@pytest.mark.parametrize(("pack", "grid_class"), [(True, _LoopbackGrid), (False, _LoopbackGrid),
+                                                  (True, _InMemoryLoopback)])
+def test_the_server_grid_packs_what_it_pushes_and_unpacks_what_it_pulls(tiny_manifest, pack,
+                                                                        grid_class):
     cfg = _fed_config()
     model = build_global_model(cfg)
     start = model_arrays(model)
-    loop = _LoopbackGrid(tiny_manifest)
+    loop = grid_class(tiny_manifest)
     grid = RecordingGrid(loop, RoundRecorder(), expected_shapes(model), pack=pack)
+    pack = pack and grid_class is _LoopbackGrid
     sent = _train_message(cfg, start)
     # a second message with the very same RecordDict, as Flower's strategies send
     twin = Message(sent.content, dst_node_id=2, message_type=sent.metadata.message_type)
