@@ -34,13 +34,13 @@ def is_packed(content: RecordDict) -> bool:
     return PACKED_RECORD in content.array_records
 
 
-def pack_arrays(content: RecordDict, cache: PackCache | None = None) -> dict[str, ArrayRecord]:
-    """Replace every ArrayRecord in `content` by one packed record plus its layout, in place.
-    Returns the records it took out (for `restore_arrays`). `cache` shares one packed copy
-    between messages that carry the same ArrayRecord objects (a round's train messages)."""
+def pack_arrays(content: RecordDict, cache: PackCache | None = None) -> None:
+    """Replace every ArrayRecord in `content` by one packed record plus its layout, in place
+    (a sender's own message: `packed_copy`). `cache` shares one packed copy between messages
+    that carry the same ArrayRecord objects (a round's train messages)."""
     records = dict(content.array_records)
     if not records:
-        return {}
+        return
     key = tuple((name, id(rec)) for name, rec in records.items())
     if cache is not None and key in cache:
         packed, layout = cache[key]
@@ -62,7 +62,6 @@ def pack_arrays(content: RecordDict, cache: PackCache | None = None) -> dict[str
         del content[name]
     content[PACKED_RECORD] = packed
     content[LAYOUT_RECORD] = layout
-    return records
 
 
 def packed_copy(content: RecordDict, cache: PackCache | None = None) -> RecordDict:
@@ -73,16 +72,6 @@ def packed_copy(content: RecordDict, cache: PackCache | None = None) -> RecordDi
     packed = RecordDict(dict(content.items()))
     pack_arrays(packed, cache)
     return packed
-
-
-def restore_arrays(content: RecordDict, records: dict[str, ArrayRecord]) -> None:
-    """Undo `pack_arrays` with the records it returned (the sender's own copy)."""
-    if not records:
-        return
-    del content[PACKED_RECORD]
-    del content[LAYOUT_RECORD]
-    for name, rec in records.items():
-        content[name] = rec
 
 
 def unpack_arrays(content: RecordDict) -> bool:

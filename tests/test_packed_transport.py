@@ -19,7 +19,7 @@ from shared.packed_transport import (
     PACKED_RECORD,
     is_packed,
     pack_arrays,
-    restore_arrays,
+    packed_copy,
     unpack_arrays,
 )
 from tests.test_federation import _context, _fed_config, _train_message
@@ -66,17 +66,18 @@ def test_pack_and_unpack_restore_every_array_bit_for_bit():
     assert unpack_arrays(content) is False  # not packed: left alone
 
 
-def test_restore_puts_back_the_senders_own_records_and_the_cache_shares_one_copy():
+def test_packed_copies_leave_the_senders_records_and_the_cache_shares_one_copy():
     shared = _content()["arrays"]
     a = RecordDict({"arrays": shared, "config": ConfigRecord({"x": 1})})
     b = RecordDict({"arrays": shared, "config": ConfigRecord({"x": 2})})
     cache: dict = {}
-    taken_a, taken_b = pack_arrays(a, cache), pack_arrays(b, cache)
-    assert a[PACKED_RECORD] is b[PACKED_RECORD]  # a round's messages: packed once
-    restore_arrays(a, taken_a)
-    restore_arrays(b, taken_b)
-    assert a["arrays"] is shared and b["arrays"] is shared
+    wire_a, wire_b = packed_copy(a, cache), packed_copy(b, cache)
+    assert wire_a[PACKED_RECORD] is wire_b[PACKED_RECORD]  # a round's messages: packed once
+    assert set(wire_a) == {PACKED_RECORD, LAYOUT_RECORD, "config"}
+    assert a["arrays"] is shared and b["arrays"] is shared  # the sender's, untouched
     assert set(a) == {"arrays", "config"}
+    unpack_arrays(wire_b)
+    assert _snapshot(wire_b) == _snapshot(b)
 
 
 @pytest.mark.parametrize("damage", ["truncated", "extra", "layout"])
