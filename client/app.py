@@ -44,6 +44,8 @@ from shared.dp_sgd import PrivacyBudgetSpent, declined_reply
 from shared.fedio import (
     BN_EXAMPLES_KEY,
     BN_STATS_KEY,
+    BN_STATS_ONLY_KEY,
+    BN_STATS_ROUND_KEY,
     CLINIC_RECORD,
     CLINIC_TOKEN_KEY,
     CROSS_SITE_KEY,
@@ -129,10 +131,14 @@ def train(msg: Message, context: Context) -> Message:
     global_arrays = msg.content["arrays"]
     control = (msg.content[SCAFFOLD_C_KEY] if SCAFFOLD_C_KEY in msg.content.array_records
                else None)
+    stats = with_bn_statistics(clinic, context, msg)  # before training: of the model received
     values, extra = local_training(clinic, context, global_arrays, server_round,
                                    float(msg.content["config"].get("proximal-mu", 0.0)),
                                    control)
     mark("computed")
+    if stats is not None:
+        extra[BN_STATS_KEY] = stats[0]
+        values.update(stats[1])
     metrics = MetricRecord(values)
     residual = (context.state[RESIDUAL_KEY] if RESIDUAL_KEY in context.state.array_records
                 else None)
@@ -147,6 +153,21 @@ def train(msg: Message, context: Context) -> Message:
     return Message(content=RecordDict({**records, **extra, "metrics": metrics}), reply_to=msg)
 
 
+def with_bn_statistics(clinic: Clinic, context: Context, msg: Message
+                       ) -> tuple[ArrayRecord, dict[str, float]] | None:
+    """A train message that names a round in BN_STATS_ROUND_KEY asks for the BatchNorm
+    statistics of the global model it carries (that round's), computed exactly as that
+    round's evaluate message would have: the record and its metrics, or None."""
+    stats_round = msg.content["config"].get(BN_STATS_ROUND_KEY)
+    if stats_round is None or not clinic.cfg.federation.bn_recalibration:
+        return None
+    t0 = time.perf_counter()
+    stats, n = bn_statistics(clinic, context, msg.content["arrays"], int(stats_round))
+    if not len(stats):
+        return None
+    return stats, {BN_EXAMPLES_KEY: n, "bn_statistics_seconds": time.perf_counter() - t0}
+
+
 @app.evaluate()
 @private_errors
 def evaluate_local(msg: Message, context: Context) -> Message:
@@ -158,7 +179,8 @@ def evaluate_local(msg: Message, context: Context) -> Message:
         check_frozen(msg.content["config"], cfg, clinic.model)
         content = cross_site(clinic, context, msg, str(phase), server_round)
         return Message(content=content, reply_to=msg)
-    values = evaluate_values(clinic, msg.content["arrays"], context)
+    only_stats = bool(msg.content["config"].get(BN_STATS_ONLY_KEY, False))
+    values = {} if only_stats else evaluate_values(clinic, msg.content["arrays"], context)
     content = RecordDict()
     if cfg.federation.bn_recalibration:
         stats, n = bn_statistics(clinic, context, msg.content["arrays"], server_round)

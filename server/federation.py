@@ -12,12 +12,21 @@ import json
 import logging
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.serverapp.exception import PrivacyBudgetExhausted
@@ -42,6 +51,8 @@ from shared.errors import DentfedError
 from shared.fedio import (
     BN_EXAMPLES_KEY,
     BN_STATS_KEY,
+    BN_STATS_ONLY_KEY,
+    BN_STATS_ROUND_KEY,
     CLINIC_RECORD,
     SCAFFOLD_DELTA_KEY,
     arrays_nbytes,
@@ -369,6 +380,7 @@ class RecordingGrid:
         """Turn a (possibly quantised) update into fp32 weights in place for the strategy;
         a one-line reason when it is malformed."""
         records = dict(reply.content.array_records)
+        records.pop(BN_STATS_KEY, None)  # checked where they are used (`recalibrated`)
         extra = set(records) - {"arrays", SCALES_KEY, SCAFFOLD_DELTA_KEY}
         if "arrays" not in records or sent is None or extra:
             return f"array records {sorted(records)}, expected 'arrays'"
@@ -482,9 +494,13 @@ def _plain(mr: MetricRecord | None) -> dict[str, float]:
 
 
 def _content_order(reply: Message) -> tuple:
+    """The aggregation order of a reply: its metrics, less the timings (which differ run to
+    run: the order, and so the float sums, would too) and what the strategy never sees."""
     if reply.has_error():
         return (0, ())
-    return (1, tuple(sorted((name, tuple(sorted((k, repr(v)) for k, v in rec.items())))
+    return (1, tuple(sorted((name, tuple(sorted((k, repr(v)) for k, v in rec.items()
+                                                if not k.endswith("_seconds")
+                                                and k != BN_EXAMPLES_KEY)))
                             for name, rec in reply.content.metric_records.items())))
 
 
@@ -539,28 +555,54 @@ def run_federation(grid: Grid, cfg: Config, test_manifest: str | Path,
     stopped = None
     last_done = start - 1  # the last round whose aggregate is in `arrays`
     diverged = False
+    shapes = expected_shapes(model)
+    # BatchNorm statistics without clinic-side evaluation: they ride on the next round's
+    # train replies (one exchange a round instead of two), the evaluated round is scored
+    # once they are in. Flower's client-side clipping mods (privacy.central) accept one array
+    # record per reply: there, and in the last round, an evaluate message for them alone.
+    stats_by_train = (fed.bn_recalibration and fed.fraction_evaluate == 0
+                      and cfg.privacy.central is None)
+    pending = None  # (round, its global arrays) waiting for the statistics
+    if (stats_by_train and start > 1 and start - 1 not in evaluator.history
+            and (start - 1) % fed.evaluate_every == 0):  # resumed while waiting
+        pending = (start - 1, arrays)
     try:
         if start == 1:
             evaluator(0, arrays)
         for rnd in range(start, fed.rounds + 1):
             log.info("[ROUND %d/%d]", rnd, fed.rounds)
-            arrays = _train_round(strategy, wgrid, recorder, cfg, rnd, arrays,
-                                  ConfigRecord(dict(train_cfg)), train_agg)
+            tcfg = ConfigRecord(dict(train_cfg))
+            stats: list[tuple[dict[str, np.ndarray], float]] = []
+            if pending is not None:
+                tcfg[BN_STATS_ROUND_KEY] = pending[0]
+            arrays = _train_round(strategy, wgrid, recorder, cfg, rnd, arrays, tcfg,
+                                  train_agg, lambda replies, out=stats: out.extend(
+                                      take_bn_statistics(replies)))
+            if pending is not None:
+                evaluator(pending[0], recalibrated(pending[1], stats, shapes, pending[0]))
+                pending = None
             # Clinics evaluate (and re-estimate BatchNorm statistics) only in the rounds the
             # server evaluates too: running statistics never enter training (BatchNorm uses
             # the batch's own in train mode), so the other rounds' would be unused work.
             evaluated = rnd % fed.evaluate_every == 0 or rnd == fed.rounds
+            clinics_evaluate = evaluated and fed.fraction_evaluate > 0
             replies = list(wgrid.send_and_receive(
                 strategy.configure_evaluate(rnd, arrays, ConfigRecord(dict(eval_cfg)), wgrid),
-                timeout=fed.round_timeout)) if evaluated else []
-            if fed.bn_recalibration and evaluated:
-                arrays = recalibrated(arrays, replies, expected_shapes(model), rnd)
-            if replies:
+                timeout=fed.round_timeout)) if clinics_evaluate else []
+            wait = stats_by_train and evaluated and rnd < fed.rounds
+            if fed.bn_recalibration and evaluated and not wait:
+                if not clinics_evaluate:
+                    replies = _bn_statistics_exchange(wgrid, rnd, arrays, eval_cfg,
+                                                      fed.round_timeout)
+                arrays = recalibrated(arrays, take_bn_statistics(replies), shapes, rnd)
+            if clinics_evaluate and replies:
                 agg = strategy.aggregate_evaluate(rnd, replies)
                 if agg is not None:
                     eval_agg[rnd] = _plain(agg)
             last_done = rnd
-            if evaluated:
+            if wait:  # scored once the next round's train replies carry its statistics
+                pending = (rnd, arrays)
+            elif evaluated:
                 evaluator(rnd, arrays)
             if run_dir is not None:
                 save_checkpoint(run_dir, {
@@ -593,13 +635,10 @@ def run_federation(grid: Grid, cfg: Config, test_manifest: str | Path,
                             arrays_nbytes(arrays), stopped, central, cross)
 
 
-def recalibrated(arrays: ArrayRecord, replies: list[Message],
-                 shapes: dict[str, tuple[int, ...]], rnd: int) -> ArrayRecord:
-    """federation.bn_recalibration: the global BatchNorm statistics set to those of the
-    union of the clinics' training images (`mixture_statistics` of the statistics each clinic
-    computed for this global model). The records are taken out of the replies; malformed ones
-    are ignored."""
-    stats, weights = [], []
+def take_bn_statistics(replies: list[Message]) -> list[tuple[dict[str, np.ndarray], float]]:
+    """federation.bn_recalibration: each reply's BatchNorm statistics and the number of
+    images behind them, taken out of the replies (the strategy never sees them)."""
+    out = []
     for r in replies:
         if r.has_error() or BN_STATS_KEY not in r.content.array_records:
             continue
@@ -609,31 +648,61 @@ def recalibrated(arrays: ArrayRecord, replies: list[Message],
         for mr in r.content.metric_records.values():
             if BN_EXAMPLES_KEY in mr:
                 del mr[BN_EXAMPLES_KEY]
-        if n > 0 and check_arrays(rec, {k: v for k, v in shapes.items() if k in rec}) is None \
-                and set(rec) <= set(shapes):
-            stats.append({k: a.numpy() for k, a in rec.items()})
-            weights.append(n)
-    if not stats or any(set(s) != set(stats[0]) for s in stats):
+        out.append(({k: a.numpy() for k, a in rec.items()}, n))
+    return out
+
+
+def recalibrated(arrays: ArrayRecord, stats: list[tuple[dict[str, np.ndarray], float]],
+                 shapes: dict[str, tuple[int, ...]], rnd: int) -> ArrayRecord:
+    """federation.bn_recalibration: the global BatchNorm statistics set to those of the
+    union of the clinics' training images (`mixture_statistics` of the statistics each clinic
+    computed for this global model, `take_bn_statistics`). Malformed ones are ignored; the
+    clinics' are combined in an order set by their content, not by when they arrived, so the
+    same statistics give the same model bit for bit."""
+    usable = []
+    for rec, n in stats:
+        if n > 0 and set(rec) <= set(shapes) and check_arrays(
+                ArrayRecord({k: Array(v) for k, v in rec.items()}),
+                {k: v for k, v in shapes.items() if k in rec}) is None:
+            usable.append((rec, n))
+    usable.sort(key=lambda s: (s[1], b"".join(s[0][k].tobytes() for k in sorted(s[0]))))
+    if not usable or any(set(s) != set(usable[0][0]) for s, _ in usable):
         log.warning("round %d: no usable BatchNorm statistics from the clinics; the averaged "
                     "ones are kept", rnd)
         return arrays
     new = ArrayRecord({k: Array(a.numpy()) for k, a in arrays.items()})
-    for k, v in mixture_statistics(stats, weights).items():
+    for k, v in mixture_statistics([s for s, _ in usable], [n for _, n in usable]).items():
         new[k] = Array(v)
     return new
 
 
+def _bn_statistics_exchange(grid: RecordingGrid, rnd: int, arrays: ArrayRecord,
+                            eval_cfg: ConfigRecord, timeout: float | None) -> list[Message]:
+    """Evaluate messages that ask every connected clinic for the BatchNorm statistics of
+    round `rnd`'s global model only (no validation): the last round's when the clinics do not
+    evaluate, and every evaluated round's under privacy.central."""
+    config = ConfigRecord({**dict(eval_cfg), "server-round": rnd, BN_STATS_ONLY_KEY: True})
+    content = RecordDict({"arrays": arrays, "config": config})
+    messages = [Message(content=content, dst_node_id=node, message_type=MessageType.EVALUATE)
+                for node in sorted(grid.get_node_ids())]
+    return list(grid.send_and_receive(messages, timeout=timeout))
+
+
 def _train_round(strategy, grid: RecordingGrid, recorder: RoundRecorder, cfg: Config,
                  rnd: int, arrays: ArrayRecord, train_cfg: ConfigRecord,
-                 train_agg: dict[int, dict[str, float]]) -> ArrayRecord:
+                 train_agg: dict[int, dict[str, float]],
+                 on_replies: Callable[[list[Message]], object] | None = None) -> ArrayRecord:
     """One training round; returns the new global arrays (unchanged when the round is
-    skipped). Replies below min_train_clinics are never aggregated."""
+    skipped). Replies below min_train_clinics are never aggregated. `on_replies` sees every
+    attempt's replies before the strategy does (it takes what is not the strategy's)."""
     fed = cfg.federation
     for attempt in range(fed.round_retries + 1):
         before = recorder.rounds[rnd].sampled if rnd in recorder.rounds else 0
         replies = list(grid.send_and_receive(
             strategy.configure_train(rnd, arrays, ConfigRecord(dict(train_cfg)), grid),
             timeout=fed.round_timeout))
+        if on_replies is not None:
+            on_replies(replies)
         rec = recorder.rounds.get(rnd)
         got = _ok(replies)
         if got >= fed.min_train_clinics:

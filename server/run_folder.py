@@ -79,7 +79,9 @@ def summary(res: FederationResult) -> dict:
             "clinic_evaluate_phase": sum(r.evaluate_seconds
                                          for r in res.recorder.rounds.values()),
             "central_evaluation": sum(res.evaluator.seconds.values()),
+            # training, and the BatchNorm statistics pass a train reply may carry
             "clinic_train_compute": sum(c.get("train_seconds", 0.0)
+                                        + c.get("bn_statistics_seconds", 0.0)
                                         for r in res.recorder.rounds.values()
                                         for c in r.train.values()),
         },
@@ -106,11 +108,17 @@ def _plot(res: FederationResult, path: Path) -> None:
         rs = [r for r in sorted(res.recorder.rounds) if idx in res.recorder.rounds[r].train]
         axes[1].plot(rs, [res.recorder.rounds[r].train[idx].get("train_loss", np.nan)
                           for r in rs], "--", alpha=0.7, label=f"clinic {idx} train")
-        es = [r for r in sorted(res.recorder.rounds) if idx in res.recorder.rounds[r].evaluate]
-        axes[2].plot(es, [res.recorder.rounds[r].evaluate[idx].get(f"val_{ev.key}", np.nan)
-                          for r in es], "-o", ms=3, label=f"clinic {idx}")
+        val = f"val_{ev.key}"  # not in a reply that only carried BatchNorm statistics
+        es = [r for r in sorted(res.recorder.rounds)
+              if val in res.recorder.rounds[r].evaluate.get(idx, {})]
+        if es:
+            axes[2].plot(es, [res.recorder.rounds[r].evaluate[idx][val] for r in es], "-o",
+                         ms=3, label=f"clinic {idx}")
     axes[1].set(title="Loss", xlabel="round")
     axes[2].set(title=f"Clinic validation {ev.key}", xlabel="round")
+    if not axes[2].get_lines():
+        axes[2].text(0.5, 0.5, "no clinic-side evaluation\n(federation.fraction_evaluate 0)",
+                     ha="center", va="center", transform=axes[2].transAxes)
     for ax in axes:
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:

@@ -250,7 +250,9 @@ class FederationConfig(_Strict):
     batch_size: int | None = Field(default=None, ge=1)
     fraction_train: float = Field(default=1.0, gt=0, le=1)
     # 0: no clinic-side evaluation rounds (the server's own test set still scores every
-    # evaluated round); bn_recalibration and FedBN's per-clinic figures need them.
+    # evaluated round; FedBN's per-clinic figures need them). bn_recalibration's statistics
+    # then ride on the next round's train replies, and the last round's on an evaluate
+    # message that asks for them alone: one exchange a round instead of two.
     fraction_evaluate: float = Field(default=1.0, ge=0, le=1)
     # Evaluation after every k-th round (round 0, the initial model, included centrally) and
     # always after the last: the server's test set and the clinics' validation images (with
@@ -272,9 +274,10 @@ class FederationConfig(_Strict):
     # FedBN (Li et al. 2021): BatchNorm weights, biases and running statistics stay at each
     # clinic (never sent, never averaged); the clinic keeps its own between rounds.
     local_bn: bool = False
-    # BatchNorm re-estimation: with each round's evaluate message, every clinic recomputes the
-    # BatchNorm statistics of the new global model on its training images (forward passes
-    # only) and sends them; the server sets the global statistics to those of the pooled
+    # BatchNorm re-estimation: for each evaluated round's global model every clinic computes
+    # its BatchNorm statistics on its training images (forward passes only) and sends them,
+    # with that round's evaluate reply or, without clinic-side evaluation, with the next
+    # round's train reply; the server sets the global statistics to those of the pooled
     # mixture. Averaged weights otherwise carry averaged statistics that match neither.
     bn_recalibration: bool = False
     # At most this many of the clinic's training images (a random sample, new every round)

@@ -48,6 +48,12 @@ SCAFFOLD_DELTA_KEY = "scaffold-delta-c"
 # reply) and the number of training images they were computed on (metric).
 BN_STATS_KEY = "bn-stats"
 BN_EXAMPLES_KEY = "bn-examples"
+# Without clinic-side evaluation (fraction_evaluate 0) the statistics of round R's global
+# model ride on the next round's train reply: its config names R (the model it carries is
+# round R's), and the clinic computes them as an evaluate message of round R would. The last
+# round's come from an evaluate message that asks for the statistics only.
+BN_STATS_ROUND_KEY = "bn-stats-round"
+BN_STATS_ONLY_KEY = "bn-stats-only"
 # End-of-run cross-site evaluation / personalisation (federation.cross_site, .personalize):
 # the evaluate message's config says which phase ("own": the global model, and the clinic's
 # personalised one, on its own validation set; "shared": the other clinics' models in the

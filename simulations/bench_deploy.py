@@ -8,10 +8,14 @@ per variant, one after another in the same invocation, and prints per round:
 
   train wall     the server's train exchange: train messages sent -> last reply in (the
                  ServerApp's Grid timing, metrics.json `round_seconds`)
-  eval wall      the same for the clinic evaluate exchange (`clinic_evaluate_seconds`; the demo
-                 config asks every clinic for BatchNorm statistics every round)
-  compute k      clinic k's own seconds for the round: `train_seconds` + `evaluate_seconds`
-                 from its replies (the training loop, or the evaluation/statistics pass; a
+  eval wall      the same for the clinic evaluate exchange (`clinic_evaluate_seconds`; in the
+                 demo config, without clinic-side evaluation, only the last round has one:
+                 the BatchNorm statistics of the other evaluated rounds ride on the next
+                 round's train replies)
+  compute k      clinic k's own seconds for the round: `train_seconds` (+
+                 `bn_statistics_seconds` when its train reply carries BatchNorm statistics)
+                 + `evaluate_seconds` from its replies (the training loop, or the
+                 evaluation/statistics pass; a
                  fresh process's first decode of the images it touches is inside them)
   overhead       (train wall - max_k train_seconds_k) + (eval wall - max_k evaluate_seconds_k):
                  the seconds a round of clinic exchanges takes beyond the slowest clinic's
@@ -39,6 +43,9 @@ Variants (`--variants`, each a full deployment, run one after another):
           process send each other with every message
   warm-unpacked  `warm` with federation.pack_arrays false: every array its own Flower object
           on the wire (as before packed transport, shared/packed_transport.py)
+  warm-clinic-eval  `warm` with federation.fraction_evaluate 1: every clinic evaluates in the
+          evaluated rounds, and the BatchNorm statistics come with those evaluate replies (a
+          second exchange in the round) instead of the next round's train replies
 The server polls the SuperLink for replies every 0.2 s in every variant (server/federation.py).
 
     .venv/bin/python -m simulations.bench_deploy --clinics 3 --rounds 3 \
@@ -82,9 +89,14 @@ VARIANTS: dict[str, list[str]] = {  # extra `dentfed clinic start` arguments
     # warm, with the coordinator sending every array as its own Flower object (one request
     # per array per hop) instead of one packed array per message (shared/packed_transport.py)
     "warm-unpacked": ["--cache-dir", "{root}/cache_{k}"],
+    # warm, with every clinic evaluating in the evaluated rounds (fraction_evaluate 1): the
+    # BatchNorm statistics come with those evaluate replies, a second exchange in the round,
+    # instead of with the next round's train replies (the demo configs' default)
+    "warm-clinic-eval": ["--cache-dir", "{root}/cache_{k}"],
 }
 CONFIG_OVERRIDES: dict[str, dict] = {"warm-nostate": {"keep_optimizer_state": False},
-                                     "warm-unpacked": {"pack_arrays": False}}
+                                     "warm-unpacked": {"pack_arrays": False},
+                                     "warm-clinic-eval": {"fraction_evaluate": 1.0}}
 # Consecutive marks of client/timing.py and what the seconds between them are.
 STAGES = [("process_start", "app_loaded", "start-up: interpreter, Flower, FAB, message, imports"),
           ("app_loaded", "handler_start", "mods"),
@@ -105,9 +117,12 @@ def per_round(metrics: dict) -> list[dict]:
             continue
         train = h["clinics_train"]["per_clinic"]
         ev = h["clinics_evaluate"]["per_clinic"]
-        t_max = max((c.get("train_seconds", 0.0) for c in train.values()), default=0.0)
+        def trained(c: dict) -> float:  # a train reply may carry BatchNorm statistics too
+            return c.get("train_seconds", 0.0) + c.get("bn_statistics_seconds", 0.0)
+
+        t_max = max((trained(c) for c in train.values()), default=0.0)
         e_max = max((c.get("evaluate_seconds", 0.0) for c in ev.values()), default=0.0)
-        compute = {k: train.get(k, {}).get("train_seconds", 0.0)
+        compute = {k: trained(train.get(k, {}))
                    + ev.get(k, {}).get("evaluate_seconds", 0.0)
                    for k in sorted(set(train) | set(ev), key=int)}
         overhead = (h["round_seconds"] - t_max) + (

@@ -48,7 +48,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="comma list: baseline (the config as it is, without the clinics' "
                     "disk image cache) and lean (central evaluation only before round 1 and "
                     "after the last, federation.evaluate_every = rounds; no clinic-side "
-                    "evaluation, fraction_evaluate 0; the disk image cache on)")
+                    "evaluation, fraction_evaluate 0; the disk image cache on) and "
+                    "clinic-eval (the baseline with every clinic evaluating in the evaluated "
+                    "rounds, fraction_evaluate 1: with bn_recalibration, the statistics then "
+                    "come with those evaluate replies instead of the next train replies)")
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--local-epochs", type=int, default=None)
     ap.add_argument("--out", type=Path,
@@ -70,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         "lean": lambda c: _variant(c, data={"disk_cache": True}, federation={
             "evaluate_every": c.federation.rounds, "fraction_evaluate": 0.0,
             "min_evaluate_clinics": 0}),
+        "clinic-eval": lambda c: _variant(c, data={"disk_cache": False}, federation={
+            "fraction_evaluate": 1.0, "min_evaluate_clinics": c.split.clinics}),
     }
     for enc in args.uploads.split(","):
         for var in args.variants.split(","):

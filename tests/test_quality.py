@@ -3,6 +3,7 @@ learning-rate schedule across rounds, GroupNorm models, SCAFFOLD."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -240,6 +241,42 @@ def test_resume_is_exact_with_scaffold_and_kept_client_optimizer_state(tmp_path)
     assert straight.evaluator.history[3] == resumed.evaluator.history[3]
 
 
+def test_resume_while_a_round_waits_for_its_batchnorm_statistics_is_exact(tmp_path):
+    """bn_recalibration without clinic evaluation: round 2's statistics come with round 3's
+    train replies. A coordinator killed in round 3 has checkpointed round 2 unscored; the
+    resumed run asks round 3's clinics for them and scores round 2 as the straight run did."""
+    import shutil
+
+    from server.checkpoint import load_checkpoint
+    from server.federation import run_federation
+    from simulations.bench_quality import InProcessGrid
+    from simulations.simulate import prepare_split
+    from tests.conftest import write_tiny_multilabel
+
+    manifest = write_tiny_multilabel(tmp_path / "data", n=48)
+    raw = _cfg(rounds=3, local_steps=2, bn_recalibration=True, evaluate_every=2,
+               fraction_evaluate=0.0).model_dump(mode="json")
+    raw["split"] = {"clinics": 2, "scheme": "iid", "test_fraction": 0.25}
+    cfg = config_from_dict(raw)
+    prepare_split(cfg, manifest, tmp_path / "split_a")
+    shutil.copytree(tmp_path / "split_a", tmp_path / "split_b")
+
+    def run(split: str, grid, resume: bool = False):
+        return run_federation(grid, cfg, tmp_path / split / "server_test.csv",
+                              run_dir=tmp_path / f"run_{split}", resume=resume)
+
+    straight = run("split_a", InProcessGrid(tmp_path / "split_a", 2))
+    with pytest.raises(KeyboardInterrupt):
+        run("split_b", _CrashingGrid(InProcessGrid(tmp_path / "split_b", 2), crash_at=3))
+    waiting = json.loads(load_checkpoint(tmp_path / "run_split_b")["evaluator"]["history"])
+    assert sorted(waiting) == ["0"]  # round 2 checkpointed, not yet scored
+    resumed = run("split_b", InProcessGrid(tmp_path / "split_b", 2, resume=True),
+                  resume=True)
+    assert sorted(resumed.evaluator.history) == [0, 2, 3]
+    for rnd in (2, 3):
+        assert straight.evaluator.history[rnd] == resumed.evaluator.history[rnd]
+
+
 def test_a_second_federation_over_the_same_split_starts_clean(tmp_path):
     """Benchmarks run variants and seeds over one split folder. The second run must equal
     the first: the first's saved clinic state (after rounds 3-5) once pushed the second's
@@ -374,18 +411,21 @@ def test_evaluate_every_and_no_clinic_evaluation_leave_training_unchanged(tmp_pa
     folder still lists every round."""
     from server.federation import run_federation
     from server.run_folder import write_run_folder
+    from shared.fedio import BN_EXAMPLES_KEY, BN_STATS_ONLY_KEY, BN_STATS_ROUND_KEY
     from simulations.bench_quality import InProcessGrid
     from simulations.simulate import prepare_split
     from tests.conftest import write_tiny_multilabel
 
-    manifest = write_tiny_multilabel(tmp_path / "data", n=48)
+    manifest = write_tiny_multilabel(tmp_path / "data", n=60)
 
     def run(name: str, **fed):
         raw = _cfg(rounds=3, local_steps=2, **fed).model_dump(mode="json")
-        raw["split"] = {"clinics": 2, "scheme": "iid", "test_fraction": 0.25}
+        # 3 clinics: with 2, a weighted sum is the same in either order, and a reply order
+        # that depended on timings (it once did) would go unseen
+        raw["split"] = {"clinics": 3, "scheme": "iid", "test_fraction": 0.25}
         cfg = config_from_dict(raw)
         prepare_split(cfg, manifest, tmp_path / name)
-        grid = InProcessGrid(tmp_path / name, 2)
+        grid = InProcessGrid(tmp_path / name, 3)
         return run_federation(grid, cfg, tmp_path / name / "server_test.csv"), grid
 
     def evaluate_rounds(grid) -> list[int]:
@@ -415,3 +455,25 @@ def test_evaluate_every_and_no_clinic_evaluation_leave_training_unchanged(tmp_pa
     data = write_run_folder(lean, tmp_path / "run_lean")
     assert [h["round"] for h in data["history"]] == [0, 1, 2, 3]
     assert data["history"][1]["server"] is None and data["history"][1]["clinics_train"]
+
+    # BatchNorm re-estimation without clinic evaluation: round 2's statistics ride on round
+    # 3's train replies, round 3's come from an evaluate message that asks for them alone.
+    # One exchange fewer, and the same evaluated models as every2's, bit for bit.
+    piggy, piggy_grid = run("piggy", bn_recalibration=True, evaluate_every=2,
+                            fraction_evaluate=0.0)
+    assert sorted(piggy.evaluator.history) == [0, 2, 3]
+    for rnd in (0, 2, 3):
+        assert piggy.evaluator.history[rnd] == every2.evaluator.history[rnd]
+    c = piggy.evaluator.final_state
+    assert max(float((b[k] - c[k]).abs().max()) for k in b) == 0.0
+    asked = [(m.metadata.message_type.split(".")[0], int(m.content["config"]["server-round"]),
+              m.content["config"].get(BN_STATS_ROUND_KEY),
+              m.content["config"].get(BN_STATS_ONLY_KEY)) for m in piggy_grid.sent
+             if "config" in m.content.config_records]
+    assert sorted(set(asked)) == [("evaluate", 3, None, True), ("train", 1, None, None),
+                                  ("train", 2, None, None), ("train", 3, 2, None)]
+    def messages(grid) -> int:
+        return sum("config" in m.content.config_records for m in grid.sent)
+
+    assert messages(piggy_grid) == messages(every2_grid) - 3  # round 2's evaluate messages
+    assert not any(BN_EXAMPLES_KEY in v for v in piggy.train_aggregated.values())
