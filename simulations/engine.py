@@ -67,31 +67,35 @@ def stop_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
         proc.wait(timeout=5)
 
 
-def _tagged_pids(tag: str) -> list[int]:
-    needle = f"DENTFED_SIM_TAG={tag}".encode()
+def _tagged_pids(tag: str, also: str | None = None) -> list[int]:
+    needles = {f"DENTFED_SIM_TAG={tag}".encode()} | ({also.encode()} if also else set())
     pids = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
         with contextlib.suppress(OSError):
-            if needle in (entry / "environ").read_bytes().split(b"\0"):
+            if needles & set((entry / "environ").read_bytes().split(b"\0")):
                 pids.append(int(entry.name))
     return pids
 
 
-def kill_tagged(tag: str, grace: float = 5.0) -> None:
-    """SIGTERM, then SIGKILL, every process whose environment carries our tag (Linux)."""
+def kill_tagged(tag: str, grace: float = 5.0, also: str | None = None) -> None:
+    """SIGTERM, then SIGKILL, every process whose environment carries our tag (Linux), or
+    the entry `also` (e.g. the run's FLWR_HOME=...). Ray's agents retitle themselves
+    (setproctitle), which overwrites the start of what /proc shows of their environment
+    (seen: two agents of a killed run without the tag, left running): the run's processes
+    get FLWR_HOME and the tag as their last entries (`simulation_superlink`)."""
     if not Path("/proc").is_dir():
         return
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        pids = _tagged_pids(tag)
+        pids = _tagged_pids(tag, also)
         if not pids:
             return
         for pid in pids:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, sig)
         deadline = time.monotonic() + grace
-        while time.monotonic() < deadline and _tagged_pids(tag):
+        while time.monotonic() < deadline and _tagged_pids(tag, also):
             time.sleep(0.2)
 
 
@@ -122,14 +126,15 @@ def simulation_superlink(work: Path, ray_address: str | None = None
     # An inherited tag lets a supervisor (a test that crashes the run on purpose) find and
     # kill everything this run starts.
     tag = os.environ.get("DENTFED_SIM_TAG") or uuid.uuid4().hex
-    env = {**os.environ, "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0",
-           "DENTFED_SIM_TAG": tag,
-           "FLWR_DISABLE_UPDATE_CHECK": "1",
+    last = ("FLWR_HOME", "DENTFED_SIM_TAG")  # see kill_tagged
+    env = {**{k: v for k, v in os.environ.items() if k not in last},
+           "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     # The embedded engine never joins a cluster by accident: without an address, ray.init()
     # would join the last cluster `ray start` left on this machine (/tmp/ray/ray_current_cluster);
     # "local" always starts a private one.
     env["RAY_ADDRESS"] = ray_address or "local"
+    env["FLWR_HOME"], env["DENTFED_SIM_TAG"] = str(home), tag  # last: see kill_tagged
     port = free_port()  # flwr >= 1.42 serves runtime, control and fleet APIs on one port
     log = work / "superlink.log"
     # No runtime dependency installation: Flower would otherwise `uv sync` a fresh virtual
@@ -146,7 +151,7 @@ def simulation_superlink(work: Path, ray_address: str | None = None
         yield port, env
     finally:
         stop_group(proc)
-        kill_tagged(tag)
+        kill_tagged(tag, also=f"FLWR_HOME={home}")
 
 
 def _toml_value(v: object) -> str:
