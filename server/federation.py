@@ -572,14 +572,16 @@ def run_federation(grid: Grid, cfg: Config, test_manifest: str | Path,
         for rnd in range(start, fed.rounds + 1):
             log.info("[ROUND %d/%d]", rnd, fed.rounds)
             tcfg = ConfigRecord(dict(train_cfg))
-            stats: list[tuple[dict[str, np.ndarray], float]] = []
+            # by node: a clinic that replies to a retried round's every attempt counts once
+            stats: dict[int, tuple[dict[str, np.ndarray], float]] = {}
             if pending is not None:
                 tcfg[BN_STATS_ROUND_KEY] = pending[0]
             arrays = _train_round(strategy, wgrid, recorder, cfg, rnd, arrays, tcfg,
-                                  train_agg, lambda replies, out=stats: out.extend(
+                                  train_agg, lambda replies, out=stats: out.update(
                                       take_bn_statistics(replies)))
             if pending is not None:
-                evaluator(pending[0], recalibrated(pending[1], stats, shapes, pending[0]))
+                evaluator(pending[0], recalibrated(pending[1], list(stats.values()), shapes,
+                                                   pending[0]))
                 pending = None
             # Clinics evaluate (and re-estimate BatchNorm statistics) only in the rounds the
             # server evaluates too: running statistics never enter training (BatchNorm uses
@@ -594,7 +596,8 @@ def run_federation(grid: Grid, cfg: Config, test_manifest: str | Path,
                 if not clinics_evaluate:
                     replies = _bn_statistics_exchange(wgrid, rnd, arrays, eval_cfg,
                                                       fed.round_timeout)
-                arrays = recalibrated(arrays, take_bn_statistics(replies), shapes, rnd)
+                arrays = recalibrated(arrays, list(take_bn_statistics(replies).values()),
+                                      shapes, rnd)
             if clinics_evaluate and replies:
                 agg = strategy.aggregate_evaluate(rnd, replies)
                 if agg is not None:
@@ -635,10 +638,12 @@ def run_federation(grid: Grid, cfg: Config, test_manifest: str | Path,
                             arrays_nbytes(arrays), stopped, central, cross)
 
 
-def take_bn_statistics(replies: list[Message]) -> list[tuple[dict[str, np.ndarray], float]]:
+def take_bn_statistics(replies: list[Message]
+                       ) -> dict[int, tuple[dict[str, np.ndarray], float]]:
     """federation.bn_recalibration: each reply's BatchNorm statistics and the number of
-    images behind them, taken out of the replies (the strategy never sees them)."""
-    out = []
+    images behind them by the clinic's node, taken out of the replies (the strategy never
+    sees them)."""
+    out = {}
     for r in replies:
         if r.has_error() or BN_STATS_KEY not in r.content.array_records:
             continue
@@ -648,7 +653,7 @@ def take_bn_statistics(replies: list[Message]) -> list[tuple[dict[str, np.ndarra
         for mr in r.content.metric_records.values():
             if BN_EXAMPLES_KEY in mr:
                 del mr[BN_EXAMPLES_KEY]
-        out.append(({k: a.numpy() for k, a in rec.items()}, n))
+        out[r.metadata.src_node_id] = ({k: a.numpy() for k, a in rec.items()}, n)
     return out
 
 
