@@ -206,11 +206,11 @@ class _CrashingGrid:
         return self.grid.send_and_receive(messages, timeout=timeout)
 
 
-def test_resume_is_exact_with_scaffold_and_kept_client_optimizer_state(tmp_path):
-    """The real server loop and ClientApp in process: 3 rounds straight, versus 2 rounds, a
-    crash in round 3, and a resume by a new Flower run (clinics' context.state empty). The
-    server's SCAFFOLD variate comes from the checkpoint, each clinic's variate and momentum
-    from its own state folder: the final models must be identical."""
+def _straight_and_resumed(tmp_path, fed: dict, train: dict | None = None, n: int = 64,
+                          after_crash=None):
+    """The real server loop and ClientApp in process, 2 clinics, 3 rounds: straight, and on a
+    copy of the split crashed in round 3 then resumed by a new Flower run (clinics'
+    context.state empty). `after_crash(run_dir, split_dir)` checks what the crash left."""
     import shutil
 
     from server.federation import run_federation
@@ -218,9 +218,8 @@ def test_resume_is_exact_with_scaffold_and_kept_client_optimizer_state(tmp_path)
     from simulations.simulate import prepare_split
     from tests.conftest import write_tiny_multilabel
 
-    manifest = write_tiny_multilabel(tmp_path / "data", n=64)
-    raw = _cfg({"optimizer": "sgd", "lr": 0.05}, strategy="scaffold", rounds=3,
-               local_steps=2, keep_optimizer_state=True).model_dump(mode="json")
+    manifest = write_tiny_multilabel(tmp_path / "data", n=n)
+    raw = _cfg(train, rounds=3, local_steps=2, **fed).model_dump(mode="json")
     raw["split"] = {"clinics": 2, "scheme": "iid", "test_fraction": 0.25}
     cfg = config_from_dict(raw)
     prepare_split(cfg, manifest, tmp_path / "split_a")
@@ -233,9 +232,23 @@ def test_resume_is_exact_with_scaffold_and_kept_client_optimizer_state(tmp_path)
     straight = run("split_a", InProcessGrid(tmp_path / "split_a", 2))
     with pytest.raises(KeyboardInterrupt):
         run("split_b", _CrashingGrid(InProcessGrid(tmp_path / "split_b", 2), crash_at=3))
-    assert (tmp_path / "split_b" / "clinic_0" / "state" / "after_round_2.pt").is_file()
+    if after_crash is not None:
+        after_crash(tmp_path / "run_split_b", tmp_path / "split_b")
     resumed = run("split_b", InProcessGrid(tmp_path / "split_b", 2, resume=True),
                   resume=True)
+    return straight, resumed
+
+
+def test_resume_is_exact_with_scaffold_and_kept_client_optimizer_state(tmp_path):
+    """3 rounds straight, versus 2 rounds, a crash in round 3 and a resume. The server's
+    SCAFFOLD variate comes from the checkpoint, each clinic's variate and momentum from its
+    own state folder: the final models must be identical."""
+    def after_crash(run_dir, split_dir):
+        assert (split_dir / "clinic_0" / "state" / "after_round_2.pt").is_file()
+
+    straight, resumed = _straight_and_resumed(
+        tmp_path, {"strategy": "scaffold", "keep_optimizer_state": True},
+        {"optimizer": "sgd", "lr": 0.05}, after_crash=after_crash)
     a, b = straight.evaluator.final_state, resumed.evaluator.final_state
     assert max(float((a[k] - b[k]).abs().max()) for k in a) == 0.0
     assert straight.evaluator.history[3] == resumed.evaluator.history[3]
@@ -245,33 +258,15 @@ def test_resume_while_a_round_waits_for_its_batchnorm_statistics_is_exact(tmp_pa
     """bn_recalibration without clinic evaluation: round 2's statistics come with round 3's
     train replies. A coordinator killed in round 3 has checkpointed round 2 unscored; the
     resumed run asks round 3's clinics for them and scores round 2 as the straight run did."""
-    import shutil
-
     from server.checkpoint import load_checkpoint
-    from server.federation import run_federation
-    from simulations.bench_quality import InProcessGrid
-    from simulations.simulate import prepare_split
-    from tests.conftest import write_tiny_multilabel
 
-    manifest = write_tiny_multilabel(tmp_path / "data", n=48)
-    raw = _cfg(rounds=3, local_steps=2, bn_recalibration=True, evaluate_every=2,
-               fraction_evaluate=0.0).model_dump(mode="json")
-    raw["split"] = {"clinics": 2, "scheme": "iid", "test_fraction": 0.25}
-    cfg = config_from_dict(raw)
-    prepare_split(cfg, manifest, tmp_path / "split_a")
-    shutil.copytree(tmp_path / "split_a", tmp_path / "split_b")
+    def after_crash(run_dir, split_dir):
+        waiting = json.loads(load_checkpoint(run_dir)["evaluator"]["history"])
+        assert sorted(waiting) == ["0"]  # round 2 checkpointed, not yet scored
 
-    def run(split: str, grid, resume: bool = False):
-        return run_federation(grid, cfg, tmp_path / split / "server_test.csv",
-                              run_dir=tmp_path / f"run_{split}", resume=resume)
-
-    straight = run("split_a", InProcessGrid(tmp_path / "split_a", 2))
-    with pytest.raises(KeyboardInterrupt):
-        run("split_b", _CrashingGrid(InProcessGrid(tmp_path / "split_b", 2), crash_at=3))
-    waiting = json.loads(load_checkpoint(tmp_path / "run_split_b")["evaluator"]["history"])
-    assert sorted(waiting) == ["0"]  # round 2 checkpointed, not yet scored
-    resumed = run("split_b", InProcessGrid(tmp_path / "split_b", 2, resume=True),
-                  resume=True)
+    straight, resumed = _straight_and_resumed(
+        tmp_path, {"bn_recalibration": True, "evaluate_every": 2, "fraction_evaluate": 0.0},
+        n=48, after_crash=after_crash)
     assert sorted(resumed.evaluator.history) == [0, 2, 3]
     for rnd in (2, 3):
         assert straight.evaluator.history[rnd] == resumed.evaluator.history[rnd]
