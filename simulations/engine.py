@@ -29,6 +29,8 @@ from shared.errors import DentfedError
 
 REPO = Path(__file__).resolve().parents[1]
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
+# Ray's default is 0.95 (see engine_env).
+RAY_DISK_THRESHOLD = "0.99"
 PROGRESS = re.compile(r"\[ROUND \d+/\d+\]|dentfed\.server|ERROR|Traceback")
 
 
@@ -114,6 +116,25 @@ def check_ray_address(address: str, timeout: float = 5.0) -> None:
                            "`ray start --head` (docs/scale.md)") from None
 
 
+def engine_env(home: Path, tag: str, ray_address: str | None) -> dict[str, str]:
+    """The environment of the SuperLink and `flwr run` (and so of Ray and every ClientApp)."""
+    last = ("FLWR_HOME", "DENTFED_SIM_TAG")  # see kill_tagged
+    env = {**{k: v for k, v in os.environ.items() if k not in last},
+           "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    # The embedded engine never joins a cluster by accident: without an address, ray.init()
+    # would join the last cluster `ray start` left on this machine (/tmp/ray/ray_current_cluster);
+    # "local" always starts a private one.
+    env["RAY_ADDRESS"] = ray_address or "local"
+    # Ray refuses to create any object ("Local disk is full") once its temp dir's file system is
+    # 95% used, whatever is left: tens of GB on a large disk. A clinic's message is a few MB,
+    # and Flower's backend loses the actor of a refused message, so every later message of the
+    # run fails too. 99% unless the caller chose a threshold.
+    env.setdefault("RAY_local_fs_capacity_threshold", RAY_DISK_THRESHOLD)
+    env["FLWR_HOME"], env["DENTFED_SIM_TAG"] = str(home), tag  # last: see kill_tagged
+    return env
+
+
 @contextlib.contextmanager
 def simulation_superlink(work: Path, ray_address: str | None = None
                          ) -> Iterator[tuple[int, dict[str, str]]]:
@@ -126,15 +147,7 @@ def simulation_superlink(work: Path, ray_address: str | None = None
     # An inherited tag lets a supervisor (a test that crashes the run on purpose) find and
     # kill everything this run starts.
     tag = os.environ.get("DENTFED_SIM_TAG") or uuid.uuid4().hex
-    last = ("FLWR_HOME", "DENTFED_SIM_TAG")  # see kill_tagged
-    env = {**{k: v for k, v in os.environ.items() if k not in last},
-           "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    # The embedded engine never joins a cluster by accident: without an address, ray.init()
-    # would join the last cluster `ray start` left on this machine (/tmp/ray/ray_current_cluster);
-    # "local" always starts a private one.
-    env["RAY_ADDRESS"] = ray_address or "local"
-    env["FLWR_HOME"], env["DENTFED_SIM_TAG"] = str(home), tag  # last: see kill_tagged
+    env = engine_env(home, tag, ray_address)
     port = free_port()  # flwr >= 1.42 serves runtime, control and fleet APIs on one port
     log = work / "superlink.log"
     # No runtime dependency installation: Flower would otherwise `uv sync` a fresh virtual

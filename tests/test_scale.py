@@ -24,7 +24,14 @@ import yaml
 
 from shared.config import load_config
 from shared.errors import DentfedError
-from simulations.engine import check_ray_address, free_port, kill_tagged, stop_group
+from simulations.engine import (
+    RAY_DISK_THRESHOLD,
+    check_ray_address,
+    engine_env,
+    free_port,
+    kill_tagged,
+    stop_group,
+)
 from tests.test_federation import two_clinic_simulation
 
 RAY = str(Path(sys.executable).parent / "ray")
@@ -60,7 +67,8 @@ def local_ray_cluster(cpus_per_node: int = 1) -> Iterator[str]:
     head's address. Stopped by process group and by a tag in every process's environment,
     never with a machine-wide `ray stop`."""
     tag = uuid.uuid4().hex
-    env = {**os.environ, "DENTFED_SIM_TAG": tag, "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {"RAY_local_fs_capacity_threshold": RAY_DISK_THRESHOLD, **os.environ,
+           "DENTFED_SIM_TAG": tag, "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
     temp = Path(tempfile.mkdtemp(prefix="ray-t-", dir="/tmp"))  # unix sockets: short path
     port = free_port()
@@ -117,6 +125,23 @@ def _simulate(cfg_path: Path, manifest: Path, out: Path, *extra: str) -> str:
                         *extra], capture_output=True, text=True, timeout=540)
     assert r.returncode == 0, r.stderr[-3000:]
     return r.stderr
+
+
+def test_engine_environment_lets_ray_use_a_nearly_full_disk(tmp_path, monkeypatch):
+    """CI once failed because the disk was 95% used (Ray's default refusal point) with GBs
+    free: one refused message cost Flower's backend an actor, and every later message failed."""
+    monkeypatch.delenv("RAY_local_fs_capacity_threshold", raising=False)
+    monkeypatch.setenv("FLWR_HOME", "/elsewhere")
+    env = engine_env(tmp_path, "tag0", None)
+    assert env["RAY_local_fs_capacity_threshold"] == RAY_DISK_THRESHOLD == "0.99"
+    assert env["RAY_ADDRESS"] == "local"
+    # The tag and home come last (kill_tagged reads them from the end of /proc/PID/environ).
+    assert list(env)[-2:] == ["FLWR_HOME", "DENTFED_SIM_TAG"]
+    assert env["FLWR_HOME"] == str(tmp_path)
+    monkeypatch.setenv("RAY_local_fs_capacity_threshold", "0.9")  # the caller's choice stands
+    env = engine_env(tmp_path, "tag0", "10.0.0.1:6379")
+    assert env["RAY_local_fs_capacity_threshold"] == "0.9"
+    assert env["RAY_ADDRESS"] == "10.0.0.1:6379"
 
 
 def test_ray_address_must_be_a_listening_head():
