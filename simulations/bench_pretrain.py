@@ -212,7 +212,10 @@ def _clinic_split(cfg: Config, m, split_dir: Path) -> dict[str, np.ndarray]:
     return {k: np.asarray(v, dtype=np.int64) for k, v in parts.items()}
 
 
-def _cell(values: list[float]) -> str:
+def _cell(values: list[float | None]) -> str:
+    """mean +- sd over seeds; None = not run (--tasks, --finetune-modes)."""
+    if all(v is None for v in values):
+        return "not run"
     a = np.asarray([v for v in values if v is not None and not math.isnan(v)], float)
     if not len(a):
         return "undef"
@@ -227,7 +230,8 @@ def tables(results: dict, seeds: list[int]) -> str:
             "| pretraining loss, epoch/round 1 -> last |")
     lines = [head, "|---|---|---|---|---|---|"]
     for name, r in results.items():
-        cells = [_cell([s[t][mode].get(METRIC[t], math.nan) for s in r["seeds"].values()])
+        cells = [_cell([s[t][mode].get(METRIC[t], math.nan) if mode in s.get(t, {}) else None
+                        for s in r["seeds"].values()])
                  for t in TASKS for mode in ("pooled", "federated")]
         curves = [s.get("pretrain_loss") for s in r["seeds"].values() if s.get("pretrain_loss")]
         curve = (f"{np.mean([c[0] for c in curves]):.3f} -> {np.mean([c[-1] for c in curves]):.3f}"
@@ -235,7 +239,8 @@ def tables(results: dict, seeds: list[int]) -> str:
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {curve} |")
     text = "\n".join(lines) + "\n"
     classes = sorted({k.split("/", 1)[1] for r in results.values()
-                      for s in r["seeds"].values() for k in s["implants"]["federated"]
+                      for s in r["seeds"].values()
+                      for k in s.get("implants", {}).get("federated", {})
                       if k.startswith("sensitivity/")})
     if classes:
         text += ("\nDemo implant systems, federated fine-tuning: per-class sensitivity / "
@@ -253,6 +258,30 @@ def tables(results: dict, seeds: list[int]) -> str:
     return text
 
 
+def criteria(results: dict) -> str:
+    """Issue 14's two checks where their rows ran, paired by seed: federated MDE minus random
+    init (points of the metric x 100) and federated MDE / pooled MDE, per task and fine-tuning."""
+    def metric(name: str, t: str, mode: str) -> dict[int, float]:
+        return {seed: s[t][mode][METRIC[t]] for seed, s in results.get(name, {}).get(
+            "seeds", {}).items() if METRIC[t] in s.get(t, {}).get(mode, {})}
+
+    lines = []
+    for t in TASKS:
+        for mode in ("pooled", "federated"):
+            fed, rnd, pooled = (metric(n, t, mode) for n in
+                                ("federated MDE", "random init", "pooled MDE"))
+            if seeds := sorted(fed.keys() & rnd.keys()):
+                d = [100 * (fed[k] - rnd[k]) for k in seeds]
+                lines.append(f"- {t}, {mode} fine-tuning: federated MDE - random init = "
+                             f"{_cell(d)} points (seeds {seeds}; goal for UFBA-425, federated "
+                             "fine-tuning: >= 5)")
+            if seeds := sorted(fed.keys() & pooled.keys()):
+                r = [fed[k] / pooled[k] for k in seeds]
+                lines.append(f"- {t}, {mode} fine-tuning: federated MDE / pooled MDE = "
+                             f"{_cell(r)} (seeds {seeds}; goal >= 0.98)")
+    return ("\nPaired by seed:\n\n" + "\n".join(lines) + "\n") if lines else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shared", type=Path,
@@ -264,6 +293,10 @@ def main(argv: list[str] | None = None) -> int:
                     "epochs, at most 120 images per pretraining source")
     ap.add_argument("--encoders", help="comma list of rows (default all): "
                     + ", ".join(ENCODERS))
+    ap.add_argument("--tasks", default=",".join(TASKS),
+                    help="comma list of fine-tuning tasks (default all): " + ", ".join(TASKS))
+    ap.add_argument("--finetune-modes", default="pooled,federated",
+                    help="comma list: pooled, federated (default both)")
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     ap.add_argument("--vit", choices=["tiny", "small"], default="tiny")
     ap.add_argument("--image-size", type=int, default=64)
@@ -296,6 +329,12 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if n not in ENCODERS]
     if unknown:
         ap.error(f"unknown --encoders {unknown}; choose from {list(ENCODERS)}")
+    tasks = [t.strip() for t in args.tasks.split(",")]
+    modes = [m.strip() for m in args.finetune_modes.split(",")]
+    if not tasks or set(tasks) - set(TASKS):
+        ap.error(f"--tasks {args.tasks!r}: choose from {list(TASKS)}")
+    if not modes or set(modes) - {"pooled", "federated"}:
+        ap.error(f"--finetune-modes {args.finetune_modes!r}: choose from pooled, federated")
     seeds = [int(s) for s in args.seeds.split(",")]
     args.out.mkdir(parents=True, exist_ok=True)
     work = args.out / "work"
@@ -307,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
         work.mkdir(parents=True)
         pre_manifest = pretraining_manifest(args.shared, work, args.limit, seed)
         ft = {t: finetune_manifest(t, args.shared, work, args.finetune_limit, seed)
-              for t in TASKS}
+              for t in tasks}
         for name in names:
             t0 = time.perf_counter()
             row: dict = {}
@@ -317,10 +356,10 @@ def main(argv: list[str] | None = None) -> int:
                 encoder, row["pretrain_loss"] = run / ENCODER_FILE, curve
                 log.info("seed %d %s: pretraining loss %s (%.0f s)", seed, name,
                          " ".join(f"{v:.3f}" for v in curve), time.perf_counter() - t0)
-            for task in TASKS:
+            for task in tasks:
                 manifest, spec = ft[task]
                 row[task] = {}
-                for mode in ("pooled", "federated"):
+                for mode in modes:
                     res = finetune(task, encoder, manifest, spec, args, seed, work,
                                    mode == "federated")
                     row[task][mode] = {k: float(v) for k, v in res.items()
@@ -337,8 +376,11 @@ def main(argv: list[str] | None = None) -> int:
                f"{args.pretrain_lr:g}), fine-tuning {args.finetune_epochs} epochs/rounds (lr "
                f"{args.lr:g}), {args.clinics} clinics, seeds {seeds}"
                + (f", at most {args.limit} images per source" if args.limit else "")
+               + (f"; fine-tuning only {'/'.join(tasks)}, {'/'.join(modes)}"
+                  if len(tasks) < len(TASKS) or len(modes) < 2 else "")
                + (" [--quick smoke]" if args.quick else ""))
-    text = f"{setting}; {time.perf_counter() - t_all:.0f} s in all\n\n" + tables(results, seeds)
+    text = (f"{setting}; {time.perf_counter() - t_all:.0f} s in all\n\n"
+            + tables(results, seeds) + criteria(results))
     print(text)
     write_text_atomic(args.out / "pretrain.md", text)
     write_text_atomic(args.out / "pretrain.json", json.dumps(
