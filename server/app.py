@@ -18,7 +18,9 @@ from pathlib import Path
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
+from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
+from server.actor_pool import keep_actors_on_refused_messages
 from server.checkpoint import keep_federation_id, kept_federation_id
 from server.federation import run_federation
 from server.reply_polling import poll_reply_objects_briskly
@@ -77,6 +79,8 @@ def main(grid: Grid, context: Context) -> None:
         raise ConfigError("no server test set: set federation.test_manifest or the run config "
                           "'test-manifest'")
     poll_reply_objects_briskly()  # deployment: a reply's arrays are fetched as they land
+    if isinstance(grid, InMemoryGrid):  # simulation: a refused message keeps its Ray actor
+        keep_actors_on_refused_messages()
     if cfg.privacy.secagg is not None:  # SecAgg+: Flower's legacy workflow (issue 6)
         from server.secagg import run_secagg_federation
 

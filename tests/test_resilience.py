@@ -318,3 +318,34 @@ def test_timeout_stops_a_silent_hang(tmp_path, monkeypatch):
                                      max_concurrent=1, work=tmp_path / "w", timeout=1,
                                      echo=False)
     assert time.monotonic() - t0 < 15
+
+
+def test_a_message_ray_refuses_leaves_its_actor_in_the_simulation_pool(monkeypatch):
+    """Flower 1.42 loses the actor when handing it a message raises (CI: Ray's "Local disk is
+    full"); the patch in server/actor_pool.py puts it back, and the normal path is unchanged."""
+    from flwr.simulation.ray_transport.ray_actor import BasicActorPool
+
+    from server.actor_pool import keep_actors_on_refused_messages
+
+    monkeypatch.setattr(BasicActorPool, "submit", BasicActorPool.submit)  # restored after
+    pool = object.__new__(BasicActorPool)  # the real class, without starting Ray actors
+    pool.pool, pool._future_to_actor = ["actor0", "actor1"], {}
+
+    def refused(actor, app_fn, message, cid, context):
+        raise RuntimeError("Local disk is full")
+
+    job = (None, "message", "0", "context")
+    if not getattr(BasicActorPool.submit, "_dentfed_keeps_actor", False):
+        with pytest.raises(RuntimeError):
+            pool.submit(refused, job)
+        assert pool.pool == ["actor0"]  # Flower's own submit: the actor is gone
+        pool.pool = ["actor0", "actor1"]
+    assert keep_actors_on_refused_messages()
+    assert keep_actors_on_refused_messages()  # idempotent
+    with pytest.raises(RuntimeError, match="disk is full"):
+        pool.submit(refused, job)
+    assert sorted(pool.pool) == ["actor0", "actor1"] and not pool._future_to_actor
+    future = pool.submit(lambda actor, *a: f"future of {actor}", job)
+    assert pool._future_to_actor == {future: "actor1"} and pool.pool == ["actor0"]
+    pool.add_actor_back_to_pool(future)
+    assert sorted(pool.pool) == ["actor0", "actor1"]
