@@ -624,6 +624,13 @@ def run_federation(grid: Grid, cfg: Config, test_manifest: str | Path,
     except PrivacyBudgetExhausted as e:  # central DP: the next round would pass max_epsilon
         log.warning("stopped before the next round: %s", e)
         stopped = f"client-level privacy budget spent: {e}"
+    if stopped is None and last_done >= 1 and all(
+            r in recorder.rounds and recorder.rounds[r].skipped for r in range(1, last_done + 1)):
+        # e.g. every clinic failing every round: the "final" model is the initial one, and a
+        # run that looks finished would hide it
+        stopped = (f"no round trained: all {last_done} were skipped (round {last_done}: "
+                   f"{recorder.rounds[last_done].skipped})")
+        log.error("%s", stopped)
     if stopped is not None and not diverged and last_done not in evaluator.history:
         evaluator(last_done, arrays)  # stopped between evaluated rounds: score the last model
     if not evaluator.history:

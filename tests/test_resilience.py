@@ -349,3 +349,54 @@ def test_a_message_ray_refuses_leaves_its_actor_in_the_simulation_pool(monkeypat
     assert pool._future_to_actor == {future: "actor1"} and pool.pool == ["actor0"]
     pool.add_actor_back_to_pool(future)
     assert sorted(pool.pool) == ["actor0", "actor1"]
+
+
+class _FailingTrainGrid:
+    """An in-process grid whose clinics answer the train messages of the rounds in `fail`
+    with an error reply (as Flower's runtime does for a ClientApp that raised)."""
+
+    def __init__(self, grid, fail: set[int]):
+        self.grid, self.fail = grid, fail
+
+    def __getattr__(self, name):
+        return getattr(self.grid, name)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        from flwr.app import Error, Message
+
+        messages = list(messages)
+        rnd = int(messages[0].content["config"]["server-round"]) if messages else 0
+        if messages and messages[0].metadata.message_type.startswith("train") and \
+                rnd in self.fail:
+            return [Message(Error(code=0, reason="clinic failed"), reply_to=m)
+                    for m in messages]
+        return self.grid.send_and_receive(messages, timeout=timeout)
+
+
+def test_a_run_in_which_every_round_was_skipped_reports_that_it_trained_nothing(tmp_path):
+    """Every round skipped (here: every clinic's train reply an error) leaves the initial
+    model as the "final" one; the run must say so (the CLI exits 1 on `stopped`), while a run
+    with one skipped round and one trained round is a normal run."""
+    from server.federation import run_federation
+    from shared.config import config_from_dict
+    from simulations.bench_quality import InProcessGrid
+    from simulations.simulate import prepare_split
+    from tests.conftest import write_tiny_multilabel
+    from tests.test_quality import _cfg
+
+    manifest = write_tiny_multilabel(tmp_path / "data", n=48)
+    raw = _cfg(rounds=2, local_steps=1, min_train_clinics=2, min_available_clinics=2,
+               fraction_evaluate=0.0, min_evaluate_clinics=0).model_dump(mode="json")
+    raw["split"] = {"clinics": 2, "scheme": "iid", "test_fraction": 0.25}
+    cfg = config_from_dict(raw)
+    split = tmp_path / "split"
+    prepare_split(cfg, manifest, split)
+    res = run_federation(_FailingTrainGrid(InProcessGrid(split, 2, threads=1), {1, 2}), cfg,
+                         split / "server_test.csv")
+    assert res.stopped and res.stopped.startswith("no round trained: all 2 were skipped")
+    assert "0 usable update(s), 2 needed" in res.stopped
+    assert [r.skipped is not None for r in res.recorder.rounds.values()] == [True, True]
+    res = run_federation(_FailingTrainGrid(InProcessGrid(split, 2, threads=1), {1}), cfg,
+                         split / "server_test.csv")
+    assert res.stopped is None
+    assert res.recorder.rounds[1].skipped and res.recorder.rounds[2].skipped is None
