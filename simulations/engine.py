@@ -128,8 +128,8 @@ def engine_env(home: Path, tag: str, ray_address: str | None) -> dict[str, str]:
     env["RAY_ADDRESS"] = ray_address or "local"
     # Ray refuses to create any object ("Local disk is full") once its temp dir's file system is
     # 95% used, whatever is left: tens of GB on a large disk. A clinic's message is a few MB,
-    # and Flower's backend loses the actor of a refused message, so every later message of the
-    # run fails too. 99% unless the caller chose a threshold.
+    # and a refused one fails that clinic's round (its actor is kept: server/actor_pool.py).
+    # 99% unless the caller chose a threshold.
     env.setdefault("RAY_local_fs_capacity_threshold", RAY_DISK_THRESHOLD)
     env["FLWR_HOME"], env["DENTFED_SIM_TAG"] = str(home), tag  # last: see kill_tagged
     return env
