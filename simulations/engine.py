@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import re
 import signal
 import socket
@@ -34,11 +35,46 @@ RAY_DISK_THRESHOLD = "0.99"
 PROGRESS = re.compile(r"\[ROUND \d+/\d+\]|dentfed\.server|ERROR|Traceback")
 
 
+# Ray's default worker ports are 10002-19999; free_port() picks above them.
+FIRST_FREE_PORT = 20000
+
+
+def ephemeral_port_range() -> tuple[int, int]:
+    """The kernel's range for ports of outgoing connections and of bind(0) (Linux's
+    ip_local_port_range; its default where that file is absent)."""
+    try:
+        lo, hi = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        lo, hi = 32768, 60999
+    return lo, hi
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
+    """A TCP port on 127.0.0.1 that nothing listens on right now, for a server started next.
+
+    Picked at random below the kernel's ephemeral range rather than with bind(0): a bind(0)
+    port is free when we look, but it lies in the range every outgoing connection on the
+    machine takes its local port from, so another process's connect() can take it before our
+    server binds it, and the server exits with "address already in use" (a SuperNode that
+    never came online on CI)."""
+    lo, _ = ephemeral_port_range()
+    rng = random.SystemRandom()
+    for _ in range(100 if lo - FIRST_FREE_PORT >= 1000 else 0):
+        port = rng.randrange(FIRST_FREE_PORT, lo)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # a machine without room below its ephemeral range
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def port_taken(log: Path) -> bool:
+    """Whether a server's log says its port was taken between free_port() and its bind."""
+    return log.is_file() and "address already in use" in log.read_text(errors="replace")
 
 
 def _wait_port(port: int, proc: subprocess.Popen, timeout: float, log: Path) -> None:
@@ -148,22 +184,30 @@ def simulation_superlink(work: Path, ray_address: str | None = None
     # kill everything this run starts.
     tag = os.environ.get("DENTFED_SIM_TAG") or uuid.uuid4().hex
     env = engine_env(home, tag, ray_address)
-    port = free_port()  # flwr >= 1.42 serves runtime, control and fleet APIs on one port
     log = work / "superlink.log"
-    # No runtime dependency installation: Flower would otherwise `uv sync` a fresh virtual
-    # environment for every run (seconds, an index to reach, and other package versions than
-    # the ones this environment was tested with).
-    cmd = [_bin("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
-           "--disable-runtime-dependency-installation",
-           "--host", "127.0.0.1", "--port", str(port)]
-    with log.open("w") as fh:
-        proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+    proc = None
     try:
-        _wait_port(port, proc, 60, log)
+        for attempt in range(3):
+            port = free_port()  # flwr >= 1.42 serves runtime, control and fleet APIs on one port
+            # No runtime dependency installation: Flower would otherwise `uv sync` a fresh
+            # virtual environment for every run (seconds, an index to reach, and other package
+            # versions than the ones this environment was tested with).
+            cmd = [_bin("flower-superlink"), "--insecure", "--simulation", "--isolation",
+                   "subprocess", "--disable-runtime-dependency-installation",
+                   "--host", "127.0.0.1", "--port", str(port)]
+            with log.open("w") as fh:
+                proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+            try:
+                _wait_port(port, proc, 60, log)
+                break
+            except DentfedError:
+                if attempt == 2 or proc.poll() is None or not port_taken(log):
+                    raise
         yield port, env
     finally:
-        stop_group(proc)
+        if proc is not None:
+            stop_group(proc)
         kill_tagged(tag, also=f"FLWR_HOME={home}")
 
 

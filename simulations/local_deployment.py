@@ -20,9 +20,11 @@ from pathlib import Path
 
 from dentfed import deploy
 from dentfed.pki import make_certificates
-from simulations.engine import free_port, kill_tagged
+from simulations.engine import free_port, kill_tagged, port_taken
 
 DENTFED = [sys.executable, "-m", "dentfed.cli"]
+# Starts of a server whose port another process took between free_port() and its bind.
+PORT_TRIES = 3
 
 
 class LocalFederation:
@@ -39,6 +41,7 @@ class LocalFederation:
         self.tags: dict[str, str] = {}
         self.procs: dict[str, subprocess.Popen] = {}
         self.logs: dict[str, Path] = {}
+        self.clinic_args: dict[int, tuple[Path, tuple[str, ...]]] = {}
 
     def start(self, name: str, cmd: list[str], home: Path | None = None) -> subprocess.Popen:
         """Start `cmd` as its own process tree; `home`: its own FLWR_HOME."""
@@ -57,22 +60,32 @@ class LocalFederation:
     def kill(self, name: str) -> None:
         kill_tagged(self.tags[name], grace=0.0)
         self.procs[name].wait(timeout=30)
+        if name.startswith("clinic"):  # gone on purpose: wait_online no longer expects it
+            self.clinic_args.pop(int(name.removeprefix("clinic")), None)
 
     def close(self) -> None:
         for tag in self.tags.values():
             kill_tagged(tag, grace=2.0)
 
     def start_coordinator(self, timeout: float = 90) -> None:
-        self.start("superlink", DENTFED + ["coordinator", "start", "--certs",
-                                           str(self.root / "certs"), "--address", self.address,
-                                           "--home", str(self.home)])
-        deadline = time.monotonic() + timeout
-        while "Uvicorn running on https://" not in self.log("superlink"):
-            if self.procs["superlink"].poll() is not None:
-                raise RuntimeError("SuperLink exited:\n" + self.log("superlink")[-2000:])
-            if time.monotonic() > deadline:
-                raise TimeoutError("SuperLink did not start")
-            time.sleep(0.3)
+        for attempt in range(PORT_TRIES):
+            self.start("superlink", DENTFED + ["coordinator", "start", "--certs",
+                                               str(self.root / "certs"), "--address",
+                                               self.address, "--home", str(self.home)])
+            deadline = time.monotonic() + timeout
+            while "Uvicorn running on https://" not in self.log("superlink"):
+                if self.procs["superlink"].poll() is not None:
+                    if attempt + 1 < PORT_TRIES and port_taken(self.logs["superlink"]):
+                        break
+                    raise RuntimeError("SuperLink exited:\n" + self.log("superlink")[-2000:])
+                if time.monotonic() > deadline:
+                    raise TimeoutError("SuperLink did not start:\n" +
+                                       self.log("superlink")[-2000:])
+                time.sleep(0.3)
+            else:
+                return
+            self.port = free_port()  # taken since we picked it: pick another
+            self.address = f"127.0.0.1:{self.port}"
 
     def register(self, k: int) -> None:
         r = subprocess.run(DENTFED + ["coordinator", "register",
@@ -91,6 +104,7 @@ class LocalFederation:
         `extra`: more arguments of that command."""
         # Each clinic its own FLWR_HOME, as on its own machine: SuperNodes sharing one install
         # the run's app into the same folder at once, and one may load it half-written.
+        self.clinic_args[k] = (manifest, extra)
         return self.start(f"clinic{k}", DENTFED + [
             "clinic", "start", "--superlink", self.address,
             "--ca", str(self.certs.ca_cert), "--key", str(self.certs.clinic_keys[k]),
@@ -107,10 +121,27 @@ class LocalFederation:
         return sum(n.get("status") == "online" for n in json.loads(r.stdout)["nodes"])
 
     def wait_online(self, n: int, timeout: float = 90) -> None:
+        """Wait until `n` clinics are online. A clinic whose local port was taken before its
+        SuperNode bound it is started again on another; one that exited for any other reason,
+        or a timeout, raises with the clinic logs."""
         deadline = time.monotonic() + timeout
+        restarts = dict.fromkeys(self.clinic_args, 0)
         while self.online() < n:
+            for k, (manifest, extra) in self.clinic_args.items():
+                proc = self.procs[f"clinic{k}"]
+                if proc.poll() is None:
+                    continue
+                if port_taken(self.logs[f"clinic{k}"]) and restarts[k] + 1 < PORT_TRIES:
+                    restarts[k] += 1
+                    LocalFederation.start_clinic(self, k, manifest, *extra)  # same arguments
+                    continue
+                raise RuntimeError(f"clinic {k} exited with code {proc.returncode}:\n"
+                                   + self.log(f"clinic{k}")[-2000:])
             if time.monotonic() > deadline:
-                raise TimeoutError(f"fewer than {n} clinics came online")
+                logs = "\n".join(f"--- clinic {k}\n" + self.log(f"clinic{k}")[-1000:]
+                                 for k in self.clinic_args)
+                raise TimeoutError(f"fewer than {n} clinics came online within {timeout:.0f} "
+                                   f"s (online: {self.online()})\n{logs}")
             time.sleep(1)
 
     def run(self, config: Path, run_dir: Path, test_manifest: Path) -> subprocess.Popen:

@@ -191,3 +191,30 @@ def test_tls_auth_audit_and_a_clinic_killed_mid_round(federation, tmp_path):
             assert not [t for t in tokens if t.encode() in p.read_bytes()], p
     assert not [t for t in tokens for n in ("run", "superlink")
                 if t.encode() in fed.logs[n].read_bytes()]
+
+
+def test_a_server_whose_port_was_taken_starts_again_and_a_failed_clinic_says_why(
+        federation, monkeypatch):
+    """Another process can take a port between free_port() and the server's bind (an
+    outgoing connection's local port): the coordinator and a clinic that exit with "address
+    already in use" start again on another port. A clinic that exits for another reason (a
+    key the coordinator never registered) fails wait_online at once, with its log."""
+    import simulations.local_deployment as local_deployment
+
+    with socket.socket() as busy:  # bound, not listening: as a connection's local port
+        busy.bind(("127.0.0.1", free_port()))
+        taken = busy.getsockname()[1]
+        script = iter([taken, None, taken])  # coordinator, its second pick, clinic 0
+        monkeypatch.setattr(local_deployment, "free_port",
+                            lambda: next(script, None) or free_port())
+        fed = federation(1)
+        fed.start_coordinator()
+        assert fed.port != taken
+        fed.register(0)
+        fed.start_clinic(0)
+        fed.wait_online(1)
+        assert f"--port {taken}" not in fed.log("clinic0")  # started again on another port
+        fed.start_clinic(1)  # its key was never registered
+        with pytest.raises(RuntimeError, match="clinic 1 exited") as err:
+            fed.wait_online(2, timeout=120)
+        assert "Failed to activate SuperNode" in str(err.value)

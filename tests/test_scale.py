@@ -9,6 +9,7 @@ import json
 import os
 import random
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -25,9 +26,11 @@ import yaml
 from shared.config import load_config
 from shared.errors import DentfedError
 from simulations.engine import (
+    FIRST_FREE_PORT,
     RAY_DISK_THRESHOLD,
     check_ray_address,
     engine_env,
+    ephemeral_port_range,
     free_port,
     kill_tagged,
     stop_group,
@@ -72,9 +75,9 @@ def local_ray_cluster(cpus_per_node: int = 1) -> Iterator[str]:
     env.pop("RAY_ADDRESS", None)
     temp = Path(tempfile.mkdtemp(prefix="ray-t-", dir="/tmp"))  # unix sockets: short path
     port = free_port()
-    # Worker ports below Linux's ephemeral range (32768-60999), where free_port()'s picks for
-    # the other components land: the two can never collide.
-    base = random.randrange(20000, 32000, 200)
+    # Worker ports above the kernel's ephemeral range (free_port() picks below it, and
+    # outgoing connections take theirs inside it): the three can never collide.
+    base = random.randrange(ephemeral_port_range()[1] + 1, 65536 - 200, 200)
     common = ["--block", "--node-ip-address", "127.0.0.1", "--num-cpus", str(cpus_per_node),
               "--num-gpus", "0", "--object-store-memory", str(100 * 2**20),
               "--disable-usage-stats"]
@@ -142,6 +145,46 @@ def test_engine_environment_lets_ray_use_a_nearly_full_disk(tmp_path, monkeypatc
     env = engine_env(tmp_path, "tag0", "10.0.0.1:6379")
     assert env["RAY_local_fs_capacity_threshold"] == "0.9"
     assert env["RAY_ADDRESS"] == "10.0.0.1:6379"
+
+
+def test_free_ports_lie_outside_the_range_outgoing_connections_take_theirs_from():
+    """A port from bind(0) lies in the kernel's ephemeral range, where any process's next
+    outgoing connection may take it before our server binds it (a SuperNode that exited with
+    "address already in use" on CI). free_port() picks below that range, above Ray's default
+    worker ports, and never a port something listens on."""
+    lo, hi = ephemeral_port_range()
+    assert 1024 <= lo <= hi <= 65535
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        ports = {free_port() for _ in range(200)}
+        assert busy.getsockname()[1] not in ports
+    assert all(FIRST_FREE_PORT <= p < lo for p in ports), sorted(ports)[:5]
+    assert len(ports) > 150  # random picks, not one port handed to every caller
+
+
+@pytest.mark.slow  # four real SuperLink starts
+def test_simulation_superlink_starts_again_when_its_port_was_taken(tmp_path, monkeypatch):
+    """The engine's SuperLink exits when another process took its port after free_port()
+    picked it; the engine picks another and starts it again (at most 3 tries)."""
+    import simulations.engine as engine
+
+    with socket.socket() as busy:  # bound, not listening: as a connection's local port
+        busy.bind(("127.0.0.1", free_port()))
+        taken = busy.getsockname()[1]
+        picks = iter([taken])
+        real = engine.free_port
+        monkeypatch.setattr(engine, "free_port", lambda: next(picks, None) or real())
+        with engine.simulation_superlink(tmp_path) as (port, _env):
+            assert port != taken
+            with socket.create_connection(("127.0.0.1", port), timeout=5):
+                pass
+        assert engine.port_taken(tmp_path / "superlink.log") is False  # the last start's log
+        monkeypatch.setattr(engine, "free_port", lambda: taken)  # taken every time: give up
+        with pytest.raises(DentfedError, match="exited"), \
+                engine.simulation_superlink(tmp_path / "again"):
+            pass
+        assert engine.port_taken(tmp_path / "again" / "superlink.log")
 
 
 def test_ray_address_must_be_a_listening_head():
