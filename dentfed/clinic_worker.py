@@ -67,9 +67,12 @@ def _poll_message_objects_briskly() -> None:
 
     import flwr.supernode.runtime.run_clientapp as runtime
 
+    # Flower's per-object try count (500) would give up after ~4 min at this backoff instead
+    # of ~80 min at its own; its overall PULL_MAX_TIME (2 h) bounds the wait instead.
     runtime.pull_and_inflate_object_from_tree = functools.partial(
         runtime.pull_and_inflate_object_from_tree,
-        initial_backoff=OBJECT_POLL_INITIAL, backoff_cap=OBJECT_POLL_CAP)
+        initial_backoff=OBJECT_POLL_INITIAL, backoff_cap=OBJECT_POLL_CAP,
+        max_tries_per_object=None)
 
 
 def _run_child(address: str, token: str, parent_pid: int | None) -> None:

@@ -178,7 +178,8 @@ def private_dir(path: Path) -> Path:
 def supernode_command(superlink: str, ca_cert: Path, private_key: Path, manifest: Path,
                       port: int = 9094, max_retries: int | None = None,
                       share_local_model: bool = True, cache_dir: Path | None = None,
-                      warm: bool = False, state_dir: Path | None = None) -> list[str]:
+                      warm: bool = False, state_dir: Path | None = None,
+                      brisk_polls: bool = True) -> list[str]:
     """flower-supernode for one clinic: TLS against `ca_cert`, authenticated with the
     clinic's private key, its data named only in its own node config. `share_local_model`
     False: the clinic keeps its personalised model even when the federation's config lets
@@ -190,7 +191,9 @@ def supernode_command(superlink: str, ca_cert: Path, private_key: Path, manifest
     ClientApp keeps its private round state (node config `state-dir`; AdamW moments, SCAFFOLD
     variate, int8 residual, in `<state_dir>/<federation-id>/`), read back by the next round and
     by a resumed federation; without it that state rides in Flower's Context through every
-    message and a resumed federation starts it fresh."""
+    message and a resumed federation starts it fresh. `brisk_polls`: Flower's SuperNode with
+    its hard-coded waits shortened (dentfed/supernode.py); False: `flower-supernode` as
+    installed."""
     node = f'manifest="{_need(manifest, "manifest")}"'
     if cache_dir is not None:
         node += f' cache-dir="{Path(cache_dir).resolve()}"'
@@ -198,7 +201,9 @@ def supernode_command(superlink: str, ca_cert: Path, private_key: Path, manifest
         node += f' state-dir="{Path(state_dir).resolve()}"'
     if not share_local_model:
         node += ' share-local-model="false"'
-    cmd = [flower_bin("flower-supernode"), "--superlink", superlink,
+    launcher = ([sys.executable, "-m", "dentfed.supernode"] if brisk_polls
+                else [flower_bin("flower-supernode")])
+    cmd = [*launcher, "--superlink", superlink,
            "--root-certificates", str(_need(ca_cert, "CA certificate")),
            "--auth-supernode-private-key", str(_need(private_key, "clinic private key")),
            "--node-config", node,

@@ -123,7 +123,7 @@ def _clinic_start(args: argparse.Namespace) -> int:
                                    port=args.port, max_retries=args.max_retries,
                                    share_local_model=not args.no_share_local_model,
                                    cache_dir=cache, warm=not args.cold_clientapp,
-                                   state_dir=state)
+                                   state_dir=state, brisk_polls=not args.flower_polls)
     if args.cold_clientapp:
         return deploy.run_foreground(cmd, deploy.flower_env())
     return deploy.run_with_worker(cmd, deploy.flower_env(), args.port)
@@ -210,6 +210,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                     help="let Flower's own SuperExec start every ClientApp process from "
                     "scratch (--isolation subprocess), instead of the warm worker that forks "
                     "them with torch already imported (dentfed/clinic_worker.py)")
+    st.add_argument("--flower-polls", action="store_true",
+                    help="run flower-supernode with Flower's own waits (a 3 s sleep whenever "
+                    "it finds no message, 0.5 s checks for its ClientApp's reply) instead of "
+                    "the shorter ones dentfed uses while a federation is active "
+                    "(dentfed/supernode.py)")
     st.add_argument("--state-dir", help="this clinic's private round state (optimiser "
                     "moments, SCAFFOLD variate, int8 residual, personalised model), one "
                     "sub-folder per federation, never sent (default ~/.dentfed/clinic-state/"

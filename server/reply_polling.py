@@ -29,6 +29,9 @@ def poll_reply_objects_briskly() -> bool:
         return False
     if isinstance(pull, functools.partial):  # already patched in this process
         return True
+    # Not Flower's per-object try count (500: ~4 min at this backoff, ~80 min at its own, and
+    # a clinic on a slow link uploads its reply for minutes) but its overall PULL_MAX_TIME.
     http_grid.pull_objects = functools.partial(
-        pull, initial_backoff=REPLY_OBJECT_POLL_INITIAL, backoff_cap=REPLY_OBJECT_POLL_CAP)
+        pull, initial_backoff=REPLY_OBJECT_POLL_INITIAL, backoff_cap=REPLY_OBJECT_POLL_CAP,
+        max_tries_per_object=None)
     return True

@@ -28,12 +28,16 @@ With DENTFED_TIMING_DIR set on the clinics, each ClientApp process records where
 seconds went (client/timing.py); the medians over all messages are printed as a breakdown.
 
 Variants (`--variants`, each a full deployment, run one after another):
-  cold    `dentfed clinic start --cold-clientapp --no-image-cache`: Flower's SuperExec starts
-          every ClientApp process from scratch and every message decodes its images again
+  cold    `dentfed clinic start --cold-clientapp --no-image-cache --flower-polls`: Flower's
+          SuperNode and SuperExec as installed start every ClientApp process from scratch and
+          every message decodes its images again
   cache   `--cold-clientapp` with the clinic's disk image cache
   warm    the default `dentfed clinic start`: the warm ClientApp worker (processes forked with
           torch, torchvision and Flower already imported), the image cache and the clinic's
-          state folder (node config state-dir: the AdamW moments on the clinic's disk)
+          state folder (node config state-dir: the AdamW moments on the clinic's disk) and
+          the SuperNode's waits shortened while a federation is active (dentfed/supernode.py)
+  warm-flower-polls  `warm --flower-polls`: the SuperNode with Flower's own waits (3 s idle
+          sleep, 0.5 s reply checks, 1-10 s backoff for arrays not on the SuperLink yet)
   warm-context  `warm --no-state-dir`: as before the state folder, the clinic's AdamW moments
           (2 x the model) in Flower's context.state, sent SuperNode <-> ClientApp with every
           message (train and evaluate)
@@ -43,6 +47,9 @@ Variants (`--variants`, each a full deployment, run one after another):
           process send each other with every message
   warm-unpacked  `warm` with federation.pack_arrays false: every array its own Flower object
           on the wire (as before packed transport, shared/packed_transport.py)
+  warm-int8  `warm` with federation.upload int8: the replies carry int8 deltas from the
+          round's global model, a quarter of the fp32 bytes (it changes the training a
+          little: error feedback carries each round's rounding into the next)
   warm-clinic-eval  `warm` with federation.fraction_evaluate 1: every clinic evaluates in the
           evaluated rounds, and the BatchNorm statistics come with those evaluate replies (a
           second exchange in the round) instead of the next round's train replies
@@ -74,12 +81,16 @@ log = logging.getLogger("dentfed.bench")
 
 VARIANTS: dict[str, list[str]] = {  # extra `dentfed clinic start` arguments
     # Flower's own SuperExec starts every ClientApp from scratch, no image cache: as before
-    "cold": ["--cold-clientapp", "--no-image-cache"],
+    "cold": ["--cold-clientapp", "--no-image-cache", "--flower-polls"],
     # the same with the clinic's disk image cache
     "cache": ["--cold-clientapp", "--cache-dir", "{root}/cache_{k}"],
-    # the default: warm ClientApp worker (dentfed/clinic_worker.py), the image cache and the
-    # clinic's state folder (its AdamW moments on its disk, not in Flower's Context)
+    # the default: warm ClientApp worker (dentfed/clinic_worker.py), the image cache, the
+    # clinic's state folder (its AdamW moments on its disk, not in Flower's Context) and the
+    # SuperNode's brisk polls (dentfed/supernode.py)
     "warm": ["--cache-dir", "{root}/cache_{k}"],
+    # warm, with the SuperNode's own waits (3 s idle sleep, 0.5 s reply checks, 1-10 s
+    # backoff for arrays the SuperLink does not have yet)
+    "warm-flower-polls": ["--cache-dir", "{root}/cache_{k}", "--flower-polls"],
     # warm as before the state folder: the clinic's round state in Flower's context.state,
     # which travels SuperNode <-> ClientApp with every message
     "warm-context": ["--cache-dir", "{root}/cache_{k}", "--no-state-dir"],
@@ -93,10 +104,14 @@ VARIANTS: dict[str, list[str]] = {  # extra `dentfed clinic start` arguments
     # BatchNorm statistics come with those evaluate replies, a second exchange in the round,
     # instead of with the next round's train replies (the demo configs' default)
     "warm-clinic-eval": ["--cache-dir", "{root}/cache_{k}"],
+    # warm, with federation.upload int8: the clinics send int8 deltas (a quarter of the fp32
+    # bytes) with their rounding error kept for the next round (shared/upload.py)
+    "warm-int8": ["--cache-dir", "{root}/cache_{k}"],
 }
 CONFIG_OVERRIDES: dict[str, dict] = {"warm-nostate": {"keep_optimizer_state": False},
                                      "warm-unpacked": {"pack_arrays": False},
-                                     "warm-clinic-eval": {"fraction_evaluate": 1.0}}
+                                     "warm-clinic-eval": {"fraction_evaluate": 1.0},
+                                     "warm-int8": {"upload": "int8"}}
 # Consecutive marks of client/timing.py and what the seconds between them are.
 STAGES = [("process_start", "app_loaded", "start-up: interpreter, Flower, FAB, message, imports"),
           ("app_loaded", "handler_start", "mods"),
