@@ -54,22 +54,33 @@ def encode_update(local: ArrayRecord, global_: ArrayRecord, encoding: str,
         carry[k] = (delta - qk.astype(np.float32) * np.float32(scale)).astype(np.float32)
         q[k] = Array(qk)
         scales.append(scale)
-    records = {"arrays": ArrayRecord(q),
+    records = {"arrays": ArrayRecord({k: q[k] for k in new}),  # the model's own order
                SCALES_KEY: ArrayRecord({"scales": Array(np.asarray(scales, np.float32))})}
     return records, carry
 
 
+def _in_order_of(global_: ArrayRecord, got: dict) -> list[str]:
+    """The update's names in the global model's order (then any others): Flower's server
+    optimisers (FedAvgM, FedAdam, ...) pair the aggregate with the current model by position,
+    not by name, so an update in another order would subtract mismatched arrays."""
+    return [k for k in global_ if k in got] + [k for k in got if k not in global_]
+
+
 def decode_update(records: dict[str, ArrayRecord], global_: ArrayRecord) -> ArrayRecord:
-    """fp32 weights from what a clinic sent (any encoding above); raises ValueError on a
-    malformed update (unknown dtype, scale count or non-finite scales)."""
+    """fp32 weights from what a clinic sent (any encoding above), in the global model's
+    array order; raises ValueError on a malformed update (unknown dtype, scale count or
+    non-finite scales)."""
     arrays = records["arrays"]
     got = _np(arrays)
     dtypes = {v.dtype for v in got.values()}
     if SCALES_KEY not in records:
         if dtypes <= {np.dtype(np.float32)}:
-            return arrays
+            if list(arrays.keys()) == _in_order_of(global_, got):
+                return arrays
+            return ArrayRecord({k: arrays[k] for k in _in_order_of(global_, got)})
         if dtypes <= {np.dtype(np.float16)}:
-            return ArrayRecord({k: Array(v.astype(np.float32)) for k, v in got.items()})
+            return ArrayRecord({k: Array(got[k].astype(np.float32))
+                                for k in _in_order_of(global_, got)})
         raise ValueError(f"update arrays have dtypes {sorted(map(str, dtypes))}; expected "
                          "float32 or float16 (or int8 with scales)")
     if dtypes != {np.dtype(np.int8)}:
@@ -81,6 +92,6 @@ def decode_update(records: dict[str, ArrayRecord], global_: ArrayRecord) -> Arra
     if set(old) != set(got):
         raise ValueError("int8 update: array names differ from the global model's")
     scale = dict(zip(sorted(got), scales.tolist(), strict=True))
-    return ArrayRecord({k: Array((old[k].astype(np.float32) + v.astype(np.float32)
+    return ArrayRecord({k: Array((old[k].astype(np.float32) + got[k].astype(np.float32)
                                   * np.float32(scale[k])).astype(np.float32))
-                        for k, v in got.items()})
+                        for k in _in_order_of(global_, got)})
