@@ -47,13 +47,18 @@ def _need(path: Path, what: str) -> Path:
 
 
 def superlink_command(certs: Path, address: str = "0.0.0.0:9092",
-                      database: Path | None = None) -> list[str]:
+                      database: Path | None = None,
+                      messages_in_memory: bool = True) -> list[str]:
     """flower-superlink with TLS from `certs` (ca.crt, server.crt, server.key) and allow-list
-    SuperNode authentication."""
+    SuperNode authentication. `messages_in_memory`: through dentfed/superlink.py, which keeps
+    the arrays of messages in flight out of the database; False: `flower-superlink` as
+    installed."""
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit():
         raise DentfedError(f"--address must be HOST:PORT, got {address!r}")
-    cmd = [flower_bin("flower-superlink"),
+    launcher = ([sys.executable, "-m", "dentfed.superlink"] if messages_in_memory
+                else [flower_bin("flower-superlink")])
+    cmd = [*launcher,
            "--ssl-ca-certfile", str(_need(certs / "ca.crt", "CA certificate")),
            "--ssl-certfile", str(_need(certs / "server.crt", "server certificate")),
            "--ssl-keyfile", str(_need(certs / "server.key", "server key")),

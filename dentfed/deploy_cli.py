@@ -40,7 +40,8 @@ def _start(args: argparse.Namespace) -> int:
     dial = f"{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}"
     deploy.write_connection(home, dial, certs / "ca.crt")
     db = Path(args.state).expanduser().resolve() if args.state else home / "superlink.db"
-    cmd = deploy.superlink_command(certs, args.address, db)
+    cmd = deploy.superlink_command(certs, args.address, db,
+                                   messages_in_memory=not args.messages_on_disk)
     print(f"flwr CLI connection '{deploy.CONNECTION}' -> {dial} written to {home}/config.toml "
           f"(use FLWR_HOME={home} with plain flwr commands)")
     return deploy.run_foreground(cmd, deploy.flower_env(home))
@@ -165,6 +166,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--address", default="0.0.0.0:9092", help="HOST:PORT to listen on")
     s.add_argument("--state", help="SuperLink database file (default HOME/superlink.db)")
     s.add_argument("--home", default=str(DEFAULT_HOME), help=home_help)
+    s.add_argument("--messages-on-disk", action="store_true",
+                   help="run flower-superlink as installed, which also writes the arrays of "
+                   "every message in flight into the database, instead of keeping them in "
+                   "memory (dentfed/superlink.py)")
     s.set_defaults(func=_start)
 
     r = co.add_parser("register", help="allow clinics' public keys (flwr supernode register)")

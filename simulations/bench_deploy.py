@@ -50,6 +50,9 @@ Variants (`--variants`, each a full deployment, run one after another):
   warm-int8  `warm` with federation.upload int8: the replies carry int8 deltas from the
           round's global model, a quarter of the fp32 bytes (it changes the training a
           little: error feedback carries each round's rounding into the next)
+  warm-messages-on-disk  `warm` with `dentfed coordinator start --messages-on-disk`: the
+          SuperLink as installed, writing the arrays of every message in flight into its
+          SQLite database (the default keeps them in memory: dentfed/superlink.py)
   warm-clinic-eval  `warm` with federation.fraction_evaluate 1: every clinic evaluates in the
           evaluated rounds, and the BatchNorm statistics come with those evaluate replies (a
           second exchange in the round) instead of the next round's train replies
@@ -107,7 +110,12 @@ VARIANTS: dict[str, list[str]] = {  # extra `dentfed clinic start` arguments
     # warm, with federation.upload int8: the clinics send int8 deltas (a quarter of the fp32
     # bytes) with their rounding error kept for the next round (shared/upload.py)
     "warm-int8": ["--cache-dir", "{root}/cache_{k}"],
+    # warm, with the SuperLink writing every message's arrays into its database as Flower's
+    # does (`dentfed coordinator start --messages-on-disk`)
+    "warm-messages-on-disk": ["--cache-dir", "{root}/cache_{k}"],
 }
+COORDINATOR_ARGS: dict[str, list[str]] = {  # extra `dentfed coordinator start` arguments
+    "warm-messages-on-disk": ["--messages-on-disk"]}
 CONFIG_OVERRIDES: dict[str, dict] = {"warm-nostate": {"keep_optimizer_state": False},
                                      "warm-unpacked": {"pack_arrays": False},
                                      "warm-clinic-eval": {"fraction_evaluate": 1.0},
@@ -176,7 +184,7 @@ def run_variant(name: str, extra: list[str], root: Path, manifests: list[Path],
     fed = LocalFederation(root, keys=len(manifests),
                           env={"OMP_NUM_THREADS": "1", "DENTFED_TIMING_DIR": str(timing)})
     try:
-        fed.start_coordinator()
+        fed.start_coordinator(*COORDINATOR_ARGS.get(name, []))
         for k, m in enumerate(manifests):
             fed.register(k)
             fed.start_clinic(k, m, *(a.format(root=root, k=k) for a in extra))

@@ -67,11 +67,13 @@ class LocalFederation:
         for tag in self.tags.values():
             kill_tagged(tag, grace=2.0)
 
-    def start_coordinator(self, timeout: float = 90) -> None:
+    def start_coordinator(self, *extra: str, timeout: float = 90) -> None:
+        """`dentfed coordinator start`, `extra`: more arguments of that command."""
         for attempt in range(PORT_TRIES):
             self.start("superlink", DENTFED + ["coordinator", "start", "--certs",
                                                str(self.root / "certs"), "--address",
-                                               self.address, "--home", str(self.home)])
+                                               self.address, "--home", str(self.home),
+                                               *extra])
             deadline = time.monotonic() + timeout
             while "Uvicorn running on https://" not in self.log("superlink"):
                 if self.procs["superlink"].poll() is not None:
