@@ -53,6 +53,8 @@ Variants (`--variants`, each a full deployment, run one after another):
   warm-messages-on-disk  `warm` with `dentfed coordinator start --messages-on-disk`: the
           SuperLink as installed, writing the arrays of every message in flight into its
           SQLite database (the default keeps them in memory: dentfed/superlink.py)
+  warm-flower-io  `warm-flower-polls` and `warm-messages-on-disk` together: Flower's
+          SuperNode and SuperLink as installed (the warm variant before stop 26)
   warm-clinic-eval  `warm` with federation.fraction_evaluate 1: every clinic evaluates in the
           evaluated rounds, and the BatchNorm statistics come with those evaluate replies (a
           second exchange in the round) instead of the next round's train replies
@@ -113,9 +115,12 @@ VARIANTS: dict[str, list[str]] = {  # extra `dentfed clinic start` arguments
     # warm, with the SuperLink writing every message's arrays into its database as Flower's
     # does (`dentfed coordinator start --messages-on-disk`)
     "warm-messages-on-disk": ["--cache-dir", "{root}/cache_{k}"],
+    # both of the above: the SuperNode's and the SuperLink's own I/O, as before stop 26
+    "warm-flower-io": ["--cache-dir", "{root}/cache_{k}", "--flower-polls"],
 }
 COORDINATOR_ARGS: dict[str, list[str]] = {  # extra `dentfed coordinator start` arguments
-    "warm-messages-on-disk": ["--messages-on-disk"]}
+    "warm-messages-on-disk": ["--messages-on-disk"],
+    "warm-flower-io": ["--messages-on-disk"]}
 CONFIG_OVERRIDES: dict[str, dict] = {"warm-nostate": {"keep_optimizer_state": False},
                                      "warm-unpacked": {"pack_arrays": False},
                                      "warm-clinic-eval": {"fraction_evaluate": 1.0},
