@@ -70,8 +70,10 @@ import argparse
 import json
 import logging
 import os
+import re
 import statistics
 import time
+from datetime import datetime
 from pathlib import Path
 
 import yaml
@@ -182,6 +184,37 @@ def breakdown(folder: Path) -> dict[str, dict[str, float]]:
     return out
 
 
+# A SuperNode's own log lines (dentfed/supernode.py turns Flower's timestamps on): when a
+# message started and finished arriving from the SuperLink, and its reply going back.
+_HOP_LINE = re.compile(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\S*:\s+"
+                       r"(Receiving|Received successfully|Sending|Sent successfully)")
+
+
+def supernode_hops(logs: list[Path]) -> dict[str, float]:
+    """Median seconds of each SuperNode hop over the clinics' logs (empty where the log has
+    no timestamps, i.e. Flower's own `flower-supernode`): receive = the message's arrays from
+    the SuperLink; clientapp = message received to reply in the SuperNode's store (the
+    ClientApp process, compute included); send = the reply to the SuperLink; wait = reply sent
+    to the next message arriving (the other clinics, the server's aggregation and evaluation,
+    the poll)."""
+    stages: dict[str, list[float]] = {"receive": [], "clientapp": [], "send": [], "wait": []}
+    for log_file in logs:
+        events = [(datetime.strptime(m[1], "%Y-%m-%d %H:%M:%S,%f").timestamp(), m[2])
+                  for m in _HOP_LINE.finditer(log_file.read_text(errors="replace"))]
+        last: dict[str, float] = {}
+        for t, what in events:
+            if what == "Receiving" and "Sent successfully" in last:
+                stages["wait"].append(t - last.pop("Sent successfully"))
+            elif what == "Received successfully" and "Receiving" in last:
+                stages["receive"].append(t - last["Receiving"])
+            elif what == "Sending" and "Received successfully" in last:
+                stages["clientapp"].append(t - last["Received successfully"])
+            elif what == "Sent successfully" and "Sending" in last:
+                stages["send"].append(t - last["Sending"])
+            last[what] = t
+    return {k: statistics.median(v) for k, v in stages.items() if v}
+
+
 def run_variant(name: str, extra: list[str], root: Path, manifests: list[Path],
                 test_manifest: Path, config: Path, timeout: float) -> dict:
     root.mkdir(parents=True)
@@ -204,7 +237,8 @@ def run_variant(name: str, extra: list[str], root: Path, manifests: list[Path],
         fed.close()
     metrics = json.loads((root / "run" / "metrics.json").read_text())
     return {"name": name, "wall": wall, "rounds": per_round(metrics),
-            "breakdown": breakdown(timing) if timing.is_dir() else {}}
+            "breakdown": breakdown(timing) if timing.is_dir() else {},
+            "hops": supernode_hops(sorted(root.glob("clinic*.log")))}
 
 
 def report(results: list[dict], header: str) -> str:
@@ -228,6 +262,11 @@ def report(results: list[dict], header: str) -> str:
         ov = [r["overhead"] for r in res["rounds"]]
         lines += ["", f"overhead per round per clinic: mean {statistics.mean(ov):.2f} s, "
                   f"max {max(ov):.2f} s (goal <= 2 s)", ""]
+        if res.get("hops"):
+            lines.append("SuperNode hops, median s over clinics and messages: " + "; ".join(
+                f"{k} {v:.2f}" for k, v in res["hops"].items()) + " (receive: arrays from "
+                "the SuperLink; clientapp: received to reply stored, compute included; send: "
+                "reply to the SuperLink; wait: reply sent to next message)")
         for kind, stages in res["breakdown"].items():
             lines.append(f"ClientApp process, {kind} messages "
                          f"({int(stages.pop('messages'))}), median s: "

@@ -119,3 +119,32 @@ def test_clinic_start_runs_the_brisk_supernode_unless_asked_not_to(tmp_path: Pat
     help_text = subprocess.run([*brisk[:3], "--help"], capture_output=True, text=True,
                                timeout=120)
     assert help_text.returncode == 0 and "--auth-supernode-private-key" in help_text.stdout
+
+
+def test_the_deployment_benchmark_reads_the_hops_from_the_timestamped_log(tmp_path: Path):
+    """bench_deploy's SuperNode hop times come from the log lines Flower writes with
+    timestamps on (as dentfed/supernode.py sets them)."""
+    import io
+    import logging
+
+    from flwr.supercore.logger import ConsoleHandler
+
+    from simulations.bench_deploy import supernode_hops
+
+    stream = io.StringIO()
+    handler = ConsoleHandler(timestamps=True, colored=True, stream=stream)
+    log = logging.getLogger("test-supernode-hops")
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    clock = iter([100.0, 100.5, 104.5, 105.25, 107.25, 107.75])
+    events = ["Receiving: train message (ID: a)", "Received successfully",
+              "Sending: train message (ID: b)", "Sent successfully",
+              "Receiving: train message (ID: c)", "Received successfully"]
+    for text in events:
+        record = log.makeRecord(log.name, logging.INFO, __file__, 0, text, None, None)
+        record.created = next(clock)
+        record.msecs = (record.created % 1) * 1000
+        handler.emit(record)
+    (tmp_path / "clinic0.log").write_text(stream.getvalue())
+    assert supernode_hops([tmp_path / "clinic0.log"]) == pytest.approx(
+        {"receive": 0.5, "clientapp": 4.0, "send": 0.75, "wait": 2.0}, abs=0.002)
