@@ -60,9 +60,9 @@ def encode_update(local: ArrayRecord, global_: ArrayRecord, encoding: str,
 
 
 def _in_order_of(global_: ArrayRecord, got: dict) -> list[str]:
-    """The update's names in the global model's order (then any others): Flower's server
-    optimisers (FedAvgM, FedAdam, ...) pair the aggregate with the current model by position,
-    not by name, so an update in another order would subtract mismatched arrays."""
+    """The update's names in the global model's order (then any others): Flower's FedAvgM
+    pairs the aggregate with its current model by position, not by name, so an update in
+    another order would subtract mismatched arrays."""
     return [k for k in global_ if k in got] + [k for k in got if k not in global_]
 
 
