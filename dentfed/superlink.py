@@ -41,14 +41,14 @@ def messages_in_memory(config_loader: Any = None, superlink_main: Any = None) ->
     except ImportError:
         return False
     original = getattr(config_loader, "get_objectstore_linkstate_factories", None)
-    if original is None or getattr(superlink_main, "get_objectstore_linkstate_factories",
-                                   None) is not original:
+    other_server = getattr(config_loader, "_is_non_sqlite_database_url", None)
+    if original is None or other_server is None or getattr(
+            superlink_main, "get_objectstore_linkstate_factories", None) is not original:
         return bool(getattr(original, "dentfed_in_memory", False))  # patched, or unknown
 
     def factories(database: str, federation_manager: Any) -> tuple[Any, Any]:
-        if "://" in database.strip().lower() and not database.strip().lower().startswith(
-                "sqlite://"):
-            return original(database, federation_manager)  # another database server: as is
+        if other_server(database):  # a database server (Flower's enterprise stores): as is
+            return original(database, federation_manager)
         objects = ObjectStoreFactory(FLWR_IN_MEMORY_DB_NAME)
         return objects, LinkStateFactory(database, federation_manager, objects)
 
