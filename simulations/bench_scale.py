@@ -8,7 +8,8 @@ DENTFED_SIM_TAG, Ray's workers included) twice a second, and prints one row per 
 per round (clinic training + clinic evaluation + central evaluation), start-up seconds (the
 SuperLink, Ray and the ServerApp), peak summed RSS (counts shared pages once per process: an
 upper bound) and peak summed PSS (shared pages divided among their users: the real
-footprint), and the largest single process.
+footprint), and the largest single process. `clinics-N/memory_timeline.csv` holds every
+sample: RSS MiB summed per kind of process, to see when the peak comes.
 
     .venv/bin/python -m simulations.bench_scale --config configs/demo-photos-scratch.yaml \
         --clinics 4,10,20 --rounds 2 --out runs/bench-scale
@@ -86,17 +87,26 @@ class TreeMemory:
         self.peak_rss = self.peak_pss = self.peak_one = 0
         self.at_peak: list[tuple[str, int, int, tuple[int, int, int]]] = []
         self._roles: dict[int, str] = {}
+        #: one row per sample: seconds since start, then RSS MiB summed per role
+        self.timeline: list[dict[str, float]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
+        start = time.monotonic()
         while not self._stop.is_set():
             pids = [os.getpid(), *_tagged_pids(self.tag)]
             mems = [_mem_kb(p) for p in pids]
+            # the role of a Ray worker changes once it becomes an actor: read it again
+            self._roles.update({p: _role(p) for p in pids
+                                if self._roles.get(p) in (None, "Ray worker")})
+            row = {"s": round(time.monotonic() - start, 2),
+                   "RSS sum": round(sum(r for r, _ in mems) / 1024)}
+            for p, (r, _) in zip(pids, mems, strict=True):
+                role = self._roles[p]
+                row[role] = row.get(role, 0) + round(r / 1024)
+            self.timeline.append(row)
             if sum(r for r, _ in mems) > self.peak_rss:
-                # the role of a Ray worker changes once it becomes an actor: read it again
-                self._roles.update({p: _role(p) for p in pids
-                                    if self._roles.get(p) in (None, "Ray worker")})
                 self.at_peak = sorted(((self._roles[p], r, s, _rss_parts_kb(p))
                                        for p, (r, s) in zip(pids, mems, strict=True) if r),
                                       key=lambda t: -t[1])
@@ -157,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
             "images/clinic": round(sum(c.get("num-examples", 0) for c in data["history"][1]
                                        ["clinics_train"]["per_clinic"].values()) / n)})
         print(json.dumps(rows[-1]), flush=True)
+        write_text_atomic(out / f"clinics-{n}" / "memory_timeline.csv",
+                          pd.DataFrame(mem.timeline).fillna(0).to_csv(index=False))
         print(f"processes at the peak RSS sum ({n} clinics), MiB:", flush=True)
         for role, rss, pss, (anon, file, shm) in mem.at_peak:
             print(f"  {role:<24} RSS {rss / 1024:6.0f} (anon {anon / 1024:5.0f}, file "
