@@ -132,7 +132,7 @@ def train(msg: Message, context: Context) -> Message:
     control = (msg.content[SCAFFOLD_C_KEY] if SCAFFOLD_C_KEY in msg.content.array_records
                else None)
     stats = with_bn_statistics(clinic, context, msg)  # before training: of the model received
-    values, extra = local_training(clinic, context, global_arrays, server_round,
+    values, extra, unsaved = local_training(clinic, context, global_arrays, server_round,
                                    float(msg.content["config"].get("proximal-mu", 0.0)),
                                    control)
     mark("computed")
@@ -149,7 +149,7 @@ def train(msg: Message, context: Context) -> Message:
     if carry is not None:  # error feedback: what int8 rounding dropped goes out next round
         context.state[RESIDUAL_KEY] = ArrayRecord({k: Array(v) for k, v in carry.items()})
     if keeps_round_state(cfg):  # to the clinic's state folder; the large parts leave the Context
-        save_round_state(context, server_round)
+        save_round_state(context, server_round, unsaved)
     return Message(content=RecordDict({**records, **extra, "metrics": metrics}), reply_to=msg)
 
 

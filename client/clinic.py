@@ -55,6 +55,7 @@ from shared.training import (
     load_optimizer_state,
     make_optimizer,
     optimizer_state_arrays,
+    optimizer_state_tensors,
     seed_everything,
 )
 
@@ -80,6 +81,8 @@ ROUND_STATE = (OPTIMIZER_KEY, SCAFFOLD_CI_KEY, LOCAL_BN_KEY, RESIDUAL_KEY)
 # sat in memory for all clinics at once; on a SuperNode the Context travels SuperNode <->
 # ClientApp process with every message, train and evaluate.
 ON_DISK_STATE = (OPTIMIZER_KEY, SCAFFOLD_CI_KEY, RESIDUAL_KEY)
+# Round state as tensors, key -> name -> tensor: what a clinic's state file holds.
+UnsavedState = dict[str, dict[str, torch.Tensor]]
 log = logging.getLogger("dentfed.client")
 
 
@@ -183,13 +186,17 @@ def clinic_cache_dir(context: Context) -> Path | None:
 
 
 def restore_round_state(context: Context, server_round: int,
-                        need: tuple[str, ...] = ON_DISK_STATE) -> None:
+                        need: tuple[str, ...] = ON_DISK_STATE, direct: tuple[str, ...] = ()
+                        ) -> UnsavedState:
     """Before training round t, the clinic's optimiser state and SCAFFOLD variate must be
     those after its last round before t. Flower's context.state marks that round (and holds
     them when the clinic has no state folder); a resumed federation is a new Flower run (empty
     state), and a retried round must not continue from the failed attempt: then the newest
     file saved after a round < t is read. `need`: which of the state kept on disk only to
-    bring into context.state (none for evaluation, which only needs FedBN's BatchNorm)."""
+    bring into context.state (none for evaluation, which only needs FedBN's BatchNorm).
+    `direct`: keys of `need` returned as the tensors read from the file instead of put into
+    context.state, for a caller that uses them at once (the optimiser's moments: an
+    ArrayRecord would serialise them and decode them again, two copies of 2x the model)."""
     rec = context.state.config_records.get(STATE_ROUND_KEY)
     have = int(rec["round"]) if rec is not None else None
     folder = clinic_state_dir(context)
@@ -197,11 +204,10 @@ def restore_round_state(context: Context, server_round: int,
         missing = [k for k in need if k not in context.state.array_records]
         path = folder / f"after_round_{have}.pt" if folder is not None else None
         if not missing or path is None:
-            return
+            return {}
         if path.is_file():  # what save_round_state kept on disk only
-            _put_state(context, torch.load(path, map_location="cpu", weights_only=True),
-                       missing)
-            return
+            return _put_state(context, torch.load(path, map_location="cpu", weights_only=True),
+                              missing, direct)
         log.warning("round %d: the clinic's state after round %d is gone from its state "
                     "folder; reading the newest earlier one", server_round, have)
     for key in ROUND_STATE:
@@ -216,31 +222,45 @@ def restore_round_state(context: Context, server_round: int,
         if have is not None or server_round > 1:
             log.warning("round %d: no saved clinic state from an earlier round; the "
                         "optimiser/control variate start fresh", server_round)
-        return
+        return {}
     r, path = saved[-1]
     state = torch.load(path, map_location="cpu", weights_only=True)
-    _put_state(context, state, [k for k in state if k not in ON_DISK_STATE or k in need])
+    taken = _put_state(context, state, [k for k in state if k not in ON_DISK_STATE or k in need],
+                       direct)
     context.state[STATE_ROUND_KEY] = ConfigRecord({"round": r})
+    return taken
 
 
-def _put_state(context: Context, state: dict[str, dict[str, torch.Tensor]],
-               keys: list[str]) -> None:
+def _put_state(context: Context, state: UnsavedState, keys: list[str],
+               direct: tuple[str, ...] = ()) -> UnsavedState:
+    """Put `keys` of a saved state into context.state, except those in `direct`: returned."""
+    taken = {}
     for key in keys:
-        if key in state:
+        if key in state and key in direct:
+            taken[key] = state[key]
+        elif key in state:
             context.state[key] = ArrayRecord({k: Array(t.numpy()) for k, t in state[key].items()})
+    return taken
 
 
-def save_round_state(context: Context, server_round: int) -> None:
+def save_round_state(context: Context, server_round: int,
+                     unsaved: UnsavedState | None = None) -> None:
     """After training round t: mark the state with t and write it to the clinic's state
     folder (atomic write; the last 3 rounds are kept); the large parts (ON_DISK_STATE) then
-    leave context.state."""
+    leave context.state. `unsaved`: state that `local_training` kept as tensors for this file
+    instead of putting it into context.state (written as they are)."""
+    unsaved = dict(unsaved or {})
     context.state[STATE_ROUND_KEY] = ConfigRecord({"round": server_round})
     folder = clinic_state_dir(context)
-    keys = [k for k in ROUND_STATE if k in context.state.array_records]
-    if folder is None or not keys:
+    if folder is None:  # no file to write: the context keeps everything
+        for k, tensors in unsaved.items():
+            context.state[k] = ArrayRecord({n: Array(t.numpy()) for n, t in tensors.items()})
+        unsaved = {}
+    keys = [k for k in ROUND_STATE if k in context.state.array_records and k not in unsaved]
+    if folder is None or not (keys or unsaved):
         return
     folder.mkdir(parents=True, exist_ok=True, mode=0o700)  # this user only
-    state = {}
+    state = unsaved
     for k in keys:
         state[k] = {n: torch.from_numpy(a.numpy().copy()) for n, a in context.state[k].items()}
         if k in ON_DISK_STATE:  # from now on on disk only; restore_round_state reads it back
@@ -370,12 +390,14 @@ def get_clinic(context: Context, cfg: Config) -> Clinic:
 
 def local_training(clinic: Clinic, context: Context, global_arrays: ArrayRecord,
                    server_round: int, mu: float = 0.0, control: ArrayRecord | None = None
-                   ) -> tuple[dict[str, float], dict[str, ArrayRecord]]:
+                   ) -> tuple[dict[str, float], dict[str, ArrayRecord], UnsavedState]:
     """One round of the clinic's training from the global arrays (the one driver; DP-SGD when
-    configured). Returns the scalar metrics the reply carries and any array records it carries
-    besides the model (SCAFFOLD's delta c_i). `control`: SCAFFOLD's server variate c (None in
-    round 1: zero). The caller saves the round state (`save_round_state`, when
-    `keeps_round_state`) once its reply is encoded (the int8 residual is part of it)."""
+    configured). Returns the scalar metrics the reply carries, any array records it carries
+    besides the model (SCAFFOLD's delta c_i), and round state for the clinic's state file that
+    is not in context.state (the optimiser's moments when the clinic has a state folder).
+    `control`: SCAFFOLD's server variate c (None in round 1: zero). The caller saves the round
+    state (`save_round_state(context, round, unsaved)`, when `keeps_round_state`) once its
+    reply is encoded (the int8 residual is part of it)."""
     cfg = clinic.cfg
     # Seeds depend on the round only, not on how many rounds this process has already run:
     # a SuperNode starts a fresh ClientApp process per message, a simulation reuses one, and a
@@ -384,16 +406,20 @@ def local_training(clinic: Clinic, context: Context, global_arrays: ArrayRecord,
     if clinic.train_loader.generator is not None:
         clinic.train_loader.generator.manual_seed(cfg.train.seed + 1000 * server_round)
     fed, dp = cfg.federation, cfg.privacy.dp_sgd
-    if keeps_round_state(cfg):
-        restore_round_state(context, server_round)
+    on_disk = clinic_state_dir(context) is not None
+    restored: UnsavedState = {}
+    if keeps_round_state(cfg):  # the optimiser's moments from the file straight into it
+        restored = restore_round_state(context, server_round, direct=(OPTIMIZER_KEY,))
     clinic.load(context, global_arrays)
     clinic.model.to(clinic.device)
     lr = round_lr(cfg, server_round)
     opt = make_optimizer(clinic.model, cfg.train, lr=lr)
-    if fed.keep_optimizer_state and OPTIMIZER_KEY in context.state.array_records:
+    if fed.keep_optimizer_state and OPTIMIZER_KEY in restored:
+        load_optimizer_state(opt, restored.pop(OPTIMIZER_KEY))
+    elif fed.keep_optimizer_state and OPTIMIZER_KEY in context.state.array_records:
         load_optimizer_state(opt, {k: a.numpy() for k, a in
                                    context.state[OPTIMIZER_KEY].items()})
-        if clinic_state_dir(context) is not None:  # its file stays: no second copy in training
+        if on_disk:  # its file stays: no second copy in training
             del context.state[OPTIMIZER_KEY]
     scaffold = _Scaffold(clinic, context, control) if fed.strategy == "scaffold" else None
     steps = planned_steps(clinic.train_loader, fed.local_epochs, fed.local_steps)
@@ -410,7 +436,10 @@ def local_training(clinic: Clinic, context: Context, global_arrays: ArrayRecord,
         stats = trainer.run(fed.local_epochs, fed.local_steps, proximal_mu=mu,
                             grad_correction=scaffold.correction if scaffold else None)
         after = trainer.account()
-    if fed.keep_optimizer_state:
+    unsaved: UnsavedState = {}
+    if fed.keep_optimizer_state and on_disk:  # to the state file as they are (save_round_state)
+        unsaved[OPTIMIZER_KEY] = optimizer_state_tensors(opt)
+    elif fed.keep_optimizer_state:
         context.state[OPTIMIZER_KEY] = ArrayRecord(
             {k: Array(v) for k, v in optimizer_state_arrays(opt).items()})
     # The last step's gradients and the optimiser are never read again (each step starts with
@@ -441,7 +470,7 @@ def local_training(clinic: Clinic, context: Context, global_arrays: ArrayRecord,
         # Client-level DP accounting needs equal weights (FedAvg of clipped updates); the
         # clinic's dataset size then stays at the clinic.
         values[EXAMPLES_KEY] = 1
-    return values, records
+    return values, records, unsaved
 
 
 class _Scaffold:

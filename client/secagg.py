@@ -61,10 +61,10 @@ class ClinicNumPyClient(NumPyClient):
         try:
             clinic, rnd = self._clinic(config)
             check_frozen(config, clinic.cfg, clinic.model)  # as the Message-API train handler
-            values, _ = local_training(clinic, self.context, self._record(clinic, parameters),
-                                       rnd)  # SecAgg+ runs plain FedAvg: no extra records
+            values, _, unsaved = local_training(  # SecAgg+ runs plain FedAvg: no records
+                clinic, self.context, self._record(clinic, parameters), rnd)
             if keeps_round_state(clinic.cfg):
-                save_round_state(self.context, rnd)
+                save_round_state(self.context, rnd, unsaved)
         except Exception as e:  # same rule as the Message-API handlers: type only
             log.exception("clinic fit (SecAgg+) failed")
             raise RuntimeError(f"fit failed at the clinic ({type(e).__name__}); details are "

@@ -8,7 +8,7 @@ import copy
 import logging
 import random
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -61,23 +61,33 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, lr: float | None = None
 def optimizer_state_arrays(optimizer: torch.optim.Optimizer) -> dict[str, np.ndarray]:
     """The optimiser's per-parameter state (momentum buffers, Adam moments and step counts) as
     named arrays '<param index>.<name>', e.g. for a clinic's persistent Flower state."""
-    out = {}
-    for i, st in optimizer.state_dict()["state"].items():
-        for name, v in st.items():
-            out[f"{i}.{name}"] = (v.detach().cpu().numpy().copy() if torch.is_tensor(v)
-                                  else np.asarray(v))
-    return out
+    return {k: v.detach().cpu().numpy().copy() if torch.is_tensor(v) else np.asarray(v)
+            for k, v in _named_state(optimizer).items()}
 
 
-def load_optimizer_state(optimizer: torch.optim.Optimizer, arrays: dict[str, np.ndarray]
-                         ) -> None:
-    """Restore what `optimizer_state_arrays` saved; the optimiser's own hyper-parameters (this
-    round's learning rate) are kept."""
+def optimizer_state_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """`optimizer_state_arrays` as tensors, without copies on the CPU: the optimiser's own, so
+    use them (e.g. torch.save them) before its next step."""
+    return {k: v.detach().cpu() if torch.is_tensor(v) else torch.as_tensor(v)
+            for k, v in _named_state(optimizer).items()}
+
+
+def _named_state(optimizer: torch.optim.Optimizer) -> dict[str, object]:
+    return {f"{i}.{name}": v for i, st in optimizer.state_dict()["state"].items()
+            for name, v in st.items()}
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer,
+                         arrays: Mapping[str, np.ndarray | torch.Tensor]) -> None:
+    """Restore what `optimizer_state_arrays` (or `optimizer_state_tensors`) saved; the
+    optimiser's own hyper-parameters (this round's learning rate) are kept. Tensors are taken
+    as they are (the optimiser owns them afterwards), arrays are copied."""
     sd = optimizer.state_dict()
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, a in arrays.items():
         i, name = key.split(".", 1)
-        state.setdefault(int(i), {})[name] = torch.from_numpy(np.array(a, copy=True))
+        state.setdefault(int(i), {})[name] = (a if torch.is_tensor(a)
+                                              else torch.from_numpy(np.array(a, copy=True)))
     sd["state"] = state
     optimizer.load_state_dict(sd)
 

@@ -26,7 +26,12 @@ from shared.fedio import (
     round_lr,
 )
 from shared.models import build_model
-from shared.training import load_optimizer_state, make_optimizer, optimizer_state_arrays
+from shared.training import (
+    load_optimizer_state,
+    make_optimizer,
+    optimizer_state_arrays,
+    optimizer_state_tensors,
+)
 from tests.conftest import tiny_config
 from tests.test_federation import _task_identity
 
@@ -67,6 +72,38 @@ def test_sgd_optimizer_and_state_round_trip():
     assert fresh.param_groups[0]["lr"] == 0.05  # this round's lr, not the saved one
     assert torch.equal(fresh.state[model.weight]["momentum_buffer"],
                        opt.state[model.weight]["momentum_buffer"])
+
+
+def test_adamw_state_as_tensors_resumes_exactly_without_copies(tmp_path):
+    """The optimiser's moments go to the clinic's state file as the optimiser's own tensors
+    and come back into the next round's optimiser as the tensors read (client/clinic.py:
+    no ArrayRecord copies); training then continues exactly as the arrays path does."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    cfg = tiny_config(optimizer="adamw", lr=0.1).train
+    opt = make_optimizer(model, cfg)
+    model(torch.ones(4, 3)).sum().backward()
+    opt.step()
+    tensors = optimizer_state_tensors(opt)
+    assert set(tensors) == set(optimizer_state_arrays(opt))
+    assert tensors["0.exp_avg"].data_ptr() == opt.state[model.weight]["exp_avg"].data_ptr()
+    torch.save(tensors, tmp_path / "state.pt")
+    read = torch.load(tmp_path / "state.pt", weights_only=True)
+    via_tensors = make_optimizer(model, cfg)
+    load_optimizer_state(via_tensors, read)
+    assert via_tensors.state[model.weight]["exp_avg"].data_ptr() == read["0.exp_avg"].data_ptr()
+    via_arrays = make_optimizer(model, cfg)
+    load_optimizer_state(via_arrays, optimizer_state_arrays(opt))
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    after = []
+    for o in (via_tensors, via_arrays):
+        model.load_state_dict(start)
+        model.zero_grad()
+        model(torch.full((4, 3), 2.0)).sum().backward()
+        o.step()
+        after.append({k: v.clone() for k, v in model.state_dict().items()})
+    assert all(torch.equal(after[0][k], after[1][k]) for k in start)
+    assert not torch.equal(after[0]["weight"], start["weight"])
 
 
 def test_round_lr_warmup_and_cosine():
