@@ -10,6 +10,7 @@ import os
 import time
 from collections.abc import Callable
 
+import torch
 from flwr.app import (
     Array,
     ArrayRecord,
@@ -27,6 +28,7 @@ from client.clinic import (
     RESIDUAL_KEY,
     Clinic,
     bn_statistics,
+    clinic_state_dir,
     clinic_token,
     evaluate_values,
     get_clinic,
@@ -132,24 +134,28 @@ def train(msg: Message, context: Context) -> Message:
     control = (msg.content[SCAFFOLD_C_KEY] if SCAFFOLD_C_KEY in msg.content.array_records
                else None)
     stats = with_bn_statistics(clinic, context, msg)  # before training: of the model received
-    values, extra, unsaved = local_training(clinic, context, global_arrays, server_round,
-                                   float(msg.content["config"].get("proximal-mu", 0.0)),
-                                   control)
+    values, extra, state = local_training(clinic, context, global_arrays, server_round,
+                                          float(msg.content["config"].get("proximal-mu", 0.0)),
+                                          control)
     mark("computed")
     if stats is not None:
         extra[BN_STATS_KEY] = stats[0]
         values.update(stats[1])
     metrics = MetricRecord(values)
-    residual = (context.state[RESIDUAL_KEY] if RESIDUAL_KEY in context.state.array_records
+    on_disk = clinic_state_dir(context) is not None  # then the round state is in `state`
+    residual = (state.get(RESIDUAL_KEY) if on_disk else
+                context.state[RESIDUAL_KEY] if RESIDUAL_KEY in context.state.array_records
                 else None)
     records, carry = encode_update(model_arrays(clinic.model), global_arrays,
                                    cfg.federation.upload,
                                    {k: a.numpy() for k, a in residual.items()} if residual
                                    else None)
-    if carry is not None:  # error feedback: what int8 rounding dropped goes out next round
+    if carry is not None and on_disk:  # error feedback: what int8 rounding dropped goes next
+        state[RESIDUAL_KEY] = {k: torch.from_numpy(v) for k, v in carry.items()}
+    elif carry is not None:
         context.state[RESIDUAL_KEY] = ArrayRecord({k: Array(v) for k, v in carry.items()})
     if keeps_round_state(cfg):  # to the clinic's state folder; the large parts leave the Context
-        save_round_state(context, server_round, unsaved)
+        save_round_state(context, server_round, state)
     return Message(content=RecordDict({**records, **extra, "metrics": metrics}), reply_to=msg)
 
 

@@ -82,7 +82,7 @@ ROUND_STATE = (OPTIMIZER_KEY, SCAFFOLD_CI_KEY, LOCAL_BN_KEY, RESIDUAL_KEY)
 # ClientApp process with every message, train and evaluate.
 ON_DISK_STATE = (OPTIMIZER_KEY, SCAFFOLD_CI_KEY, RESIDUAL_KEY)
 # Round state as tensors, key -> name -> tensor: what a clinic's state file holds.
-UnsavedState = dict[str, dict[str, torch.Tensor]]
+RoundTensors = dict[str, dict[str, torch.Tensor]]
 log = logging.getLogger("dentfed.client")
 
 
@@ -187,7 +187,7 @@ def clinic_cache_dir(context: Context) -> Path | None:
 
 def restore_round_state(context: Context, server_round: int,
                         need: tuple[str, ...] = ON_DISK_STATE, direct: tuple[str, ...] = ()
-                        ) -> UnsavedState:
+                        ) -> RoundTensors:
     """Before training round t, the clinic's optimiser state and SCAFFOLD variate must be
     those after its last round before t. Flower's context.state marks that round (and holds
     them when the clinic has no state folder); a resumed federation is a new Flower run (empty
@@ -231,8 +231,8 @@ def restore_round_state(context: Context, server_round: int,
     return taken
 
 
-def _put_state(context: Context, state: UnsavedState, keys: list[str],
-               direct: tuple[str, ...] = ()) -> UnsavedState:
+def _put_state(context: Context, state: RoundTensors, keys: list[str],
+               direct: tuple[str, ...] = ()) -> RoundTensors:
     """Put `keys` of a saved state into context.state, except those in `direct`: returned."""
     taken = {}
     for key in keys:
@@ -244,13 +244,16 @@ def _put_state(context: Context, state: UnsavedState, keys: list[str],
 
 
 def save_round_state(context: Context, server_round: int,
-                     unsaved: UnsavedState | None = None) -> None:
+                     unsaved: RoundTensors | None = None) -> None:
     """After training round t: mark the state with t and write it to the clinic's state
     folder (atomic write; the last 3 rounds are kept); the large parts (ON_DISK_STATE) then
-    leave context.state. `unsaved`: state that `local_training` kept as tensors for this file
-    instead of putting it into context.state (written as they are)."""
+    leave context.state. `unsaved`: the round state `local_training` kept as tensors instead
+    of in context.state (a clinic with a state folder), written as they are."""
     unsaved = dict(unsaved or {})
     context.state[STATE_ROUND_KEY] = ConfigRecord({"round": server_round})
+    for k in unsaved:  # superseded by the tensors
+        if k in context.state.array_records:
+            del context.state[k]
     folder = clinic_state_dir(context)
     if folder is None:  # no file to write: the context keeps everything
         for k, tensors in unsaved.items():
@@ -390,14 +393,15 @@ def get_clinic(context: Context, cfg: Config) -> Clinic:
 
 def local_training(clinic: Clinic, context: Context, global_arrays: ArrayRecord,
                    server_round: int, mu: float = 0.0, control: ArrayRecord | None = None
-                   ) -> tuple[dict[str, float], dict[str, ArrayRecord], UnsavedState]:
+                   ) -> tuple[dict[str, float], dict[str, ArrayRecord], RoundTensors]:
     """One round of the clinic's training from the global arrays (the one driver; DP-SGD when
     configured). Returns the scalar metrics the reply carries, any array records it carries
-    besides the model (SCAFFOLD's delta c_i), and round state for the clinic's state file that
-    is not in context.state (the optimiser's moments when the clinic has a state folder).
-    `control`: SCAFFOLD's server variate c (None in round 1: zero). The caller saves the round
-    state (`save_round_state(context, round, unsaved)`, when `keeps_round_state`) once its
-    reply is encoded (the int8 residual is part of it)."""
+    besides the model (SCAFFOLD's delta c_i), and, for a clinic with a state folder, its large
+    round state (ON_DISK_STATE) as tensors instead of in context.state: the new optimiser
+    moments and c_i, and the int8 residual as read. `control`: SCAFFOLD's server variate c
+    (None in round 1: zero). The caller saves the round state (`save_round_state(context,
+    round, state)`, when `keeps_round_state`) once its reply is encoded (the int8 residual is
+    part of it)."""
     cfg = clinic.cfg
     # Seeds depend on the round only, not on how many rounds this process has already run:
     # a SuperNode starts a fresh ClientApp process per message, a simulation reuses one, and a
@@ -406,22 +410,27 @@ def local_training(clinic: Clinic, context: Context, global_arrays: ArrayRecord,
     if clinic.train_loader.generator is not None:
         clinic.train_loader.generator.manual_seed(cfg.train.seed + 1000 * server_round)
     fed, dp = cfg.federation, cfg.privacy.dp_sgd
+    # With a state folder the large round state (ON_DISK_STATE) is read from the file as
+    # tensors and used as they are: an ArrayRecord in context.state would serialise and decode
+    # it, two copies of 1-2x the model a message. `state` ends as what the file gets next.
     on_disk = clinic_state_dir(context) is not None
-    restored: UnsavedState = {}
-    if keeps_round_state(cfg):  # the optimiser's moments from the file straight into it
-        restored = restore_round_state(context, server_round, direct=(OPTIMIZER_KEY,))
+    state: RoundTensors = {}
+    if keeps_round_state(cfg):
+        state = restore_round_state(context, server_round,
+                                    direct=ON_DISK_STATE if on_disk else ())
     clinic.load(context, global_arrays)
     clinic.model.to(clinic.device)
     lr = round_lr(cfg, server_round)
     opt = make_optimizer(clinic.model, cfg.train, lr=lr)
-    if fed.keep_optimizer_state and OPTIMIZER_KEY in restored:
-        load_optimizer_state(opt, restored.pop(OPTIMIZER_KEY))
+    if fed.keep_optimizer_state and OPTIMIZER_KEY in state:
+        load_optimizer_state(opt, state.pop(OPTIMIZER_KEY))  # the optimiser owns them now
     elif fed.keep_optimizer_state and OPTIMIZER_KEY in context.state.array_records:
         load_optimizer_state(opt, {k: a.numpy() for k, a in
                                    context.state[OPTIMIZER_KEY].items()})
         if on_disk:  # its file stays: no second copy in training
             del context.state[OPTIMIZER_KEY]
-    scaffold = _Scaffold(clinic, context, control) if fed.strategy == "scaffold" else None
+    scaffold = (_Scaffold(clinic, context, control, state if on_disk else None)
+                if fed.strategy == "scaffold" else None)
     steps = planned_steps(clinic.train_loader, fed.local_epochs, fed.local_steps)
     account = None
     if dp is not None:
@@ -436,9 +445,8 @@ def local_training(clinic: Clinic, context: Context, global_arrays: ArrayRecord,
         stats = trainer.run(fed.local_epochs, fed.local_steps, proximal_mu=mu,
                             grad_correction=scaffold.correction if scaffold else None)
         after = trainer.account()
-    unsaved: UnsavedState = {}
     if fed.keep_optimizer_state and on_disk:  # to the state file as they are (save_round_state)
-        unsaved[OPTIMIZER_KEY] = optimizer_state_tensors(opt)
+        state[OPTIMIZER_KEY] = optimizer_state_tensors(opt)
     elif fed.keep_optimizer_state:
         context.state[OPTIMIZER_KEY] = ArrayRecord(
             {k: Array(v) for k, v in optimizer_state_arrays(opt).items()})
@@ -470,7 +478,7 @@ def local_training(clinic: Clinic, context: Context, global_arrays: ArrayRecord,
         # Client-level DP accounting needs equal weights (FedAvg of clipped updates); the
         # clinic's dataset size then stays at the clinic.
         values[EXAMPLES_KEY] = 1
-    return values, records, unsaved
+    return values, records, state
 
 
 class _Scaffold:
@@ -480,10 +488,12 @@ class _Scaffold:
     c_i - c + (x - y_i) / (K lr); unlike that formula it stays right under momentum, weight
     decay and Adam, which move the weights by more (or other) than lr x gradient (with SGD
     momentum 0.9 option II overestimates the variate ~10x and the corrections swamp the
-    gradients). c_i+ stays in the clinic's state; c_i+ - c_i is sent."""
+    gradients). c_i+ stays in the clinic's state (`state`: the round's tensors when the clinic
+    has a state folder, else context.state); c_i+ - c_i is sent."""
 
-    def __init__(self, clinic: Clinic, context: Context, control: ArrayRecord | None):
-        self.context = context
+    def __init__(self, clinic: Clinic, context: Context, control: ArrayRecord | None,
+                 state: RoundTensors | None = None):
+        self.context, self.state = context, state
         self.params = {n: p for n, p in clinic.model.named_parameters() if p.requires_grad}
         start = {n: p.detach() for n, p in self.params.items()}
         zeros = {n: torch.zeros_like(p) for n, p in start.items()}
@@ -495,16 +505,23 @@ class _Scaffold:
                     for n, p in start.items()}
 
         self.c = tensors(control)
-        self.ci = tensors(context.state[SCAFFOLD_CI_KEY]
-                          if SCAFFOLD_CI_KEY in context.state.array_records else None)
+        if state is not None:
+            self.ci = ({n: state[SCAFFOLD_CI_KEY][n].to(p.device) for n, p in start.items()}
+                       if SCAFFOLD_CI_KEY in state else zeros)
+        else:
+            self.ci = tensors(context.state[SCAFFOLD_CI_KEY]
+                              if SCAFFOLD_CI_KEY in context.state.array_records else None)
         self.correction = GradCorrection([(p, self.c[n] - self.ci[n])
                                           for n, p in self.params.items()])
 
     def finish(self) -> ArrayRecord:
         k = max(self.correction.steps, 1)
         new = {n: acc / k for n, acc in zip(self.params, self.correction.raw_sums, strict=True)}
-        self.context.state[SCAFFOLD_CI_KEY] = ArrayRecord(
-            {n: Array(v.cpu().numpy()) for n, v in new.items()})
+        if self.state is not None:
+            self.state[SCAFFOLD_CI_KEY] = {n: v.cpu() for n, v in new.items()}
+        else:
+            self.context.state[SCAFFOLD_CI_KEY] = ArrayRecord(
+                {n: Array(v.cpu().numpy()) for n, v in new.items()})
         return ArrayRecord({n: Array((new[n] - self.ci[n]).cpu().numpy()) for n in new})
 
 

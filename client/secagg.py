@@ -61,10 +61,10 @@ class ClinicNumPyClient(NumPyClient):
         try:
             clinic, rnd = self._clinic(config)
             check_frozen(config, clinic.cfg, clinic.model)  # as the Message-API train handler
-            values, _, unsaved = local_training(  # SecAgg+ runs plain FedAvg: no records
+            values, _, state = local_training(  # SecAgg+ runs plain FedAvg: no records
                 clinic, self.context, self._record(clinic, parameters), rnd)
             if keeps_round_state(clinic.cfg):
-                save_round_state(self.context, rnd, unsaved)
+                save_round_state(self.context, rnd, state)
         except Exception as e:  # same rule as the Message-API handlers: type only
             log.exception("clinic fit (SecAgg+) failed")
             raise RuntimeError(f"fit failed at the clinic ({type(e).__name__}); details are "
