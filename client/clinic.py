@@ -248,17 +248,10 @@ def save_round_state(context: Context, server_round: int,
     """After training round t: mark the state with t and write it to the clinic's state
     folder (atomic write; the last 3 rounds are kept); the large parts (ON_DISK_STATE) then
     leave context.state. `unsaved`: the round state `local_training` kept as tensors instead
-    of in context.state (a clinic with a state folder), written as they are."""
+    of in context.state, written as they are (only a clinic with a state folder has any)."""
     unsaved = dict(unsaved or {})
     context.state[STATE_ROUND_KEY] = ConfigRecord({"round": server_round})
-    for k in unsaved:  # superseded by the tensors
-        if k in context.state.array_records:
-            del context.state[k]
     folder = clinic_state_dir(context)
-    if folder is None:  # no file to write: the context keeps everything
-        for k, tensors in unsaved.items():
-            context.state[k] = ArrayRecord({n: Array(t.numpy()) for n, t in tensors.items()})
-        unsaved = {}
     keys = [k for k in ROUND_STATE if k in context.state.array_records and k not in unsaved]
     if folder is None or not (keys or unsaved):
         return
