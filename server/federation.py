@@ -42,6 +42,7 @@ from server.checkpoint import (
     strategy_state,
 )
 from server.cross_site import cross_site_evaluation
+from server.download import from_rounded_start, half_precision
 from server.strategy import make_strategy
 from shared.config import Config, dump_config
 from shared.data.dataset import make_loader
@@ -72,7 +73,7 @@ from shared.metrics import headline, higher_is_better
 from shared.models import batch_statistics, local_prefixes, resolve_device
 from shared.packed_transport import PackCache, packed_copy, unpack_arrays
 from shared.training import evaluate
-from shared.upload import SCALES_KEY, decode_update
+from shared.upload import SCALES_KEY, decode_update, sends_changes
 
 log = logging.getLogger("dentfed.server")
 
@@ -258,9 +259,10 @@ class RecordingGrid:
 
     def __init__(self, grid: Grid, recorder: RoundRecorder,
                  shapes: dict[str, tuple[int, ...]], required: int = 1,
-                 wait_timeout: float = math.inf, pack: bool = True):
+                 wait_timeout: float = math.inf, pack: bool = True, download: str = "fp32"):
         self._grid = grid
         self._pack = pack
+        self._download = download
         self._recorder = recorder
         self._shapes = shapes
         self._required = required
@@ -295,9 +297,13 @@ class RecordingGrid:
                          ) -> Iterable[Message]:
         release_freed_memory()  # the last exchange's replies and aggregation are gone by now
         sent = list(messages)
+        wire, rounded = self._as_downloaded(sent)
         t0 = time.perf_counter()
-        replies = self._exchange(sent, timeout)
-        self._recorder.record(sent, replies, time.perf_counter() - t0)
+        replies = self._exchange(wire, timeout)
+        for m, w in zip(sent, wire, strict=True):  # the ids the Grid gave, on the caller's
+            if m is not w:
+                m.metadata.__dict__["_message_id"] = w.metadata.message_id
+        self._recorder.record(wire, replies, time.perf_counter() - t0)  # the bytes that went
         for r in replies:  # the clinic tokens stay with the recorder
             if not r.has_error() and CLINIC_RECORD in r.content.config_records:
                 del r.content[CLINIC_RECORD]
@@ -310,7 +316,8 @@ class RecordingGrid:
             if declined_reason(r) is not None:
                 continue  # recorded as declined; no update to aggregate
             if not r.has_error():
-                problem = self._decode(r, sent_arrays.get(r.metadata.src_node_id))
+                problem = self._decode(r, sent_arrays.get(r.metadata.src_node_id),
+                                       r.metadata.src_node_id in rounded)
                 if problem:
                     idx = self._recorder.clinic(r.metadata.src_node_id)
                     self._recorder.rounds[rnd].rejected[idx] = problem
@@ -323,6 +330,29 @@ class RecordingGrid:
         # give the same global model bit for bit (on any engine or cluster).
         return sorted(kept, key=_content_order)
 
+
+    def _as_downloaded(self, sent: list[Message]) -> tuple[list[Message], set[int]]:
+        """The messages as they go out: with `download: fp16` a train message's model in
+        half precision (server/download.py), and the nodes that got it so; otherwise the
+        caller's own messages. Copies, never the caller's records (a Grid
+        may keep what it pushed, see `_exchange`); every message sharing a RecordDict (a
+        round's train messages) shares one copy."""
+        if (self._download != "fp16" or not sent
+                or not sent[0].metadata.message_type.startswith("train")):
+            return sent, set()
+        copies: dict[int, RecordDict] = {}
+        wire, rounded = [], set()
+        for m in sent:
+            if "arrays" not in m.content.array_records:
+                wire.append(m)
+                continue
+            if id(m.content) not in copies:
+                content = RecordDict(dict(m.content.items()))
+                content["arrays"] = half_precision(m.content["arrays"])
+                copies[id(m.content)] = content
+            wire.append(Message(metadata=copy.copy(m.metadata), content=copies[id(m.content)]))
+            rounded.add(m.metadata.dst_node_id)
+        return wire, rounded
 
     def _exchange(self, sent: list[Message], timeout: float | None) -> list[Message]:
         """Flower's send_and_receive (push, then pull until every reply is in or `timeout`
@@ -376,9 +406,11 @@ class RecordingGrid:
         except ValueError as e:
             log.warning("a clinic's packed reply could not be unpacked: %s", e)
 
-    def _decode(self, reply: Message, sent: ArrayRecord | None) -> str | None:
-        """Turn a (possibly quantised) update into fp32 weights in place for the strategy;
-        a one-line reason when it is malformed."""
+    def _decode(self, reply: Message, sent: ArrayRecord | None, rounded: bool = False
+                ) -> str | None:
+        """Turn a (possibly quantised) update into fp32 weights in place for the strategy,
+        moved onto the server's fp32 model `sent` when the clinic got it rounded; a one-line
+        reason when it is malformed."""
         records = dict(reply.content.array_records)
         records.pop(BN_STATS_KEY, None)  # checked where they are used (`recalibrated`)
         extra = set(records) - {"arrays", SCALES_KEY, SCAFFOLD_DELTA_KEY}
@@ -395,6 +427,8 @@ class RecordingGrid:
             return str(e)
         problem = check_arrays(decoded, self._shapes)
         if problem is None:
+            if rounded and not sends_changes(records):  # changes are added to g already
+                decoded = from_rounded_start(decoded, sent)
             if SCALES_KEY in records:
                 del reply.content[SCALES_KEY]
             reply.content["arrays"] = decoded
@@ -549,7 +583,7 @@ def run_federation(grid: Grid, cfg: Config, test_manifest: str | Path,
         log.info("resuming %s after round %d of %d", run_dir, start - 1, fed.rounds)
     required = max(fed.min_available_clinics, fed.min_train_clinics)
     wgrid = RecordingGrid(grid, recorder, expected_shapes(model), required,
-                          fed.node_wait_timeout, pack=fed.pack_arrays)
+                          fed.node_wait_timeout, pack=fed.pack_arrays, download=fed.download)
     train_cfg, eval_cfg = config_record(cfg, model), config_record(cfg)
     t0 = time.perf_counter()
     stopped = None

@@ -90,6 +90,7 @@ def summary(res: FederationResult) -> dict:
         "upload_bytes_per_clinic_round": float(np.mean(up)) if up else 0.0,
         "upload_ratio": (float(np.mean(up)) / res.full_model_bytes) if up else 0.0,
         "upload_encoding": res.cfg.federation.upload,
+        "download_encoding": res.cfg.federation.download,
         "stopped": res.stopped,
         **({"privacy": p} if (p := privacy_summary(res.cfg, res.recorder.rounds)) else {}),
         **({"central_dp": res.central_dp.summary()} if res.central_dp else {}),

@@ -284,8 +284,13 @@ class FederationConfig(_Strict):
     # for the re-estimation pass; default all. Statistics need far fewer images than
     # training does, and the pass is a forward over them every round.
     bn_recalibration_images: int | None = Field(default=None, ge=1)
-    # Upload encoding of clinic updates: fp32 (exact), fp16, or int8 deltas with error feedback.
+    # Upload encoding of clinic updates: fp32 (exact), fp16 changes from the received model,
+    # or int8 changes with error feedback (shared/upload.py).
     upload: Literal["fp32", "fp16", "int8"] = "fp32"
+    # The global model in train messages: fp32, or fp16 (half the bytes down). The server keeps
+    # its model in fp32 and measures each update from the rounded model the clinic started
+    # from (server/download.py), so only the clinics' starting point is rounded.
+    download: Literal["fp32", "fp16"] = "fp32"
     # Send each message's arrays as one packed array (shared/packed_transport.py): the same
     # bytes in a few objects instead of one per array, which Flower's deployment transport
     # moves with a request each. Lossless; false only to measure what it saves. Deployments
@@ -498,9 +503,10 @@ class Config(_Strict):
                 raise ValueError("privacy.central.clipping client-* clips the uploaded arrays: "
                                  "it needs federation.upload fp32")
         if self.privacy.secagg is not None:
-            if f.strategy != "fedavg" or f.upload != "fp32":
+            if f.strategy != "fedavg" or f.upload != "fp32" or f.download != "fp32":
                 raise ValueError("privacy.secagg runs Flower's legacy FedAvg over masked fp32 "
-                                 "updates: it needs federation.strategy fedavg and upload fp32")
+                                 "updates: it needs federation.strategy fedavg, upload fp32 "
+                                 "and download fp32")
             if self.privacy.dp_sgd is not None or c is not None:
                 raise ValueError("privacy.secagg cannot be combined with dp_sgd or central yet "
                                  "(the SecAgg+ path reports no per-clinic epsilon and the server "

@@ -107,7 +107,8 @@ def build_card(cfg: Config, *, kind: str, checkpoint: str, thresholds: list[floa
     if kind == "federated":
         f = cfg.federation
         card["federation"] = {"strategy": f.strategy, "rounds": f.rounds,
-                              "local_epochs": f.local_epochs, "upload": f.upload}
+                              "local_epochs": f.local_epochs, "upload": f.upload,
+                              "download": f.download}
     if extra:
         card.update(extra)
     return card

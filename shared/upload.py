@@ -1,10 +1,15 @@
 """How a clinic's update is encoded for the upload, and how the server decodes it.
 
-`fp32` sends the trainable state as it is. `fp16` halves it. `int8` sends the *change* from the
-global model this round, per tensor as int8 with one fp32 scale (max |delta| / 127), and keeps
-the rounding error at the clinic (error feedback: it is added to the next round's change, so
-what the rounding dropped is sent later instead of lost). The residual lives in the clinic's
-Flower `context.state`, never on the server.
+`fp32` sends the trainable state as it is. `fp16` sends the *change* from the global model
+the clinic received, in half precision: half the bytes, and the rounding is relative to the
+round's change (~5e-4 of it), not to the weights, so the global model does not lose its low
+bits every round as it would if the weights themselves were rounded. `int8` sends the change
+per tensor as int8 with one fp32 scale (max |delta| / 127), and keeps the rounding error at
+the clinic (error feedback: it is added to the next round's change, so what the rounding
+dropped is sent later instead of lost). The residual lives in the clinic's state (its state
+folder, else Flower's `context.state`), never on the server. The server adds a change to its
+own fp32 model, which is also what makes `federation.download: fp16` exact on its side
+(server/download.py).
 
 On the wire a quantised update is the usual "arrays" ArrayRecord (int8 or fp16 arrays under
 the parameter names) plus, for int8, an ArrayRecord "upload-scales" with one fp32 array of
@@ -34,12 +39,14 @@ def encode_update(local: ArrayRecord, global_: ArrayRecord, encoding: str,
     if encoding == "fp32":
         return {"arrays": local}, None
     new = _np(local)
-    if encoding == "fp16":
-        return {"arrays": ArrayRecord({k: Array(v.astype(np.float16)) for k, v in new.items()})
-                }, None
-    if encoding != "int8":
+    if encoding not in ENCODINGS:
         raise ValueError(f"unknown upload encoding {encoding!r}; expected one of {ENCODINGS}")
     old = _np(global_)
+    if encoding == "fp16":
+        with np.errstate(over="ignore"):  # a change past fp16's range: refused by the server
+            return {"arrays": ArrayRecord({
+                k: Array((v.astype(np.float32) - old[k].astype(np.float32)).astype(np.float16))
+                for k, v in new.items()})}, None
     residual = residual or {}
     q, scales, carry = {}, [], {}
     for k in sorted(new):  # scales travel in sorted-name order, whatever the record order
@@ -66,10 +73,16 @@ def _in_order_of(global_: ArrayRecord, got: dict) -> list[str]:
     return [k for k in global_ if k in got] + [k for k in got if k not in global_]
 
 
+def sends_changes(records: dict[str, ArrayRecord]) -> bool:
+    """Whether an update holds changes from the global model (fp16, int8), not weights."""
+    return SCALES_KEY in records or any(a.numpy().dtype == np.float16
+                                        for a in records["arrays"].values())
+
+
 def decode_update(records: dict[str, ArrayRecord], global_: ArrayRecord) -> ArrayRecord:
-    """fp32 weights from what a clinic sent (any encoding above), in the global model's
-    array order; raises ValueError on a malformed update (unknown dtype, scale count or
-    non-finite scales)."""
+    """fp32 weights from what a clinic sent (any encoding above; a change is added to
+    `global_`, the server's own model), in the global model's array order; raises ValueError
+    on a malformed update (unknown dtype, names, scale count or non-finite scales)."""
     arrays = records["arrays"]
     got = _np(arrays)
     dtypes = {v.dtype for v in got.values()}
@@ -79,19 +92,21 @@ def decode_update(records: dict[str, ArrayRecord], global_: ArrayRecord) -> Arra
                 return arrays
             return ArrayRecord({k: arrays[k] for k in _in_order_of(global_, got)})
         if dtypes <= {np.dtype(np.float16)}:
-            return ArrayRecord({k: Array(got[k].astype(np.float32))
-                                for k in _in_order_of(global_, got)})
-        raise ValueError(f"update arrays have dtypes {sorted(map(str, dtypes))}; expected "
-                         "float32 or float16 (or int8 with scales)")
-    if dtypes != {np.dtype(np.int8)}:
+            scale = dict.fromkeys(got, 1.0)
+        else:
+            raise ValueError(f"update arrays have dtypes {sorted(map(str, dtypes))}; expected "
+                             "float32 or float16 (or int8 with scales)")
+    elif dtypes != {np.dtype(np.int8)}:
         raise ValueError("an update with scales must be int8")
-    scales = records[SCALES_KEY]["scales"].numpy() if "scales" in records[SCALES_KEY] else None
-    if scales is None or scales.shape != (len(got),) or not np.all(np.isfinite(scales)):
-        raise ValueError("int8 update: scales missing, of the wrong count or not finite")
+    else:
+        scales = (records[SCALES_KEY]["scales"].numpy() if "scales" in records[SCALES_KEY]
+                  else None)
+        if scales is None or scales.shape != (len(got),) or not np.all(np.isfinite(scales)):
+            raise ValueError("int8 update: scales missing, of the wrong count or not finite")
+        scale = dict(zip(sorted(got), scales.tolist(), strict=True))
     old = _np(global_)
     if set(old) != set(got):
-        raise ValueError("int8 update: array names differ from the global model's")
-    scale = dict(zip(sorted(got), scales.tolist(), strict=True))
+        raise ValueError("update: array names differ from the global model's")
     return ArrayRecord({k: Array((old[k].astype(np.float32) + got[k].astype(np.float32)
                                   * np.float32(scale[k])).astype(np.float32))
                         for k in _in_order_of(global_, got)})

@@ -50,6 +50,12 @@ Variants (`--variants`, each a full deployment, run one after another):
   warm-int8  `warm` with federation.upload int8: the replies carry int8 deltas from the
           round's global model, a quarter of the fp32 bytes (it changes the training a
           little: error feedback carries each round's rounding into the next)
+  warm-fp16-down  `warm` with federation.download fp16: the train messages carry the global
+          model in half precision, half the bytes down (the server keeps its fp32 model and
+          measures each update from the rounded start: server/download.py)
+  warm-fp16  `warm` with federation.download and upload fp16: half the bytes both ways (the
+          replies carry the clinics' changes in half precision: shared/upload.py)
+  warm-fp16-down-int8  half the bytes down, a quarter up
   warm-messages-on-disk  `warm` with `dentfed coordinator start --messages-on-disk`: the
           SuperLink as installed, writing the arrays of every message in flight into its
           SQLite database (the default keeps them in memory: dentfed/superlink.py)
@@ -114,6 +120,13 @@ VARIANTS: dict[str, list[str]] = {  # extra `dentfed clinic start` arguments
     # warm, with federation.upload int8: the clinics send int8 deltas (a quarter of the fp32
     # bytes) with their rounding error kept for the next round (shared/upload.py)
     "warm-int8": ["--cache-dir", "{root}/cache_{k}"],
+    # warm, with federation.download fp16: the global model goes out in half precision
+    # (server/download.py)
+    "warm-fp16-down": ["--cache-dir", "{root}/cache_{k}"],
+    # warm, with fp16 downloads and fp16 uploads (changes)
+    "warm-fp16": ["--cache-dir", "{root}/cache_{k}"],
+    # warm, with fp16 downloads and int8 uploads
+    "warm-fp16-down-int8": ["--cache-dir", "{root}/cache_{k}"],
     # warm, with the SuperLink writing every message's arrays into its database as Flower's
     # does (`dentfed coordinator start --messages-on-disk`)
     "warm-messages-on-disk": ["--cache-dir", "{root}/cache_{k}"],
@@ -126,7 +139,11 @@ COORDINATOR_ARGS: dict[str, list[str]] = {  # extra `dentfed coordinator start` 
 CONFIG_OVERRIDES: dict[str, dict] = {"warm-nostate": {"keep_optimizer_state": False},
                                      "warm-unpacked": {"pack_arrays": False},
                                      "warm-clinic-eval": {"fraction_evaluate": 1.0},
-                                     "warm-int8": {"upload": "int8"}}
+                                     "warm-int8": {"upload": "int8"},
+                                     "warm-fp16-down": {"download": "fp16"},
+                                     "warm-fp16": {"download": "fp16", "upload": "fp16"},
+                                     "warm-fp16-down-int8": {"download": "fp16",
+                                                             "upload": "int8"}}
 # Consecutive marks of client/timing.py and what the seconds between them are.
 STAGES = [("process_start", "app_loaded", "start-up: interpreter, Flower, FAB, message, imports"),
           ("app_loaded", "handler_start", "mods"),

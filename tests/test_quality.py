@@ -516,7 +516,7 @@ def test_every_strategy_trains_with_int8_uploads(tmp_path):
     """Each strategy with int8 uploads (decoded at the server from per-tensor scales), 2 rounds
     of the real server loop and ClientApp in process (3 clinics): the run trains both rounds
     to a finite model. FedAvgM with int8 crashed in round 1 until decoded updates came in the
-    global model's array order. (fp16 is a cast in the clinic's own order: tests/test_upload.py.)"""
+    global model's array order. (fp16 changes decode the same way: tests/test_upload.py.)"""
     upload = "int8"
     import math
 

@@ -119,8 +119,8 @@ def test_secagg_config_refuses_what_it_cannot_run():
     from tests.conftest import tiny_config
 
     raw = tiny_config().model_dump(mode="json")
-    for fed, priv, msg in (({"strategy": "fedadam"}, {}, "fedavg and upload fp32"),
-                           ({"upload": "int8"}, {}, "fedavg and upload fp32"),
+    for fed, priv, msg in (({"strategy": "fedadam"}, {}, "fedavg, upload fp32"),
+                           ({"upload": "int8"}, {}, "fedavg, upload fp32"),
                            ({}, {"dp_sgd": {"noise_multiplier": 1.0}}, "cannot be combined")):
         with pytest.raises(ConfigError, match=msg):
             config_from_dict({**raw, "federation": fed, "privacy": {"secagg": {}, **priv}})
