@@ -61,6 +61,7 @@ from shared.fedio import (
     config_from_record,
     load_model_arrays,
     model_arrays,
+    model_numpy,
     personal_keys,
 )
 from shared.memory import release_freed_memory
@@ -146,8 +147,9 @@ def train(msg: Message, context: Context) -> Message:
     residual = (state.get(RESIDUAL_KEY) if on_disk else
                 context.state[RESIDUAL_KEY] if RESIDUAL_KEY in context.state.array_records
                 else None)
-    records, carry = encode_update(model_arrays(clinic.model), global_arrays,
-                                   cfg.federation.upload,
+    upload = cfg.federation.upload  # a quantised update reads the model's own arrays
+    records, carry = encode_update(model_arrays(clinic.model) if upload == "fp32"
+                                   else model_numpy(clinic.model), global_arrays, upload,
                                    {k: a.numpy() for k, a in residual.items()} if residual
                                    else None)
     if carry is not None and on_disk:  # error feedback: what int8 rounding dropped goes next

@@ -180,6 +180,13 @@ def model_arrays(model: nn.Module, keys: list[str] | None = None) -> ArrayRecord
                         for k in (exchanged_keys(model) if keys is None else keys)})
 
 
+def model_numpy(model: nn.Module) -> dict[str, np.ndarray]:
+    """The model's exchanged state as numpy views of its (CPU) tensors: no copy, for encoders
+    that read every value once (shared/upload.py)."""
+    state = model.state_dict()
+    return {k: state[k].detach().cpu().numpy() for k in exchanged_keys(model)}
+
+
 def expected_shapes(model: nn.Module, keys: list[str] | None = None
                     ) -> dict[str, tuple[int, ...]]:
     state = model.state_dict()

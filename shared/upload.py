@@ -20,6 +20,7 @@ so every strategy works unchanged.
 from __future__ import annotations
 
 import numpy as np
+import torch
 from flwr.app import Array, ArrayRecord
 
 SCALES_KEY = "upload-scales"
@@ -32,21 +33,23 @@ def _np(arrays: ArrayRecord | dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return dict(arrays)
 
 
-def encode_update(local: ArrayRecord, global_: ArrayRecord, encoding: str,
+def encode_update(local: ArrayRecord | dict[str, np.ndarray], global_: ArrayRecord, encoding: str,
                   residual: dict[str, np.ndarray] | None = None
                   ) -> tuple[dict[str, ArrayRecord], dict[str, np.ndarray] | None]:
-    """Array records to send and the new residual (int8 only; None otherwise)."""
+    """Array records to send and the new residual (int8 only; None otherwise). `local` may be
+    the model's own arrays (`model_numpy`): a quantised update then reads no ArrayRecord."""
     if encoding == "fp32":
-        return {"arrays": local}, None
+        return {"arrays": local if isinstance(local, ArrayRecord) else ArrayRecord(
+            {k: Array(np.ascontiguousarray(v)) for k, v in local.items()})}, None
     new = _np(local)
     if encoding not in ENCODINGS:
         raise ValueError(f"unknown upload encoding {encoding!r}; expected one of {ENCODINGS}")
     old = _np(global_)
-    if encoding == "fp16":
-        with np.errstate(over="ignore"):  # a change past fp16's range: refused by the server
-            return {"arrays": ArrayRecord({
-                k: Array((v.astype(np.float32) - old[k].astype(np.float32)).astype(np.float16))
-                for k, v in new.items()})}, None
+    if encoding == "fp16":  # torch's casts: numpy's fp32 -> fp16 is a scalar loop, ~3x slower
+        return {"arrays": ArrayRecord({
+            k: Array((torch.from_numpy(np.asarray(v, np.float32))
+                      - torch.from_numpy(old[k]).float()).half().numpy())
+            for k, v in new.items()})}, None  # a change past fp16's range: inf, refused
     residual = residual or {}
     q, scales, carry = {}, [], {}
     for k in sorted(new):  # scales travel in sorted-name order, whatever the record order
