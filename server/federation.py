@@ -334,9 +334,9 @@ class RecordingGrid:
     def _as_downloaded(self, sent: list[Message]) -> tuple[list[Message], set[int]]:
         """The messages as they go out: with `download: fp16` a train message's model in
         half precision (server/download.py), and the nodes that got it so; otherwise the
-        caller's own messages. Copies, never the caller's records (a Grid
-        may keep what it pushed, see `_exchange`); every message sharing a RecordDict (a
-        round's train messages) shares one copy."""
+        caller's own messages. Copies, never the caller's records (a Grid may keep what it
+        pushed, see `_exchange`); messages sharing a RecordDict (a round's train messages)
+        share one copy."""
         if (self._download != "fp16" or not sent
                 or not sent[0].metadata.message_type.startswith("train")):
             return sent, set()
