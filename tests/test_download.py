@@ -88,8 +88,8 @@ def test_a_clinic_trains_from_the_rounded_model_and_the_server_applies_it_to_its
     the clinic's weights plus what the download's rounding dropped (fp32 uploads), or its fp16
     or int8 change from the rounded model added to the fp32 model: either way measured from
     where the clinic started and applied to the server's model. Training from a start 5e-4
-    (relative) away is not the fp32 download's training bit for bit: AdamW's first steps are
-    near sign(gradient), and tiny gradients change sign. Here the two updates differ by ~10%
+    (relative) away is not the fp32 download's training bit for bit (likely AdamW's
+    sign-like first steps: tiny gradients change sign). Here the two updates differ by ~10%
     of their norm in one round; the federated effect is measured over seeds by
     simulations/bench_quality.py (docs/speed.md)."""
     from shared.upload import decode_update
