@@ -19,15 +19,16 @@ ones (shared/fedio.py: load_model_arrays).
 from __future__ import annotations
 
 import numpy as np
+import torch
 from flwr.app import Array, ArrayRecord
 
 
 def _rounded(v: np.ndarray) -> np.ndarray | None:
-    """`v` in fp16, or None when it is not fp32 or does not fit fp16's range."""
+    """`v` in fp16, or None when it is not fp32 or does not fit fp16's range. torch's cast,
+    as the clinic's fp16 encoder uses (the same bits as numpy's, faster here)."""
     if v.dtype != np.float32:
         return None
-    with np.errstate(over="ignore"):
-        h = v.astype(np.float16)
+    h = torch.from_numpy(np.ascontiguousarray(v)).half().numpy()
     return h if np.all(np.isfinite(h)) else None
 
 

@@ -45,7 +45,7 @@ def encode_update(local: ArrayRecord | dict[str, np.ndarray], global_: ArrayReco
     if encoding not in ENCODINGS:
         raise ValueError(f"unknown upload encoding {encoding!r}; expected one of {ENCODINGS}")
     old = _np(global_)
-    if encoding == "fp16":  # torch's casts: numpy's fp32 -> fp16 is a scalar loop, ~3x slower
+    if encoding == "fp16":  # torch's casts: numpy's fp32 -> fp16 took 2.5x as long here
         return {"arrays": ArrayRecord({
             k: Array((torch.from_numpy(np.asarray(v, np.float32))
                       - torch.from_numpy(old[k]).float()).half().numpy())

@@ -35,6 +35,8 @@ def test_fp16_and_int8_round_trip_within_one_step():
     new = _rec(**new_np)
     fp32, _ = encode_update(new, old, "fp32")
     assert fp32["arrays"] is new
+    as_numpy, _ = encode_update(new_np, old, "fp32")  # the model's own arrays (model_numpy)
+    assert all(np.array_equal(as_numpy["arrays"][k].numpy(), new_np[k]) for k in new_np)
     half, _ = encode_update(new, old, "fp16")
     assert half["arrays"]["w"].numpy().dtype == np.float16
     back = decode_update(half, old)
