@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,12 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context
 from torch.utils.data import DataLoader, Subset
 
 from client.timing import mark
-from shared.atomic_files import torch_save_atomic, write_json, write_text_atomic
+from shared.atomic_files import (
+    torch_save_atomic,
+    write_in_background,
+    write_json,
+    write_text_atomic,
+)
 from shared.config import Config, DpSgdConfig
 from shared.data.dataset import make_loader
 from shared.data.disk_cache import prepare_image_cache
@@ -81,6 +87,11 @@ ROUND_STATE = (OPTIMIZER_KEY, SCAFFOLD_CI_KEY, LOCAL_BN_KEY, RESIDUAL_KEY)
 # sat in memory for all clinics at once; on a SuperNode the Context travels SuperNode <->
 # ClientApp process with every message, train and evaluate.
 ON_DISK_STATE = (OPTIMIZER_KEY, SCAFFOLD_CI_KEY, RESIDUAL_KEY)
+# The round state files' lock (flock): a reader waits for a write still under way.
+STATE_LOCK_FILE = ".round-state.lock"
+# Set by the warm clinic worker (dentfed/clinic_worker.py, the same name there) in each
+# ClientApp process it forks: that process waits for background writes before it exits.
+EXIT_WAITS_FOR_WRITES_ENV = "DENTFED_EXIT_WAITS_FOR_WRITES"
 # Round state as tensors, key -> name -> tensor: what a clinic's state file holds.
 RoundTensors = dict[str, dict[str, torch.Tensor]]
 log = logging.getLogger("dentfed.client")
@@ -197,9 +208,18 @@ def restore_round_state(context: Context, server_round: int,
     `direct`: keys of `need` returned as the tensors read from the file instead of put into
     context.state, for a caller that uses them at once (the optimiser's moments: an
     ArrayRecord would serialise them and decode them again, two copies of 2x the model)."""
+    folder = clinic_state_dir(context)
+    lock = _lock_state_files(folder, exclusive=False)  # a write still under way ends first
+    try:
+        return _restore_round_state(context, server_round, folder, need, direct)
+    finally:
+        _unlock(lock)
+
+
+def _restore_round_state(context: Context, server_round: int, folder: Path | None,
+                         need: tuple[str, ...], direct: tuple[str, ...]) -> RoundTensors:
     rec = context.state.config_records.get(STATE_ROUND_KEY)
     have = int(rec["round"]) if rec is not None else None
-    folder = clinic_state_dir(context)
     if have is not None and have < server_round:
         missing = [k for k in need if k not in context.state.array_records]
         path = folder / f"after_round_{have}.pt" if folder is not None else None
@@ -248,7 +268,12 @@ def save_round_state(context: Context, server_round: int,
     """After training round t: mark the state with t and write it to the clinic's state
     folder (atomic write; the last 3 rounds are kept); the large parts (ON_DISK_STATE) then
     leave context.state. `unsaved`: the round state `local_training` kept as tensors instead
-    of in context.state, written as they are (only a clinic with a state folder has any)."""
+    of in context.state, written as they are (only a clinic with a state folder has any).
+    In a ClientApp process of the warm clinic worker the file is written in the background
+    while the reply goes out (the process waits for it before it exits); elsewhere (Flower's
+    own ClientApp processes, simulation actors, which Ray may stop at the end of a run) at
+    once. Either way under the folder's lock, taken before this returns, so the next
+    message's `restore_round_state` reads the complete file."""
     unsaved = dict(unsaved or {})
     context.state[STATE_ROUND_KEY] = ConfigRecord({"round": server_round})
     folder = clinic_state_dir(context)
@@ -261,6 +286,45 @@ def save_round_state(context: Context, server_round: int,
         state[k] = {n: torch.from_numpy(a.numpy().copy()) for n, a in context.state[k].items()}
         if k in ON_DISK_STATE:  # from now on on disk only; restore_round_state reads it back
             del context.state[k]
+    lock = _lock_state_files(folder, exclusive=True)  # before the reply leaves: readers wait
+    if os.environ.get(EXIT_WAITS_FOR_WRITES_ENV):
+        # A SuperNode's ClientApp process from the warm worker: Flower pushes the reply while
+        # the 2x-model optimiser state goes to disk (0.2-0.5 s of the reply's critical path).
+        write_in_background(lambda: _write_round_state(state, folder, server_round),
+                            f"the clinic's state after round {server_round}",
+                            done=lambda: _unlock(lock))
+        return
+    try:
+        _write_round_state(state, folder, server_round)
+    finally:
+        _unlock(lock)
+
+
+def _lock_state_files(folder: Path | None, exclusive: bool) -> int | None:
+    """An flock on the state folder's lock file (released by `_unlock`); None where there is
+    no folder or no flock (Windows, which has no warm worker either: nothing writes in the
+    background there)."""
+    if folder is None or not folder.is_dir():
+        return None
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    fd = os.open(folder / STATE_LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _unlock(fd: int | None) -> None:
+    if fd is not None:
+        os.close(fd)  # closing the descriptor releases its flock
+
+
+def _write_round_state(state: RoundTensors, folder: Path, server_round: int) -> None:
     torch_save_atomic(state, folder / f"after_round_{server_round}.pt")
     # A file after a later round is from another timeline (an earlier run over the same
     # folder, or an attempt this one replaced): it goes, or it would push this run's files

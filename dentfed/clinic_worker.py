@@ -51,8 +51,16 @@ def _reap(children: set[int]) -> None:
         children.discard(pid)
 
 
-# How a ClientApp process waits for its message's objects on the SuperNode (seconds).
-OBJECT_POLL_INITIAL, OBJECT_POLL_CAP = 0.05, 0.5
+# How a ClientApp process waits for its message's objects on the SuperNode (seconds): every
+# 0.05 s, no backoff. The child starts while its SuperNode is still pulling the message from
+# the SuperLink (0.3-0.6 s for the demo model); with a backoff doubling to 0.5 s it asked at
+# 0.05, 0.15, 0.35, 0.75 s and so slept up to 0.4 s past the arrival. A poll is one request
+# to the SuperNode on this machine.
+OBJECT_POLL_INITIAL, OBJECT_POLL_CAP = 0.05, 0.05
+
+# Set in every forked child: this process waits for the app's background writes before it
+# exits (client/clinic.py writes the clinic's round state after the reply has gone).
+WAITS_FOR_WRITES_ENV = "DENTFED_EXIT_WAITS_FOR_WRITES"
 
 
 def _poll_message_objects_briskly() -> None:
@@ -62,7 +70,7 @@ def _poll_message_objects_briskly() -> None:
     PULL_BACKOFF_CAP). A forked child asks within 0.1 s, so for a 45 MB model it slept through
     1 + 2 + 4 + 8 s while the arrays arrived after a few: most of the per-message wait
     (docs/speed.md, "Deployment overhead"). The SuperNode is on the same machine: poll it
-    every 0.05 s doubling up to 0.5 s instead."""
+    every OBJECT_POLL_CAP seconds instead."""
     import functools
 
     import flwr.supernode.runtime.run_clientapp as runtime
@@ -90,6 +98,7 @@ def _run_child(address: str, token: str, parent_pid: int | None) -> None:
         # reply. This child exits right after anyway; give the push time to finish.
         flwr_exit_module.FORCE_EXIT_TIMEOUT_SECONDS = FORCE_EXIT_SECONDS
         _poll_message_objects_briskly()
+        os.environ[WAITS_FOR_WRITES_ENV] = "1"
 
         run_clientapp(runtime_api_address=address, token=token, insecure=True,
                       certificates=None, parent_pid=parent_pid,
@@ -98,10 +107,22 @@ def _run_child(address: str, token: str, parent_pid: int | None) -> None:
     except SystemExit as e:  # flwr_exit ends every task with sys.exit
         code = e.code if isinstance(e.code, int) else 0
     finally:
+        _wait_for_background_writes()
         with contextlib.suppress(Exception):
             sys.stdout.flush()
             sys.stderr.flush()
         os._exit(code)
+
+
+def _wait_for_background_writes() -> None:
+    """os._exit ends threads mid-write: first let the app's background writes (the clinic's
+    round state, written while Flower pushes the reply) finish, as an interpreter exit would.
+    The app's own module from the run's FAB, if this task loaded it."""
+    files = sys.modules.get("shared.atomic_files")
+    wait = getattr(files, "wait_for_background_writes", None)
+    if wait is not None:
+        with contextlib.suppress(Exception):
+            wait(FORCE_EXIT_SECONDS)
 
 
 def serve(address: str, parent_pid: int | None, poll_interval: float) -> None:

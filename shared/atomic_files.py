@@ -3,19 +3,28 @@
 A file is written under a temporary name in its own folder and renamed into place, so a crash
 or an error leaves either the old file or the complete new one, and never the temporary file.
 A folder is filled under a temporary name beside it and renamed as a whole.
+
+A write may also run in a thread of its own (`write_in_background`) where the caller need not
+wait for it; a process that ends with os._exit must call `wait_for_background_writes` first.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import shutil
 import tempfile
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger("dentfed.files")
+_background: list[threading.Thread] = []
 
 
 @contextlib.contextmanager
@@ -98,3 +107,35 @@ def write_json(path: Path, obj: object) -> None:
         return o
 
     write_text_atomic(path, json.dumps(clean(obj), indent=2, allow_nan=False))
+
+
+def write_in_background(write: Callable[[], None], what: str,
+                        done: Callable[[], None] | None = None) -> threading.Thread:
+    """Run `write` (an atomic write) in a thread of its own and return at once; `done` runs
+    after it, whether it succeeded or not. A failure is logged, not raised: the caller has
+    moved on. A process killed mid-write keeps the old file (the write is atomic) and loses
+    the new one, so a process that ends with os._exit waits first
+    (`wait_for_background_writes`); a normal interpreter exit joins the thread by itself."""
+    def run() -> None:
+        try:
+            write()
+        except Exception:  # noqa: BLE001 - nobody is left to raise it to
+            log.exception("writing %s failed", what)
+        finally:
+            if done is not None:
+                done()
+
+    thread = threading.Thread(target=run, name=f"dentfed background write: {what}")
+    thread.start()
+    _background.append(thread)
+    return thread
+
+
+def wait_for_background_writes(timeout: float | None = None) -> bool:
+    """Wait for this process's background writes, at most `timeout` seconds in all; True when
+    none is left running."""
+    end = None if timeout is None else time.monotonic() + timeout
+    for thread in list(_background):
+        thread.join(None if end is None else max(0.0, end - time.monotonic()))
+    _background[:] = [t for t in _background if t.is_alive()]
+    return not _background
