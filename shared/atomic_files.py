@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -25,6 +26,7 @@ from typing import Any
 
 log = logging.getLogger("dentfed.files")
 _background: list[threading.Thread] = []
+BACKGROUND_NICE = 19  # the nice value of a background write's thread
 
 
 @contextlib.contextmanager
@@ -111,12 +113,17 @@ def write_json(path: Path, obj: object) -> None:
 
 def write_in_background(write: Callable[[], None], what: str,
                         done: Callable[[], None] | None = None) -> threading.Thread:
-    """Run `write` (an atomic write) in a thread of its own and return at once; `done` runs
-    after it, whether it succeeded or not. A failure is logged, not raised: the caller has
-    moved on. A process killed mid-write keeps the old file (the write is atomic) and loses
-    the new one, so a process that ends with os._exit waits first
+    """Run `write` (an atomic write) in a thread of its own, at the lowest CPU priority, and
+    return at once; `done` runs after it, whether it succeeded or not. A failure is logged,
+    not raised: the caller has moved on. A process killed mid-write keeps the old file (the
+    write is atomic) and loses the new one, so a process that ends with os._exit waits first
     (`wait_for_background_writes`); a normal interpreter exit joins the thread by itself."""
     def run() -> None:
+        # Lowest CPU priority, this thread only (Linux): nobody waits for it, and on a small
+        # machine it would take CPU from what is waited for (the reply's upload).
+        if sys.platform.startswith("linux"):  # elsewhere the id is no process id
+            with contextlib.suppress(AttributeError, OSError):
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICE)
         try:
             write()
         except Exception:  # noqa: BLE001 - nobody is left to raise it to

@@ -5,9 +5,11 @@ this process or another, reads the whole file, never none or an older one."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -23,7 +25,11 @@ from client.clinic import (
     save_round_state,
 )
 from dentfed import clinic_worker
-from shared.atomic_files import wait_for_background_writes, write_in_background
+from shared.atomic_files import (
+    BACKGROUND_NICE,
+    wait_for_background_writes,
+    write_in_background,
+)
 from shared.fedio import FEDERATION_ID_KEY
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -149,3 +155,16 @@ def test_the_worker_child_waits_for_background_writes_before_it_exits(tmp_path):
     clinic_worker._wait_for_background_writes()
     assert target.read_text() == "done"
     assert clinic_worker.WAITS_FOR_WRITES_ENV == EXIT_WAITS_FOR_WRITES_ENV
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice is Linux's")
+def test_a_background_write_runs_at_the_lowest_priority_and_the_caller_does_not():
+    """It would otherwise take one of a small machine's cores from the reply's upload."""
+    def nice() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    before, seen = nice(), []
+    write_in_background(lambda: seen.append(nice()), "a priority check")
+    assert wait_for_background_writes(30)
+    assert seen == [BACKGROUND_NICE]
+    assert nice() == before
