@@ -5,7 +5,8 @@ command line it runs; the same lines typed by hand work the same (docs/deploy.md
 
 Defaults that matter: TLS always (there is no --insecure here), SuperNode authentication in
 allow-list mode, telemetry and update checks off, no runtime installation of app dependencies,
-SuperLink state in a SQLite file so that registered clinics survive a coordinator restart.
+the registered clinics in a SQLite file so that they survive a coordinator restart (messages
+and runs in memory: dentfed/superlink.py).
 """
 
 from __future__ import annotations
@@ -48,11 +49,13 @@ def _need(path: Path, what: str) -> Path:
 
 def superlink_command(certs: Path, address: str = "0.0.0.0:9092",
                       database: Path | None = None,
-                      messages_in_memory: bool = True) -> list[str]:
+                      messages_in_memory: bool = True,
+                      link_state_in_memory: bool = True) -> list[str]:
     """flower-superlink with TLS from `certs` (ca.crt, server.crt, server.key) and allow-list
     SuperNode authentication. `messages_in_memory`: through dentfed/superlink.py, which keeps
-    the arrays of messages in flight out of the database; False: `flower-superlink` as
-    installed."""
+    the arrays of messages in flight out of the database, and with `link_state_in_memory`
+    also the runs and their messages' bookkeeping (the registered clinics stay in it); False:
+    `flower-superlink` as installed."""
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit():
         raise DentfedError(f"--address must be HOST:PORT, got {address!r}")
@@ -68,6 +71,10 @@ def superlink_command(certs: Path, address: str = "0.0.0.0:9092",
            "--disable-runtime-dependency-installation"]
     if database is not None:
         cmd += ["--database", str(database)]
+    if messages_in_memory and not link_state_in_memory:
+        from dentfed.superlink import LINK_STATE_ON_DISK_FLAG
+
+        cmd.append(LINK_STATE_ON_DISK_FLAG)
     return cmd
 
 

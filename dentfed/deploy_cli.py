@@ -41,7 +41,8 @@ def _start(args: argparse.Namespace) -> int:
     deploy.write_connection(home, dial, certs / "ca.crt")
     db = Path(args.state).expanduser().resolve() if args.state else home / "superlink.db"
     cmd = deploy.superlink_command(certs, args.address, db,
-                                   messages_in_memory=not args.messages_on_disk)
+                                   messages_in_memory=not args.messages_on_disk,
+                                   link_state_in_memory=not args.link_state_on_disk)
     print(f"flwr CLI connection '{deploy.CONNECTION}' -> {dial} written to {home}/config.toml "
           f"(use FLWR_HOME={home} with plain flwr commands)")
     return deploy.run_foreground(cmd, deploy.flower_env(home))
@@ -170,6 +171,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="run flower-superlink as installed, which also writes the arrays of "
                    "every message in flight into the database, instead of keeping them in "
                    "memory (dentfed/superlink.py)")
+    s.add_argument("--link-state-on-disk", action="store_true",
+                   help="keep Flower's whole link state (runs, their messages' bookkeeping) in "
+                   "the database, not only the registered clinics (dentfed/superlink.py)")
     s.set_defaults(func=_start)
 
     r = co.add_parser("register", help="allow clinics' public keys (flwr supernode register)")

@@ -61,6 +61,10 @@ Variants (`--variants`, each a full deployment, run one after another):
           SQLite database (the default keeps them in memory: dentfed/superlink.py)
   warm-flower-io  `warm-flower-polls` and `warm-messages-on-disk` together: Flower's
           SuperNode and SuperLink as installed (the warm variant before stop 26)
+  warm-link-state-on-disk, warm-fp16-link-state-on-disk  `warm` and `warm-fp16` with
+          `dentfed coordinator start --link-state-on-disk`: Flower's link state (runs, the
+          bookkeeping of messages in flight) in the SQLite database, not only the registered
+          clinics (the default keeps the rest in memory: dentfed/superlink.py)
   warm-clinic-eval  `warm` with federation.fraction_evaluate 1: every clinic evaluates in the
           evaluated rounds, and the BatchNorm statistics come with those evaluate replies (a
           second exchange in the round) instead of the next round's train replies
@@ -132,16 +136,24 @@ VARIANTS: dict[str, list[str]] = {  # extra `dentfed clinic start` arguments
     "warm-messages-on-disk": ["--cache-dir", "{root}/cache_{k}"],
     # both of the above: the SuperNode's and the SuperLink's own I/O, as before stop 26
     "warm-flower-io": ["--cache-dir", "{root}/cache_{k}", "--flower-polls"],
+    # warm, with the SuperLink's whole link state (runs, message bookkeeping) in its database
+    # (`dentfed coordinator start --link-state-on-disk`; before stop 29), fp32 and fp16
+    "warm-link-state-on-disk": ["--cache-dir", "{root}/cache_{k}"],
+    "warm-fp16-link-state-on-disk": ["--cache-dir", "{root}/cache_{k}"],
 }
 COORDINATOR_ARGS: dict[str, list[str]] = {  # extra `dentfed coordinator start` arguments
     "warm-messages-on-disk": ["--messages-on-disk"],
-    "warm-flower-io": ["--messages-on-disk"]}
+    "warm-flower-io": ["--messages-on-disk"],
+    "warm-link-state-on-disk": ["--link-state-on-disk"],
+    "warm-fp16-link-state-on-disk": ["--link-state-on-disk"]}
 CONFIG_OVERRIDES: dict[str, dict] = {"warm-nostate": {"keep_optimizer_state": False},
                                      "warm-unpacked": {"pack_arrays": False},
                                      "warm-clinic-eval": {"fraction_evaluate": 1.0},
                                      "warm-int8": {"upload": "int8"},
                                      "warm-fp16-down": {"download": "fp16"},
                                      "warm-fp16": {"download": "fp16", "upload": "fp16"},
+                                     "warm-fp16-link-state-on-disk": {"download": "fp16",
+                                                                      "upload": "fp16"},
                                      "warm-fp16-down-int8": {"download": "fp16",
                                                              "upload": "int8"}}
 # Consecutive marks of client/timing.py and what the seconds between them are.
