@@ -242,7 +242,7 @@ def error_name(code: int) -> str:
 
 REPLY_POLL_SECONDS = 0.2  # how often the server asks the SuperLink for clinic replies
 # ... once a round's first reply is in: the others usually follow within a second (the clinics
-# train the same steps), and each 0.2 s poll left the round ~0.1 s longer on average
+# train the same steps), and a 0.2 s poll leaves the last one waiting ~0.1 s on average
 REPLY_POLL_AFTER_FIRST = 0.05
 
 
@@ -361,8 +361,8 @@ class RecordingGrid:
         """Flower's send_and_receive (push, then pull until every reply is in or `timeout`
         has passed), but polling every REPLY_POLL_SECONDS (REPLY_POLL_AFTER_FIRST once a reply
         is in): the deployment Grid sleeps 3 s between pulls, so a round waited up to 3 s for
-        replies that were already in. Other
-        grid objects (tests' stand-ins) keep their own send_and_receive."""
+        replies that were already in. Other grid objects (tests' stand-ins) keep their own
+        send_and_receive."""
         if not isinstance(self._grid, Grid):
             return list(self._grid.send_and_receive(sent, timeout=timeout))
         # Packing is for a deployment's wire. Flower's in-memory simulation Grid hands the
