@@ -7,8 +7,10 @@ sampled every round), samples every process the run starts (they all carry the r
 DENTFED_SIM_TAG, Ray's workers included) twice a second, and prints one row per N: seconds
 per round (clinic training + clinic evaluation + central evaluation), start-up seconds (the
 SuperLink, Ray and the ServerApp), peak summed RSS (counts shared pages once per process: an
-upper bound) and peak summed PSS (shared pages divided among their users: the real
-footprint), and the largest single process. `clinics-N/memory_timeline.csv` holds every
+upper bound), peak summed PSS (shared pages divided among their users) and, where the kernel
+shows physical page frames (/proc/PID/pagemap; root), the peak resident memory of the whole
+tree with every physical page counted once: what the tree holds in RAM, exactly. Also the
+largest single process. `clinics-N/memory_timeline.csv` holds every
 sample: RSS MiB summed per kind of process, to see when the peak comes.
 
     .venv/bin/python -m simulations.bench_scale --config configs/demo-photos-scratch.yaml \
@@ -26,6 +28,7 @@ import time
 import uuid
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from shared.atomic_files import write_text_atomic
@@ -58,6 +61,43 @@ def _rss_parts_kb(pid: int) -> tuple[int, int, int]:
     return parts["RssAnon:"], parts["RssFile:"], parts["RssShmem:"]
 
 
+PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
+_PRESENT, _FRAME = np.uint64(1 << 63), np.uint64((1 << 55) - 1)  # pagemap entry bits
+
+
+def resident_frames(pid: int) -> np.ndarray | None:
+    """The physical page frames of `pid`'s resident pages, from /proc/PID/pagemap (none when
+    the process has gone); None when the kernel hides frame numbers (they read as 0 without
+    CAP_SYS_ADMIN) or the pagemap cannot be read."""
+    found = []
+    try:
+        with open(f"/proc/{pid}/maps") as maps, \
+                open(f"/proc/{pid}/pagemap", "rb", buffering=0) as pagemap:
+            for line in maps:
+                lo, hi = (int(x, 16) for x in line.split(maxsplit=1)[0].split("-"))
+                if lo >= 1 << 47:  # [vsyscall]: not in the pagemap
+                    continue
+                pagemap.seek(lo // PAGE_BYTES * 8)
+                entries = np.frombuffer(pagemap.read((hi - lo) // PAGE_BYTES * 8), np.uint64)
+                found.append(entries[(entries & _PRESENT) != 0] & _FRAME)
+    except (FileNotFoundError, ProcessLookupError):
+        return np.zeros(0, np.uint64)
+    except OSError:
+        return None
+    frames = np.concatenate(found) if found else np.zeros(0, np.uint64)
+    return None if len(frames) and not frames.any() else frames
+
+
+def resident_kb_once(pids: list[int]) -> int | None:
+    """Resident KiB of these processes together, every physical page counted once (shared
+    libraries, Ray's object store and forked pages are shared between them); None where a
+    process's frames cannot be read."""
+    frames = [resident_frames(p) for p in pids]
+    if any(f is None for f in frames):
+        return None
+    return len(np.unique(np.concatenate(frames))) * PAGE_BYTES // 1024 if frames else 0
+
+
 # first match wins: a Ray worker's command line names the raylet's socket
 ROLES = (("ClientAppActor", "actor"), ("ray::", "Ray worker"), ("default_worker", "Ray worker"),
          ("flower-superlink", "SuperLink"), ("flwr-serverapp", "ServerApp"),
@@ -80,17 +120,30 @@ def _role(pid: int) -> str:
 
 class TreeMemory:
     """Peak summed RSS/PSS of this process and every process carrying `tag`, sampled, and
-    which processes made up the peak (`at_peak`: role, RSS KiB, PSS KiB per process)."""
+    which processes made up the peak (`at_peak`: role, RSS KiB, PSS KiB per process); in a
+    second thread the peak of the tree's resident memory with every page counted once
+    (`peak_once`, None where the kernel hides page frames). That takes ~0.1 s a process, so
+    it is only computed while the summed RSS (its upper bound) is above its peak so far."""
 
     def __init__(self, tag: str, every: float = 0.5) -> None:
         self.tag, self.every = tag, every
         self.peak_rss = self.peak_pss = self.peak_one = 0
+        self.peak_once: int | None = 0
+        self._last_rss = 0
         self.at_peak: list[tuple[str, int, int, tuple[int, int, int]]] = []
         self._roles: dict[int, str] = {}
         #: one row per sample: seconds since start, then RSS MiB summed per role
         self.timeline: list[dict[str, float]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
+        self._once_thread = threading.Thread(target=self._run_once, daemon=True)
+
+    def _run_once(self) -> None:
+        while not self._stop.is_set() and self.peak_once is not None:
+            if self._last_rss > self.peak_once:  # else it cannot be a new peak
+                once = resident_kb_once([os.getpid(), *_tagged_pids(self.tag)])
+                self.peak_once = None if once is None else max(self.peak_once, once)
+            self._stop.wait(self.every)
 
     def _run(self) -> None:
         start = time.monotonic()
@@ -110,6 +163,7 @@ class TreeMemory:
                 self.at_peak = sorted(((self._roles[p], r, s, _rss_parts_kb(p))
                                        for p, (r, s) in zip(pids, mems, strict=True) if r),
                                       key=lambda t: -t[1])
+            self._last_rss = sum(r for r, _ in mems)
             self.peak_rss = max(self.peak_rss, sum(r for r, _ in mems))
             self.peak_pss = max(self.peak_pss, sum(p for _, p in mems))
             self.peak_one = max([self.peak_one, *(r for r, _ in mems)])
@@ -117,11 +171,13 @@ class TreeMemory:
 
     def __enter__(self) -> TreeMemory:
         self._thread.start()
+        self._once_thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+        self._once_thread.join()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -162,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
             "start-up s": data["wall_seconds"] - data["seconds"],
             "wall s": data["wall_seconds"],
             "peak RSS sum GiB": mem.peak_rss / 2**20, "peak PSS sum GiB": mem.peak_pss / 2**20,
+            "peak resident GiB, pages once": (None if mem.peak_once is None
+                                              else mem.peak_once / 2**20),
             "largest process GiB": mem.peak_one / 2**20,
             "concurrent": cfg.simulation.max_concurrent,
             "images/clinic": round(sum(c.get("num-examples", 0) for c in data["history"][1]

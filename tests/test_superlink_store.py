@@ -63,9 +63,9 @@ def test_runs_in_memory_registrations_on_disk_and_a_restart_keeps_them(tmp_path:
     `flwr supernode register` and unregistering also in the file, read back at a restart:
     same node ids, an unregistered clinic stays out, a key cannot be registered twice."""
     import pytest
-    from flwr.supercore.constant import NodeStatus, TaskType
     from flwr.server.superlink.linkstate.in_memory_linkstate import InMemoryLinkState
     from flwr.server.superlink.linkstate.sql_linkstate import SqlLinkState
+    from flwr.supercore.constant import NodeStatus, TaskType
 
     loader, main = _fresh("flwr.superlink.config_loader"), _fresh("flwr.superlink.main")
     main.get_objectstore_linkstate_factories = loader.get_objectstore_linkstate_factories
