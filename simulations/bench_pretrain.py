@@ -38,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
 from dental_datasets import tooth_crops
 from dental_datasets import ufba425_panoramic as ufba
@@ -45,9 +46,11 @@ from server.federation import run_federation
 from server.run_folder import write_run_folder
 from shared.atomic_files import write_text_atomic
 from shared.config import Config, TaskConfig, config_from_dict, load_config, with_overrides
+from shared.data.dataset import make_loader
 from shared.data.manifest import read_manifest
-from shared.models import ENCODER_FILE
+from shared.models import ENCODER_FILE, build_model, resolve_device
 from simulations.bench_quality import InProcessGrid
+from simulations.linear_probe import READINGS, cnn_features, encoder_features, probe_score
 from simulations.pooled_training import run_training, train_fold
 from simulations.simulate import prepare_split
 from simulations.task_manifest import resolve_manifest
@@ -197,6 +200,43 @@ def finetune(task: str, encoder: Path | None, manifest: Path, spec: dict,
     return train_fold(cfg, m, split, seed).test
 
 
+def probe(task: str, encoder: Path | None, manifest: Path, spec: dict,
+          args: argparse.Namespace, seed: int) -> dict[str, float]:
+    """Linear probe of one encoder (None: the seed's random init) on the whole labelled set
+    (simulations/linear_probe.py): {"<reading>": mean, "<reading>/sd": sd over the folds}."""
+    raw = {"task": spec, **_common(args, seed),
+           "model": {**_vit(args), **({"pretrained": str(encoder)} if encoder else {})}}
+    cfg = config_from_dict(raw, source=f"probe {task}")
+    m = read_manifest(manifest, cfg.task, default_modality="radiograph")
+    torch.manual_seed(seed)
+    vit = build_model(cfg.model, len(cfg.task.labels), cfg.data.image_size)
+    feats = encoder_features(vit, make_loader(m, cfg.data, train=False),
+                             resolve_device(args.device))
+    out: dict[str, float] = {}
+    for reading, x in feats.items():
+        out[reading], out[f"{reading}/sd"] = probe_score(x, m.targets, m.patient_ids,
+                                                          cfg.task.type, folds=args.probe_folds)
+    return out
+
+
+REFERENCE_WEIGHTS = "weights/torchvision_mobilenet_v2_features_in1k.pth"
+
+
+def reference_probe(task: str, manifest: Path, spec: dict, args: argparse.Namespace,
+                    weights: Path) -> tuple[float, float]:
+    """Linear probe of the ImageNet MobileNetV2 features (frozen, global average pool) at the
+    benchmark's image size: what a good encoder scores on the same folds."""
+    raw = {"task": spec, **_common(args, 0),
+           "model": {"name": "mobilenet_v2", "pretrained": str(weights),
+                     "pretrained_prefix": "features."}}
+    cfg = config_from_dict(raw, source=f"reference probe {task}")
+    m = read_manifest(manifest, cfg.task, default_modality="radiograph")
+    model = build_model(cfg.model, len(cfg.task.labels), cfg.data.image_size)
+    x = cnn_features(model.features, make_loader(m, cfg.data, train=False),
+                     resolve_device(args.device))
+    return probe_score(x, m.targets, m.patient_ids, cfg.task.type, folds=args.probe_folds)
+
+
 def _clinic_split(cfg: Config, m, split_dir: Path) -> dict[str, np.ndarray]:
     """Row indices of the union of the clinics' train / val / test rows (the pooled row sees
     exactly the federation's data and is scored on the same test set)."""
@@ -237,7 +277,7 @@ def tables(results: dict, seeds: list[int]) -> str:
         curve = (f"{np.mean([c[0] for c in curves]):.3f} -> {np.mean([c[-1] for c in curves]):.3f}"
                  if curves else "-")
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {curve} |")
-    text = "\n".join(lines) + "\n"
+    text = "\n".join(lines) + "\n" + probe_table(results)
     classes = sorted({k.split("/", 1)[1] for r in results.values()
                       for s in r["seeds"].values()
                       for k in s.get("implants", {}).get("federated", {})
@@ -258,26 +298,64 @@ def tables(results: dict, seeds: list[int]) -> str:
     return text
 
 
+def probe_table(results: dict) -> str:
+    """Markdown: the linear probes (frozen encoder), mean +- sd over seeds of each seed's
+    k-fold mean; empty when none ran."""
+    if not any("probe" in s.get(t, {}) for r in results.values() for s in r["seeds"].values()
+               for t in TASKS):
+        return ""
+    cols = [(t, reading) for t in TASKS for reading in READINGS]
+    names = {"ufba": "UFBA-425 macro-AUC", "implants": "implants bal. acc."}
+    text = ("\nLinear probe (frozen encoder, logistic regression, patient-grouped folds of the "
+            "whole labelled set; simulations/linear_probe.py)\n\n| encoder | "
+            + " | ".join(f"{names[t]}, {reading}" for t, reading in cols)
+            + " |\n|---|" + "---|" * len(cols) + "\n")
+    for name, r in results.items():
+        cells = [_cell([s[t]["probe"][reading] if "probe" in s.get(t, {}) else None
+                        for s in r["seeds"].values()]) for t, reading in cols]
+        text += f"| {name} | " + " | ".join(cells) + " |\n"
+    return text
+
+
+def reference_line(reference: dict[str, tuple[float, float]]) -> str:
+    if not reference:
+        return ""
+    names = {"ufba": "UFBA-425 macro-AUC", "implants": "implants bal. acc."}
+    return ("\nReference: the ImageNet MobileNetV2 (../shared/" + REFERENCE_WEIGHTS + "), frozen, "
+            "global average pool, the same probe and folds: " + ", ".join(
+                f"{names[t]} {m:.3f} ± {sd:.3f} over the folds" for t, (m, sd) in
+                reference.items()) + "\n")
+
+
 def criteria(results: dict) -> str:
     """Issue 14's two checks where their rows ran, paired by seed: federated MDE minus random
-    init (points of the metric x 100) and federated MDE / pooled MDE, per task and fine-tuning."""
+    init (points of the metric x 100) and federated MDE / pooled MDE, per task and fine-tuning,
+    then the same on the linear probes."""
     def metric(name: str, t: str, mode: str) -> dict[int, float]:
-        return {seed: s[t][mode][METRIC[t]] for seed, s in results.get(name, {}).get(
-            "seeds", {}).items() if METRIC[t] in s.get(t, {}).get(mode, {})}
+        out = {}
+        for seed, s in results.get(name, {}).get("seeds", {}).items():
+            got = s.get(t, {})
+            if mode in READINGS:
+                if mode in got.get("probe", {}):
+                    out[seed] = got["probe"][mode]
+            elif METRIC[t] in got.get(mode, {}):
+                out[seed] = got[mode][METRIC[t]]
+        return out
 
     lines = []
     for t in TASKS:
-        for mode in ("pooled", "federated"):
+        for mode in ("pooled", "federated", *READINGS):
+            what = f"linear probe ({mode})" if mode in READINGS else f"{mode} fine-tuning"
             fed, rnd, pooled = (metric(n, t, mode) for n in
                                 ("federated MDE", "random init", "pooled MDE"))
+            goal = "; goal >= 5" if (t, mode) == ("ufba", "federated") else ""
             if seeds := sorted(fed.keys() & rnd.keys()):
                 d = [100 * (fed[k] - rnd[k]) for k in seeds]
-                goal = "; goal >= 5" if (t, mode) == ("ufba", "federated") else ""
-                lines.append(f"- {t}, {mode} fine-tuning: federated MDE - random init = "
+                lines.append(f"- {t}, {what}: federated MDE - random init = "
                              f"{_cell(d)} points (seeds {seeds}{goal})")
             if seeds := sorted(fed.keys() & pooled.keys()):
                 r = [fed[k] / pooled[k] for k in seeds]
-                lines.append(f"- {t}, {mode} fine-tuning: federated MDE / pooled MDE = "
+                lines.append(f"- {t}, {what}: federated MDE / pooled MDE = "
                              f"{_cell(r)} (seeds {seeds}{'; goal >= 0.98' if goal else ''})")
     return ("\nPaired by seed:\n\n" + "\n".join(lines) + "\n") if lines else ""
 
@@ -296,7 +374,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tasks", default=",".join(TASKS),
                     help="comma list of fine-tuning tasks (default all): " + ", ".join(TASKS))
     ap.add_argument("--finetune-modes", default="pooled,federated",
-                    help="comma list: pooled, federated (default both)")
+                    help="comma list: pooled, federated (default both); none: only the linear "
+                    "probes")
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     ap.add_argument("--vit", choices=["tiny", "small"], default="tiny")
     ap.add_argument("--image-size", type=int, default=64)
@@ -313,6 +392,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--limit", type=int, help="at most this many images per pretraining source")
     ap.add_argument("--finetune-limit", type=int,
                     help="at most this many images per fine-tuning set (default all)")
+    ap.add_argument("--probe-folds", type=int, default=5,
+                    help="patient-grouped folds of the linear probe (0: no probe)")
     ap.add_argument("--keep", action="store_true", help="keep the run folders under --out")
     args = ap.parse_args(argv)
     if args.quick:
@@ -330,16 +411,19 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         ap.error(f"unknown --encoders {unknown}; choose from {list(ENCODERS)}")
     tasks = [t.strip() for t in args.tasks.split(",")]
-    modes = [m.strip() for m in args.finetune_modes.split(",")]
+    modes = ([] if args.finetune_modes == "none"
+             else [m.strip() for m in args.finetune_modes.split(",")])
     if not tasks or set(tasks) - set(TASKS):
         ap.error(f"--tasks {args.tasks!r}: choose from {list(TASKS)}")
-    if not modes or set(modes) - {"pooled", "federated"}:
-        ap.error(f"--finetune-modes {args.finetune_modes!r}: choose from pooled, federated")
+    if set(modes) - {"pooled", "federated"} or not (modes or args.probe_folds):
+        ap.error(f"--finetune-modes {args.finetune_modes!r}: choose from pooled, federated "
+                 "(none: the linear probes only)")
     seeds = [int(s) for s in args.seeds.split(",")]
     args.out.mkdir(parents=True, exist_ok=True)
     work = args.out / "work"
     results: dict = {n: {"seeds": {}} for n in names}
     t_all = time.perf_counter()
+    reference: dict[str, tuple[float, float]] = {}
     for seed in seeds:
         if work.exists():
             shutil.rmtree(work)
@@ -347,6 +431,12 @@ def main(argv: list[str] | None = None) -> int:
         pre_manifest = pretraining_manifest(args.shared, work, args.limit, seed)
         ft = {t: finetune_manifest(t, args.shared, work, args.finetune_limit, seed)
               for t in tasks}
+        weights = args.shared / REFERENCE_WEIGHTS
+        if args.probe_folds and weights.is_file() and not reference:
+            for task in tasks:
+                reference[task] = reference_probe(task, *ft[task], args, weights)
+                log.info("reference (ImageNet MobileNetV2): %s linear probe %.4f ± %.4f",
+                         task, *reference[task])
         for name in names:
             t0 = time.perf_counter()
             row: dict = {}
@@ -359,6 +449,10 @@ def main(argv: list[str] | None = None) -> int:
             for task in tasks:
                 manifest, spec = ft[task]
                 row[task] = {}
+                if args.probe_folds:
+                    row[task]["probe"] = probe(task, encoder, manifest, spec, args, seed)
+                    log.info("seed %d %s: %s linear probe %s", seed, name, task, ", ".join(
+                        f"{r} {row[task]['probe'][r]:.4f}" for r in READINGS))
                 for mode in modes:
                     res = finetune(task, encoder, manifest, spec, args, seed, work,
                                    mode == "federated")
@@ -376,16 +470,18 @@ def main(argv: list[str] | None = None) -> int:
                f"{args.pretrain_lr:g}), fine-tuning {args.finetune_epochs} epochs/rounds (lr "
                f"{args.lr:g}), {args.clinics} clinics, seeds {seeds}"
                + (f", at most {args.limit} images per source" if args.limit else "")
-               + (f"; fine-tuning only {'/'.join(tasks)}, {'/'.join(modes)}"
+               + (f"; fine-tuning only {'/'.join(tasks)}, {'/'.join(modes) or 'none'}"
                   if len(tasks) < len(TASKS) or len(modes) < 2 else "")
+               + (f"; linear probes over {args.probe_folds} patient-grouped folds"
+                  if args.probe_folds else "")
                + (" [--quick smoke]" if args.quick else ""))
     text = (f"{setting}; {time.perf_counter() - t_all:.0f} s in all\n\n"
-            + tables(results, seeds) + criteria(results))
+            + tables(results, seeds) + reference_line(reference) + criteria(results))
     print(text)
     write_text_atomic(args.out / "pretrain.md", text)
     write_text_atomic(args.out / "pretrain.json", json.dumps(
         {"setting": setting, "args": {k: str(v) for k, v in vars(args).items()},
-         "results": results}, indent=1, default=str))
+         "results": results, "reference_probe": reference}, indent=1, default=str))
     return 0
 
 
