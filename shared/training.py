@@ -10,6 +10,7 @@ import random
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import torch
@@ -345,11 +346,14 @@ def fit(
     device: torch.device,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
     privacy: DpSgdConfig | None = None,
+    keep: Literal["best", "last"] = "best",
 ) -> FitResult:
     """Train for cfg.epochs with early stopping on validation loss (cfg.patience); the model ends
-    with the weights of its best validation epoch. With `privacy`, every step is DP-SGD (Opacus)
-    and each epoch's row carries the epsilon spent so far; an epoch that would pass max_epsilon
-    is not started."""
+    with the weights of its best validation epoch. keep="last": a fixed schedule, no early
+    stopping, the last epoch's weights (pretraining: MDE's validation loss is measured against
+    targets that move with the teacher, so its epochs do not compare). With `privacy`, every
+    step is DP-SGD (Opacus) and each epoch's row carries the epsilon spent so far; an epoch that
+    would pass max_epsilon is not started."""
     model.to(device)
     result = FitResult()
     best_loss, best_state, bad = float("inf"), None, 0
@@ -377,7 +381,9 @@ def fit(
             result.history.append(row)
             if on_epoch:
                 on_epoch(row)
-            if val["loss"] < best_loss - 1e-6:
+            if keep == "last":
+                result.best_epoch = epoch
+            elif val["loss"] < best_loss - 1e-6:
                 best_loss, bad, result.best_epoch = val["loss"], 0, epoch
                 best_state = copy.deepcopy(model.state_dict())
             else:

@@ -65,8 +65,9 @@ def train_fold(cfg: Config, m: Manifest, split: Split, seed: int) -> FoldResult:
         log.info("epoch %d  train_loss %.4f  val_loss %.4f%s", row["epoch"],
                  row["train_loss"], row["val_loss"], more)
 
+    # Pretraining keeps its last epoch, as a federated pretraining keeps its final round.
     res = fit(model, train_dl, val_dl, loss_fn, cfg.task, cfg.train, device, on_epoch=show,
-              privacy=dp)
+              privacy=dp, keep="last" if cfg.task.type == "pretrain" else "best")
     thresholds = None
     if cfg.task.type == "multilabel":
         probs, targets, _ = predict(model, val_dl, None, device, cfg.task.type)

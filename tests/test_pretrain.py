@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from dentfed.cli import main as cli_main
-from shared.config import config_from_dict
+from shared.config import config_from_dict, with_overrides
 from shared.errors import DentfedError, WeightsError
 from shared.fedio import build_global_model, exchanged_keys, model_arrays, pretrained_sha256
 from shared.masked_modeling import MaskedImageModel, masked_count, patchify, random_masking
@@ -165,6 +165,32 @@ def test_pooled_pretraining_encoder_initialises_the_classifier(tmp_path):
         build_model(bad, 3, 32)
         frozen = [n for n, p in clf.named_parameters() if not p.requires_grad]
         assert "conv_proj.weight" in frozen and "heads.1.weight" not in frozen
+
+
+def test_pooled_pretraining_keeps_its_last_epoch(tmp_path):
+    """A pretraining run trains every epoch and keeps the last (as a federated one keeps its
+    final round): MDE's validation loss follows a moving teacher, so neither the best epoch
+    nor early stopping is defined. A learning rate of ~0 leaves the validation loss flat, so
+    best-epoch training with patience 1 would stop after epoch 2 and keep epoch 1."""
+    from shared.data.dataset import make_loader
+    from shared.data.manifest import read_manifest
+    from shared.losses import make_loss
+    from shared.training import fit
+    from simulations.pooled_training import run_training
+
+    cfg = with_overrides(_pretrain_cfg("mde"), {"train.epochs": 3, "train.lr": 1e-12,
+                                                "train.patience": 1})
+    manifest = _unlabelled(tmp_path / "d", n=32)
+    res = run_training(cfg, manifest, tmp_path / "pre")
+    assert len(res["history"]) == 3 and res["best_epoch"] == 3
+
+    m = read_manifest(manifest, cfg.task)
+    torch.manual_seed(0)
+    model = build_global_model(cfg)
+    best = fit(model, make_loader(m, cfg.data, train=True), make_loader(m, cfg.data, train=False),
+               make_loss(cfg.task, cfg.train, m.targets), cfg.task, cfg.train,
+               torch.device("cpu"))
+    assert len(best.history) == 2 and best.best_epoch == 1  # what keep="best" would do
 
 
 def test_data_check_unlabelled_manifest(tmp_path, capsys):
