@@ -17,6 +17,10 @@ labels (test macro-AUC) and (b) the demo implant systems (test balanced accuracy
 sensitivity/specificity). Every row of one seed shares the clinic splits and the test set (the
 union of the clinics' test rows). Seeds vary the splits and the initialisations.
 
+Each encoder is also probed linearly (simulations/linear_probe.py: frozen features, logistic
+regression over patient-grouped folds of each whole labelled set), beside the ImageNet
+MobileNetV2 of ../shared/weights as a reference; `--finetune-modes none` runs only the probes.
+
     python -m simulations.bench_pretrain --shared ../shared --seeds 0,1,2 --out runs/bench-pretrain
     python -m simulations.bench_pretrain --quick --seeds 0      # CPU smoke: minutes
 
