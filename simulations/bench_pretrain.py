@@ -110,14 +110,19 @@ def demo_radiographs() -> tuple[Path, Config]:
     return resolve_manifest(cfg, None), cfg
 
 
-def pretraining_manifest(shared: Path, work: Path, limit: int | None, seed: int) -> Path:
-    """One unlabelled manifest: UFBA-425 panoramics, tooth crops and demo radiographs, with
-    `source` (also the `site`) naming where each image comes from."""
-    sources = {
-        "ufba425": ufba.build_manifest(work / "ufba.csv", shared),
-        "tooth_crops": tooth_crops.build_manifest(work / "crops.csv", shared),
-        "demo_radiographs": demo_radiographs()[0],
+PRETRAINING_SOURCES = ("ufba425", "tooth_crops", "demo_radiographs")
+
+
+def pretraining_manifest(shared: Path, work: Path, limit: int | None, seed: int,
+                         only: tuple[str, ...] = PRETRAINING_SOURCES) -> Path:
+    """One unlabelled manifest: UFBA-425 panoramics, tooth crops and demo radiographs (or the
+    `only` ones), with `source` (also the `site`) naming where each image comes from."""
+    build = {
+        "ufba425": lambda: ufba.build_manifest(work / "ufba.csv", shared),
+        "tooth_crops": lambda: tooth_crops.build_manifest(work / "crops.csv", shared),
+        "demo_radiographs": lambda: demo_radiographs()[0],
     }
+    sources = {name: build[name]() for name in only}
     rng = np.random.default_rng(seed)
     frames = []
     for name, path in sources.items():
@@ -394,6 +399,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--finetune-epochs", type=int, default=10)
     ap.add_argument("--lr", type=float, default=5e-4, help="fine-tuning learning rate")
     ap.add_argument("--limit", type=int, help="at most this many images per pretraining source")
+    ap.add_argument("--pretrain-sources", default=",".join(PRETRAINING_SOURCES),
+                    help="comma list of the pretraining images' sources (default all): "
+                    + ", ".join(PRETRAINING_SOURCES))
     ap.add_argument("--finetune-limit", type=int,
                     help="at most this many images per fine-tuning set (default all)")
     ap.add_argument("--probe-folds", type=int, default=5,
@@ -422,6 +430,10 @@ def main(argv: list[str] | None = None) -> int:
     if set(modes) - {"pooled", "federated"} or not (modes or args.probe_folds):
         ap.error(f"--finetune-modes {args.finetune_modes!r}: choose from pooled, federated "
                  "(none: the linear probes only)")
+    sources = tuple(x.strip() for x in args.pretrain_sources.split(","))
+    if not sources or set(sources) - set(PRETRAINING_SOURCES):
+        ap.error(f"--pretrain-sources {args.pretrain_sources!r}: choose from "
+                 f"{list(PRETRAINING_SOURCES)}")
     seeds = [int(s) for s in args.seeds.split(",")]
     args.out.mkdir(parents=True, exist_ok=True)
     work = args.out / "work"
@@ -432,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
         if work.exists():
             shutil.rmtree(work)
         work.mkdir(parents=True)
-        pre_manifest = pretraining_manifest(args.shared, work, args.limit, seed)
+        pre_manifest = pretraining_manifest(args.shared, work, args.limit, seed, sources)
         ft = {t: finetune_manifest(t, args.shared, work, args.finetune_limit, seed)
               for t in tasks}
         weights = args.shared / REFERENCE_WEIGHTS
@@ -474,6 +486,8 @@ def main(argv: list[str] | None = None) -> int:
                f"{args.pretrain_lr:g}), fine-tuning {args.finetune_epochs} epochs/rounds (lr "
                f"{args.lr:g}), {args.clinics} clinics, seeds {seeds}"
                + (f", at most {args.limit} images per source" if args.limit else "")
+               + (f", pretraining on {'/'.join(sources)} only"
+                  if len(sources) < len(PRETRAINING_SOURCES) else "")
                + (f"; fine-tuning only {'/'.join(tasks)}, {'/'.join(modes) or 'none'}"
                   if len(tasks) < len(TASKS) or len(modes) < 2 else "")
                + (f"; linear probes over {args.probe_folds} patient-grouped folds"
