@@ -17,7 +17,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 from sklearn.model_selection import GroupKFold
 from sklearn.preprocessing import StandardScaler
 from torch import nn
@@ -25,6 +24,7 @@ from torch.utils.data import DataLoader
 from torchvision.models.vision_transformer import VisionTransformer
 
 from shared.masked_modeling import encode
+from shared.metrics import multiclass_metrics, multilabel_metrics
 
 READINGS = ("class token", "mean of patches")
 
@@ -62,18 +62,27 @@ def probe_score(features: np.ndarray, targets: np.ndarray, groups: np.ndarray,
         scale = StandardScaler().fit(features[train])
         x_tr, x_te = scale.transform(features[train]), scale.transform(features[test])
         if task_type == "multiclass":
+            k = int(targets.max()) + 1
             clf = LogisticRegression(C=c, max_iter=2000).fit(x_tr, targets[train])
-            scores.append(balanced_accuracy_score(targets[test], clf.predict(x_te)))
+            probs = np.zeros((len(test), k))
+            probs[:, clf.classes_] = clf.predict_proba(x_te)
+            scores.append(multiclass_metrics(probs, targets[test],
+                                             [str(i) for i in range(k)])["balanced_accuracy"])
             continue
-        per_label = []
+        # the project's metric (shared/metrics.py); a label with one class in this fold's
+        # training part cannot be fitted and is left out, as one with one class in its test part
+        probs = np.full((len(test), targets.shape[1]), 0.5)
+        y_te = targets[test].copy()
         for j in range(targets.shape[1]):
-            known_tr, known_te = ~np.isnan(targets[train, j]), ~np.isnan(targets[test, j])
-            y_tr, y_te = targets[train][known_tr, j], targets[test][known_te, j]
-            if len(np.unique(y_tr)) < 2 or len(np.unique(y_te)) < 2:
-                continue  # AUC undefined on this fold
-            clf = LogisticRegression(C=c, max_iter=2000).fit(x_tr[known_tr], y_tr)
-            per_label.append(roc_auc_score(y_te, clf.predict_proba(x_te[known_te])[:, 1]))
-        if per_label:
-            scores.append(float(np.mean(per_label)))
+            known = ~np.isnan(targets[train, j])
+            y_tr = targets[train][known, j]
+            if len(np.unique(y_tr)) < 2:
+                y_te[:, j] = np.nan
+                continue
+            clf = LogisticRegression(C=c, max_iter=2000).fit(x_tr[known], y_tr)
+            probs[:, j] = clf.predict_proba(x_te)[:, 1]
+        auc = multilabel_metrics(probs, y_te, [str(j) for j in range(targets.shape[1])])
+        if not np.isnan(auc["macro_auc"]):
+            scores.append(auc["macro_auc"])
     a = np.asarray(scores, float)
     return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
