@@ -171,6 +171,13 @@ class TrainConfig(_Strict):
     nesterov: bool = False  # sgd only
     weight_decay: float = Field(default=1e-4, ge=0)
     amsgrad: bool = False  # adamw only
+    # AdamW's (beta1, beta2); MAE and MDE pretrain with (0.9, 0.95).
+    betas: tuple[float, float] = (0.9, 0.999)
+    # Pooled training's learning rate per step: constant, or cosine (decaying to 0 at the last
+    # step of train.epochs), either after a linear warm-up over warmup_epochs. A clinic's rounds
+    # follow federation.lr_schedule and warmup_rounds instead.
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    warmup_epochs: int = Field(default=0, ge=0)
     # Default: "ce" for a multiclass task, "bce" for a multilabel one (filled in by Config).
     loss: Literal["bce", "weighted_bce", "focal", "dice", "ce"] = "bce"
     focal_gamma: float = Field(default=2.0, ge=0)
@@ -185,6 +192,20 @@ class TrainConfig(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = 0
     progress: bool = True
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= b < 1 for b in v):
+            raise ValueError(f"train.betas {list(v)}: each must be in [0, 1)")
+        return v
+
+    @model_validator(mode="after")
+    def _warmup_within_epochs(self) -> TrainConfig:
+        if self.warmup_epochs >= self.epochs and self.warmup_epochs:
+            raise ValueError(f"train.warmup_epochs ({self.warmup_epochs}) must be fewer than "
+                             f"train.epochs ({self.epochs})")
+        return self
 
 
 class PretrainConfig(_Strict):

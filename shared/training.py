@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import random
 import sys
 from collections.abc import Callable, Mapping
@@ -56,7 +57,30 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, lr: float | None = None
                                nesterov=cfg.nesterov and cfg.momentum > 0,
                                weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(params, lr=lr or cfg.lr, weight_decay=cfg.weight_decay,
-                             amsgrad=cfg.amsgrad)
+                             amsgrad=cfg.amsgrad, betas=cfg.betas)
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
+    """The learning rate's multiplier at optimiser step `step` (0-based) of `total`: a linear
+    warm-up over the first `warmup` steps, then constant or a cosine decay from 1 (the first
+    step after the warm-up) towards 0 (reached one step after the last)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    left = max(total - warmup, 1)
+    return 0.5 * (1.0 + math.cos(math.pi * min(step - warmup, left) / left))
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int
+                   ) -> torch.optim.lr_scheduler.LambdaLR | None:
+    """`train.lr_schedule` and `warmup_epochs` as a per-step scheduler over `train.epochs`
+    (None: a constant rate, nothing to step)."""
+    if cfg.lr_schedule == "constant" and not cfg.warmup_epochs:
+        return None
+    total, warmup = cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, total, warmup, cfg.lr_schedule))
 
 
 def optimizer_state_arrays(optimizer: torch.optim.Optimizer) -> dict[str, np.ndarray]:
@@ -147,10 +171,12 @@ def train_one_epoch(
     progress: bool = False,
     desc: str = "train",
     grad_clip_norm: float | None = None,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
 ) -> dict[str, float]:
     """One pass over `loader` (or `max_steps` batches). With proximal_mu > 0 the FedProx term
     mu/2 * ||w - w_global||^2 is added, w_global being the weights at the start of the call.
-    `grad_correction` is applied to the gradients before each step (SCAFFOLD's c - c_i)."""
+    `grad_correction` is applied to the gradients before each step (SCAFFOLD's c - c_i);
+    `scheduler` is stepped after every optimiser step."""
     set_train_mode(model)
     anchors = None
     if proximal_mu > 0:
@@ -176,6 +202,8 @@ def train_one_epoch(
             nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
                                      grad_clip_norm)
         optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
         total += float(loss.detach()) * len(x)
         n += len(x)
         steps += 1
@@ -266,8 +294,10 @@ class Trainer:
                  optimizer: torch.optim.Optimizer, device: torch.device, *,
                  privacy: DpSgdConfig | None = None, planned_steps: int = 1,
                  account: DpAccount | None = None, progress: bool = False,
-                 grad_clip_norm: float | None = None) -> None:
+                 grad_clip_norm: float | None = None,
+                 scheduler: torch.optim.lr_scheduler.LRScheduler | None = None) -> None:
         self.model, self.loss_fn, self.device, self.progress = model, loss_fn, device, progress
+        self.scheduler = scheduler
         self.grad_clip_norm = None if privacy is not None else grad_clip_norm
         self.privacy = privacy
         self.private: PrivateTraining | None = None
@@ -314,7 +344,8 @@ class Trainer:
             stats = train_one_epoch(self.step_model, self.loader, self.loss_fn, self.optimizer,
                                     self.device, max_steps=left, proximal_mu=proximal_mu,
                                     grad_correction=grad_correction, progress=self.progress,
-                                    desc=desc, grad_clip_norm=self.grad_clip_norm)
+                                    desc=desc, grad_clip_norm=self.grad_clip_norm,
+                                    scheduler=self.scheduler)
             for k, v in stats.items():
                 if k.startswith("loss"):
                     sums[k] = sums.get(k, 0.0) + v * stats["examples"]
@@ -358,9 +389,11 @@ def fit(
     result = FitResult()
     best_loss, best_state, bad = float("inf"), None, 0
     per_epoch = min(cfg.max_steps_per_epoch or len(train_loader), len(train_loader))
-    with Trainer(model, train_loader, loss_fn, make_optimizer(model, cfg), device,
+    optimizer = make_optimizer(model, cfg)
+    with Trainer(model, train_loader, loss_fn, optimizer, device,
                  privacy=privacy, planned_steps=cfg.epochs * per_epoch,
-                 progress=cfg.progress, grad_clip_norm=cfg.grad_clip_norm) as trainer:
+                 progress=cfg.progress, grad_clip_norm=cfg.grad_clip_norm,
+                 scheduler=make_scheduler(optimizer, cfg, per_epoch)) as trainer:
         if privacy is not None:
             result.epsilon = 0.0
         for epoch in range(1, cfg.epochs + 1):

@@ -168,13 +168,17 @@ def pretrain(name: str, spec: tuple[str, float, bool], manifest: Path, args: arg
     raw = {"task": {"type": "pretrain"}, **_common(args, seed), "model": _vit(args),
            "pretrain": {"method": method, "mask_ratio": ratio,
                         "decoder_dim": args.decoder_dim, "decoder_depth": args.decoder_depth}}
-    raw["train"]["epochs"] = args.pretrain_epochs
-    raw["train"]["lr"] = args.pretrain_lr
+    raw["train"].update(epochs=args.pretrain_epochs, lr=args.pretrain_lr,
+                        betas=args.pretrain_betas, lr_schedule=args.pretrain_schedule,
+                        warmup_epochs=args.pretrain_warmup)
+    raw["pretrain"]["norm_pix_loss"] = args.norm_pix_loss
     if not federated:
         res = run_training(config_from_dict(raw, source=name), manifest, out)
         return out, [h["val_loss"] for h in res["history"]]
     raw["split"] = _split(args.clinics, seed, by="source")
-    raw["federation"] = _federation(args.pretrain_epochs, args.clinics)
+    raw["federation"] = {**_federation(args.pretrain_epochs, args.clinics),
+                         "lr_schedule": args.pretrain_schedule,
+                         "warmup_rounds": args.pretrain_warmup}
     cfg = config_from_dict(raw, source=name)
     split_dir = work / f"split-pretrain-s{seed}"
     if not split_dir.is_dir():
@@ -396,6 +400,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clinics", type=int, default=4)
     ap.add_argument("--pretrain-epochs", type=int, default=20)
     ap.add_argument("--pretrain-lr", type=float, default=1e-3)
+    ap.add_argument("--pretrain-schedule", choices=["constant", "cosine"], default="constant",
+                    help="pretraining learning rate after the warm-up, per step (pooled) or "
+                    "per round (federated)")
+    ap.add_argument("--pretrain-warmup", type=int, default=0,
+                    help="pretraining warm-up epochs (pooled) or rounds (federated)")
+    ap.add_argument("--pretrain-betas", type=lambda v: [float(b) for b in v.split(",")],
+                    default=[0.9, 0.999], help="AdamW betas of pretraining (MAE: 0.9,0.95)")
+    ap.add_argument("--norm-pix-loss", action="store_true",
+                    help="MAE: per-patch normalised pixel targets (pretrain.norm_pix_loss)")
     ap.add_argument("--finetune-epochs", type=int, default=10)
     ap.add_argument("--lr", type=float, default=5e-4, help="fine-tuning learning rate")
     ap.add_argument("--limit", type=int, help="at most this many images per pretraining source")
@@ -483,7 +496,11 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(work, ignore_errors=True)
     setting = (f"ViT-{args.vit} ({args.depth or 12} blocks), {args.image_size} px, patch "
                f"{args.patch}; pretraining {args.pretrain_epochs} epochs/rounds (lr "
-               f"{args.pretrain_lr:g}), fine-tuning {args.finetune_epochs} epochs/rounds (lr "
+               f"{args.pretrain_lr:g}, {args.pretrain_schedule}"
+               + (f" after {args.pretrain_warmup} warm-up" if args.pretrain_warmup else "")
+               + f", betas {args.pretrain_betas[0]:g}/{args.pretrain_betas[1]:g}"
+               + (", norm_pix_loss" if args.norm_pix_loss else "")
+               + f"), fine-tuning {args.finetune_epochs} epochs/rounds (lr "
                f"{args.lr:g}), {args.clinics} clinics, seeds {seeds}"
                + (f", at most {args.limit} images per source" if args.limit else "")
                + (f", pretraining on {'/'.join(sources)} only"

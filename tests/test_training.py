@@ -12,6 +12,7 @@ import yaml
 
 from shared.data.dataset import make_loader
 from shared.data.manifest import read_manifest
+from shared.errors import ConfigError
 from shared.losses import make_loss
 from shared.models import build_model, resolve_device
 from shared.training import evaluate, make_optimizer, seed_everything, train_one_epoch
@@ -100,3 +101,62 @@ def test_grad_clip_norm_bounds_each_step():
         moved[clip] = float((after - before).norm())
     assert moved[1.0] <= 0.1 * 1.0 + 1e-6
     assert moved[None] > 100 * moved[1.0]
+
+
+def test_lr_factor_warms_up_linearly_then_decays_by_cosine():
+    from shared.training import lr_factor
+
+    got = [lr_factor(s, total=8, warmup=4, schedule="cosine") for s in range(8)]
+    assert got[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert got[4] == 1.0 and got[6] == pytest.approx(0.5)
+    assert all(a > b for a, b in zip(got[4:-1], got[5:], strict=True))
+    assert 0 < got[-1] < 0.2
+    assert [lr_factor(s, 8, 2, "constant") for s in range(8)] == [0.5] + [1.0] * 7
+
+
+def _lrs_seen_by_fit(**train) -> tuple[list[float], list[tuple[float, float]]]:
+    """Every optimiser step's learning rate and betas in a real `fit` (2 epochs of 4 steps)."""
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from shared.training import fit
+
+    cfg = tiny_config(epochs=2, patience=None, **train)
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 4), (torch.rand(32, 2) > 0.5).float()
+    loader = DataLoader(TensorDataset(x, y), batch_size=8)
+    seen: list[float] = []
+    betas: list[tuple[float, float]] = []
+
+    def hook(opt, args, kwargs):
+        seen.append(opt.param_groups[0]["lr"])
+        betas.append(tuple(opt.param_groups[0]["betas"]))
+
+    handle = register_optimizer_step_pre_hook(hook)
+    try:
+        fit(torch.nn.Linear(4, 2), loader, loader, make_loss(cfg.task, cfg.train), cfg.task,
+            cfg.train, torch.device("cpu"), keep="last")
+    finally:
+        handle.remove()
+    return seen, betas
+
+
+def test_fit_follows_train_lr_schedule_and_betas():
+    """train.warmup_epochs + lr_schedule cosine: fit's 8 steps warm up over the first epoch's
+    4 and then decay; the default is the constant rate; train.betas reach AdamW."""
+    lrs, betas = _lrs_seen_by_fit(lr=0.01, warmup_epochs=1, lr_schedule="cosine",
+                                  betas=[0.9, 0.95])
+    assert lrs[:4] == pytest.approx([0.0025, 0.005, 0.0075, 0.01])
+    assert lrs[4] == pytest.approx(0.01)
+    assert all(a > b for a, b in zip(lrs[4:-1], lrs[5:], strict=True))
+    assert len(lrs) == 8 and 0 < lrs[-1] < 0.003
+    assert set(betas) == {(0.9, 0.95)}
+    lrs, betas = _lrs_seen_by_fit(lr=0.01)
+    assert lrs == [0.01] * 8 and set(betas) == {(0.9, 0.999)}
+
+
+def test_train_schedule_settings_are_checked():
+    with pytest.raises(ConfigError, match="warmup_epochs"):
+        tiny_config(epochs=3, warmup_epochs=3)
+    with pytest.raises(ConfigError, match="betas"):
+        tiny_config(betas=[0.9, 1.0])
