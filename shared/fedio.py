@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import math
 import re
 import secrets
 from collections.abc import Mapping
@@ -34,6 +33,7 @@ from shared.models import (
     sha256_of,
     trainable_state_keys,
 )
+from shared.training import lr_factor
 
 CONFIG_KEY = "dentfed-config"
 EXAMPLES_KEY = "num-examples"
@@ -298,13 +298,8 @@ def round_lr(cfg: Config, server_round: int) -> float:
     decay over the remaining rounds (the last round trains at a small, non-zero rate)."""
     fed = cfg.federation
     r = max(server_round, 1)
-    lr = cfg.train.lr * fed.lr_decay ** (r - 1)
-    if r <= fed.warmup_rounds:
-        return lr * r / (fed.warmup_rounds + 1)
-    if fed.lr_schedule == "cosine":
-        span = max(fed.rounds - fed.warmup_rounds, 1)
-        lr *= 0.5 * (1 + math.cos(math.pi * (r - 1 - fed.warmup_rounds) / span))
-    return lr
+    return (cfg.train.lr * fed.lr_decay ** (r - 1)
+            * lr_factor(r - 1, fed.rounds, fed.warmup_rounds, fed.lr_schedule))
 
 
 def build_global_model(cfg: Config) -> nn.Module:

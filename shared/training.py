@@ -61,11 +61,12 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, lr: float | None = None
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
-    """The learning rate's multiplier at optimiser step `step` (0-based) of `total`: a linear
-    warm-up over the first `warmup` steps, then constant or a cosine decay from 1 (the first
-    step after the warm-up) towards 0 (reached one step after the last)."""
+    """The learning rate's multiplier at step `step` (0-based) of `total` (optimiser steps of
+    pooled training, or rounds: `shared.fedio.round_lr`): a linear warm-up over the first
+    `warmup` steps (1/(warmup+1), ..., warmup/(warmup+1)), then constant or a cosine decay from
+    1 (the first step after the warm-up) towards 0 (reached one step after the last)."""
     if step < warmup:
-        return (step + 1) / warmup
+        return (step + 1) / (warmup + 1)
     if schedule == "constant":
         return 1.0
     left = max(total - warmup, 1)
