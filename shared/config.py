@@ -173,8 +173,8 @@ class TrainConfig(_Strict):
     amsgrad: bool = False  # adamw only
     # AdamW's (beta1, beta2); MAE and MDE pretrain with (0.9, 0.95).
     betas: tuple[float, float] = (0.9, 0.999)
-    # Pooled training's learning rate per step: constant, or cosine (decaying to 0 at the last
-    # step of train.epochs), either after a linear warm-up over warmup_epochs. A clinic's rounds
+    # Pooled training's learning rate per step: constant, or cosine (decaying towards 0 at the
+    # end of train.epochs), either after a linear warm-up over warmup_epochs. A clinic's rounds
     # follow federation.lr_schedule and warmup_rounds instead.
     lr_schedule: Literal["constant", "cosine"] = "constant"
     warmup_epochs: int = Field(default=0, ge=0)
