@@ -206,7 +206,8 @@ class TrainConfig(_Strict):
     focal_alpha: float | None = Field(default=None, ge=0, le=1)  # focal only; None: no weighting
     label_smoothing: float = Field(default=0.0, ge=0, lt=1)  # ce only
     # Pooled training stops after this many epochs without a lower validation loss (None: no
-    # early stop); either way it ends with its best validation epoch's weights
+    # early stop); either way it ends with its best validation epoch's weights (a pretrain
+    # task: its last epoch's)
     patience: int | None = Field(default=5, ge=1)
     max_steps_per_epoch: int | None = Field(default=None, ge=1)  # pooled: cap on batches
     # Clip the gradient's global norm before each step (None: no clipping). Detectors trained
