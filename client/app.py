@@ -57,6 +57,7 @@ from shared.fedio import (
     PERSONALISED_MODEL,
     SCAFFOLD_C_KEY,
     SHARED_PREFIX,
+    TEACHER_KEY,
     check_frozen,
     config_from_record,
     load_model_arrays,
@@ -135,9 +136,11 @@ def train(msg: Message, context: Context) -> Message:
     control = (msg.content[SCAFFOLD_C_KEY] if SCAFFOLD_C_KEY in msg.content.array_records
                else None)
     stats = with_bn_statistics(clinic, context, msg)  # before training: of the model received
+    teacher = (msg.content[TEACHER_KEY] if TEACHER_KEY in msg.content.array_records
+               else None)
     values, extra, state = local_training(clinic, context, global_arrays, server_round,
                                           float(msg.content["config"].get("proximal-mu", 0.0)),
-                                          control)
+                                          control, teacher)
     mark("computed")
     if stats is not None:
         extra[BN_STATS_KEY] = stats[0]

@@ -449,16 +449,18 @@ def get_clinic(context: Context, cfg: Config) -> Clinic:
 
 
 def local_training(clinic: Clinic, context: Context, global_arrays: ArrayRecord,
-                   server_round: int, mu: float = 0.0, control: ArrayRecord | None = None
+                   server_round: int, mu: float = 0.0, control: ArrayRecord | None = None,
+                   teacher: ArrayRecord | None = None
                    ) -> tuple[dict[str, float], dict[str, ArrayRecord], RoundTensors]:
     """One round of the clinic's training from the global arrays (the one driver; DP-SGD when
     configured). Returns the scalar metrics the reply carries, any array records it carries
     besides the model (SCAFFOLD's delta c_i), and, for a clinic with a state folder, its large
     round state (ON_DISK_STATE) as tensors instead of in context.state: the new optimiser
     moments and c_i, and the int8 residual as read. `control`: SCAFFOLD's server variate c
-    (None in round 1: zero). The caller saves the round state (`save_round_state(context,
-    round, state)`, when `keeps_round_state`) once its reply is encoded (the int8 residual is
-    part of it)."""
+    (None in round 1: zero). `teacher`: the coordinator's MDE teacher
+    (pretrain.federated_teacher_momentum, server/teacher.py). The caller saves the round
+    state (`save_round_state(context, round, state)`, when `keeps_round_state`) once its
+    reply is encoded (the int8 residual is part of it)."""
     cfg = clinic.cfg
     # Seeds depend on the round only, not on how many rounds this process has already run:
     # a SuperNode starts a fresh ClientApp process per message, a simulation reuses one, and a
@@ -476,6 +478,11 @@ def local_training(clinic: Clinic, context: Context, global_arrays: ArrayRecord,
         state = restore_round_state(context, server_round,
                                     direct=ON_DISK_STATE if on_disk else ())
     clinic.load(context, global_arrays)
+    if teacher is not None:  # after the global arrays, which reset the teacher
+        load_teacher = getattr(clinic.model, "load_teacher", None)
+        if load_teacher is None:
+            raise ValueError("a teacher was sent, but this is not an MDE model")
+        load_teacher({k: a.numpy() for k, a in teacher.items()})
     clinic.model.to(clinic.device)
     lr = round_lr(cfg, server_round)
     opt = make_optimizer(clinic.model, cfg.train, lr=lr)

@@ -44,6 +44,7 @@ from server.checkpoint import (
 from server.cross_site import cross_site_evaluation
 from server.download import from_rounded_start, half_precision
 from server.strategy import make_strategy
+from server.teacher import initial_teacher, teacher_record, updated_teacher
 from shared.config import Config, dump_config
 from shared.data.dataset import make_loader
 from shared.data.manifest import read_manifest
@@ -56,6 +57,7 @@ from shared.fedio import (
     BN_STATS_ROUND_KEY,
     CLINIC_RECORD,
     SCAFFOLD_DELTA_KEY,
+    TEACHER_KEY,
     arrays_nbytes,
     build_global_model,
     check_arrays,
@@ -352,6 +354,8 @@ class RecordingGrid:
             if id(m.content) not in copies:
                 content = RecordDict(dict(m.content.items()))
                 content["arrays"] = half_precision(m.content["arrays"])
+                if TEACHER_KEY in content.array_records:  # never trained: no correction
+                    content[TEACHER_KEY] = half_precision(content[TEACHER_KEY])
                 copies[id(m.content)] = content
             wire.append(Message(metadata=copy.copy(m.metadata), content=copies[id(m.content)]))
             rounded.add(m.metadata.dst_node_id)
@@ -567,6 +571,9 @@ def run_federation(grid: Grid, cfg: Config, test_manifest: str | Path,
     train_agg: dict[int, dict[str, float]] = {}
     eval_agg: dict[int, dict[str, float]] = {}
     seconds_before, start = 0.0, 1
+    momentum = (cfg.pretrain.federated_teacher_momentum if cfg.task.type == "pretrain"
+                else None)
+    teacher = initial_teacher(arrays) if momentum is not None else None
     if resume:
         if run_dir is None:
             raise DentfedError("resume needs the run folder")
@@ -584,6 +591,8 @@ def run_federation(grid: Grid, cfg: Config, test_manifest: str | Path,
         eval_agg = {int(k): v for k, v in json.loads(ck["evaluate_aggregated"]).items()}
         restore_rng_state(ck["rng"])
         seconds_before, start = float(ck["seconds"]), int(ck["round"]) + 1
+        if momentum is not None:
+            teacher = {k: t.numpy() for k, t in ck["teacher"].items()}
         log.info("resuming %s after round %d of %d", run_dir, start - 1, fed.rounds)
     required = max(fed.min_available_clinics, fed.min_train_clinics)
     wgrid = RecordingGrid(grid, recorder, expected_shapes(model), required,
@@ -616,7 +625,10 @@ def run_federation(grid: Grid, cfg: Config, test_manifest: str | Path,
                 tcfg[BN_STATS_ROUND_KEY] = pending[0]
             arrays = _train_round(strategy, wgrid, recorder, cfg, rnd, arrays, tcfg,
                                   train_agg, lambda replies, out=stats: out.update(
-                                      take_bn_statistics(replies)))
+                                      take_bn_statistics(replies)),
+                                  teacher_record(teacher) if teacher and rnd > 1 else None)
+            if teacher is not None and not getattr(recorder.rounds.get(rnd), "skipped", ""):
+                teacher = updated_teacher(teacher, arrays, momentum)
             if pending is not None:
                 evaluator(pending[0], recalibrated(pending[1], list(stats.values()), shapes,
                                                    pending[0]))
@@ -655,7 +667,9 @@ def run_federation(grid: Grid, cfg: Config, test_manifest: str | Path,
                     "train_aggregated": json.dumps(train_agg),
                     "evaluate_aggregated": json.dumps(eval_agg),
                     "rng": rng_state(), "seconds": seconds_before + time.perf_counter() - t0,
-                    "central_dp": central.state_dict() if central is not None else None})
+                    "central_dp": central.state_dict() if central is not None else None,
+                    "teacher": None if teacher is None else
+                    {k: torch.from_numpy(v.copy()) for k, v in teacher.items()}})
     except (Diverged, NodeWaitTimeout) as e:  # keep what the completed rounds produced
         log.error("%s", e)
         stopped, diverged = str(e), isinstance(e, Diverged)
@@ -741,16 +755,21 @@ def _bn_statistics_exchange(grid: RecordingGrid, rnd: int, arrays: ArrayRecord,
 def _train_round(strategy, grid: RecordingGrid, recorder: RoundRecorder, cfg: Config,
                  rnd: int, arrays: ArrayRecord, train_cfg: ConfigRecord,
                  train_agg: dict[int, dict[str, float]],
-                 on_replies: Callable[[list[Message]], object] | None = None) -> ArrayRecord:
+                 on_replies: Callable[[list[Message]], object] | None = None,
+                 teacher: ArrayRecord | None = None) -> ArrayRecord:
     """One training round; returns the new global arrays (unchanged when the round is
     skipped). Replies below min_train_clinics are never aggregated. `on_replies` sees every
-    attempt's replies before the strategy does (it takes what is not the strategy's)."""
+    attempt's replies before the strategy does (it takes what is not the strategy's).
+    `teacher`: the MDE teacher sent with the model (server/teacher.py)."""
     fed = cfg.federation
     for attempt in range(fed.round_retries + 1):
         before = recorder.rounds[rnd].sampled if rnd in recorder.rounds else 0
-        replies = list(grid.send_and_receive(
-            strategy.configure_train(rnd, arrays, ConfigRecord(dict(train_cfg)), grid),
-            timeout=fed.round_timeout))
+        messages = list(strategy.configure_train(rnd, arrays, ConfigRecord(dict(train_cfg)),
+                                                 grid))
+        if teacher is not None:
+            for m in messages:
+                m.content[TEACHER_KEY] = teacher
+        replies = list(grid.send_and_receive(messages, timeout=fed.round_timeout))
         if on_replies is not None:
             on_replies(replies)
         rec = recorder.rounds.get(rnd)

@@ -256,6 +256,11 @@ class PretrainConfig(_Strict):
     ema_momentum: float = Field(default=0.996, ge=0, lt=1)
     target_layers: int = Field(default=1, ge=1)
     mde_loss: Literal["mse", "cosine"] = "mse"
+    # mde under federation: null = each clinic's teacher restarts from the received global
+    # encoder every round; m = the coordinator keeps T <- m * T + (1 - m) * G after every
+    # round (G: the new global encoder) and sends T with the model (the encoder's download
+    # doubles). 0.9 = 0.996^26, the pooled teacher's memory at ~26 steps an epoch.
+    federated_teacher_momentum: float | None = Field(default=None, ge=0, lt=1)
 
 
 class PersonalizeConfig(_Strict):
@@ -651,6 +656,13 @@ class Config(_Strict):
                 or f.cross_site.enabled or f.bn_recalibration or f.local_bn:
             raise ValueError("task.type pretrain cannot be combined with privacy.dp_sgd, "
                              "federation.personalize, cross_site, bn_recalibration or local_bn")
+        if self.pretrain.federated_teacher_momentum is not None:
+            if self.pretrain.method != "mde":
+                raise ValueError("pretrain.federated_teacher_momentum is for method mde (the "
+                                 "teacher's targets); mae has no teacher")
+            if self.privacy.secagg is not None:
+                raise ValueError("pretrain.federated_teacher_momentum is not supported with "
+                                 "privacy.secagg (the SecAgg+ workflow sends the model only)")
 
 
 def config_from_yaml(text: str, source: str = "config") -> Config:

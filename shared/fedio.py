@@ -44,6 +44,10 @@ PRETRAINED_KEY = "pretrained-sha256"
 # parameters only.
 SCAFFOLD_C_KEY = "scaffold-c"
 SCAFFOLD_DELTA_KEY = "scaffold-delta-c"
+# pretrain.federated_teacher_momentum: the coordinator's moving average of the global
+# encoders, the MDE teacher, sent with the global arrays from round 2 on (round 1's teacher
+# is the global encoder itself); the encoder's arrays only.
+TEACHER_KEY = "mde-teacher"
 # federation.bn_recalibration: a clinic's BatchNorm statistics of the global model (evaluate
 # reply) and the number of training images they were computed on (metric).
 BN_STATS_KEY = "bn-stats"

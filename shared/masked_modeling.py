@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Mapping
 from functools import partial
 from pathlib import Path
 
@@ -165,6 +166,25 @@ class MaskedImageModel(nn.Module):
         if self.teacher is not None:
             for t, s in zip(self.teacher.parameters(), self.encoder.parameters(), strict=True):
                 t.copy_(s)
+
+    @torch.no_grad()
+    def load_teacher(self, encoder_arrays: Mapping[str, np.ndarray]) -> None:
+        """Set the teacher to the given encoder weights (keys as in this model's state dict,
+        `encoder.`...; every encoder parameter, nothing else): the coordinator's moving
+        average under `pretrain.federated_teacher_momentum`. Call after loading the global
+        arrays, which reset the teacher to the global encoder."""
+        if self.teacher is None:
+            raise ValueError("a teacher was sent, but this is not an MDE model")
+        names = dict(self.teacher.named_parameters())
+        want = {f"encoder.{n}" for n in names}
+        if set(encoder_arrays) != want:
+            raise ValueError(f"the teacher sent has {len(encoder_arrays)} arrays, not the "
+                             f"encoder's {len(want)} (other names)")
+        for k, v in encoder_arrays.items():
+            t = names[k.removeprefix("encoder.")]
+            if tuple(v.shape) != tuple(t.shape) or not np.all(np.isfinite(v)):
+                raise ValueError(f"teacher array {k}: shape {tuple(v.shape)} or values unusable")
+            t.copy_(torch.from_numpy(np.ascontiguousarray(v)).to(t.dtype))
 
     @torch.no_grad()
     def ema_update(self) -> None:

@@ -8,7 +8,9 @@ demo radiographs (labels ignored; `task.type: pretrain`). Encoders:
 * federated MAE / federated MDE: the real ServerApp loop (`server.federation.run_federation`)
   and the real ClientApp over an in-process grid (simulations/bench_quality.py), 4 non-IID
   clinics (Dirichlet over the image source), 1 local epoch per round, rounds = pooled epochs;
-* MDE at mask ratio 0.75 (pooled and federated) against the default 0.25.
+* MDE at mask ratio 0.75 (pooled and federated) against the default 0.25;
+* federated MDE EMA teacher: federated MDE whose teacher is the coordinator's moving average
+  of the global encoders (`pretrain.federated_teacher_momentum`, `--teacher-momentum`).
 
 Each encoder initialises the same ViT (`model.pretrained: <run folder>`) and is fine-tuned with
 the same budget, pooled (union of the clinics' train rows, early stopping on their val rows)
@@ -62,15 +64,16 @@ from simulations.task_manifest import resolve_manifest
 log = logging.getLogger("dentfed.bench")
 REPO = Path(__file__).resolve().parents[1]
 
-# name -> (method, mask ratio, federated); None = random init
-ENCODERS: dict[str, tuple[str, float, bool] | None] = {
+# name -> (method, mask ratio, federated, the coordinator's EMA teacher); None = random init
+ENCODERS: dict[str, tuple[str, float, bool, bool] | None] = {
     "random init": None,
-    "pooled MAE": ("mae", 0.25, False),
-    "pooled MDE": ("mde", 0.25, False),
-    "federated MAE": ("mae", 0.25, True),
-    "federated MDE": ("mde", 0.25, True),
-    "pooled MDE mask 0.75": ("mde", 0.75, False),
-    "federated MDE mask 0.75": ("mde", 0.75, True),
+    "pooled MAE": ("mae", 0.25, False, False),
+    "pooled MDE": ("mde", 0.25, False, False),
+    "federated MAE": ("mae", 0.25, True, False),
+    "federated MDE": ("mde", 0.25, True, False),
+    "pooled MDE mask 0.75": ("mde", 0.75, False, False),
+    "federated MDE mask 0.75": ("mde", 0.75, True, False),
+    "federated MDE EMA teacher": ("mde", 0.25, True, True),
 }
 TASKS = ("ufba", "implants")
 METRIC = {"ufba": "macro_auc", "implants": "balanced_accuracy"}
@@ -160,10 +163,10 @@ def finetune_manifest(task: str, shared: Path, work: Path, limit: int | None, se
     return Path(path), spec
 
 
-def pretrain(name: str, spec: tuple[str, float, bool], manifest: Path, args: argparse.Namespace,
-             seed: int, work: Path) -> tuple[Path, list[float]]:
+def pretrain(name: str, spec: tuple[str, float, bool, bool], manifest: Path,
+             args: argparse.Namespace, seed: int, work: Path) -> tuple[Path, list[float]]:
     """One pretraining run; returns its run folder (encoder.pt inside) and its loss curve."""
-    method, ratio, federated = spec
+    method, ratio, federated, server_teacher = spec
     out = work / f"pre-{name.replace(' ', '-')}-s{seed}"
     raw = {"task": {"type": "pretrain"}, **_common(args, seed), "model": _vit(args),
            "pretrain": {"method": method, "mask_ratio": ratio,
@@ -172,6 +175,8 @@ def pretrain(name: str, spec: tuple[str, float, bool], manifest: Path, args: arg
                         betas=args.pretrain_betas, lr_schedule=args.pretrain_schedule,
                         warmup_epochs=args.pretrain_warmup)
     raw["pretrain"]["norm_pix_loss"] = args.norm_pix_loss
+    if server_teacher:
+        raw["pretrain"]["federated_teacher_momentum"] = args.teacher_momentum
     if not federated:
         res = run_training(config_from_dict(raw, source=name), manifest, out)
         return out, [h["val_loss"] for h in res["history"]]
@@ -343,7 +348,8 @@ def reference_line(reference: dict[str, tuple[float, float]]) -> str:
 def criteria(results: dict) -> str:
     """Issue 14's two checks where their rows ran, paired by seed: federated MDE minus random
     init (points of the metric x 100) and federated MDE / pooled MDE, per task and fine-tuning,
-    then the same on the linear probes."""
+    then the same on the linear probes; the same for the EMA-teacher row, and it minus
+    federated MDE."""
     def metric(name: str, t: str, mode: str) -> dict[int, float]:
         out = {}
         for seed, s in results.get(name, {}).get("seeds", {}).items():
@@ -359,17 +365,23 @@ def criteria(results: dict) -> str:
     for t in TASKS:
         for mode in ("pooled", "federated", *READINGS):
             what = f"linear probe ({mode})" if mode in READINGS else f"{mode} fine-tuning"
-            fed, rnd, pooled = (metric(n, t, mode) for n in
-                                ("federated MDE", "random init", "pooled MDE"))
+            rnd, pooled, plain = (metric(n, t, mode) for n in
+                                  ("random init", "pooled MDE", "federated MDE"))
             goal = "; goal >= 5" if (t, mode) == ("ufba", "federated") else ""
-            if seeds := sorted(fed.keys() & rnd.keys()):
-                d = [100 * (fed[k] - rnd[k]) for k in seeds]
-                lines.append(f"- {t}, {what}: federated MDE - random init = "
-                             f"{_cell(d)} points (seeds {seeds}{goal})")
-            if seeds := sorted(fed.keys() & pooled.keys()):
-                r = [fed[k] / pooled[k] for k in seeds]
-                lines.append(f"- {t}, {what}: federated MDE / pooled MDE = "
-                             f"{_cell(r)} (seeds {seeds}{'; goal >= 0.98' if goal else ''})")
+            for name in ("federated MDE", "federated MDE EMA teacher"):
+                fed = metric(name, t, mode)
+                if seeds := sorted(fed.keys() & rnd.keys()):
+                    d = [100 * (fed[k] - rnd[k]) for k in seeds]
+                    lines.append(f"- {t}, {what}: {name} - random init = "
+                                 f"{_cell(d)} points (seeds {seeds}{goal})")
+                if seeds := sorted(fed.keys() & pooled.keys()):
+                    r = [fed[k] / pooled[k] for k in seeds]
+                    lines.append(f"- {t}, {what}: {name} / pooled MDE = {_cell(r)} "
+                                 f"(seeds {seeds}{'; goal >= 0.98' if goal else ''})")
+                if name != "federated MDE" and (seeds := sorted(fed.keys() & plain.keys())):
+                    d = [100 * (fed[k] - plain[k]) for k in seeds]
+                    lines.append(f"- {t}, {what}: {name} - federated MDE = {_cell(d)} points "
+                                 f"(seeds {seeds})")
     return ("\nPaired by seed:\n\n" + "\n".join(lines) + "\n") if lines else ""
 
 
@@ -410,6 +422,9 @@ def main(argv: list[str] | None = None) -> int:
                     "the epochs less one")
     ap.add_argument("--pretrain-betas", type=lambda v: [float(b) for b in v.split(",")],
                     default=[0.9, 0.95], help="AdamW betas of pretraining")
+    ap.add_argument("--teacher-momentum", type=float, default=0.9,
+                    help="the EMA-teacher row's pretrain.federated_teacher_momentum, per round "
+                    "(0.9 = 0.996^26: the pooled teacher's memory at ~26 steps an epoch)")
     ap.add_argument("--norm-pix-loss", action="store_true",
                     help="MAE: per-patch normalised pixel targets (pretrain.norm_pix_loss)")
     ap.add_argument("--finetune-epochs", type=int, default=10)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -275,3 +276,134 @@ def test_federated_mde_pretraining_two_clinics_two_rounds(tmp_path):
     nbytes = sum(a.numpy().nbytes for a in model_arrays(model).values())
     for h in data["history"][1:]:
         assert h["clinics_replied"] == 2 and h["bytes_received"] == 2 * nbytes
+
+
+def test_a_sent_teacher_replaces_the_one_derived_from_the_global_encoder():
+    model = _model("mde", target_layers=1)
+    x = torch.rand(2, 3, 32, 32)
+    base = model.targets(x)
+    other = {f"encoder.{k}": (v.detach() + 0.05 * torch.randn_like(v)).numpy()
+             for k, v in model.encoder.named_parameters()}
+    model.load_teacher(other)
+    for k, t in model.teacher.named_parameters():
+        assert torch.equal(t, torch.from_numpy(other[f"encoder.{k}"]))
+    assert not torch.allclose(model.targets(x), base)
+    model.load_state_dict(model.state_dict())  # loading weights resets the teacher
+    assert torch.equal(model.targets(x), base)
+    bad_shape = {**other, "encoder.class_token": np.zeros((1, 1, 3), np.float32)}
+    for bad in ({k: v for k, v in other.items() if k != "encoder.class_token"}, bad_shape,
+                {**other, "decoder.mask_token": np.zeros(1, np.float32)}):
+        with pytest.raises(ValueError, match="teacher"):
+            model.load_teacher(bad)
+    with pytest.raises(ValueError, match="not an MDE model"):
+        _model("mae").load_teacher(other)
+
+
+def test_teacher_momentum_config_rules():
+    from shared.errors import ConfigError
+
+    assert _pretrain_cfg("mde", federated_teacher_momentum=0.9).pretrain \
+        .federated_teacher_momentum == 0.9
+    with pytest.raises(ConfigError, match="mae has no teacher"):
+        _pretrain_cfg("mae", federated_teacher_momentum=0.9)
+    raw = _pretrain_cfg("mde", federated_teacher_momentum=0.9).model_dump(
+        mode="json", exclude_unset=True)
+    raw["privacy"] = {"secagg": {}}
+    with pytest.raises(ConfigError, match="secagg"):
+        config_from_dict(raw)
+
+
+def _teacher_federation(tmp_path: Path, momentum: float | None, **fed):
+    """The real server loop and ClientApp in process: 2 clinics, 3 rounds of MDE."""
+    from shared.config import load_config
+
+    raw = _pretrain_cfg("mde", federated_teacher_momentum=momentum).model_dump(mode="json")
+    raw["federation"] = {"rounds": 3, "local_steps": 2, "fraction_evaluate": 0.0,
+                         "min_evaluate_clinics": 0, **fed}
+    raw["split"] = {"clinics": 2, "scheme": "iid", "test_fraction": 0.25}
+    path = tmp_path / f"cfg-{momentum}-{len(fed)}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return load_config(path)
+
+
+def _in_process(cfg, split: Path, run_dir: Path | None = None, grid=None, resume=False):
+    from server.federation import run_federation
+    from simulations.bench_quality import InProcessGrid
+
+    grid = grid or InProcessGrid(split, 2, threads=1, resume=resume)
+    res = run_federation(grid, cfg, split / "server_test.csv", run_dir=run_dir, resume=resume)
+    return res, grid
+
+
+@pytest.fixture
+def mde_split(tmp_path):
+    from simulations.simulate import prepare_split
+
+    manifest = _unlabelled(tmp_path / "d", n=48)
+    prepare_split(_teacher_federation(tmp_path, None), manifest, tmp_path / "split")
+    return tmp_path / "split"
+
+
+def test_coordinators_ema_teacher_goes_out_from_round_two_and_the_clinics_use_it(
+        tmp_path, mde_split):
+    """federated_teacher_momentum m: round r's train messages carry T, the moving average
+    of the global encoders G_0..G_{r-1}, from round 2 on; m = 0 (T = the global encoder)
+    trains exactly as no teacher sent; m = 0.5 trains otherwise; fp16 downloads round it."""
+    from shared.fedio import TEACHER_KEY
+
+    finals, grids = {}, {}
+    for m in (None, 0.0, 0.5):
+        res, grids[m] = _in_process(_teacher_federation(tmp_path, m), mde_split)
+        finals[m] = res.evaluator.final_state
+    same = max(float((finals[None][k] - finals[0.0][k]).abs().max()) for k in finals[None])
+    assert same == 0.0
+    assert max(float((finals[None][k] - finals[0.5][k]).abs().max()) for k in finals[None]) > 0
+
+    sent = grids[0.5].sent[0::2]
+    train = [msg for msg in sent if msg.metadata.message_type.startswith("train")]
+    assert len(train) == 6
+    by_round = [train[i:i + 2] for i in (0, 2, 4)]
+    assert all(TEACHER_KEY not in msg.content.array_records for msg in by_round[0])
+    g = [{k: a.numpy() for k, a in r[0].content["arrays"].items()} for r in by_round]
+    enc = [k for k in g[0] if k.startswith("encoder.")]
+    teacher = {k: g[0][k] for k in enc}
+    for r in (1, 2):
+        teacher = {k: 0.5 * teacher[k] + 0.5 * g[r][k] for k in enc}
+        for msg in by_round[r]:
+            got = msg.content[TEACHER_KEY]
+            assert sorted(got.keys()) == sorted(enc)
+            for k in enc:
+                np.testing.assert_allclose(got[k].numpy(), teacher[k], atol=1e-6)
+    assert all(TEACHER_KEY not in reply.content.array_records
+               for reply in grids[0.5].sent[1::2])  # nothing new comes back
+
+    _, half = _in_process(_teacher_federation(tmp_path, 0.5, download="fp16"), mde_split)
+    later = [msg for msg in half.sent[0::2]
+             if msg.metadata.message_type.startswith("train")][2:]
+    assert later and all(a.numpy().dtype == np.float16 for msg in later
+                         for a in msg.content[TEACHER_KEY].values())
+
+
+def test_resume_keeps_the_coordinators_teacher(tmp_path, mde_split):
+    """3 rounds straight, versus a coordinator killed in round 3 and resumed from its
+    checkpoint: the same final model only if the teacher came back from the checkpoint."""
+    import shutil
+
+    from simulations.bench_quality import InProcessGrid
+
+    class Crashing(InProcessGrid):
+        def send_and_receive(self, messages, *, timeout=None):
+            messages = list(messages)
+            if messages and messages[0].content["config"].get("server-round") == 3:
+                raise KeyboardInterrupt("coordinator killed")
+            return super().send_and_receive(messages, timeout=timeout)
+
+    cfg = _teacher_federation(tmp_path, 0.5)
+    straight, _ = _in_process(cfg, mde_split, tmp_path / "run_a")
+    split_b = tmp_path / "split_b"
+    shutil.copytree(mde_split, split_b)
+    with pytest.raises(KeyboardInterrupt):
+        _in_process(cfg, split_b, tmp_path / "run_b", grid=Crashing(split_b, 2, threads=1))
+    resumed, _ = _in_process(cfg, split_b, tmp_path / "run_b", resume=True)
+    a, b = straight.evaluator.final_state, resumed.evaluator.final_state
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) == 0.0
