@@ -145,13 +145,18 @@ def pretrain_markdown(res: FederationResult, out: Path) -> str:
     write_pretrain_outputs(out, model, cfg, res.evaluator.manifest)
     rows = [(r, res.train_aggregated.get(r, {}).get("train_loss"),
              res.evaluator.history[r].get("loss")) for r in sorted(res.evaluator.history)]
+    m = cfg.pretrain.federated_teacher_momentum
+    teacher = ("" if cfg.pretrain.method != "mde" else
+               "; the MDE teacher is re-derived from the global encoder at each clinic"
+               if m is None else
+               f"; the MDE teacher is the coordinator's moving average of the global encoders "
+               f"(momentum {m:g} a round), sent with them from round 2 on")
     return (f"\n## Pretraining ({cfg.pretrain.method}, mask ratio {cfg.pretrain.mask_ratio:g})"
             "\n\nLoss on masked patches per round (train: the clinics' mean over their local "
             "steps; evaluation: the global model on the server's test images, round 0 = "
             "initial model):\n\n" + loss_curve_markdown(rows, "round")
             + "\nencoder for fine-tuning: encoder.pt (model.pretrained: this folder); "
-            "exchanged each round: encoder and decoder; the MDE teacher is re-derived from the "
-            "global encoder at each clinic (docs/pretraining.md)\n\n"
+            f"exchanged each round: encoder and decoder{teacher} (docs/pretraining.md)\n\n"
             "![reconstructions](reconstructions.png)\n")
 
 

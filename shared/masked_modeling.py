@@ -19,7 +19,9 @@ identity objective `PretrainObjective` and nothing else changes.
 The teacher is not part of the module's state dict (not exchanged, not saved, not in the
 frozen-state fingerprint): it is re-derived from the encoder whenever weights are loaded into
 the model (`load_state_dict`, i.e. from the global model at the start of a federated round)
-and then follows the encoder by EMA, one update per training forward.
+and then follows the encoder by EMA, one update per training forward. Under
+`pretrain.federated_teacher_momentum` the coordinator sends its own teacher with the global
+model (server/teacher.py) and `load_teacher` sets it after the global arrays are loaded.
 """
 
 from __future__ import annotations

@@ -10,7 +10,9 @@ demo radiographs (labels ignored; `task.type: pretrain`). Encoders:
   clinics (Dirichlet over the image source), 1 local epoch per round, rounds = pooled epochs;
 * MDE at mask ratio 0.75 (pooled and federated) against the default 0.25;
 * federated MDE EMA teacher: federated MDE whose teacher is the coordinator's moving average
-  of the global encoders (`pretrain.federated_teacher_momentum`, `--teacher-momentum`).
+  of the global encoders (`pretrain.federated_teacher_momentum`, `--teacher-momentum`);
+* federated MDE kept AdamW: federated MDE whose clinics keep their AdamW moments between
+  rounds (`federation.keep_optimizer_state`; otherwise each round starts a fresh AdamW).
 
 Each encoder initialises the same ViT (`model.pretrained: <run folder>`) and is fine-tuned with
 the same budget, pooled (union of the clinics' train rows, early stopping on their val rows)
@@ -64,16 +66,18 @@ from simulations.task_manifest import resolve_manifest
 log = logging.getLogger("dentfed.bench")
 REPO = Path(__file__).resolve().parents[1]
 
-# name -> (method, mask ratio, federated, the coordinator's EMA teacher); None = random init
-ENCODERS: dict[str, tuple[str, float, bool, bool] | None] = {
+# name -> (method, mask ratio, federated, variant); None = random init. Variants of the
+# federation: "teacher" (the coordinator's EMA teacher), "adamw" (kept AdamW moments).
+ENCODERS: dict[str, tuple[str, float, bool, str] | None] = {
     "random init": None,
-    "pooled MAE": ("mae", 0.25, False, False),
-    "pooled MDE": ("mde", 0.25, False, False),
-    "federated MAE": ("mae", 0.25, True, False),
-    "federated MDE": ("mde", 0.25, True, False),
-    "pooled MDE mask 0.75": ("mde", 0.75, False, False),
-    "federated MDE mask 0.75": ("mde", 0.75, True, False),
-    "federated MDE EMA teacher": ("mde", 0.25, True, True),
+    "pooled MAE": ("mae", 0.25, False, ""),
+    "pooled MDE": ("mde", 0.25, False, ""),
+    "federated MAE": ("mae", 0.25, True, ""),
+    "federated MDE": ("mde", 0.25, True, ""),
+    "pooled MDE mask 0.75": ("mde", 0.75, False, ""),
+    "federated MDE mask 0.75": ("mde", 0.75, True, ""),
+    "federated MDE EMA teacher": ("mde", 0.25, True, "teacher"),
+    "federated MDE kept AdamW": ("mde", 0.25, True, "adamw"),
 }
 TASKS = ("ufba", "implants")
 METRIC = {"ufba": "macro_auc", "implants": "balanced_accuracy"}
@@ -163,10 +167,10 @@ def finetune_manifest(task: str, shared: Path, work: Path, limit: int | None, se
     return Path(path), spec
 
 
-def pretrain(name: str, spec: tuple[str, float, bool, bool], manifest: Path,
+def pretrain(name: str, spec: tuple[str, float, bool, str], manifest: Path,
              args: argparse.Namespace, seed: int, work: Path) -> tuple[Path, list[float]]:
     """One pretraining run; returns its run folder (encoder.pt inside) and its loss curve."""
-    method, ratio, federated, server_teacher = spec
+    method, ratio, federated, variant = spec
     out = work / f"pre-{name.replace(' ', '-')}-s{seed}"
     raw = {"task": {"type": "pretrain"}, **_common(args, seed), "model": _vit(args),
            "pretrain": {"method": method, "mask_ratio": ratio,
@@ -175,7 +179,7 @@ def pretrain(name: str, spec: tuple[str, float, bool, bool], manifest: Path,
                         betas=args.pretrain_betas, lr_schedule=args.pretrain_schedule,
                         warmup_epochs=args.pretrain_warmup)
     raw["pretrain"]["norm_pix_loss"] = args.norm_pix_loss
-    if server_teacher:
+    if variant == "teacher":
         raw["pretrain"]["federated_teacher_momentum"] = args.teacher_momentum
     if not federated:
         res = run_training(config_from_dict(raw, source=name), manifest, out)
@@ -183,7 +187,8 @@ def pretrain(name: str, spec: tuple[str, float, bool, bool], manifest: Path,
     raw["split"] = _split(args.clinics, seed, by="source")
     raw["federation"] = {**_federation(args.pretrain_epochs, args.clinics),
                          "lr_schedule": args.pretrain_schedule,
-                         "warmup_rounds": args.pretrain_warmup}
+                         "warmup_rounds": args.pretrain_warmup,
+                         **({"keep_optimizer_state": True} if variant == "adamw" else {})}
     cfg = config_from_dict(raw, source=name)
     split_dir = work / f"split-pretrain-s{seed}"
     if not split_dir.is_dir():
@@ -368,7 +373,8 @@ def criteria(results: dict) -> str:
             rnd, pooled, plain = (metric(n, t, mode) for n in
                                   ("random init", "pooled MDE", "federated MDE"))
             goal = "; goal >= 5" if (t, mode) == ("ufba", "federated") else ""
-            for name in ("federated MDE", "federated MDE EMA teacher"):
+            for name in ("federated MDE", "federated MDE EMA teacher",
+                         "federated MDE kept AdamW"):
                 fed = metric(name, t, mode)
                 if seeds := sorted(fed.keys() & rnd.keys()):
                     d = [100 * (fed[k] - rnd[k]) for k in seeds]
