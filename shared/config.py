@@ -259,7 +259,8 @@ class PretrainConfig(_Strict):
     # mde under federation: null = each clinic's teacher restarts from the received global
     # encoder every round; m = the coordinator keeps T <- m * T + (1 - m) * G after every
     # round (G: the new global encoder) and sends T with the model (the encoder's download
-    # doubles). 0.9 = 0.996^26, the pooled teacher's memory at ~26 steps an epoch.
+    # doubles). 0.9 = 0.996^26, the pooled teacher's memory at ~26 steps an epoch; it gained
+    # nothing in bench_pretrain (docs/pretraining.md, stop 33), hence off by default.
     federated_teacher_momentum: float | None = Field(default=None, ge=0, lt=1)
 
 
