@@ -391,6 +391,45 @@ def criteria(results: dict) -> str:
     return ("\nPaired by seed:\n\n" + "\n".join(lines) + "\n") if lines else ""
 
 
+# Settings that must agree for invocations to be combined (seeds and encoders may differ).
+SAME_SETTING = ("vit", "image_size", "patch", "depth", "decoder_dim", "decoder_depth",
+                "batch_size", "clinics", "pretrain_epochs", "pretrain_lr", "pretrain_schedule",
+                "pretrain_warmup", "pretrain_betas", "norm_pix_loss", "finetune_epochs", "lr",
+                "limit", "pretrain_sources", "finetune_limit", "probe_folds", "quick")
+
+
+def combine(paths: list[Path]) -> tuple[str, dict]:
+    """The tables and paired lines of several invocations' pretrain.json (the same setting,
+    other seeds or encoders: e.g. rows run side by side on one thread each), as one run would
+    print them. A row and seed present twice must hold the same figures (the benchmark is
+    deterministic per seed); a clash is an error, not a silent choice."""
+    results: dict = {}
+    first = None
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        setting = {k: data["args"].get(k) for k in SAME_SETTING}
+        if first is None:
+            first = (path, setting)
+        elif setting != first[1]:
+            diff = sorted(k for k in SAME_SETTING if setting[k] != first[1][k])
+            raise SystemExit(f"error: {path} has another setting than {first[0]}: {diff}")
+        for name, r in data["results"].items():
+            seeds = results.setdefault(name, {"seeds": {}})["seeds"]
+            for seed, row in r["seeds"].items():
+                seed = int(seed)
+                if seed in seeds and {k: v for k, v in seeds[seed].items() if k != "seconds"} \
+                        != {k: v for k, v in row.items() if k != "seconds"}:
+                    raise SystemExit(f"error: {name}, seed {seed}: {path} differs from an "
+                                     "earlier file")
+                seeds[seed] = row
+    for r in results.values():
+        r["seeds"] = dict(sorted(r["seeds"].items()))
+    all_seeds = sorted({s for r in results.values() for s in r["seeds"]})
+    text = (f"combined from {len(paths)} invocations; seeds {all_seeds}\n\n"
+            + tables(results, all_seeds) + criteria(results))
+    return text, results
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shared", type=Path,
@@ -444,7 +483,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--probe-folds", type=int, default=5,
                     help="patient-grouped folds of the linear probe (0: no probe)")
     ap.add_argument("--keep", action="store_true", help="keep the run folders under --out")
+    ap.add_argument("--combine", nargs="+", type=Path, metavar="JSON",
+                    help="run nothing: print (and write under --out) the tables and paired "
+                    "lines of these invocations' pretrain.json files together")
     args = ap.parse_args(argv)
+    if args.combine:
+        text, results = combine(args.combine)
+        print(text)
+        args.out.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(args.out / "pretrain.md", text)
+        write_text_atomic(args.out / "pretrain.json", json.dumps(
+            {"combined": [str(p) for p in args.combine], "results": results}, indent=1))
+        return 0
     if args.quick:
         args.image_size, args.depth = 32, args.depth or 2
         args.pretrain_epochs, args.finetune_epochs = 2, 2

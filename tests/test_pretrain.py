@@ -407,3 +407,30 @@ def test_resume_keeps_the_coordinators_teacher(tmp_path, mde_split):
     resumed, _ = _in_process(cfg, split_b, tmp_path / "run_b", resume=True)
     a, b = straight.evaluator.final_state, resumed.evaluator.final_state
     assert max(float((a[k] - b[k]).abs().max()) for k in a) == 0.0
+
+
+def test_bench_pretrain_combines_invocations_and_refuses_clashes(tmp_path):
+    """Rows run side by side (one invocation each) are tabled and paired by seed as one run
+    would be; another setting or the same row and seed with other figures is an error."""
+    from simulations.bench_pretrain import SAME_SETTING, combine
+
+    args = {k: "x" for k in SAME_SETTING}
+
+    def write(name: str, rows: dict, **changed) -> Path:
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({"args": {**args, **changed}, "results": {
+            row: {"seeds": {str(s): {"ufba": {"probe": {"class token": v, "mean of patches": v}},
+                                     "seconds": 1.0}
+                            for s, v in seeds.items()}} for row, seeds in rows.items()}}))
+        return path
+
+    a = write("a", {"random init": {0: 0.70, 1: 0.72}})
+    b = write("b", {"federated MDE": {0: 0.73}})
+    c = write("c", {"federated MDE": {1: 0.75}, "random init": {1: 0.72}})
+    text, results = combine([a, b, c])
+    assert sorted(results["federated MDE"]["seeds"]) == [0, 1]
+    assert "federated MDE - random init = 3.000 ± 0.000 points (seeds [0, 1])" in text
+    with pytest.raises(SystemExit, match="differs"):
+        combine([a, write("d", {"random init": {1: 0.71}})])
+    with pytest.raises(SystemExit, match="image_size"):
+        combine([a, write("e", {"federated MDE": {0: 0.73}}, image_size="y")])
