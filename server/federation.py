@@ -626,7 +626,8 @@ def run_federation(grid: Grid, cfg: Config, test_manifest: str | Path,
             arrays = _train_round(strategy, wgrid, recorder, cfg, rnd, arrays, tcfg,
                                   train_agg, lambda replies, out=stats: out.update(
                                       take_bn_statistics(replies)),
-                                  teacher_record(teacher) if teacher and rnd > 1 else None)
+                                  teacher_record(teacher) if teacher is not None and rnd > 1
+                                  else None)
             if teacher is not None and not getattr(recorder.rounds.get(rnd), "skipped", ""):
                 teacher = updated_teacher(teacher, arrays, momentum)
             if pending is not None:
