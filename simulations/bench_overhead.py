@@ -10,9 +10,15 @@ pooled training on the union of the clinics' train rows for the same number of s
   3. upload bytes per clinic per round / full fp32 model    (goal <= 0.25)
 
 plus the breakdown of the simulation's wall time (start-up, clinic train phase, clinic evaluate
-phase, central evaluation) and the final central metric per encoding, so a cheaper encoding
-that costs accuracy shows it. Absolute times drift on a noisy machine; the ratios are what to
-compare.
+phase, central evaluation, the server's own work between exchanges) and the final central
+metric per encoding, so a cheaper encoding that costs accuracy shows it. "train phase beyond
+compute" is the clinic train phase minus the clinics' summed compute spread over the
+clinics that train at once (min(max_concurrent, clinics)): what the exchanges add to the
+training itself (messages to and from the actors, encoding the replies, clinics waiting for
+a slot in a round that does not fill it). "server work between exchanges" is the run's
+seconds outside the exchanges and central evaluation: decoding and aggregating the replies,
+the checkpoint, building the next messages. Absolute times drift on a noisy machine; the
+ratios are what to compare.
 
     .venv/bin/python -m simulations.bench_overhead --config configs/demo-photos.yaml \
         --uploads fp32 --variants baseline,lean --out runs/bench
@@ -95,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     for enc, d in sims.items():
         tb = d["time_breakdown"]
         wall = d["wall_seconds"]
+        at_once = min(cfg.simulation.max_concurrent, split.n)
         rows.append({
             "run": enc,
             "sim wall s": wall,
@@ -102,7 +109,11 @@ def main(argv: list[str] | None = None) -> int:
             "clinic train phase s": tb["clinic_train_phase"],
             "clinic evaluate phase s": tb["clinic_evaluate_phase"],
             "central eval s": tb["central_evaluation"],
+            "server work between exchanges s": d["seconds"] - tb["clinic_train_phase"]
+            - tb["clinic_evaluate_phase"] - tb["central_evaluation"],
             "summed clinic compute s": tb["clinic_train_compute"],
+            "train phase beyond compute s": tb["clinic_train_phase"]
+            - tb["clinic_train_compute"] / at_once,
             "wall / clinic compute": wall / tb["clinic_train_compute"],
             "wall / pooled": wall / pooled_wall,
             "upload / full model": d["upload_ratio"],
