@@ -389,7 +389,9 @@ def fit(
     model.to(device)
     result = FitResult()
     best_loss, best_state, bad = float("inf"), None, 0
-    per_epoch = min(cfg.max_steps_per_epoch or len(train_loader), len(train_loader))
+    # An epoch is exactly max_steps_per_epoch steps when set, cycling a shorter loader (the
+    # pooled baseline of a federation whose clinics take more steps than it has batches)
+    per_epoch = cfg.max_steps_per_epoch or len(train_loader)
     optimizer = make_optimizer(model, cfg)
     with Trainer(model, train_loader, loss_fn, optimizer, device,
                  privacy=privacy, planned_steps=cfg.epochs * per_epoch,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
@@ -154,6 +155,16 @@ def test_fit_follows_train_lr_schedule_and_betas():
     assert set(betas) == {(0.9, 0.95)}
     lrs, betas = _lrs_seen_by_fit(lr=0.01)
     assert lrs == [0.01] * 8 and set(betas) == {(0.9, 0.999)}
+
+
+def test_fit_schedule_spans_epochs_longer_than_the_loader():
+    """max_steps_per_epoch above the loader's 4 batches: each epoch takes 6 steps (cycling the
+    loader) and the cosine decay is planned over those 12 steps, not over 8 (which left the
+    last 4 steps at a learning rate of 0)."""
+    lrs, _ = _lrs_seen_by_fit(lr=0.01, lr_schedule="cosine", max_steps_per_epoch=6)
+    assert len(lrs) == 12 and lrs[0] == pytest.approx(0.01)
+    assert all(a > b for a, b in zip(lrs[:-1], lrs[1:], strict=True))
+    assert lrs[-1] == pytest.approx(0.01 * 0.5 * (1 + math.cos(math.pi * 11 / 12)))
 
 
 def test_train_schedule_settings_are_checked():
