@@ -74,7 +74,10 @@ def bench_config(labels: list[str], manifest: Path, shared: Path, args: argparse
         "federation": {"strategy": "fedavg", "rounds": args.rounds,
                        "local_steps": args.local_steps, "min_train_clinics": args.clinics,
                        "min_available_clinics": args.clinics,
-                       "min_evaluate_clinics": args.clinics},
+                       # the final global model is what is scored: the server's test set
+                       # scores every 5th round and the last, the clinics do not evaluate
+                       "evaluate_every": 5, "fraction_evaluate": 0.0,
+                       "min_evaluate_clinics": 0},
         "split": {"clinics": args.clinics, "scheme": "site", "test_fraction": 0.2, "seed": 0},
         "tracking": {"enabled": False},
     })
@@ -162,6 +165,9 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--strategy", action="append", default=[],
                     help="extra federated rows: name:section.key=value,... (repeatable)")
     ap.add_argument("--no-local", action="store_true", help="skip the local-only rows")
+    ap.add_argument("--rows", default=None,
+                    help="comma list of the rows to run (e.g. 'Pooled,FedAvg'; default all), "
+                    "so one seed's rows can run in two processes")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes: checks the script runs")
     ap.add_argument("--out", help="write the table (markdown) here, raw values beside (.json)")
     args = ap.parse_args(argv)
@@ -200,12 +206,16 @@ def main(argv: list[str] | None = None) -> str:
         print(f"training images/s ({resolve_device('auto').type}, {args.image_size} px, "
               f"batch {args.batch_size}): {ips:.2f}", flush=True)
         for seed in seeds:
-            bcfg = budget_config(base, seed)
             baselines = [("Pooled", parts)]
             if not args.no_local:
                 baselines += [(f"Local {c}", {s: p[s] for s in ("train", "val")})
                               for c, p in enumerate(split.clinics)]
+            wanted = set(args.rows.split(",")) if args.rows else None
             for name, pr in baselines:
+                if wanted is not None and name not in wanted:
+                    continue
+                # pooled stands for every clinic: their summed batches (as `--compare`)
+                bcfg = budget_config(base, seed, clinics=split.n if name == "Pooled" else 1)
                 t0 = time.perf_counter()
                 fold = train_fold(bcfg, m, {**pr, "test": pr["val"]}, seed)
                 sc = numbering_scores(fold.model, bcfg, test_m)
@@ -215,6 +225,8 @@ def main(argv: list[str] | None = None) -> str:
                       flush=True)
             for spec in ["FedAvg:", *args.strategy]:
                 name, _, over = spec.partition(":")
+                if wanted is not None and name not in wanted:
+                    continue
                 fcfg = _override(base, (over + "," if over else "") + f"train.seed={seed}")
                 t0 = time.perf_counter()
                 sc = numbering_scores(federated(fcfg, split_dir), fcfg, test_m)
