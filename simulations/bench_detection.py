@@ -29,8 +29,10 @@ CUDA is used when present (train.device auto).
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -38,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from shared.atomic_files import write_json
+from shared.atomic_files import write_json, write_text_atomic
 from shared.config import Config, config_from_dict
 from shared.data.dataset import make_loader
 from shared.data.manifest import Manifest, read_manifest
@@ -170,7 +172,16 @@ def main(argv: list[str] | None = None) -> str:
                     "so one seed's rows can run in two processes")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes: checks the script runs")
     ap.add_argument("--out", help="write the table (markdown) here, raw values beside (.json)")
+    ap.add_argument("--combine", nargs="+", type=Path, metavar="JSON",
+                    help="print (and with --out write) one table from earlier --out JSON "
+                    "files instead of training")
     args = ap.parse_args(argv)
+    if args.combine:
+        table = combine(args.combine)
+        print(table)
+        if args.out:
+            write_text_atomic(Path(args.out), table + "\n")
+        return table
     if args.smoke:
         args.image_size, args.rounds, args.local_steps = 128, 2, 2
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
@@ -219,7 +230,7 @@ def main(argv: list[str] | None = None) -> str:
                 t0 = time.perf_counter()
                 fold = train_fold(bcfg, m, {**pr, "test": pr["val"]}, seed)
                 sc = numbering_scores(fold.model, bcfg, test_m)
-                sc["seconds"] = time.perf_counter() - t0
+                sc["seconds"], sc["seed"] = time.perf_counter() - t0, seed
                 rows.setdefault(name, []).append(sc)
                 print(f"seed {seed} {name}: mAP@0.5 {sc['map_50']:.3f} ({sc['seconds']:.0f} s)",
                       flush=True)
@@ -230,30 +241,97 @@ def main(argv: list[str] | None = None) -> str:
                 fcfg = _override(base, (over + "," if over else "") + f"train.seed={seed}")
                 t0 = time.perf_counter()
                 sc = numbering_scores(federated(fcfg, split_dir), fcfg, test_m)
-                sc["seconds"] = time.perf_counter() - t0
+                sc["seconds"], sc["seed"] = time.perf_counter() - t0, seed
                 rows.setdefault(name, []).append(sc)
                 print(f"seed {seed} {name}: mAP@0.5 {sc['map_50']:.3f} ({sc['seconds']:.0f} s)",
                       flush=True)
-    head = "| method | " + " | ".join(c for _, c in COLUMNS) + " | s/seed |"
-    lines = [head, "|" + "---|" * (len(COLUMNS) + 2)]
-    for name, vals in rows.items():
-        cells = [_cell([v.get(k, math.nan) for v in vals]) for k, _ in COLUMNS]
-        lines.append(f"| {name} | " + " | ".join(cells)
-                     + f" | {np.mean([v['seconds'] for v in vals]):.0f} |")
     info = (f"UFBA teeth, {args.clinics} clinics by category, Faster R-CNN MobileNetV2-FPN "
             f"{args.image_size} px, freeze {args.freeze}, {args.rounds} rounds x "
             f"{args.local_steps} steps (batch {args.batch_size}), seeds {seeds}, "
             f"{resolve_device('auto').type}; training {ips:.2f} images/s; total "
             f"{time.perf_counter() - t_all:.0f} s" + (" -- SMOKE RUN, not a result" if
                                                       args.smoke else ""))
-    table = info + "\n\n" + "\n".join(lines)
+    table = info + "\n\n" + render(rows)
     print("\n" + table)
     if args.out:
-        Path(args.out).write_text(table + "\n")
+        write_text_atomic(Path(args.out), table + "\n")
         write_json(Path(args.out).with_suffix(".json"),  # NaN (undefined) -> null
-                   {"info": info, "images_per_second": ips, "rows": rows})
+                   {"info": info, "images_per_second": ips, "rows": rows,
+                    "settings": {k: getattr(args, k) for k in SETTINGS}})
     return table
 
+
+def render(rows: dict[str, list[dict]]) -> str:
+    """The table (mean ± sd over the seeds a row has), then each federated row's mAP@0.5 as a
+    fraction of pooled's and against the best local model, paired by seed (the issue's
+    criteria: >= 0.95 x pooled, above every local-only model)."""
+    head = "| method | " + " | ".join(c for _, c in COLUMNS) + " | seeds | s/seed |"
+    lines = [head, "|" + "---|" * (len(COLUMNS) + 3)]
+    for name, vals in rows.items():
+        cells = [_cell([v.get(k, math.nan) for v in vals]) for k, _ in COLUMNS]
+        lines.append(f"| {name} | " + " | ".join(cells) + " | "
+                     + ",".join(str(v.get("seed", "?")) for v in vals)
+                     + f" | {np.mean([v['seconds'] for v in vals]):.0f} |")
+    by_seed = {name: {v.get("seed"): v["map_50"] for v in vals} for name, vals in rows.items()}
+    pooled = by_seed.get("Pooled", {})
+    local = [n for n in by_seed if n.startswith("Local ")]
+    fed = [n for n in by_seed if n != "Pooled" and n not in local]
+    for name in fed:
+        seeds = [s for s in by_seed[name] if s in pooled]
+        if seeds:
+            r = [by_seed[name][s] / pooled[s] for s in seeds]
+            lines.append(f"\n- {name} mAP@0.5 / Pooled: " + ", ".join(f"{x:.3f}" for x in r)
+                         + f" (seeds {seeds}; goal >= 0.95)")
+        seeds = [s for s in by_seed[name] if all(s in by_seed[n] for n in local)]
+        if local and seeds:
+            gap = [by_seed[name][s] - max(by_seed[n][s] for n in local) for s in seeds]
+            lines.append(f"- {name} mAP@0.5 - best local model: "
+                         + ", ".join(f"{x:+.3f}" for x in gap) + f" (seeds {seeds}; goal > 0)")
+    return "\n".join(lines)
+
+
+# Settings that must agree for invocations to be combined (seeds and rows may differ).
+SETTINGS = ("clinics", "image_size", "batch_size", "rounds", "local_steps", "optimizer", "lr",
+            "freeze", "box_head")
+
+
+def combine(paths: list[Path]) -> str:
+    """One table from several invocations' JSON files (e.g. a seed's rows split over two
+    processes with --rows, or seeds run apart). Rows keep their seeds; a row run twice for
+    the same seed is refused."""
+    rows: dict[str, list[dict]] = {}
+    settings: dict | None = None
+    for p in paths:
+        d = json.loads(Path(p).read_text())
+        got = d.get("settings")
+        if got is None:  # written before settings were stored: read them from the info line
+            got = _settings_from_info(d["info"])
+        if settings is not None and got != settings:
+            raise SystemExit(f"{p}: settings {got} differ from the first file's {settings}")
+        settings = got
+        seeds = [int(x) for x in re.search(r"seeds \[([\d, ]*)\]", d["info"]).group(1)
+                 .split(",") if x.strip()]
+        for name, vals in d["rows"].items():
+            for i, v in enumerate(vals):
+                v = {k: math.nan if x is None else x for k, x in v.items()}
+                v.setdefault("seed", seeds[i])
+                if any(o["seed"] == v["seed"] for o in rows.get(name, [])):
+                    raise SystemExit(f"{p}: {name} seed {v['seed']} is in an earlier file")
+                rows.setdefault(name, []).append(v)
+    order = sorted(rows, key=lambda n: (n != "Pooled", not n.startswith("Local "), n))
+    rows = {n: sorted(rows[n], key=lambda v: v["seed"]) for n in order}
+    return (f"combined from {len(paths)} invocations; settings {settings}\n\n"
+            + render(rows))
+
+
+def _settings_from_info(info: str) -> dict:
+    m = re.search(r"(\d+) clinics .* (\d+) px, freeze (\d+), (\d+) rounds x (\d+) steps "
+                  r"\(batch (\d+)\)", info)
+    if m is None:
+        raise SystemExit(f"no settings in {info!r}")
+    c, px, fr, r, st, b = map(int, m.groups())
+    return {"clinics": c, "image_size": px, "freeze": fr, "rounds": r, "local_steps": st,
+            "batch_size": b}
 
 if __name__ == "__main__":
     main()

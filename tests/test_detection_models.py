@@ -366,3 +366,33 @@ def test_predict_and_serve_renumber_a_tooth_models_findings_consistently():
     assert all(f["score"] >= 0.5 for f in out)
     assert [f["label"] for f in finalise_findings(other, found, min_score=0.5)] == \
         ["17", "16", "16", "46"]
+
+
+def test_bench_detection_combines_invocations_and_scores_the_criteria(tmp_path):
+    """A seed's rows run in two processes and a second seed run apart make one table; each
+    federated row is put against pooled and the best local model of the same seed; a row
+    run twice for one seed, or other settings, is refused."""
+    from simulations.bench_detection import SETTINGS, combine
+
+    settings = {k: 1 for k in SETTINGS}
+
+    def write(name: str, rows: dict, **changed) -> Path:
+        path = tmp_path / f"{name}.json"
+        seeds = sorted({s for v in rows.values() for s in v})
+        path.write_text(json.dumps({"info": f"seeds {seeds}", "settings": {**settings, **changed},
+                                    "rows": {r: [{"map_50": v[s], "seconds": 1.0, "seed": s}
+                                                 for s in sorted(v)]
+                                             for r, v in rows.items()}}))
+        return path
+
+    a = write("a", {"Pooled": {0: 0.80}, "FedAvg": {0: 0.78}})
+    b = write("b", {"Local 0": {0: 0.70}, "Local 1": {0: 0.79}})
+    c = write("c", {"Pooled": {1: 0.90}, "FedAvg": {1: 0.72}})
+    text = combine([a, b, c])
+    assert "- FedAvg mAP@0.5 / Pooled: 0.975, 0.800 (seeds [0, 1]; goal >= 0.95)" in text
+    assert "- FedAvg mAP@0.5 - best local model: -0.010 (seeds [0]; goal > 0)" in text
+    assert text.index("| Pooled |") < text.index("| Local 0 |") < text.index("| FedAvg |")
+    with pytest.raises(SystemExit, match="FedAvg seed 0"):
+        combine([a, write("d", {"FedAvg": {0: 0.5}})])
+    with pytest.raises(SystemExit, match="settings"):
+        combine([a, write("e", {"Local 2": {0: 0.5}}, image_size=2)])
