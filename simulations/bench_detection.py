@@ -306,9 +306,10 @@ def combine(paths: list[Path]) -> str:
         got = d.get("settings")
         if got is None:  # written before settings were stored: read them from the info line
             got = _settings_from_info(d["info"])
-        if settings is not None and got != settings:
-            raise SystemExit(f"{p}: settings {got} differ from the first file's {settings}")
-        settings = got
+        clash = {k for k in got.keys() & (settings or {}).keys() if got[k] != settings[k]}
+        if clash:
+            raise SystemExit(f"{p}: settings {sorted(clash)} differ from an earlier file's")
+        settings = {**got, **(settings or {})}
         seeds = [int(x) for x in re.search(r"seeds \[([\d, ]*)\]", d["info"]).group(1)
                  .split(",") if x.strip()]
         for name, vals in d["rows"].items():
