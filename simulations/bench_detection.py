@@ -13,8 +13,9 @@ populations). With Faster R-CNN MobileNetV2-FPN (ImageNet backbone from ../share
   ClientApp over an in-process grid (`bench_quality.InProcessGrid`), only trainable arrays
   exchanged; its final global model is scored.
 
-Every model gets the same compute budget (rounds x local_steps batches; the pooled/local rows
-train rounds epochs of at most local_steps batches, as `dentfed simulate --compare`) and is
+Every model gets the compute budget of the clinics it stands for, as `dentfed simulate
+--compare` gives it: a local model rounds epochs of local_steps batches, pooled rounds epochs
+of clinics x local_steps (a loader with fewer batches is cycled, as a clinic's is), and is
 scored on the pooled test set (the union of the clinic test rows): mAP@0.5, mAP@0.5:0.95, and,
 through `shared.fdi`, FDI numbering accuracy on matched teeth (IoU 0.5) without and with the
 anatomical post-processing, tooth detection recall/precision, and per-image present-teeth

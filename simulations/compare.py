@@ -11,10 +11,11 @@ For each seed (train.seed: model init, data order, augmentation) the same clinic
   chosen on the server test set, which would leak the test set into model selection.
 
 Compute budget: pooled and local models train for federation.rounds * federation.local_epochs
-epochs (with federation.local_steps set: federation.rounds epochs of at most local_steps
+epochs (with federation.local_steps set: federation.rounds epochs of exactly local_steps
 batches each for a local model, local_steps x clinics for pooled: the batches the whole
-federation trains on). They keep the config's own early stopping (train.patience on their validation
-loss, best-validation-epoch weights restored), exactly as `dentfed train` does; nothing else is
+federation trains on; a loader with fewer batches is cycled, as a clinic's is). They keep
+the config's own early stopping (train.patience on their validation loss,
+best-validation-epoch weights restored), exactly as `dentfed train` does; nothing else is
 added. They use a constant train.lr, whereas clinics follow federation.lr_decay across rounds.
 Pooled/local and federated models of one seed start from the same initial weights.
 
@@ -112,8 +113,8 @@ def _budget_text(cfg: Config) -> str:
         e = fed.rounds * fed.local_epochs
         return (f"{e} epoch{'s' * (e != 1)} (federation.rounds {fed.rounds} x "
                 f"local_epochs {fed.local_epochs})")
-    return (f"{fed.rounds} epoch{'s' * (fed.rounds != 1)} of at most {fed.local_steps} batches "
-            "(federation.rounds x local_steps)")
+    return (f"{fed.rounds} epoch{'s' * (fed.rounds != 1)} of {fed.local_steps} batches a "
+            "clinic (federation.rounds x local_steps)")
 
 
 def method_order(methods: Sequence[str], strategies: Sequence[str] | None = None) -> list[str]:
