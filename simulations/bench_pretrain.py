@@ -28,6 +28,16 @@ MobileNetV2 of ../shared/weights as a reference; `--finetune-modes none` runs on
     python -m simulations.bench_pretrain --shared ../shared --seeds 0,1,2 --out runs/bench-pretrain
     python -m simulations.bench_pretrain --quick --seeds 0      # CPU smoke: minutes
 
+The fine-tuning recipe is the same for every row; `--finetune-set` overrides it (e.g. the
+product's UFBA-425 federated recipe of configs/ufba-panoramic.yaml). `--keep` keeps the run
+folders, and `--encoders-from` fine-tunes the encoders such an invocation pretrained, without
+pretraining them again (its pretraining settings must match):
+
+    python -m simulations.bench_pretrain ... --encoders "pooled MDE" --finetune-modes none \
+        --keep --out runs/P
+    python -m simulations.bench_pretrain ... --encoders "random init,pooled MDE" \
+        --encoders-from runs/P --finetune-set federation.keep_optimizer_state=true
+
 `train.device: auto` uses CUDA when present (`--device cpu|cuda` forces one). Prints and writes
 (`--out`) pretrain.md (the tables) and pretrain.json (every figure, per seed).
 """
@@ -57,7 +67,7 @@ from shared.config import Config, TaskConfig, config_from_dict, load_config, wit
 from shared.data.dataset import make_loader
 from shared.data.manifest import read_manifest
 from shared.models import ENCODER_FILE, build_model, resolve_device
-from simulations.bench_quality import InProcessGrid
+from simulations.bench_quality import InProcessGrid, _override
 from simulations.linear_probe import READINGS, cnn_features, encoder_features, probe_score
 from simulations.pooled_training import run_training, train_fold
 from simulations.simulate import prepare_split
@@ -200,6 +210,39 @@ def pretrain(name: str, spec: tuple[str, float, bool, str], manifest: Path,
     return out, [res.evaluator.history[r]["loss"] for r in sorted(res.evaluator.history) if r]
 
 
+# Settings an encoder's pretraining depends on: --encoders-from reuses an encoder only when
+# they agree (its fine-tuning settings may differ).
+PRETRAIN_SETTING = ("vit", "image_size", "patch", "depth", "decoder_dim", "decoder_depth",
+                    "batch_size", "clinics", "pretrain_epochs", "pretrain_lr",
+                    "pretrain_schedule", "pretrain_warmup", "pretrain_betas",
+                    "teacher_momentum", "norm_pix_loss", "limit", "pretrain_sources", "quick")
+
+
+def kept_encoder(name: str, seed: int, dirs: list[Path], args: argparse.Namespace
+                 ) -> tuple[Path, list[float]]:
+    """The encoder file and pretraining loss curve of row `name`, seed `seed`, from the first
+    of `dirs` (earlier invocations' --out, run with --keep) that pretrained it. Other
+    pretraining settings, or a folder without the encoder file, is an error."""
+    mine = {k: str(v) for k, v in vars(args).items()}
+    for d in dirs:
+        meta = d / "pretrain.json"
+        if not meta.is_file():
+            raise SystemExit(f"error: --encoders-from {d}: no pretrain.json there")
+        data = json.loads(meta.read_text())
+        row = data["results"].get(name, {}).get("seeds", {}).get(str(seed))
+        if row is None or "pretrain_loss" not in row:
+            continue
+        if diff := [k for k in PRETRAIN_SETTING if data["args"].get(k) != mine[k]]:
+            raise SystemExit(f"error: --encoders-from {d} pretrained {name!r} with other "
+                             f"settings: {', '.join(diff)}")
+        encoder = d / f"runs-seed{seed}" / f"pre-{name.replace(' ', '-')}-s{seed}" / ENCODER_FILE
+        if not encoder.is_file():
+            raise SystemExit(f"error: {encoder} not found (was {d} run with --keep?)")
+        return encoder, row["pretrain_loss"]
+    raise SystemExit(f"error: no {name!r} encoder of seed {seed} in --encoders-from "
+                     + ", ".join(map(str, dirs)))
+
+
 def finetune(task: str, encoder: Path | None, manifest: Path, spec: dict,
              args: argparse.Namespace, seed: int, work: Path, federated: bool) -> dict:
     """Fine-tune one encoder (None: random init); the test metrics of the final model."""
@@ -211,6 +254,8 @@ def finetune(task: str, encoder: Path | None, manifest: Path, spec: dict,
     raw["train"]["epochs"] = args.finetune_epochs
     raw["train"]["loss"] = "weighted_bce" if spec["type"] == "multilabel" else "ce"
     cfg = config_from_dict(raw, source=f"fine-tune {task}")
+    if args.finetune_set:
+        cfg = _override(cfg, args.finetune_set)
     split_dir = work / f"split-{task}-s{seed}"
     if not split_dir.is_dir():
         prepare_split(cfg, manifest, split_dir)
@@ -395,7 +440,10 @@ def criteria(results: dict) -> str:
 SAME_SETTING = ("vit", "image_size", "patch", "depth", "decoder_dim", "decoder_depth",
                 "batch_size", "clinics", "pretrain_epochs", "pretrain_lr", "pretrain_schedule",
                 "pretrain_warmup", "pretrain_betas", "norm_pix_loss", "finetune_epochs", "lr",
-                "limit", "pretrain_sources", "finetune_limit", "probe_folds", "quick")
+                "limit", "pretrain_sources", "finetune_limit", "probe_folds", "quick",
+                "finetune_set")
+# What a file written before a setting existed meant by its absence.
+SETTING_BEFORE = {"finetune_set": ""}
 
 
 def combine(paths: list[Path]) -> tuple[str, dict]:
@@ -407,7 +455,7 @@ def combine(paths: list[Path]) -> tuple[str, dict]:
     first = None
     for path in paths:
         data = json.loads(Path(path).read_text())
-        setting = {k: data["args"].get(k) for k in SAME_SETTING}
+        setting = {k: data["args"].get(k, SETTING_BEFORE.get(k)) for k in SAME_SETTING}
         if first is None:
             first = (path, setting)
         elif setting != first[1]:
@@ -474,6 +522,14 @@ def main(argv: list[str] | None = None) -> int:
                     help="MAE: per-patch normalised pixel targets (pretrain.norm_pix_loss)")
     ap.add_argument("--finetune-epochs", type=int, default=10)
     ap.add_argument("--lr", type=float, default=5e-4, help="fine-tuning learning rate")
+    ap.add_argument("--finetune-set", default="",
+                    help="overrides of every fine-tuning config, pooled and federated, the "
+                    "same for every row (section.key=value,...; values as YAML), e.g. "
+                    "federation.keep_optimizer_state=true,federation.batch_size=8")
+    ap.add_argument("--encoders-from", nargs="+", type=Path, metavar="DIR",
+                    help="fine-tune (and probe) the encoders that earlier invocations run with "
+                    "--keep pretrained (their --out folders) instead of pretraining them again; "
+                    "their pretraining settings must match")
     ap.add_argument("--limit", type=int, help="at most this many images per pretraining source")
     ap.add_argument("--pretrain-sources", default=",".join(PRETRAINING_SOURCES),
                     help="comma list of the pretraining images' sources (default all): "
@@ -545,7 +601,11 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             row: dict = {}
             encoder = None
-            if ENCODERS[name] is not None:
+            if ENCODERS[name] is not None and args.encoders_from:
+                encoder, row["pretrain_loss"] = kept_encoder(name, seed, args.encoders_from,
+                                                             args)
+                log.info("seed %d %s: the encoder of %s", seed, name, encoder)
+            elif ENCODERS[name] is not None:
                 run, curve = pretrain(name, ENCODERS[name], pre_manifest, args, seed, work)
                 encoder, row["pretrain_loss"] = run / ENCODER_FILE, curve
                 log.info("seed %d %s: pretraining loss %s (%.0f s)", seed, name,
@@ -576,7 +636,8 @@ def main(argv: list[str] | None = None) -> int:
                + f", betas {args.pretrain_betas[0]:g}/{args.pretrain_betas[1]:g}"
                + (", norm_pix_loss" if args.norm_pix_loss else "")
                + f"), fine-tuning {args.finetune_epochs} epochs/rounds (lr "
-               f"{args.lr:g}), {args.clinics} clinics, seeds {seeds}"
+               f"{args.lr:g}" + (f"; {args.finetune_set}" if args.finetune_set else "")
+               + f"), {args.clinics} clinics, seeds {seeds}"
                + (f", at most {args.limit} images per source" if args.limit else "")
                + (f", pretraining on {'/'.join(sources)} only"
                   if len(sources) < len(PRETRAINING_SOURCES) else "")
@@ -584,7 +645,9 @@ def main(argv: list[str] | None = None) -> int:
                   if len(tasks) < len(TASKS) or len(modes) < 2 else "")
                + (f"; linear probes over {args.probe_folds} patient-grouped folds"
                   if args.probe_folds else "")
-               + (" [--quick smoke]" if args.quick else ""))
+               + (" [--quick smoke]" if args.quick else "")
+               + (f"; encoders pretrained by {', '.join(map(str, args.encoders_from))}"
+                  if args.encoders_from else ""))
     text = (f"{setting}; {time.perf_counter() - t_all:.0f} s in all\n\n"
             + tables(results, seeds) + reference_line(reference) + criteria(results))
     print(text)

@@ -434,3 +434,43 @@ def test_bench_pretrain_combines_invocations_and_refuses_clashes(tmp_path):
         combine([a, write("d", {"random init": {1: 0.71}})])
     with pytest.raises(SystemExit, match="image_size"):
         combine([a, write("e", {"federated MDE": {0: 0.73}}, image_size="y")])
+
+
+def test_bench_pretrain_reuses_kept_encoders_only_of_the_same_pretraining(tmp_path):
+    """--encoders-from finds an earlier --keep invocation's encoder file and loss curve; other
+    pretraining settings, a missing file or a missing row is an error, while other
+    fine-tuning settings are allowed (that is what reusing is for)."""
+    import argparse
+
+    from simulations.bench_pretrain import PRETRAIN_SETTING, kept_encoder
+
+    args = argparse.Namespace(**{k: "x" for k in PRETRAIN_SETTING}, finetune_set="a=1", lr=1)
+    kept = tmp_path / "P"
+    encoder = kept / "runs-seed1" / "pre-pooled-MDE-s1" / "encoder.pt"
+    encoder.parent.mkdir(parents=True)
+    encoder.write_bytes(b"weights")
+
+    def write(**changed) -> None:
+        (kept / "pretrain.json").write_text(json.dumps({
+            "args": {**{k: "x" for k in PRETRAIN_SETTING}, "lr": "0.5", **changed},
+            "results": {"pooled MDE": {"seeds": {"1": {"pretrain_loss": [0.9, 0.4]}}}}}))
+
+    write()
+    other = tmp_path / "F"  # another invocation's folder, without this row: passed over
+    other.mkdir()
+    (other / "pretrain.json").write_text(json.dumps({"args": {}, "results": {}}))
+    path, curve = kept_encoder("pooled MDE", 1, [other, kept], args)
+    assert path == encoder and curve == [0.9, 0.4]
+    with pytest.raises(SystemExit, match="no pretrain.json"):
+        kept_encoder("pooled MDE", 1, [tmp_path / "runs-seed1"], args)
+    with pytest.raises(SystemExit, match="no 'pooled MDE' encoder of seed 0"):
+        kept_encoder("pooled MDE", 0, [kept], args)
+    with pytest.raises(SystemExit, match="no 'federated MDE' encoder"):
+        kept_encoder("federated MDE", 1, [kept], args)
+    write(image_size="y", pretrain_epochs="z")
+    with pytest.raises(SystemExit, match="other settings: image_size, pretrain_epochs"):
+        kept_encoder("pooled MDE", 1, [kept], args)
+    write()
+    encoder.unlink()
+    with pytest.raises(SystemExit, match="was .* run with --keep"):
+        kept_encoder("pooled MDE", 1, [kept], args)
