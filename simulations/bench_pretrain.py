@@ -581,6 +581,11 @@ def main(argv: list[str] | None = None) -> int:
     seeds = [int(s) for s in args.seeds.split(",")]
     args.out.mkdir(parents=True, exist_ok=True)
     work = args.out / "work"
+    if args.encoders_from:  # every kept encoder found before hours of fine-tuning, not after
+        for seed in seeds:
+            for name in names:
+                if ENCODERS[name] is not None:
+                    kept_encoder(name, seed, args.encoders_from, args)
     results: dict = {n: {"seeds": {}} for n in names}
     t_all = time.perf_counter()
     reference: dict[str, tuple[float, float]] = {}
