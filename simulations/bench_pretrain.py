@@ -186,11 +186,11 @@ def finetune_manifest(task: str, shared: Path, work: Path, limit: int | None, se
     return Path(path), spec
 
 
-def pretrain(name: str, spec: tuple[str, float, bool, str], manifest: Path,
-             args: argparse.Namespace, seed: int, work: Path) -> tuple[Path, list[float]]:
-    """One pretraining run; returns its run folder (encoder.pt inside) and its loss curve."""
+def pretrain_config(spec: tuple[str, float, bool, str], args: argparse.Namespace,
+                    seed: int) -> dict:
+    """The raw config of one pretraining row (`ENCODERS` spec): a row's variant changes one
+    setting of its federation or of its pretraining, nothing else."""
     method, ratio, federated, variant = spec
-    out = work / f"pre-{name.replace(' ', '-')}-s{seed}"
     raw = {"task": {"type": "pretrain"}, **_common(args, seed), "model": _vit(args),
            "pretrain": {"method": method, "mask_ratio": ratio,
                         "decoder_dim": args.decoder_dim, "decoder_depth": args.decoder_depth}}
@@ -200,16 +200,25 @@ def pretrain(name: str, spec: tuple[str, float, bool, str], manifest: Path,
     raw["pretrain"]["norm_pix_loss"] = args.norm_pix_loss
     if variant == "teacher":
         raw["pretrain"]["federated_teacher_momentum"] = args.teacher_momentum
-    if not federated:
+    if federated:
+        raw["split"] = _split(args.clinics, seed, by="source")
+        raw["federation"] = {**_federation(args.pretrain_epochs, args.clinics),
+                             "lr_schedule": args.pretrain_schedule,
+                             "warmup_rounds": args.pretrain_warmup,
+                             **({"keep_optimizer_state": True} if variant == "adamw" else {}),
+                             **({"batch_size": max(1, args.batch_size // args.clinics)}
+                                if variant == "steps" else {})}
+    return raw
+
+
+def pretrain(name: str, spec: tuple[str, float, bool, str], manifest: Path,
+             args: argparse.Namespace, seed: int, work: Path) -> tuple[Path, list[float]]:
+    """One pretraining run; returns its run folder (encoder.pt inside) and its loss curve."""
+    out = work / f"pre-{name.replace(' ', '-')}-s{seed}"
+    raw = pretrain_config(spec, args, seed)
+    if not spec[2]:
         res = run_training(config_from_dict(raw, source=name), manifest, out)
         return out, [h["val_loss"] for h in res["history"]]
-    raw["split"] = _split(args.clinics, seed, by="source")
-    raw["federation"] = {**_federation(args.pretrain_epochs, args.clinics),
-                         "lr_schedule": args.pretrain_schedule,
-                         "warmup_rounds": args.pretrain_warmup,
-                         **({"keep_optimizer_state": True} if variant == "adamw" else {}),
-                         **({"batch_size": max(1, args.batch_size // args.clinics)}
-                            if variant == "steps" else {})}
     cfg = config_from_dict(raw, source=name)
     split_dir = work / f"split-pretrain-s{seed}"
     if not split_dir.is_dir():

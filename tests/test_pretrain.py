@@ -474,3 +474,40 @@ def test_bench_pretrain_reuses_kept_encoders_only_of_the_same_pretraining(tmp_pa
     encoder.unlink()
     with pytest.raises(SystemExit, match="was .* run with --keep"):
         kept_encoder("pooled MDE", 1, [kept], args)
+
+
+
+def test_bench_pretrain_federated_variants_change_one_setting_each():
+    """Each federated MDE variant is federated MDE with one setting changed (else pairing it
+    with federated MDE would measure more than the variant); equal steps gives the clinics
+    batch / clinics, so 4 clinics averaged take as many steps per pass as pooled training."""
+    import argparse
+
+    from simulations.bench_pretrain import ENCODERS, FEDERATED_MDE, pretrain_config
+
+    args = argparse.Namespace(
+        image_size=128, batch_size=32, lr=5e-4, device="cpu", vit="tiny", patch=16, depth=6,
+        decoder_dim=128, decoder_depth=2, pretrain_epochs=100, pretrain_lr=1e-4,
+        pretrain_betas=[0.9, 0.95], pretrain_schedule="cosine", pretrain_warmup=2,
+        norm_pix_loss=False, teacher_momentum=0.9, clinics=4)
+
+    def flat(d: dict, prefix: str = "") -> dict:
+        return {k2: v2 for k, v in d.items() for k2, v2 in
+                (flat(v, f"{prefix}{k}.").items() if isinstance(v, dict)
+                 else [(prefix + k, v)])}
+
+    plain = flat(pretrain_config(ENCODERS["federated MDE"], args, seed=3))
+    assert "federation.batch_size" not in plain and plain["split.seed"] == 3
+    changed = {}
+    for name in FEDERATED_MDE:
+        cfg = flat(pretrain_config(ENCODERS[name], args, seed=3))
+        changed[name] = {k: cfg.get(k) for k in cfg.keys() | plain.keys()
+                         if cfg.get(k) != plain.get(k)}
+    assert changed == {
+        "federated MDE": {},
+        "federated MDE EMA teacher": {"pretrain.federated_teacher_momentum": 0.9},
+        "federated MDE kept AdamW": {"federation.keep_optimizer_state": True},
+        "federated MDE equal steps": {"federation.batch_size": 8},
+    }
+    pooled = flat(pretrain_config(ENCODERS["pooled MDE"], args, seed=3))
+    assert not any(k.startswith(("federation.", "split.")) for k in pooled)
