@@ -577,6 +577,9 @@ def main(argv: list[str] | None = None) -> int:
     args.pretrain_warmup = min(args.pretrain_warmup, args.pretrain_epochs - 1)
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     logging.getLogger("dentfed.bench").setLevel(logging.INFO)
+    # progress: a line per federated round and per pooled epoch (100 of them take ~30 min)
+    logging.getLogger("dentfed.server").setLevel(logging.INFO)
+    logging.getLogger("simulations.pooled_training").setLevel(logging.INFO)
     logging.getLogger("flwr").setLevel(logging.ERROR)  # "federated evaluation skipped" is meant
     if not ufba.manifest_path(args.shared).is_file():
         print(f"error: ../shared data not found under {args.shared} (--shared)", file=sys.stderr)
