@@ -263,6 +263,13 @@ def kept_encoder(name: str, seed: int, dirs: list[Path], args: argparse.Namespac
                      + ", ".join(map(str, dirs)))
 
 
+def finetune_seeds(seed: int, repeats: int) -> list[int]:
+    """The fine-tuning seeds of an encoder seed: the seed itself, then seed + 1000, + 2000, ...
+    Each varies the fine-tuning's clinic split, head and data order, not the encoder; their
+    mean is the encoder's figure, with less of the fine-tuning's own noise."""
+    return [seed + 1000 * k for k in range(repeats)]
+
+
 def finetune(task: str, encoder: Path | None, manifest: Path, spec: dict,
              args: argparse.Namespace, seed: int, work: Path, federated: bool) -> dict:
     """Fine-tune one encoder (None: random init); the test metrics of the final model."""
@@ -460,9 +467,9 @@ SAME_SETTING = ("vit", "image_size", "patch", "depth", "decoder_dim", "decoder_d
                 "batch_size", "clinics", "pretrain_epochs", "pretrain_lr", "pretrain_schedule",
                 "pretrain_warmup", "pretrain_betas", "norm_pix_loss", "finetune_epochs", "lr",
                 "limit", "pretrain_sources", "finetune_limit", "probe_folds", "quick",
-                "finetune_set")
+                "finetune_set", "finetune_repeats")
 # What a file written before a setting existed meant by its absence.
-SETTING_BEFORE = {"finetune_set": ""}
+SETTING_BEFORE = {"finetune_set": "", "finetune_repeats": "1"}
 
 
 def combine(paths: list[Path]) -> tuple[str, dict]:
@@ -545,6 +552,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="overrides of every fine-tuning config, pooled and federated, the "
                     "same for every row (section.key=value,...; values as YAML), e.g. "
                     "federation.keep_optimizer_state=true,federation.batch_size=8")
+    ap.add_argument("--finetune-repeats", type=int, default=1, metavar="N",
+                    help="fine-tune each encoder of seed s N times, with seeds s, s + 1000, ... "
+                    "(other clinic splits, heads and data orders, the same encoder), and score "
+                    "it by their mean: the fine-tuning's noise was larger than the criterion")
     ap.add_argument("--encoders-from", nargs="+", type=Path, metavar="DIR",
                     help="fine-tune (and probe) the encoders that earlier invocations run with "
                     "--keep pretrained (their --out folders) instead of pretraining them again; "
@@ -596,6 +607,8 @@ def main(argv: list[str] | None = None) -> int:
     if set(modes) - {"pooled", "federated"} or not (modes or args.probe_folds):
         ap.error(f"--finetune-modes {args.finetune_modes!r}: choose from pooled, federated "
                  "(none: the linear probes only)")
+    if args.finetune_repeats < 1:
+        ap.error("--finetune-repeats must be at least 1")
     sources = tuple(x.strip() for x in args.pretrain_sources.split(","))
     if not sources or set(sources) - set(PRETRAINING_SOURCES):
         ap.error(f"--pretrain-sources {args.pretrain_sources!r}: choose from "
@@ -645,12 +658,19 @@ def main(argv: list[str] | None = None) -> int:
                     log.info("seed %d %s: %s linear probe %s", seed, name, task, ", ".join(
                         f"{r} {row[task]['probe'][r]:.4f}" for r in READINGS))
                 for mode in modes:
-                    res = finetune(task, encoder, manifest, spec, args, seed, work,
-                                   mode == "federated")
-                    row[task][mode] = {k: float(v) for k, v in res.items()
-                                       if isinstance(v, int | float)}
-                    log.info("seed %d %s: %s %s fine-tuning %s %.4f", seed, name, task, mode,
-                             METRIC[task], row[task][mode].get(METRIC[task], math.nan))
+                    runs = []
+                    for ft_seed in finetune_seeds(seed, args.finetune_repeats):
+                        res = finetune(task, encoder, manifest, spec, args, ft_seed, work,
+                                       mode == "federated")
+                        runs.append({k: float(v) for k, v in res.items()
+                                     if isinstance(v, int | float)})
+                        log.info("seed %d %s: %s %s fine-tuning (seed %d) %s %.4f", seed, name,
+                                 task, mode, ft_seed, METRIC[task],
+                                 runs[-1].get(METRIC[task], math.nan))
+                    row[task][mode] = {k: float(np.mean([r[k] for r in runs]))
+                                       for k in runs[0] if all(k in r for r in runs)}
+                    if len(runs) > 1:
+                        row[task][mode]["repeats"] = [r.get(METRIC[task]) for r in runs]
             row["seconds"] = time.perf_counter() - t0
             results[name]["seeds"][seed] = row
         if args.keep:
@@ -664,6 +684,8 @@ def main(argv: list[str] | None = None) -> int:
                + (", norm_pix_loss" if args.norm_pix_loss else "")
                + f"), fine-tuning {args.finetune_epochs} epochs/rounds (lr "
                f"{args.lr:g}" + (f"; {args.finetune_set}" if args.finetune_set else "")
+               + (f"; mean of {args.finetune_repeats} fine-tuning seeds an encoder"
+                  if args.finetune_repeats > 1 else "")
                + f"), {args.clinics} clinics, seeds {seeds}"
                + (f", at most {args.limit} images per source" if args.limit else "")
                + (f", pretraining on {'/'.join(sources)} only"

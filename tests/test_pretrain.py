@@ -414,7 +414,7 @@ def test_bench_pretrain_combines_invocations_and_refuses_clashes(tmp_path):
     would be; another setting or the same row and seed with other figures is an error."""
     from simulations.bench_pretrain import SAME_SETTING, combine
 
-    args = {k: "x" for k in SAME_SETTING}
+    args = {**{k: "x" for k in SAME_SETTING}, "finetune_repeats": "1"}
 
     def write(name: str, rows: dict, **changed) -> Path:
         path = tmp_path / f"{name}.json"
@@ -434,6 +434,15 @@ def test_bench_pretrain_combines_invocations_and_refuses_clashes(tmp_path):
         combine([a, write("d", {"random init": {1: 0.71}})])
     with pytest.raises(SystemExit, match="image_size"):
         combine([a, write("e", {"federated MDE": {0: 0.73}}, image_size="y")])
+    # files written before --finetune-repeats existed meant one fine-tuning per encoder
+    old = tmp_path / "old.json"
+    data = json.loads(b.read_text())
+    del data["args"]["finetune_repeats"]
+    old.write_text(json.dumps(data))
+    assert sorted(combine([old, write("f", {"random init": {0: 0.7}}, finetune_repeats="1")]
+                          )[1]) == ["federated MDE", "random init"]
+    with pytest.raises(SystemExit, match="finetune_repeats"):
+        combine([old, write("g", {"random init": {0: 0.7}}, finetune_repeats="4")])
 
 
 def test_bench_pretrain_reuses_kept_encoders_only_of_the_same_pretraining(tmp_path):
