@@ -34,7 +34,9 @@ MobileNetV2 of ../shared/weights as a reference; `--finetune-modes none` runs on
     python -m simulations.bench_pretrain --quick --seeds 0      # CPU smoke: minutes
 
 The fine-tuning recipe is the same for every row; `--finetune-set` overrides it (e.g. the
-product's UFBA-425 federated recipe of configs/ufba-panoramic.yaml). `--keep` keeps the run
+product's UFBA-425 federated recipe of configs/ufba-panoramic.yaml). `--finetune-repeats N`
+fine-tunes every encoder N times (other clinic splits, heads and data orders) and scores it by
+the mean, since one fine-tuning's noise is as large as the differences between encoders. `--keep` keeps the run
 folders, and `--encoders-from` fine-tunes the encoders such an invocation pretrained, without
 pretraining them again (its pretraining settings must match):
 
