@@ -36,9 +36,9 @@ MobileNetV2 of ../shared/weights as a reference; `--finetune-modes none` runs on
 The fine-tuning recipe is the same for every row; `--finetune-set` overrides it (e.g. the
 product's UFBA-425 federated recipe of configs/ufba-panoramic.yaml). `--finetune-repeats N`
 fine-tunes every encoder N times (other clinic splits, heads and data orders) and scores it by
-the mean, since one fine-tuning's noise is as large as the differences between encoders. `--keep` keeps the run
-folders, and `--encoders-from` fine-tunes the encoders such an invocation pretrained, without
-pretraining them again (its pretraining settings must match):
+the mean, since one fine-tuning's noise is as large as the differences between encoders.
+`--keep` keeps the run folders, and `--encoders-from` fine-tunes the encoders such an
+invocation pretrained, without pretraining them again (its pretraining settings must match):
 
     python -m simulations.bench_pretrain ... --encoders "pooled MDE" --finetune-modes none \
         --keep --out runs/P
@@ -464,6 +464,47 @@ def criteria(results: dict) -> str:
     return ("\nPaired by seed:\n\n" + "\n".join(lines) + "\n") if lines else ""
 
 
+def repeat_tables(results: dict) -> str:
+    """With --finetune-repeats: every fine-tuning run per encoder seed, then the differences
+    paired by encoder seed and fine-tuning seed (the same split, head and data order): each
+    row minus random init, each federated MDE row minus pooled MDE and minus federated MDE."""
+    text = ""
+    for t in TASKS:
+        for mode in ("pooled", "federated"):
+            runs = {name: {int(seed): s[t][mode]["repeats"] for seed, s in r["seeds"].items()
+                           if "repeats" in s.get(t, {}).get(mode, {})}
+                    for name, r in results.items()}
+            runs = {name: v for name, v in runs.items() if v}
+            if not runs:
+                continue
+            seeds = sorted({seed for v in runs.values() for seed in v})
+            text += (f"\n{t}, {mode} fine-tuning, {METRIC[t]} of each run (fine-tuning seeds s, "
+                     "s + 1000, ...) and their mean, per encoder seed s\n\n| encoder | "
+                     + " | ".join(f"seed {s}" for s in seeds) + " | all runs |\n|---|"
+                     + "---|" * (len(seeds) + 1) + "\n")
+            for name, v in runs.items():
+                cells = [f"{np.mean(v[s]):.3f} ({', '.join(f'{x:.3f}' for x in v[s])})"
+                         if s in v else "not run" for s in seeds]
+                text += (f"| {name} | " + " | ".join(cells) + " | "
+                         + _cell([x for s in v for x in v[s]]) + " |\n")
+            pairs = [(name, "random init") for name in runs if name != "random init"]
+            pairs += [(name, ref) for name in FEDERATED_MDE
+                      for ref in ("pooled MDE", "federated MDE") if name != ref]
+            lines = []
+            for name, ref in pairs:
+                if name not in runs or ref not in runs:
+                    continue
+                d = [100 * (a - b) for s in sorted(runs[name].keys() & runs[ref].keys())
+                     for a, b in zip(runs[name][s], runs[ref][s], strict=True)]
+                if d:
+                    lines.append(f"- {t}, {mode} fine-tuning: {name} - {ref} = {_cell(d)} "
+                                 f"points over {len(d)} runs, ahead in "
+                                 f"{sum(x > 0 for x in d)}")
+            text += ("\nPaired by encoder seed and fine-tuning seed:\n\n" + "\n".join(lines)
+                     + "\n") if lines else ""
+    return text
+
+
 # Settings that must agree for invocations to be combined (seeds and encoders may differ).
 SAME_SETTING = ("vit", "image_size", "patch", "depth", "decoder_dim", "decoder_depth",
                 "batch_size", "clinics", "pretrain_epochs", "pretrain_lr", "pretrain_schedule",
@@ -502,7 +543,7 @@ def combine(paths: list[Path]) -> tuple[str, dict]:
         r["seeds"] = dict(sorted(r["seeds"].items()))
     all_seeds = sorted({s for r in results.values() for s in r["seeds"]})
     text = (f"combined from {len(paths)} invocations; seeds {all_seeds}\n\n"
-            + tables(results, all_seeds) + criteria(results))
+            + tables(results, all_seeds) + criteria(results) + repeat_tables(results))
     return text, results
 
 
@@ -700,7 +741,8 @@ def main(argv: list[str] | None = None) -> int:
                + (f"; encoders pretrained by {', '.join(map(str, args.encoders_from))}"
                   if args.encoders_from else ""))
     text = (f"{setting}; {time.perf_counter() - t_all:.0f} s in all\n\n"
-            + tables(results, seeds) + reference_line(reference) + criteria(results))
+            + tables(results, seeds) + reference_line(reference) + criteria(results)
+            + repeat_tables(results))
     print(text)
     write_text_atomic(args.out / "pretrain.md", text)
     write_text_atomic(args.out / "pretrain.json", json.dumps(

@@ -520,3 +520,23 @@ def test_bench_pretrain_federated_variants_change_one_setting_each():
     }
     pooled = flat(pretrain_config(ENCODERS["pooled MDE"], args, seed=3))
     assert not any(k.startswith(("federation.", "split.")) for k in pooled)
+
+
+def test_bench_pretrain_pairs_repeated_fine_tunings_run_by_run():
+    """--finetune-repeats: every run is tabled under its encoder seed, and differences pair the
+    runs that shared a fine-tuning seed (split, head, data order), not the seeds' means."""
+    from simulations.bench_pretrain import repeat_tables
+
+    def row(runs: dict[int, list[float]]) -> dict:
+        return {"seeds": {s: {"ufba": {"federated": {"macro_auc": sum(v) / len(v),
+                                                     "repeats": v}}}
+                          for s, v in runs.items()}}
+
+    text = repeat_tables({"random init": row({0: [0.60, 0.70], 1: [0.65, 0.55]}),
+                          "federated MDE": row({0: [0.62, 0.69], 1: [0.70, 0.60]})})
+    assert "| random init | 0.650 (0.600, 0.700) | 0.600 (0.650, 0.550) |" in text
+    # run by run +2, -1, +5, +5 points: mean 2.75, ahead in 3 of 4
+    assert ("federated MDE - random init = 2.750 ± 2.872 points over 4 runs, ahead in 3"
+            in text)
+    assert repeat_tables({"random init": {"seeds": {0: {"ufba": {"federated": {
+        "macro_auc": 0.6}}}}}}) == ""  # one fine-tuning an encoder: nothing to add
