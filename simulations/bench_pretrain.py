@@ -35,8 +35,9 @@ MobileNetV2 of ../shared/weights as a reference; `--finetune-modes none` runs on
 
 The fine-tuning recipe is the same for every row; `--finetune-set` overrides it (e.g. the
 product's UFBA-425 federated recipe of configs/ufba-panoramic.yaml). `--finetune-repeats N`
-fine-tunes every encoder N times (other clinic splits, heads and data orders) and scores it by
-the mean, since one fine-tuning's noise is as large as the differences between encoders.
+(default 4) fine-tunes every encoder N times (other clinic splits, heads and data orders) and
+scores it by the mean, since one fine-tuning's noise is as large as the differences between
+encoders.
 `--keep` keeps the run folders, and `--encoders-from` fine-tunes the encoders such an
 invocation pretrained, without pretraining them again (its pretraining settings must match):
 
@@ -595,10 +596,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="overrides of every fine-tuning config, pooled and federated, the "
                     "same for every row (section.key=value,...; values as YAML), e.g. "
                     "federation.keep_optimizer_state=true,federation.batch_size=8")
-    ap.add_argument("--finetune-repeats", type=int, default=1, metavar="N",
+    ap.add_argument("--finetune-repeats", type=int, metavar="N",
                     help="fine-tune each encoder of seed s N times, with seeds s, s + 1000, ... "
                     "(other clinic splits, heads and data orders, the same encoder), and score "
-                    "it by their mean: the fine-tuning's noise was larger than the criterion")
+                    "it by their mean: one fine-tuning's noise was larger than the criterion "
+                    "(default 4; 1 with --quick)")
     ap.add_argument("--encoders-from", nargs="+", type=Path, metavar="DIR",
                     help="fine-tune (and probe) the encoders that earlier invocations run with "
                     "--keep pretrained (their --out folders) instead of pretraining them again; "
@@ -624,6 +626,8 @@ def main(argv: list[str] | None = None) -> int:
         write_text_atomic(args.out / "pretrain.json", json.dumps(
             {"combined": [str(p) for p in args.combine], "results": results}, indent=1))
         return 0
+    if args.finetune_repeats is None:
+        args.finetune_repeats = 1 if args.quick else 4
     if args.quick:
         args.image_size, args.depth = 32, args.depth or 2
         args.pretrain_epochs, args.finetune_epochs = 2, 2
