@@ -600,7 +600,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="fine-tune each encoder of seed s N times, with seeds s, s + 1000, ... "
                     "(other clinic splits, heads and data orders, the same encoder), and score "
                     "it by their mean: one fine-tuning's noise was larger than the criterion "
-                    "(default 4; 1 with --quick)")
+                    "(default 4; 1 with --quick or --finetune-modes none)")
     ap.add_argument("--encoders-from", nargs="+", type=Path, metavar="DIR",
                     help="fine-tune (and probe) the encoders that earlier invocations run with "
                     "--keep pretrained (their --out folders) instead of pretraining them again; "
@@ -626,8 +626,8 @@ def main(argv: list[str] | None = None) -> int:
         write_text_atomic(args.out / "pretrain.json", json.dumps(
             {"combined": [str(p) for p in args.combine], "results": results}, indent=1))
         return 0
-    if args.finetune_repeats is None:
-        args.finetune_repeats = 1 if args.quick else 4
+    if args.finetune_repeats is None:  # nothing to repeat without fine-tuning (probes only)
+        args.finetune_repeats = 1 if args.quick or args.finetune_modes == "none" else 4
     if args.quick:
         args.image_size, args.depth = 32, args.depth or 2
         args.pretrain_epochs, args.finetune_epochs = 2, 2
