@@ -485,7 +485,6 @@ def test_bench_pretrain_reuses_kept_encoders_only_of_the_same_pretraining(tmp_pa
         kept_encoder("pooled MDE", 1, [kept], args)
 
 
-
 def test_bench_pretrain_federated_variants_change_one_setting_each():
     """Each federated MDE variant is federated MDE with one setting changed (else pairing it
     with federated MDE would measure more than the variant); equal steps gives the clinics
