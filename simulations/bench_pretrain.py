@@ -101,6 +101,11 @@ ENCODERS: dict[str, tuple[str, float, bool, str] | None] = {
 }
 # The rows issue 14's criteria are checked on: federated MDE at the default mask ratio.
 FEDERATED_MDE = [n for n, spec in ENCODERS.items() if spec and spec[:3] == ("mde", 0.25, True)]
+# The issue's method questions, each at equal federation: MDE against MAE, and MDE's default
+# mask ratio (0.25) against MAE's usual 0.75.
+METHOD_PAIRS = [("pooled MDE", "pooled MAE"), ("federated MDE", "federated MAE"),
+                ("pooled MDE", "pooled MDE mask 0.75"),
+                ("federated MDE", "federated MDE mask 0.75")]
 TASKS = ("ufba", "implants")
 METRIC = {"ufba": "macro_auc", "implants": "balanced_accuracy"}
 
@@ -429,7 +434,7 @@ def criteria(results: dict) -> str:
     """Issue 14's two checks where their rows ran, paired by seed: federated MDE minus random
     init (points of the metric x 100) and federated MDE / pooled MDE, per task and fine-tuning,
     then the same on the linear probes; the same for every variant of federated MDE
-    (FEDERATED_MDE), and each minus federated MDE."""
+    (FEDERATED_MDE), and each minus federated MDE; then the method questions (METHOD_PAIRS)."""
     def metric(name: str, t: str, mode: str) -> dict[int, float]:
         out = {}
         for seed, s in results.get(name, {}).get("seeds", {}).items():
@@ -462,13 +467,20 @@ def criteria(results: dict) -> str:
                     d = [100 * (fed[k] - plain[k]) for k in seeds]
                     lines.append(f"- {t}, {what}: {name} - federated MDE = {_cell(d)} points "
                                  f"(seeds {seeds})")
+            for name, ref in METHOD_PAIRS:
+                a, b = metric(name, t, mode), metric(ref, t, mode)
+                if seeds := sorted(a.keys() & b.keys()):
+                    d = [100 * (a[k] - b[k]) for k in seeds]
+                    lines.append(f"- {t}, {what}: {name} - {ref} = {_cell(d)} points "
+                                 f"(seeds {seeds})")
     return ("\nPaired by seed:\n\n" + "\n".join(lines) + "\n") if lines else ""
 
 
 def repeat_tables(results: dict) -> str:
     """With --finetune-repeats: every fine-tuning run per encoder seed, then the differences
     paired by encoder seed and fine-tuning seed (the same split, head and data order): each
-    row minus random init, each federated MDE row minus pooled MDE and minus federated MDE."""
+    row minus random init, each federated MDE row minus pooled MDE and minus federated MDE,
+    and the method questions (METHOD_PAIRS: MDE minus MAE, mask 0.25 minus 0.75)."""
     text = ""
     for t in TASKS:
         for mode in ("pooled", "federated"):
@@ -491,6 +503,7 @@ def repeat_tables(results: dict) -> str:
             pairs = [(name, "random init") for name in runs if name != "random init"]
             pairs += [(name, ref) for name in FEDERATED_MDE
                       for ref in ("pooled MDE", "federated MDE") if name != ref]
+            pairs += METHOD_PAIRS
             lines = []
             for name, ref in pairs:
                 if name not in runs or ref not in runs:

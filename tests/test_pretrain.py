@@ -430,6 +430,8 @@ def test_bench_pretrain_combines_invocations_and_refuses_clashes(tmp_path):
     text, results = combine([a, b, c])
     assert sorted(results["federated MDE"]["seeds"]) == [0, 1]
     assert "federated MDE - random init = 3.000 ± 0.000 points (seeds [0, 1])" in text
+    text, _ = combine([a, c, write("h", {"federated MAE": {1: 0.70}})])
+    assert "federated MDE - federated MAE = 5.000 points (seeds [1])" in text
     with pytest.raises(SystemExit, match="differs"):
         combine([a, write("d", {"random init": {1: 0.71}})])
     with pytest.raises(SystemExit, match="image_size"):
@@ -532,10 +534,16 @@ def test_bench_pretrain_pairs_repeated_fine_tunings_run_by_run():
                           for s, v in runs.items()}}
 
     text = repeat_tables({"random init": row({0: [0.60, 0.70], 1: [0.65, 0.55]}),
-                          "federated MDE": row({0: [0.62, 0.69], 1: [0.70, 0.60]})})
+                          "federated MDE": row({0: [0.62, 0.69], 1: [0.70, 0.60]}),
+                          "pooled MDE": row({0: [0.70, 0.60]}),
+                          "pooled MAE": row({0: [0.65, 0.62]})})
     assert "| random init | 0.650 (0.600, 0.700) | 0.600 (0.650, 0.550) |" in text
+    assert "| pooled MAE | 0.635 (0.650, 0.620) | not run |" in text
     # run by run +2, -1, +5, +5 points: mean 2.75, ahead in 3 of 4
     assert ("federated MDE - random init = 2.750 ± 2.872 points over 4 runs, ahead in 3"
             in text)
+    # the method question, MDE against MAE, paired run by run where both ran: +5, -2
+    assert "pooled MDE - pooled MAE = 1.500 ± 4.950 points over 2 runs, ahead in 1" in text
+    assert "federated MDE - federated MAE" not in text  # no federated MAE row
     assert repeat_tables({"random init": {"seeds": {0: {"ufba": {"federated": {
         "macro_auc": 0.6}}}}}}) == ""  # one fine-tuning an encoder: nothing to add
