@@ -529,11 +529,27 @@ SAME_SETTING = ("vit", "image_size", "patch", "depth", "decoder_dim", "decoder_d
 SETTING_BEFORE = {"finetune_set": "", "finetune_repeats": "1"}
 
 
+def _merge(into: dict, row: dict, where: str) -> None:
+    """Add one invocation's results of a row and seed to those already read: other tasks or
+    fine-tuning modes join them (a pooled and a federated fine-tuning of the same encoders
+    make one row with both columns); the same entry with other figures is a clash. "seconds"
+    (the invocation's time for the row) is kept from the first file."""
+    for key, value in row.items():
+        if key == "seconds":
+            into.setdefault(key, value)
+        elif isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value, f"{where}, {key}")
+        elif key in into and into[key] != value:
+            raise SystemExit(f"error: {where}, {key}: the file differs from an earlier file")
+        else:
+            into[key] = value
+
+
 def combine(paths: list[Path]) -> tuple[str, dict]:
     """The tables and paired lines of several invocations' pretrain.json (the same setting,
-    other seeds or encoders: e.g. rows run side by side on one thread each), as one run would
-    print them. A row and seed present twice must hold the same figures (the benchmark is
-    deterministic per seed); a clash is an error, not a silent choice."""
+    other seeds, encoders or fine-tuning modes: e.g. rows run side by side on one thread
+    each), as one run would print them. An entry present twice must hold the same figures
+    (the benchmark is deterministic per seed); a clash is an error, not a silent choice."""
     results: dict = {}
     first = None
     for path in paths:
@@ -547,12 +563,7 @@ def combine(paths: list[Path]) -> tuple[str, dict]:
         for name, r in data["results"].items():
             seeds = results.setdefault(name, {"seeds": {}})["seeds"]
             for seed, row in r["seeds"].items():
-                seed = int(seed)
-                if seed in seeds and {k: v for k, v in seeds[seed].items() if k != "seconds"} \
-                        != {k: v for k, v in row.items() if k != "seconds"}:
-                    raise SystemExit(f"error: {name}, seed {seed}: {path} differs from an "
-                                     "earlier file")
-                seeds[seed] = row
+                _merge(seeds.setdefault(int(seed), {}), row, f"{path}: {name}, seed {seed}")
     for r in results.values():
         r["seeds"] = dict(sorted(r["seeds"].items()))
     all_seeds = sorted({s for r in results.values() for s in r["seeds"]})

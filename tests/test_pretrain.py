@@ -436,6 +436,21 @@ def test_bench_pretrain_combines_invocations_and_refuses_clashes(tmp_path):
         combine([a, write("d", {"random init": {1: 0.71}})])
     with pytest.raises(SystemExit, match="image_size"):
         combine([a, write("e", {"federated MDE": {0: 0.73}}, image_size="y")])
+
+    def finetuned(name: str, mode: str, auc: float) -> Path:
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({"args": args, "results": {"pooled MDE": {"seeds": {"0": {
+            "pretrain_loss": [0.9, 0.5], "ufba": {mode: {"macro_auc": auc}}, "seconds": 1.0}}}}}))
+        return path
+
+    # a pooled and a federated fine-tuning of the same encoders make one row, both columns
+    fed = finetuned("fed", "federated", 0.65)
+    text, results = combine([finetuned("pooled", "pooled", 0.68), fed])
+    assert results["pooled MDE"]["seeds"][0]["ufba"] == {"pooled": {"macro_auc": 0.68},
+                                                         "federated": {"macro_auc": 0.65}}
+    assert "| pooled MDE | 0.680 | 0.650 | not run | not run | 0.900 -> 0.500 |" in text
+    with pytest.raises(SystemExit, match="federated, macro_auc: the file differs"):
+        combine([fed, finetuned("fed2", "federated", 0.66)])
     # files written before --finetune-repeats existed meant one fine-tuning per encoder
     old = tmp_path / "old.json"
     data = json.loads(b.read_text())
