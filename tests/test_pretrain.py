@@ -218,7 +218,11 @@ def test_pretrain_config_rules():
     from shared.errors import ConfigError
 
     cfg = _pretrain_cfg()
-    assert cfg.data.augment_policy == "paper" and cfg.pretrain.mask_ratio == 0.25
+    # unset, the mask ratio is each method's own: MAE's 0.75, the implant paper's 0.25 for MDE
+    assert cfg.data.augment_policy == "paper" and cfg.pretrain.mask_ratio == 0.75
+    assert _pretrain_cfg("mde").pretrain.mask_ratio == 0.25
+    assert _pretrain_cfg("mae", mask_ratio=0.25).pretrain.mask_ratio == 0.25
+    assert _pretrain_cfg("mde", mask_ratio=None).pretrain.mask_ratio == 0.25
     for bad in ({"model": {"name": "resnet18"}}, {"task": {"type": "pretrain", "labels": ["a"]}},
                 {"model": {**VIT, "freeze": 1}}):
         raw = {**_pretrain_cfg().model_dump(mode="json", exclude_unset=True), **bad}
