@@ -243,8 +243,9 @@ class PretrainConfig(_Strict):
     method: Literal["mae", "mde"] = "mae"
     # Masked patches per image: exactly round(mask_ratio x patches). Unset: 0.75 for mae (MAE's
     # own), 0.25 for mde (the implant paper's, for small features on radiographs). Measured
-    # in bench_pretrain (docs/pretraining.md, stop 39): MAE at 0.75 fine-tuned 3.9 points
-    # above MAE at 0.25 (all 12 runs); MDE at 0.25 and 0.75 did not differ.
+    # in bench_pretrain (docs/pretraining.md, stop 39; pooled pretraining, federated
+    # fine-tuning): MAE at 0.75 3.9 points above MAE at 0.25 (all 12 runs); MDE at 0.25 and
+    # 0.75 did not differ.
     mask_ratio: float | None = Field(default=None, gt=0, lt=1)
     # The decoder: decoder_depth transformer blocks of width decoder_dim
     decoder_dim: int = Field(default=128, ge=8)
