@@ -19,9 +19,9 @@ import torch
 from flwr.app import Array, ArrayRecord, Context, Message, RecordDict
 
 import client.clinic as clinic_mod
-from client.app import ClinicError
 from client.app import app as client_app
 from client.clinic import CLINIC_TOKEN_FILE, OPTIMIZER_KEY, RESIDUAL_KEY, SCAFFOLD_CI_KEY
+from client.handlers import ClinicError
 from dentfed import cli, deploy
 from server.checkpoint import (
     CHECKPOINT,

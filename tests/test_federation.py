@@ -15,8 +15,8 @@ import torch
 import yaml
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from client.app import ClinicError
 from client.app import app as client_app
+from client.handlers import ClinicError
 from server.federation import RecordingGrid, RoundRecorder
 from server.strategy import make_strategy
 from shared.config import config_from_dict
@@ -221,7 +221,7 @@ def test_config_error_is_one_clear_line(tmp_path, tiny_manifest):
 def test_clinic_errors_reach_the_server_without_paths_or_ids(tmp_path, tiny_manifest):
     import pandas as pd
 
-    from client.app import ClinicError
+    from client.handlers import ClinicError
 
     rows = pd.read_csv(tiny_manifest)
     rows.loc[0, "path"] = str(tmp_path / "P0042_Jane_Doe.png")  # missing: names a patient

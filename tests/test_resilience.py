@@ -97,8 +97,18 @@ def test_crash_after_round_two_and_resume_equals_uninterrupted_run(tmp_path):
     for stray in tmp_path.glob(".crashed.work-*"):  # what the killed CLI could not clean up
         shutil.rmtree(stray)
 
-    resumed = simulate(None, None, run, echo=False, resume=True)
+    timing = tmp_path / "clinic-timing"  # marks only (client/timing.py), to see the warm-up
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DENTFED_TIMING_DIR", str(timing))
+        resumed = simulate(None, None, run, echo=False, resume=True)
     assert [h["round"] for h in resumed["history"]] == [0, 1, 2, 3]
+    # Every actor imported the handlers as it started (client/warmup.py), and the first
+    # record of each actor process holds that mark.
+    records = [json.loads(p.read_text()) for p in sorted(timing.glob("*.json"))]
+    first = {}
+    for rec in sorted(records, key=lambda r: r["marks"][0][1]):
+        first.setdefault(rec["pid"], rec)
+    assert first and all("warm_up" in dict(r["marks"]) for r in first.values()), first
     assert resumed["history"][1]["clinics_replied"] == 2  # rounds 1-2 from the checkpoint
     # A new Flower run, new node ids: each clinic keeps its index by its token (2 clinics, the
     # same token -> index map as before the crash), not 4.

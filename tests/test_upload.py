@@ -8,8 +8,8 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from client.app import RESIDUAL_KEY
 from client.app import app as client_app
+from client.clinic import RESIDUAL_KEY
 from server.federation import RecordingGrid, RoundRecorder
 from server.strategy import make_strategy
 from shared.fedio import arrays_nbytes, build_global_model, expected_shapes, model_arrays
