@@ -17,7 +17,10 @@ clinics that train at once (min(max_concurrent, clinics)): what the exchanges ad
 training itself (messages to and from the actors, encoding the replies, clinics waiting for
 a slot in a round that does not fill it). "server work between exchanges" is the run's
 seconds outside the exchanges and central evaluation: decoding and aggregating the replies,
-the checkpoint, building the next messages. Absolute times drift on a noisy machine; the
+the checkpoint, building the next messages. "round-0 central eval" and "round 1 beyond a
+later round" (round 1's seconds minus the median of rounds 2.. without their evaluations)
+are what the engine's start still costs inside the rounds: the actors starting and importing
+the clinic's code, each clinic's first decode. Absolute times drift on a noisy machine; the
 ratios are what to compare.
 
     .venv/bin/python -m simulations.bench_overhead --config configs/demo-photos.yaml \
@@ -43,6 +46,19 @@ from simulations.simulate import prepare_split, simulate
 from simulations.task_manifest import load_task_manifest
 
 log = logging.getLogger("dentfed.bench")
+
+
+def start_costs(history: list[dict]) -> tuple[float, float]:
+    """(round 0's central evaluation s, round 1's seconds beyond the median of the later
+    rounds, each without its central and clinic evaluation) from metrics.json's history."""
+    def bare(h: dict) -> float:
+        return (h.get("round_seconds") or 0.0) - (h.get("central_eval_seconds") or 0.0) \
+            - (h.get("clinic_evaluate_seconds") or 0.0)
+    by_round = {h["round"]: h for h in history}
+    later = [bare(h) for r, h in sorted(by_round.items()) if r >= 2]
+    first = bare(by_round[1]) - float(np.median(later)) if 1 in by_round and later \
+        else float("nan")
+    return float(by_round.get(0, {}).get("central_eval_seconds") or 0.0), first
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         tb = d["time_breakdown"]
         wall = d["wall_seconds"]
         at_once = min(cfg.simulation.max_concurrent, split.n)
+        round0_eval, round1_beyond = start_costs(d["history"])
         rows.append({
             "run": enc,
             "sim wall s": wall,
@@ -111,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
             "central eval s": tb["central_evaluation"],
             "server work between exchanges s": d["seconds"] - tb["clinic_train_phase"]
             - tb["clinic_evaluate_phase"] - tb["central_evaluation"],
+            "round-0 central eval s": round0_eval,
+            "round 1 beyond a later round s": round1_beyond,
             "summed clinic compute s": tb["clinic_train_compute"],
             "train phase beyond compute s": tb["clinic_train_phase"]
             - tb["clinic_train_compute"] / at_once,
