@@ -10,6 +10,7 @@ in a simulation each Ray actor loads them as it starts, in the background
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 from flwr.app import Context, Message
@@ -35,6 +36,7 @@ class DeferredClientApp(ClientApp):
         return importlib.import_module(self.module).app(message, context)
 
 
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 app = DeferredClientApp(HANDLERS)
 
 if SIMULATION_RUNTIME in sys.modules:
