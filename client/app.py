@@ -1,11 +1,12 @@
 """The clinic's Flower ClientApp (`client.app:app` in pyproject.toml), light to import.
 
-Flower imports this module wherever it checks or loads the app: Flower's simulation process
-imports it before it starts Ray, and that import used to hold it up by torch, torchvision
-and the training code (~6 s on a 2-core VM, racing the ServerApp's own imports for the
-interpreter lock). The handlers live in `client/handlers.py` and load on the first message;
-in a simulation each Ray actor loads them as it starts, in the background
-(`client/warmup.py`), while the server starts and scores round 0."""
+Flower imports this module wherever it checks or loads the app. Its simulation process
+imports it, under the one lock Flower loads both apps with, before it starts Ray; while the
+app modules imported torch and the training code (~6 s each on a 2-core VM), Ray and every
+clinic's actor started that much later (`server/app.py` says more). The handlers live in
+`client/handlers.py` and load on the first message; in a simulation each Ray actor loads
+them as it starts, in the background (`client/warmup.py`), while the server starts and
+scores round 0."""
 
 from __future__ import annotations
 

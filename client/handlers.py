@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import time
 from collections.abc import Callable
 
@@ -70,7 +69,6 @@ from shared.fedio import (
 from shared.memory import release_freed_memory
 from shared.upload import encode_update
 
-os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 # packed_transport_mod: outermost; unpacks a packed message (all arrays as one, for Flower's
 # per-object transport: shared/packed_transport.py) and packs the reply the same way.
 # audit_mod: a no-op unless the clinic sets DENTFED_AUDIT_DIR; it records exactly what leaves,
